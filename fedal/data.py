@@ -1,0 +1,231 @@
+"""Data sets: scikit-learn's bundled ones, MedMNIST-layout ``.npz`` files and ``mnist.npz``.
+
+Every loader returns a :class:`Dataset` with float32 inputs ready for the models
+(images as NCHW scaled to [0, 1], tables standardised with training statistics) and
+int64 labels ``0 .. n_classes - 1``. Files are looked up in a data directory given by
+argument, else the ``FEDAL_DATA_DIR`` environment variable, else ``./data``. Nothing
+is downloaded: a missing or malformed file raises :class:`DataFileError` naming the
+file and how to get it.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedal.exceptions import ConfigError, DataFileError
+
+DATA_DIR_ENV = "FEDAL_DATA_DIR"
+
+MEDMNIST_CLASSES = {
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocyte",
+                   "lymphocyte", "monocyte", "neutrophil", "platelet"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+}
+# name -> file names tried in order in the data directory
+FILES = {
+    "bloodmnist": ["bloodmnist.npz"],
+    "pneumoniamnist": ["pneumoniamnist.npz", "pneumoniamnist_balanced.npz"],
+    "mnist": ["mnist.npz"],
+}
+BUNDLED = ("digits", "breast_cancer")
+
+
+@dataclass
+class Dataset:
+    """A train / test split with metadata.
+
+    Attributes
+    ----------
+    name : str
+        Data set name.
+    X_train, y_train, X_test, y_test : numpy.ndarray
+        float32 inputs and int64 labels.
+    n_classes : int
+        Number of classes.
+    class_names : list of str
+        Human-readable class names (used by the labeling page and reports).
+    kind : str
+        ``"image"`` (NCHW) or ``"table"``.
+    """
+
+    name: str
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+    class_names: list[str] = field(default_factory=list)
+    kind: str = "table"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.X_train.shape[1:])
+
+
+def available_datasets() -> list[str]:
+    """Names :func:`load_dataset` accepts (besides a path to an ``.npz`` file)."""
+    return sorted([*BUNDLED, *FILES])
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory: the argument, else ``$FEDAL_DATA_DIR``, else ``./data``."""
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data").expanduser()
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
+                 max_train: int | None = None, max_test: int | None = None) -> Dataset:
+    """Load a data set by name (see :func:`available_datasets`) or by ``.npz`` path.
+
+    Parameters
+    ----------
+    name : str
+        ``digits``, ``breast_cancer``, ``bloodmnist``, ``pneumoniamnist``, ``mnist`` or a
+        path to a MedMNIST-layout / mnist-layout ``.npz`` file.
+    data_dir : path, optional
+        Where the ``.npz`` files are; default ``$FEDAL_DATA_DIR`` or ``./data``.
+    seed : int
+        Seed for the split of bundled sets and for subsampling.
+    max_train, max_test : int, optional
+        Keep a seeded, class-stratified subsample of at most this many samples.
+    """
+    key = name.strip().lower()
+    if key in BUNDLED:
+        ds = _load_bundled(key, seed)
+    elif key in FILES or key.endswith(".npz"):
+        path = _find_file(key, data_dir)
+        ds = load_npz(path, name=key if key in FILES else path.stem)
+    else:
+        raise ConfigError(
+            f"unknown data set {name!r}; choose one of {available_datasets()} or pass a path to an .npz file"
+        )
+    if max_train is not None:
+        ds.X_train, ds.y_train = _stratified_subsample(ds.X_train, ds.y_train, max_train, seed)
+    if max_test is not None:
+        ds.X_test, ds.y_test = _stratified_subsample(ds.X_test, ds.y_test, max_test, seed + 1)
+    return ds
+
+
+def _find_file(key: str, data_dir) -> Path:
+    if key.endswith(".npz"):
+        path = Path(key).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = resolve_data_dir(data_dir) / path
+        if not path.is_file():
+            raise DataFileError(f"data file {path} does not exist; check the path")
+        return path
+    folder = resolve_data_dir(data_dir)
+    for fname in FILES[key]:
+        if (folder / fname).is_file():
+            return folder / fname
+    how = ("download it from https://medmnist.com (MedMNIST v2, 28x28 .npz)" if key != "mnist"
+           else "get mnist.npz (keys x_train, y_train, x_test, y_test)")
+    raise DataFileError(
+        f"data set {key!r} needs {' or '.join(FILES[key])} in {folder.resolve()}, which is not there; "
+        f"{how} and put it in that folder, or point --data-dir / ${DATA_DIR_ENV} at the folder that has it"
+    )
+
+
+def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
+    """Load a MedMNIST-layout (``{train,val,test}_{images,labels}``) or mnist-layout
+    (``x_train, y_train, x_test, y_test``) ``.npz`` file, validating every array."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise DataFileError(f"data file {path} does not exist") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataFileError(
+            f"data file {path} is truncated or not a valid .npz ({exc}); download it again"
+        ) from None
+    if {"train_images", "train_labels", "test_images", "test_labels"} <= set(arrays):
+        keys = ("train_images", "train_labels", "test_images", "test_labels")
+    elif {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
+        keys = ("x_train", "y_train", "x_test", "y_test")
+    else:
+        raise DataFileError(
+            f"data file {path} has arrays {sorted(arrays)}; expected the MedMNIST layout "
+            "(train_images, train_labels, test_images, test_labels) or the mnist layout "
+            "(x_train, y_train, x_test, y_test)"
+        )
+    Xtr, ytr = _images(arrays[keys[0]], path, keys[0]), _labels(arrays[keys[1]], path, keys[1])
+    Xte, yte = _images(arrays[keys[2]], path, keys[2]), _labels(arrays[keys[3]], path, keys[3])
+    for X, y, what in ((Xtr, ytr, "train"), (Xte, yte, "test")):
+        if len(X) != len(y):
+            raise DataFileError(f"data file {path}: {what} has {len(X)} images but {len(y)} labels")
+    if Xtr.shape[1:] != Xte.shape[1:]:
+        raise DataFileError(f"data file {path}: train images {Xtr.shape[1:]} and test images {Xte.shape[1:]} differ")
+    n_classes = int(max(ytr.max(), yte.max())) + 1
+    name = name or path.stem
+    base = name.replace("_balanced", "")
+    names = MEDMNIST_CLASSES.get(base, [str(c) for c in range(n_classes)])
+    if len(names) != n_classes:
+        names = [str(c) for c in range(n_classes)]
+    return Dataset(base, Xtr, ytr, Xte, yte, n_classes, names, kind="image")
+
+
+def _images(a: np.ndarray, path: Path, key: str) -> np.ndarray:
+    if a.ndim == 3:
+        a = a[:, None]
+    elif a.ndim == 4 and a.shape[-1] in (1, 3):
+        a = a.transpose(0, 3, 1, 2)
+    else:
+        raise DataFileError(
+            f"data file {path}: {key} has shape {a.shape}; expected (N, H, W) or (N, H, W, 1|3) images"
+        )
+    if a.shape[-2:] != (28, 28):
+        raise DataFileError(
+            f"data file {path}: {key} images are {a.shape[-2]}x{a.shape[-1]}; fedal's CNN takes 28x28 "
+            "(use the 28x28 MedMNIST release)"
+        )
+    scale = 255.0 if a.dtype == np.uint8 or a.max() > 1.0 else 1.0
+    return np.ascontiguousarray(a, dtype=np.float32) / np.float32(scale)
+
+
+def _labels(a: np.ndarray, path: Path, key: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise DataFileError(f"data file {path}: {key} has shape {a.shape}; expected (N,) or (N, 1) class labels")
+    if not np.issubdtype(a.dtype, np.integer) or (len(a) and a.min() < 0):
+        raise DataFileError(f"data file {path}: {key} must hold non-negative integer class labels")
+    return a.astype(np.int64)
+
+
+def _load_bundled(key: str, seed: int) -> Dataset:
+    from sklearn import datasets
+    from sklearn.model_selection import train_test_split
+
+    if key == "digits":
+        raw = datasets.load_digits()
+        X, names = raw.data.astype(np.float32) / 16.0, [str(c) for c in range(10)]
+    else:
+        raw = datasets.load_breast_cancer()
+        X, names = raw.data.astype(np.float32), list(raw.target_names)
+    Xtr, Xte, ytr, yte = train_test_split(X, raw.target.astype(np.int64), test_size=0.25,
+                                          random_state=seed, stratify=raw.target)
+    if key == "breast_cancer":  # standardise with training statistics only
+        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+        Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
+    return Dataset(key, Xtr.astype(np.float32), ytr, Xte.astype(np.float32), yte, len(names), names, kind="table")
+
+
+def _stratified_subsample(X: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if n < 1:
+        raise ConfigError(f"subsample size must be >= 1, got {n}")
+    if n >= len(y):
+        return X, y
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    # take each class in proportion, rounding by a stable sort on the within-class rank
+    ranks = np.empty(len(y))
+    for c in np.unique(y):
+        members = order[y[order] == c]
+        ranks[members] = np.arange(len(members)) / len(members)
+    keep = np.sort(order[np.argsort(ranks[order], kind="stable")[:n]])
+    return X[keep], y[keep]

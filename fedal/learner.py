@@ -1,0 +1,167 @@
+"""On-device active learning: query -> ask the oracle -> teach -> fit, until a stop.
+
+:class:`ActiveLearner` needs no federation: it runs on one device (a lab PC, a
+phone) with a model adapter (:class:`~fedal.models.TorchClassifier` or
+:class:`~fedal.models.SklearnClassifier`), a query strategy, a :class:`~fedal.pool.Pool`
+and an :class:`~fedal.oracle.Oracle`. The federated client reuses its pieces.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedal.exceptions import ConfigError, InvalidLabelError
+from fedal.oracle import Oracle
+from fedal.pool import Pool
+from fedal.stopping import StepRecord, StoppingCriterion
+from fedal.strategies import QueryContext, QueryStrategy, get_strategy
+from fedal.strategies.uncertainty import entropy
+
+
+def pool_uncertainty(probs: np.ndarray) -> tuple[float, float]:
+    """``(mean, max)`` normalised entropy (in [0, 1]) of a pool's predictions."""
+    if len(probs) == 0:
+        return math.nan, math.nan
+    h = entropy(probs) / math.log(probs.shape[1])
+    return float(h.mean()), float(h.max())
+
+
+class ActiveLearner:
+    """Pool-based active learning on one device.
+
+    Parameters
+    ----------
+    model : TorchClassifier or SklearnClassifier
+        Anything with ``fit``, ``forward``, ``sample_probs``, ``evaluate``.
+    strategy : str or QueryStrategy
+        Query strategy (a registry name or an instance).
+    X : array
+        Inputs of every local sample, row ``i`` is sample id ``pool.ids[i]``.
+    pool : Pool
+        Bookkeeping of labeled / pending / unlabeled ids.
+    oracle : Oracle
+        Who answers queries.
+    cold_start : str or QueryStrategy
+        Strategy used while nothing is labeled (default ``"typiclust"``).
+    X_eval, y_eval : array, optional
+        Held-out data for the accuracy in each step record.
+    reinit : bool
+        Re-initialise the model before each fit (else warm start).
+    seed : int
+        Seed of every query.
+    """
+
+    def __init__(self, model: Any, strategy: str | QueryStrategy, X: np.ndarray, pool: Pool, oracle: Oracle, *,
+                 cold_start: str | QueryStrategy = "typiclust", X_eval: np.ndarray | None = None,
+                 y_eval: np.ndarray | None = None, reinit: bool = False, seed: int = 0) -> None:
+        if len(X) != len(pool):
+            raise ConfigError(f"X has {len(X)} rows but the pool has {len(pool)} samples; give one row per sample")
+        self.model = model
+        self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.cold_start = get_strategy(cold_start) if isinstance(cold_start, str) else cold_start
+        self.X = X
+        self.pool = pool
+        self.oracle = oracle
+        self.X_eval, self.y_eval = X_eval, y_eval
+        self.reinit = reinit
+        self.seed = int(seed)
+        self.history: list[StepRecord] = []
+        self._row = {int(i): r for r, i in enumerate(pool.ids)}
+        self._fitted = False
+        self.last_uncertainty = (math.nan, math.nan)
+
+    def rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Rows of ``X`` that hold the given sample ids."""
+        return np.fromiter((self._row[int(i)] for i in ids), dtype=np.int64, count=len(ids))
+
+    def labeled_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and labels of the labeled set."""
+        ids, labels = self.pool.labels()
+        return self.X[self.rows(ids)], labels
+
+    # ------------------------------------------------------------------- steps
+    def query(self, budget: int, *, round: int | None = None, timeout_s: float | None = None) -> np.ndarray:
+        """Select up to ``budget`` unlabeled samples and mark them pending."""
+        candidates = self.pool.unlabeled_ids()
+        labeled = self.pool.labeled_ids()
+        if len(labeled) and not self._fitted:  # e.g. a reopened pool: score with a trained model
+            self.fit()
+        use_cold = len(labeled) == 0
+        strategy = self.cold_start if use_cold else self.strategy
+        ctx = QueryContext(candidates, self.X[self.rows(candidates)],
+                           model=None if use_cold and not strategy.needs_model else self.model,
+                           labeled_X=self.X[self.rows(labeled)])
+        step_seed = self.seed * 100_003 + len(self.history)
+        ids = strategy.query(ctx, budget, seed=step_seed)
+        if self._fitted and len(candidates):
+            self.last_uncertainty = pool_uncertainty(ctx.probs())
+        self.pool.request(ids, round=round, timeout_s=timeout_s)
+        return ids
+
+    def teach(self, *, round: int | None = None) -> tuple[int, list[str]]:
+        """Ask the oracle about every pending sample and record valid answers.
+
+        Returns the number of labels recorded and the reasons answers were rejected
+        (those requests stay pending).
+        """
+        pending = self.pool.pending_ids()
+        if len(pending) == 0:
+            return 0, []
+        answers = self.oracle.label(pending)
+        valid, rejected = {}, []
+        for sample_id, label in answers.items():
+            try:
+                valid[sample_id] = self.pool.check_label(label)
+            except InvalidLabelError as exc:
+                rejected.append(f"sample {sample_id}: {exc}")
+        for reason in rejected:
+            warnings.warn(f"oracle answer rejected, request stays pending: {reason}", stacklevel=2)
+        return self.pool.answer(valid, source=self.oracle.name, round=round), rejected
+
+    def fit(self, **fit_kwargs: Any) -> float:
+        """Train on the labeled set; return the training loss."""
+        X, y = self.labeled_data()
+        if len(y) == 0:
+            return math.nan
+        if self.reinit and hasattr(self.model, "reset"):
+            self.model.reset()
+        loss = self.model.fit(X, y, **fit_kwargs)
+        self._fitted = True
+        return loss
+
+    def evaluate(self) -> tuple[float, float]:
+        """``(loss, accuracy)`` on the held-out set, NaN without one or before any fit."""
+        if self.X_eval is None or not self._fitted:
+            return math.nan, math.nan
+        return self.model.evaluate(self.X_eval, self.y_eval)
+
+    def step(self, budget: int) -> StepRecord:
+        """One full step: query, ask, teach, fit, evaluate; appends to ``history``."""
+        n = len(self.history)
+        queried = self.query(budget, round=n)
+        self.teach(round=n)
+        self.fit()
+        loss, acc = self.evaluate()
+        counts = self.pool.counts()
+        record = StepRecord(step=n, queried=len(queried), labeled=counts["labeled"],
+                            unlabeled=counts["unlabeled"], accuracy=acc, loss=loss,
+                            mean_uncertainty=self.last_uncertainty[0], max_uncertainty=self.last_uncertainty[1])
+        self.history.append(record)
+        return record
+
+    def run(self, budget_per_step: int, *, max_steps: int = 100,
+            stopping: Sequence[StoppingCriterion] = ()) -> str:
+        """Step until a stopping criterion fires, the pool empties or ``max_steps``; return why it stopped."""
+        for _ in range(max_steps):
+            if self.pool.counts()["unlabeled"] == 0:
+                return "the pool has no unlabeled sample left"
+            self.step(budget_per_step)
+            for criterion in stopping:
+                reason = criterion.check(self.history)
+                if reason:
+                    return reason
+        return f"reached max_steps={max_steps}"

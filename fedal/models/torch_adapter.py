@@ -1,0 +1,223 @@
+"""A torch classifier behind the interface strategies and learners use.
+
+``TorchClassifier`` trains a module that has ``embed`` and ``head`` (see
+:mod:`fedal.models.nets`), predicts in large batches under ``torch.inference_mode``,
+gives probabilities and embeddings from a single pass, MC-dropout samples, and its
+weights as numpy arrays (what a federation exchanges).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedal.exceptions import ConfigError
+
+
+def _check_module(module: nn.Module) -> None:
+    if not (hasattr(module, "embed") and isinstance(getattr(module, "head", None), nn.Linear)):
+        raise ConfigError(
+            f"{type(module).__name__} must define embed(x) and a final nn.Linear named head "
+            "(see fedal.models.SmallCNN / MLP) so strategies can read embeddings and gradients."
+        )
+
+
+class TorchClassifier:
+    """Train and query a torch classifier on numpy arrays.
+
+    Parameters
+    ----------
+    build : callable
+        ``build() -> nn.Module``; called for the first model and on :meth:`reset`.
+    n_classes : int
+        Number of classes.
+    epochs : int
+        Local epochs per :meth:`fit`.
+    batch_size : int
+        Training batch size.
+    lr : float
+        Learning rate (Adam).
+    weight_decay : float
+        L2 regularisation.
+    predict_batch_size : int
+        Batch size for inference (large: scoring a pool is one pass over it).
+    seed : int
+        Seed for initialisation, shuffling and dropout.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], nn.Module],
+        n_classes: int,
+        *,
+        epochs: int = 5,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        predict_batch_size: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        if n_classes < 2:
+            raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("predict_batch_size", predict_batch_size)):
+            if int(value) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        self.build = build
+        self.n_classes = int(n_classes)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.predict_batch_size = int(predict_batch_size)
+        self.seed = int(seed)
+        self._fits = 0
+        self.module = self._new_module(self.seed)
+
+    def _new_module(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        module = self.build()
+        _check_module(module)
+        return module
+
+    def reset(self, seed: int | None = None) -> None:
+        """Re-initialise the weights (cold restart between query rounds)."""
+        self.module = self._new_module(self.seed if seed is None else seed)
+
+    # ----------------------------------------------------------------- weights
+    def get_state(self) -> "OrderedDict[str, np.ndarray]":
+        """Weights as an ordered dict of numpy arrays (copies)."""
+        return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in self.module.state_dict().items())
+
+    def set_state(self, state: "dict[str, np.ndarray]") -> None:
+        """Load weights; raises ConfigError naming missing / unexpected keys or bad shapes."""
+        own = self.module.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ConfigError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
+        for key, value in state.items():
+            if tuple(np.shape(value)) != tuple(own[key].shape):
+                raise ConfigError(
+                    f"weight {key!r} has shape {tuple(np.shape(value))}, the model expects {tuple(own[key].shape)}"
+                )
+        self.module.load_state_dict(OrderedDict((k, torch.as_tensor(np.asarray(v))) for k, v in state.items()))
+
+    # ---------------------------------------------------------------- training
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int | None = None,
+        proximal_mu: float = 0.0,
+        class_weight: np.ndarray | None = None,
+    ) -> float:
+        """Train on ``(X, y)`` for ``epochs`` epochs; return the mean training loss.
+
+        ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w0||^2`` around
+        the weights held when ``fit`` was called (Li et al., MLSys 2020).
+        """
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64).reshape(-1)
+        if len(X) != len(y):
+            raise ConfigError(f"fit got {len(X)} inputs but {len(y)} labels")
+        if len(y) == 0:
+            return float("nan")
+        if y.min() < 0 or y.max() >= self.n_classes:
+            raise ConfigError(f"labels must lie in [0, {self.n_classes - 1}], got range [{y.min()}, {y.max()}]")
+        epochs = self.epochs if epochs is None else int(epochs)
+        module = self.module
+        module.train()
+        anchor = [p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else None
+        opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self._fits)
+        self._fits += 1
+        Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+        total, count = 0.0, 0
+        for _ in range(epochs):
+            order = torch.randperm(len(yt), generator=gen)
+            for start in range(0, len(yt), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                opt.zero_grad()
+                loss = F.cross_entropy(module(Xt[idx]), yt[idx], weight=weight)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
+                    loss = loss + 0.5 * proximal_mu * prox
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+        module.eval()
+        return total / max(count, 1)
+
+    # --------------------------------------------------------------- inference
+    def _batches(self, X: np.ndarray):
+        X = np.asarray(X, dtype=np.float32)
+        for start in range(0, len(X), self.predict_batch_size):
+            yield torch.from_numpy(X[start : start + self.predict_batch_size])
+
+    def forward(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``(n, C)`` and embeddings ``(n, d)`` from one pass."""
+        self.module.eval()
+        probs, embs = [], []
+        with torch.inference_mode():
+            for xb in self._batches(X):
+                emb = self.module.embed(xb)
+                probs.append(F.softmax(self.module.head(emb), dim=1).numpy())
+                embs.append(emb.numpy())
+        if not probs:
+            d = self.module.head.in_features
+            return np.zeros((0, self.n_classes), np.float32), np.zeros((0, d), np.float32)
+        return np.concatenate(probs), np.concatenate(embs)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (n, C)."""
+        self.module.eval()
+        with torch.inference_mode():
+            out = [F.softmax(self.module(xb), dim=1).numpy() for xb in self._batches(X)]
+        return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Most probable class per sample."""
+        return self.predict_proba(X).argmax(axis=1)
+
+    def evaluate(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """``(mean cross-entropy loss, accuracy)`` on ``(X, y)``."""
+        probs = self.predict_proba(X)
+        y = np.asarray(y, dtype=np.int64).reshape(-1)
+        if len(y) == 0:
+            return float("nan"), float("nan")
+        loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+        return loss, float((probs.argmax(axis=1) == y).mean())
+
+    def sample_probs(self, X: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
+        """MC-dropout probabilities, shape ``(n_samples, n, C)`` (Gal & Ghahramani 2016).
+
+        The embedding is computed once (dropout sits only before the head), then
+        ``n_samples`` dropout masks are drawn on it: exact for these networks and
+        ``n_samples`` times cheaper than full passes.
+        """
+        if n_samples < 1:
+            raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
+        self.module.eval()
+        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        rate = float(self.module.dropout.p) if isinstance(getattr(self.module, "dropout", None), nn.Dropout) else 0.0
+        out = np.empty((n_samples, len(X), self.n_classes), dtype=np.float32)
+        pos = 0
+        with torch.inference_mode():
+            for xb in self._batches(X):
+                emb = self.module.embed(xb)
+                for t in range(n_samples):
+                    if rate > 0:
+                        mask = (torch.rand(emb.shape, generator=gen) >= rate).to(emb.dtype) / (1 - rate)
+                        logits = self.module.head(emb * mask)
+                    else:
+                        logits = self.module.head(emb)
+                    out[t, pos : pos + len(xb)] = F.softmax(logits, dim=1).numpy()
+                pos += len(xb)
+        return out

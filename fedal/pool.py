@@ -1,0 +1,354 @@
+"""The pool: which samples are unlabeled, pending (asked of an oracle) or labeled.
+
+Bookkeeping lives in SQLite: in memory by default, in a file when a path is given
+(a client's on-device database). Every change is one transaction, committed before
+the method returns, so a process killed at any point loses no label it acknowledged.
+
+Sample ids are stable integers chosen by the caller (default ``0 .. n-1``, the row of
+each sample in the local data); they never leave the device.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from fedal.exceptions import ConfigError, InvalidLabelError, UnknownSampleError
+
+UNLABELED, PENDING, LABELED = "unlabeled", "pending", "labeled"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('unlabeled', 'pending', 'labeled'))
+);
+CREATE INDEX IF NOT EXISTS samples_state ON samples (state);
+CREATE TABLE IF NOT EXISTS labels (
+    sample_id INTEGER PRIMARY KEY REFERENCES samples (id),
+    label INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    labeled_at REAL NOT NULL,
+    round INTEGER
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_id INTEGER NOT NULL REFERENCES samples (id),
+    round INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'answered', 'expired', 'skipped')),
+    created_at REAL NOT NULL,
+    deadline REAL,
+    closed_at REAL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_status ON requests (status, sample_id);
+CREATE TABLE IF NOT EXISTS budgets (
+    round INTEGER PRIMARY KEY,
+    assigned INTEGER NOT NULL,
+    spent INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class Pool:
+    """Labeled / unlabeled / pending bookkeeping for one device's samples.
+
+    Parameters
+    ----------
+    n_classes : int
+        Number of classes; answers outside ``0 .. n_classes - 1`` are rejected.
+    ids : iterable of int, optional
+        Sample ids; default ``range(size)``. Ignored when reopening a database that
+        already holds a pool (the stored ids must then match).
+    size : int, optional
+        Number of samples when ``ids`` is not given.
+    path : path, optional
+        SQLite file for durable state; default in memory.
+    """
+
+    def __init__(self, n_classes: int, ids: Iterable[int] | None = None, *, size: int | None = None,
+                 path: str | os.PathLike | None = None) -> None:
+        if n_classes < 2:
+            raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
+        self.n_classes = int(n_classes)
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we open transactions ourselves with BEGIN IMMEDIATE
+        self._db = sqlite3.connect(str(self.path) if self.path else ":memory:", isolation_level=None,
+                                   timeout=30.0, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL" if self.path else "PRAGMA journal_mode=MEMORY")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        if ids is None:
+            if size is None:
+                raise ConfigError("Pool needs ids or size")
+            ids = range(int(size))
+        self._init_ids(np.asarray(list(ids), dtype=np.int64))
+
+    # ----------------------------------------------------------------- plumbing
+    @contextmanager
+    def _tx(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _init_ids(self, ids: np.ndarray) -> None:
+        if len(np.unique(ids)) != len(ids):
+            raise ConfigError("pool sample ids must be unique")
+        stored = self._db.execute("SELECT value FROM meta WHERE key='n_classes'").fetchone()
+        if stored is not None:
+            if int(stored[0]) != self.n_classes:
+                raise ConfigError(
+                    f"database {self.path} holds a pool with {stored[0]} classes, not {self.n_classes}; "
+                    "use a new state directory for a different data set"
+                )
+            have = self._ids_where(None)
+            if len(have) != len(ids) or not np.array_equal(np.sort(have), np.sort(ids)):
+                raise ConfigError(
+                    f"database {self.path} holds a pool of {len(have)} samples that differs from the "
+                    f"{len(ids)} given; the local data changed since the pool was made: restore it or "
+                    "use a new state directory"
+                )
+            return
+        with self._tx() as db:
+            db.execute("INSERT INTO meta VALUES ('n_classes', ?)", (str(self.n_classes),))
+            db.executemany("INSERT INTO samples VALUES (?, 'unlabeled')", ((int(i),) for i in ids))
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._db.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _ids_where(self, state: str | None) -> np.ndarray:
+        if state is None:
+            rows = self._db.execute("SELECT id FROM samples ORDER BY id")
+        else:
+            rows = self._db.execute("SELECT id FROM samples WHERE state = ? ORDER BY id", (state,))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    # ------------------------------------------------------------------- reads
+    @property
+    def ids(self) -> np.ndarray:
+        """All sample ids, sorted."""
+        return self._ids_where(None)
+
+    def unlabeled_ids(self) -> np.ndarray:
+        """Ids neither labeled nor waiting for an answer (the query candidates)."""
+        return self._ids_where(UNLABELED)
+
+    def pending_ids(self) -> np.ndarray:
+        """Ids asked of an oracle and not yet answered."""
+        return self._ids_where(PENDING)
+
+    def labeled_ids(self) -> np.ndarray:
+        """Ids with a label."""
+        return self._ids_where(LABELED)
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        """Number of samples per state."""
+        out = {UNLABELED: 0, PENDING: 0, LABELED: 0}
+        out.update(dict(self._db.execute("SELECT state, COUNT(*) FROM samples GROUP BY state")))
+        return out
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, labels)`` of the labeled samples, sorted by id."""
+        rows = self._db.execute("SELECT sample_id, label FROM labels ORDER BY sample_id").fetchall()
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        arr = np.asarray(rows, dtype=np.int64)
+        return arr[:, 0], arr[:, 1]
+
+    def label_records(self) -> list[dict]:
+        """Every label with who gave it, when and in which round."""
+        cur = self._db.execute("SELECT sample_id, label, source, labeled_at, round FROM labels ORDER BY sample_id")
+        return [dict(zip(("id", "label", "source", "labeled_at", "round"), r)) for r in cur]
+
+    def state_of(self, sample_id: int) -> str:
+        """The state of one sample."""
+        row = self._db.execute("SELECT state FROM samples WHERE id = ?", (int(sample_id),)).fetchone()
+        if row is None:
+            raise UnknownSampleError(f"sample id {sample_id} is not in this pool")
+        return row[0]
+
+    def requests(self, status: str | None = None) -> list[dict]:
+        """Query requests (optionally of one status), oldest first."""
+        sql = "SELECT id, sample_id, round, status, created_at, deadline, closed_at, note FROM requests"
+        args: tuple = ()
+        if status is not None:
+            sql, args = sql + " WHERE status = ?", (status,)
+        cur = self._db.execute(sql + " ORDER BY id", args)
+        keys = ("request_id", "sample_id", "round", "status", "created_at", "deadline", "closed_at", "note")
+        return [dict(zip(keys, r)) for r in cur]
+
+    # ------------------------------------------------------------------ writes
+    def _check_state(self, db, ids: list[int], state: str, action: str) -> None:
+        placeholders = ",".join("?" * len(ids))
+        rows = dict(db.execute(f"SELECT id, state FROM samples WHERE id IN ({placeholders})", ids).fetchall())
+        unknown = [i for i in ids if i not in rows]
+        if unknown:
+            raise UnknownSampleError(f"cannot {action}: sample ids {unknown[:10]} are not in this pool")
+        wrong = [i for i in ids if rows[i] != state]
+        if wrong:
+            raise ConfigError(
+                f"cannot {action}: samples {wrong[:10]} are {rows[wrong[0]]}, not {state}"
+            )
+
+    def request(self, ids: Iterable[int], *, round: int | None = None, timeout_s: float | None = None) -> None:
+        """Mark unlabeled samples as pending, recording one request each."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return
+        if len(set(ids)) != len(ids):
+            raise ConfigError("request ids must be distinct")
+        now = time.time()
+        deadline = None if timeout_s is None else now + float(timeout_s)
+        with self._tx() as db:
+            for start in range(0, len(ids), 900):
+                self._check_state(db, ids[start : start + 900], UNLABELED, "request labels")
+            db.executemany("UPDATE samples SET state = 'pending' WHERE id = ?", ((i,) for i in ids))
+            db.executemany(
+                "INSERT INTO requests (sample_id, round, status, created_at, deadline) VALUES (?, ?, 'pending', ?, ?)",
+                ((i, round, now, deadline) for i in ids),
+            )
+
+    def check_label(self, label: object) -> int:
+        """Return ``label`` as an int class, or raise InvalidLabelError naming the valid range."""
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+            if isinstance(label, (float, np.floating)) and float(label).is_integer():
+                label = int(label)
+            else:
+                raise InvalidLabelError(
+                    f"label {label!r} is not a class index; answer with an integer in 0..{self.n_classes - 1}"
+                )
+        if not 0 <= int(label) < self.n_classes:
+            raise InvalidLabelError(
+                f"label {label} is outside the {self.n_classes} known classes (0..{self.n_classes - 1}); "
+                "the request stays pending: answer again with a valid class"
+            )
+        return int(label)
+
+    def answer(self, answers: Mapping[int, object], *, source: str, round: int | None = None) -> int:
+        """Record oracle answers for pending samples, all or nothing.
+
+        Every label is validated before anything is written: one invalid label or one
+        sample that is not pending raises and leaves every request pending.
+
+        Returns
+        -------
+        int
+            Number of labels recorded.
+        """
+        items = [(int(i), self.check_label(lab)) for i, lab in answers.items()]
+        if not items:
+            return 0
+        now = time.time()
+        with self._tx() as db:
+            ids = [i for i, _ in items]
+            for start in range(0, len(ids), 900):
+                self._check_state(db, ids[start : start + 900], PENDING, "record answers")
+            db.executemany("UPDATE samples SET state = 'labeled' WHERE id = ?", ((i,) for i in ids))
+            db.executemany(
+                "INSERT INTO labels (sample_id, label, source, labeled_at, round) VALUES (?, ?, ?, ?, ?)",
+                ((i, lab, source, now, round) for i, lab in items),
+            )
+            db.executemany(
+                "UPDATE requests SET status = 'answered', closed_at = ? WHERE sample_id = ? AND status = 'pending'",
+                ((now, i) for i in ids),
+            )
+        return len(items)
+
+    def release(self, ids: Iterable[int], *, status: str = "expired", note: str | None = None) -> int:
+        """Return pending samples to the unlabeled pool (request expired or skipped)."""
+        if status not in ("expired", "skipped"):
+            raise ConfigError(f"release status must be 'expired' or 'skipped', got {status!r}")
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        now = time.time()
+        with self._tx() as db:
+            for start in range(0, len(ids), 900):
+                self._check_state(db, ids[start : start + 900], PENDING, "release requests")
+            db.executemany("UPDATE samples SET state = 'unlabeled' WHERE id = ?", ((i,) for i in ids))
+            db.executemany(
+                "UPDATE requests SET status = ?, closed_at = ?, note = ? WHERE sample_id = ? AND status = 'pending'",
+                ((status, now, note, i) for i in ids),
+            )
+        return len(ids)
+
+    def expire_overdue(self, now: float | None = None) -> list[int]:
+        """Release every pending request whose deadline has passed; return their ids."""
+        now = time.time() if now is None else now
+        rows = self._db.execute(
+            "SELECT sample_id FROM requests WHERE status = 'pending' AND deadline IS NOT NULL AND deadline <= ?",
+            (now,),
+        ).fetchall()
+        ids = sorted({r[0] for r in rows})
+        self.release(ids, status="expired", note="deadline passed")
+        return ids
+
+    def add_labeled(self, labels: Mapping[int, object], *, source: str, round: int | None = None) -> int:
+        """Label unlabeled samples directly (an initial labeled set): request + answer in one go."""
+        items = {int(i): self.check_label(v) for i, v in labels.items()}  # validate before writing
+        ids = list(items)
+        self.request(ids, round=round)
+        try:
+            return self.answer(items, source=source, round=round)
+        except BaseException:
+            self.release(ids, status="skipped", note="initial labeling failed")
+            raise
+
+    # ----------------------------------------------------------------- budgets
+    def set_budget(self, round: int, assigned: int) -> None:
+        """Record the query budget assigned for a round (idempotent)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO budgets (round, assigned) VALUES (?, ?) "
+                "ON CONFLICT(round) DO UPDATE SET assigned = excluded.assigned",
+                (int(round), int(assigned)),
+            )
+
+    def spend_budget(self, round: int, spent: int) -> None:
+        """Record how much of a round's budget was spent."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO budgets (round, assigned, spent) VALUES (?, 0, ?) "
+                "ON CONFLICT(round) DO UPDATE SET spent = excluded.spent",
+                (int(round), int(spent)),
+            )
+
+    def budgets(self) -> list[dict]:
+        """Assigned and spent budget per round."""
+        cur = self._db.execute("SELECT round, assigned, spent FROM budgets ORDER BY round")
+        return [dict(zip(("round", "assigned", "spent"), r)) for r in cur]
+
+    # -------------------------------------------------------------------- meta
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        """A stored string setting (e.g. the last round seen)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: object) -> None:
+        """Store a string setting durably."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                       (key, str(value)))
