@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``fedal`` command; return its exit status (2 for a bad command or input).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments after ``fedal``; default ``sys.argv[1:]``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser = _parser()

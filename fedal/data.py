@@ -63,6 +63,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, e.g. ``(3, 28, 28)`` or ``(64,)``."""
         return tuple(self.X_train.shape[1:])
 
 
@@ -72,7 +73,7 @@ def available_datasets() -> list[str]:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data directory: the argument, else ``$FEDAL_DATA_DIR``, else ``./data``."""
+    """The data directory: ``data_dir`` if given, else ``$FEDAL_DATA_DIR``, else ``./data``."""
     return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data").expanduser()
 
 
@@ -131,7 +132,15 @@ def _find_file(key: str, data_dir) -> Path:
 
 def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
     """Load a MedMNIST-layout (``{train,val,test}_{images,labels}``) or mnist-layout
-    (``x_train, y_train, x_test, y_test``) ``.npz`` file, validating every array."""
+    (``x_train, y_train, x_test, y_test``) ``.npz`` file, validating every array.
+
+    Parameters
+    ----------
+    path : path
+        The ``.npz`` file.
+    name : str, optional
+        Data set name (picks the class names); default the file's stem.
+    """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:

@@ -17,13 +17,13 @@ import numpy as np
 from fedal.exceptions import ConfigError, InvalidLabelError
 from fedal.oracle import Oracle
 from fedal.pool import Pool
-from fedal.stopping import StepRecord, StoppingCriterion
+from fedal.stopping import BudgetExhausted, StepRecord, StoppingCriterion
 from fedal.strategies import QueryContext, QueryStrategy, get_strategy
 from fedal.strategies.uncertainty import entropy
 
 
 def pool_uncertainty(probs: np.ndarray) -> tuple[float, float]:
-    """``(mean, max)`` normalised entropy (in [0, 1]) of a pool's predictions."""
+    """``(mean, max)`` normalised entropy (in [0, 1]) of a pool's predicted ``probs`` (n, C)."""
     if len(probs) == 0:
         return math.nan, math.nan
     h = entropy(probs) / math.log(probs.shape[1])
@@ -71,7 +71,7 @@ class ActiveLearner:
         self.seed = int(seed)
         self.history: list[StepRecord] = []
         self._row = {int(i): r for r, i in enumerate(pool.ids)}
-        self._fitted = False
+        self.model_ready = False  # True once the model was trained (locally or a received global model)
         self.last_uncertainty = (math.nan, math.nan)
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
@@ -85,10 +85,20 @@ class ActiveLearner:
 
     # ------------------------------------------------------------------- steps
     def query(self, budget: int, *, round: int | None = None, timeout_s: float | None = None) -> np.ndarray:
-        """Select up to ``budget`` unlabeled samples and mark them pending."""
+        """Select up to ``budget`` unlabeled samples and mark them pending.
+
+        Parameters
+        ----------
+        budget : int
+            How many samples to ask for.
+        round : int, optional
+            Round (or step) recorded with the requests.
+        timeout_s : float, optional
+            Seconds after which an unanswered request may be expired.
+        """
         candidates = self.pool.unlabeled_ids()
         labeled = self.pool.labeled_ids()
-        if len(labeled) and not self._fitted:  # e.g. a reopened pool: score with a trained model
+        if len(labeled) and not self.model_ready:  # e.g. a reopened pool: score with a trained model
             self.fit()
         use_cold = len(labeled) == 0
         strategy = self.cold_start if use_cold else self.strategy
@@ -97,7 +107,7 @@ class ActiveLearner:
                            labeled_X=self.X[self.rows(labeled)])
         step_seed = self.seed * 100_003 + len(self.history)
         ids = strategy.query(ctx, budget, seed=step_seed)
-        if self._fitted and len(candidates):
+        if self.model_ready and len(candidates):
             self.last_uncertainty = pool_uncertainty(ctx.probs())
         self.pool.request(ids, round=round, timeout_s=timeout_s)
         return ids
@@ -106,20 +116,30 @@ class ActiveLearner:
         """Ask the oracle about every pending sample and record valid answers.
 
         Returns the number of labels recorded and the reasons answers were rejected
-        (those requests stay pending).
+        (with a warning each): an invalid label leaves its request pending; an answer
+        for a sample that has no pending request is ignored.
+
+        Parameters
+        ----------
+        round : int, optional
+            Round (or step) recorded with the labels.
         """
         pending = self.pool.pending_ids()
         if len(pending) == 0:
             return 0, []
         answers = self.oracle.label(pending)
         valid, rejected = {}, []
+        asked = set(pending.tolist())
         for sample_id, label in answers.items():
+            if int(sample_id) not in asked:  # one stray answer must not void the valid ones
+                rejected.append(f"sample {sample_id} has no pending request; answer ignored")
+                continue
             try:
                 valid[sample_id] = self.pool.check_label(label)
             except InvalidLabelError as exc:
-                rejected.append(f"sample {sample_id}: {exc}")
+                rejected.append(f"sample {sample_id} stays pending: {exc}")
         for reason in rejected:
-            warnings.warn(f"oracle answer rejected, request stays pending: {reason}", stacklevel=2)
+            warnings.warn(f"oracle answer rejected: {reason}", stacklevel=2)
         return self.pool.answer(valid, source=self.oracle.name, round=round), rejected
 
     def fit(self, **fit_kwargs: Any) -> float:
@@ -130,17 +150,17 @@ class ActiveLearner:
         if self.reinit and hasattr(self.model, "reset"):
             self.model.reset()
         loss = self.model.fit(X, y, **fit_kwargs)
-        self._fitted = True
+        self.model_ready = True
         return loss
 
     def evaluate(self) -> tuple[float, float]:
         """``(loss, accuracy)`` on the held-out set, NaN without one or before any fit."""
-        if self.X_eval is None or not self._fitted:
+        if self.X_eval is None or not self.model_ready:
             return math.nan, math.nan
         return self.model.evaluate(self.X_eval, self.y_eval)
 
     def step(self, budget: int) -> StepRecord:
-        """One full step: query, ask, teach, fit, evaluate; appends to ``history``."""
+        """One full step: query ``budget`` samples, ask, teach, fit, evaluate; appends to ``history``."""
         n = len(self.history)
         queried = self.query(budget, round=n)
         self.teach(round=n)
@@ -155,11 +175,30 @@ class ActiveLearner:
 
     def run(self, budget_per_step: int, *, max_steps: int = 100,
             stopping: Sequence[StoppingCriterion] = ()) -> str:
-        """Step until a stopping criterion fires, the pool empties or ``max_steps``; return why it stopped."""
+        """Step until a stopping criterion fires, the pool empties or ``max_steps``; return why it stopped.
+
+        Parameters
+        ----------
+        budget_per_step : int
+            Samples queried per step.
+        max_steps : int
+            Upper bound on the number of steps.
+        stopping : sequence of StoppingCriterion
+            Checked after every step. A :class:`~fedal.stopping.BudgetExhausted` among them
+            also caps the last step, so no more than its ``total_labels`` are ever asked for.
+        """
+        # a label budget is a hard cap: the last step asks only for what is left of it
+        caps = [c.total_labels for c in stopping if isinstance(c, BudgetExhausted)]
         for _ in range(max_steps):
-            if self.pool.counts()["unlabeled"] == 0:
+            counts = self.pool.counts()
+            if counts["unlabeled"] == 0:
                 return "the pool has no unlabeled sample left"
-            self.step(budget_per_step)
+            budget = budget_per_step
+            if caps:
+                budget = max(0, min(budget, min(caps) - counts["labeled"] - counts["pending"]))
+                if budget == 0 and counts["pending"] == 0:
+                    return f"label budget of {min(caps)} spent"
+            self.step(budget)
             for criterion in stopping:
                 reason = criterion.check(self.history)
                 if reason:

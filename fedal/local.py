@@ -21,12 +21,34 @@ from fedal.models import build_model
 from fedal.oracle import SimulatedOracle
 from fedal.pool import Pool
 from fedal.stopping import StepRecord
-from fedal.strategies import available_strategies
+from fedal.strategies import available_strategies, get_strategy
 
 
 def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, seed: int,
               epochs: int, noise_rate: float = 0.0, cold_start: str = "random") -> list[StepRecord]:
-    """Learning curve of one strategy on one device; the first record is the initial set."""
+    """Learning curve of one strategy on one device; the first record is the initial set.
+
+    Parameters
+    ----------
+    dataset : fedal.data.Dataset
+        Training pool and held-out test set.
+    strategy : str
+        Query strategy name.
+    initial : int
+        Size of the initial labeled set, picked by ``cold_start``.
+    budget : int
+        Labels per query step.
+    steps : int
+        Query steps after the initial set.
+    seed : int
+        Seed of the model, the oracle noise and every query.
+    epochs : int
+        Training epochs per step.
+    noise_rate : float
+        Label-noise rate of the simulated oracle.
+    cold_start : str
+        Strategy that picks the initial set.
+    """
     model = build_model(dataset.input_shape, dataset.n_classes, epochs=epochs, seed=seed)
     pool = Pool(dataset.n_classes, size=len(dataset.y_train))
     oracle = SimulatedOracle(dataset.y_train, dataset.n_classes, noise_rate=noise_rate, seed=seed)
@@ -42,7 +64,7 @@ def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, 
 
 
 def format_table(curves: dict[str, list[StepRecord]]) -> str:
-    """Markdown table: labels | accuracy per strategy."""
+    """Markdown table: labels | accuracy per strategy, from ``curves`` (name -> step records)."""
     names = list(curves)
     lines = ["| labels | " + " | ".join(f"{n} acc" for n in names) + " |",
              "|---:|" + "---:|" * len(names)]
@@ -53,6 +75,7 @@ def format_table(curves: dict[str, list[StepRecord]]) -> str:
 
 
 def add_local_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``fedal local`` flags to the parser ``p``."""
     p.add_argument("--dataset", default="digits", help=f"one of {available_datasets()} or an .npz path (default digits)")
     p.add_argument("--data-dir", default=None, help="folder with the .npz files (default $FEDAL_DATA_DIR or ./data)")
     p.add_argument("--strategy", default="entropy", help="query strategy (see `fedal strategies`)")
@@ -68,9 +91,13 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_local(args: argparse.Namespace) -> int:
+    """Run ``fedal local`` with the parsed ``args``; print the table, return 0."""
     for flag in ("initial", "budget", "steps", "epochs"):
-        if getattr(args, flag) < (0 if flag == "steps" else 1):
-            raise ConfigError(f"--{flag} must be positive, got {getattr(args, flag)}")
+        least = 0 if flag == "steps" else 1
+        if getattr(args, flag) < least:
+            raise ConfigError(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
+    for name in (args.strategy, args.baseline):  # fail on a typo before minutes of training
+        get_strategy(name)
     dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, max_train=args.max_train)
     print(f"on-device active learning: {dataset.name}, {len(dataset.y_train)} pool samples, "
           f"{dataset.n_classes} classes; initial {args.initial}, {args.steps} steps of {args.budget}")
@@ -90,12 +117,11 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def add_strategies_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    """``fedal strategies`` takes no flags; ``p`` is left as it is."""
 
 
 def run_strategies(args: argparse.Namespace) -> int:
-    from fedal.strategies import get_strategy
-
+    """Print every registered strategy name with the first line of its docstring (``args`` unused)."""
     for name in available_strategies():
         doc = (type(get_strategy(name)).__doc__ or "").strip().splitlines()[0]
         print(f"{name:20s} {doc}")

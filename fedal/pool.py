@@ -63,8 +63,8 @@ class Pool:
     n_classes : int
         Number of classes; answers outside ``0 .. n_classes - 1`` are rejected.
     ids : iterable of int, optional
-        Sample ids; default ``range(size)``. Ignored when reopening a database that
-        already holds a pool (the stored ids must then match).
+        Sample ids; default ``range(size)``. When reopening a database that already
+        holds a pool they must equal the stored ids (else :class:`ConfigError`).
     size : int, optional
         Number of samples when ``ids`` is not given.
     path : path, optional
@@ -184,7 +184,7 @@ class Pool:
         return [dict(zip(("id", "label", "source", "labeled_at", "round"), r)) for r in cur]
 
     def state_of(self, sample_id: int) -> str:
-        """The state of one sample."""
+        """The state (``"unlabeled"``, ``"pending"`` or ``"labeled"``) of the sample ``sample_id``."""
         row = self._db.execute("SELECT state FROM samples WHERE id = ?", (int(sample_id),)).fetchone()
         if row is None:
             raise UnknownSampleError(f"sample id {sample_id} is not in this pool")
@@ -214,7 +214,17 @@ class Pool:
             )
 
     def request(self, ids: Iterable[int], *, round: int | None = None, timeout_s: float | None = None) -> None:
-        """Mark unlabeled samples as pending, recording one request each."""
+        """Mark unlabeled samples as pending, recording one request each.
+
+        Parameters
+        ----------
+        ids : iterable of int
+            Distinct ids of unlabeled samples.
+        round : int, optional
+            Federated round (or query step) the request belongs to.
+        timeout_s : float, optional
+            Seconds until the request is overdue (see :meth:`expire_overdue`); default never.
+        """
         ids = [int(i) for i in ids]
         if not ids:
             return
@@ -253,6 +263,15 @@ class Pool:
         Every label is validated before anything is written: one invalid label or one
         sample that is not pending raises and leaves every request pending.
 
+        Parameters
+        ----------
+        answers : mapping of int to int
+            ``{sample id: class}`` for pending samples.
+        source : str
+            Who answered (the oracle's name), stored with each label.
+        round : int, optional
+            Round (or query step) the labels are recorded in.
+
         Returns
         -------
         int
@@ -278,7 +297,17 @@ class Pool:
         return len(items)
 
     def release(self, ids: Iterable[int], *, status: str = "expired", note: str | None = None) -> int:
-        """Return pending samples to the unlabeled pool (request expired or skipped)."""
+        """Return pending samples to the unlabeled pool (request expired or skipped).
+
+        Parameters
+        ----------
+        ids : iterable of int
+            Ids of pending samples.
+        status : {"expired", "skipped"}
+            How the requests are closed.
+        note : str, optional
+            Why, stored with the requests.
+        """
         if status not in ("expired", "skipped"):
             raise ConfigError(f"release status must be 'expired' or 'skipped', got {status!r}")
         ids = [int(i) for i in ids]
@@ -296,7 +325,15 @@ class Pool:
         return len(ids)
 
     def expire_overdue(self, now: float | None = None) -> list[int]:
-        """Release every pending request whose deadline has passed; return their ids."""
+        """Release every pending request whose deadline has passed; return their ids.
+
+        The released samples are unlabeled again: the budget they held can be spent anew.
+
+        Parameters
+        ----------
+        now : float, optional
+            Time to compare deadlines with (``time.time()`` seconds); default now.
+        """
         now = time.time() if now is None else now
         rows = self._db.execute(
             "SELECT sample_id FROM requests WHERE status = 'pending' AND deadline IS NOT NULL AND deadline <= ?",
@@ -307,7 +344,17 @@ class Pool:
         return ids
 
     def add_labeled(self, labels: Mapping[int, object], *, source: str, round: int | None = None) -> int:
-        """Label unlabeled samples directly (an initial labeled set): request + answer in one go."""
+        """Label unlabeled samples directly (an initial labeled set): request + answer in one go.
+
+        Parameters
+        ----------
+        labels : mapping of int to int
+            ``{sample id: class}`` for unlabeled samples.
+        source : str
+            Where the labels come from, stored with each label.
+        round : int, optional
+            Round the labels are recorded in.
+        """
         items = {int(i): self.check_label(v) for i, v in labels.items()}  # validate before writing
         ids = list(items)
         self.request(ids, round=round)
@@ -343,12 +390,12 @@ class Pool:
 
     # -------------------------------------------------------------------- meta
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        """A stored string setting (e.g. the last round seen)."""
+        """The string stored under ``key`` (e.g. the last round seen), or ``default``."""
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else row[0]
 
     def set_meta(self, key: str, value: object) -> None:
-        """Store a string setting durably."""
+        """Store ``str(value)`` under ``key`` durably."""
         with self._tx() as db:
             db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                        (key, str(value)))

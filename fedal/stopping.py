@@ -15,7 +15,22 @@ from fedal.exceptions import ConfigError
 
 @dataclass
 class StepRecord:
-    """What one query step did and measured."""
+    """What one query step did and measured.
+
+    Attributes
+    ----------
+    step : int
+        Index of the step, from 0.
+    queried : int
+        Samples selected in this step.
+    labeled, unlabeled : int
+        Pool counts after the step.
+    accuracy, loss : float
+        On the held-out set after the step's fit (NaN without one).
+    mean_uncertainty, max_uncertainty : float
+        Normalised entropy in [0, 1] over the unlabeled pool, as scored when the step queried
+        (NaN before the model was first trained).
+    """
 
     step: int
     queried: int
@@ -32,7 +47,13 @@ class StoppingCriterion(ABC):
 
     @abstractmethod
     def check(self, history: Sequence[StepRecord]) -> str | None:
-        """A reason to stop, or ``None``."""
+        """A reason to stop, or ``None``.
+
+        Parameters
+        ----------
+        history : sequence of StepRecord
+            One record per query step so far, oldest first.
+        """
 
 
 class BudgetExhausted(StoppingCriterion):

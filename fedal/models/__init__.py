@@ -9,7 +9,14 @@ __all__ = ["MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_mod
 def build_model(input_shape: tuple[int, ...], n_classes: int, **kwargs) -> TorchClassifier:
     """The default torch model for an input shape: a SmallCNN for (C, 28, 28), else an MLP.
 
-    Keyword arguments go to :class:`TorchClassifier` (epochs, lr, batch_size, seed, ...).
+    Parameters
+    ----------
+    input_shape : tuple of int
+        Shape of one input (``Dataset.input_shape``).
+    n_classes : int
+        Number of classes.
+    **kwargs
+        Go to :class:`TorchClassifier` (epochs, lr, batch_size, seed, ...).
     """
     if len(input_shape) == 3 and input_shape[1:] == (28, 28):
         channels = input_shape[0]

@@ -40,7 +40,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(embedding_dim, n_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer embedding, shape (n, embedding_dim)."""
+        """Penultimate-layer embedding of images ``x`` (n, C, 28, 28), shape (n, embedding_dim)."""
         if x.shape[-3:] != (self.in_channels, 28, 28):
             raise ValueError(
                 f"SmallCNN expects inputs of shape (n, {self.in_channels}, 28, 28), got "
@@ -49,6 +49,7 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of images ``x`` (n, C, 28, 28), shape (n, n_classes)."""
         return self.head(self.dropout(self.embed(x)))
 
 
@@ -80,11 +81,12 @@ class MLP(nn.Module):
         self.head = nn.Linear(width, n_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer embedding, shape (n, hidden[-1])."""
+        """Penultimate-layer embedding of inputs ``x`` (n, ...; flattened), shape (n, hidden[-1])."""
         x = x.reshape(len(x), -1)
         if x.shape[1] != self.in_features:
             raise ValueError(f"MLP expects {self.in_features} features per sample, got {x.shape[1]}")
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of inputs ``x`` (n, in_features), shape (n, n_classes)."""
         return self.head(self.dropout(self.embed(x)))

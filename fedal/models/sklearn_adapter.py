@@ -76,22 +76,22 @@ class SklearnClassifier:
         return out
 
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, shape (n, n_classes)."""
+        """Class probabilities of inputs ``X``, shape (n, n_classes)."""
         return self._proba(self.fitted_, self._flat(X))
 
     def predict(self, X) -> np.ndarray:
-        """Most probable class per sample."""
+        """Most probable class per sample of ``X``."""
         return self.predict_proba(X).argmax(axis=1)
 
     def evaluate(self, X, y) -> tuple[float, float]:
-        """``(log-loss, accuracy)`` on ``(X, y)``."""
+        """``(log-loss, accuracy)`` on inputs ``X`` with labels ``y``."""
         y = np.asarray(y, dtype=np.int64).reshape(-1)
         probs = self.predict_proba(X)
         loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
         return loss, float((probs.argmax(axis=1) == y).mean())
 
     def embed(self, X) -> np.ndarray:
-        """Features the final estimator sees (the pipeline's transform, or the input)."""
+        """Features the final estimator sees for ``X`` (the pipeline's transform, or the input)."""
         X = self._flat(X)
         model = self.fitted_
         if hasattr(model, "steps"):
@@ -100,22 +100,31 @@ class SklearnClassifier:
         return np.asarray(X, dtype=np.float32)
 
     def forward(self, X) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and embeddings."""
+        """Probabilities and embeddings of inputs ``X``."""
         return self.predict_proba(X).astype(np.float32), self.embed(X)
 
     def sample_probs(self, X, n_samples: int, seed: int | None = None) -> np.ndarray:
-        """Committee probabilities ``(n_samples, n, C)``: ensemble members or a bootstrap committee."""
+        """Committee probabilities ``(n_samples, n, C)`` for inputs ``X``: ensemble members or a
+        bootstrap committee, chosen with ``seed`` (default the adapter's seed)."""
         if n_samples < 1:
             raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
         X = self._flat(X)
         members = getattr(self.fitted_, "estimators_", None)
-        if members is not None and len(members) >= 1 and not hasattr(self.fitted_, "steps"):
+        # gradient boosting's estimators_ is an array of regressors: use a bootstrap committee then
+        usable = (members is not None and len(members) >= 1 and not hasattr(self.fitted_, "steps")
+                  and all(hasattr(m, "predict_proba") and hasattr(m, "classes_") for m in members))
+        if usable:
             rng = np.random.default_rng(self.seed if seed is None else seed)
             chosen = rng.choice(len(members), size=n_samples, replace=len(members) < n_samples)
+            classes = self.fitted_.classes_.astype(np.int64)
             out = []
-            for i in chosen:  # members of a forest are fitted on class indices 0..k-1 of classes_
+            for i in chosen:
+                # forest and bagging members are fitted on class indices 0..k-1 of classes_ (a
+                # bagging member may have seen only some); others (AdaBoost) on the labels
+                own = members[i].classes_
+                cols = classes if np.array_equal(own, classes) else classes[own.astype(np.int64)]
                 p = np.zeros((len(X), self.n_classes))
-                p[:, self.fitted_.classes_.astype(np.int64)] = members[i].predict_proba(X)
+                p[:, cols] = members[i].predict_proba(X)
                 out.append(p)
             return np.stack(out).astype(np.float32)
         key = (n_samples, seed)

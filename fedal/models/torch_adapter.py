@@ -45,6 +45,9 @@ class TorchClassifier:
         L2 regularisation.
     predict_batch_size : int
         Batch size for inference (large: scoring a pool is one pass over it).
+    min_steps : int
+        Train for at least this many optimizer steps per :meth:`fit` (more epochs when
+        the labeled set is small, so 10 labels are not one gradient step).
     seed : int
         Seed for initialisation, shuffling and dropout.
     """
@@ -59,6 +62,7 @@ class TorchClassifier:
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         predict_batch_size: int = 1024,
+        min_steps: int = 0,
         seed: int = 0,
     ) -> None:
         if n_classes < 2:
@@ -73,6 +77,7 @@ class TorchClassifier:
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.predict_batch_size = int(predict_batch_size)
+        self.min_steps = int(min_steps)
         self.seed = int(seed)
         self._fits = 0
         self.module = self._new_module(self.seed)
@@ -84,7 +89,8 @@ class TorchClassifier:
         return module
 
     def reset(self, seed: int | None = None) -> None:
-        """Re-initialise the weights (cold restart between query rounds)."""
+        """Re-initialise the weights (cold restart between query rounds) from ``seed``
+        (default the classifier's seed)."""
         self.module = self._new_module(self.seed if seed is None else seed)
 
     # ----------------------------------------------------------------- weights
@@ -93,7 +99,8 @@ class TorchClassifier:
         return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in self.module.state_dict().items())
 
     def set_state(self, state: "dict[str, np.ndarray]") -> None:
-        """Load weights; raises ConfigError naming missing / unexpected keys or bad shapes."""
+        """Load weights from ``state`` (as :meth:`get_state` gives); raises ConfigError naming
+        missing / unexpected keys or bad shapes, and then changes nothing."""
         own = self.module.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -118,8 +125,17 @@ class TorchClassifier:
     ) -> float:
         """Train on ``(X, y)`` for ``epochs`` epochs; return the mean training loss.
 
-        ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w0||^2`` around
-        the weights held when ``fit`` was called (Li et al., MLSys 2020).
+        Parameters
+        ----------
+        X, y : numpy.ndarray
+            Inputs and integer labels ``0 .. n_classes - 1``.
+        epochs : int, optional
+            Epochs for this call; default the classifier's ``epochs``.
+        proximal_mu : float
+            ``> 0`` adds FedProx's proximal term ``mu/2 * ||w - w0||^2`` around the weights
+            held when ``fit`` was called (Li et al., MLSys 2020).
+        class_weight : array of float, optional
+            Per-class weight of the cross-entropy (imbalanced data).
         """
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64).reshape(-1)
@@ -130,28 +146,35 @@ class TorchClassifier:
         if y.min() < 0 or y.max() >= self.n_classes:
             raise ConfigError(f"labels must lie in [0, {self.n_classes - 1}], got range [{y.min()}, {y.max()}]")
         epochs = self.epochs if epochs is None else int(epochs)
+        batches = -(-len(y) // self.batch_size)
+        epochs = max(epochs, -(-self.min_steps // batches))
         module = self.module
         module.train()
         anchor = [p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else None
         opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self._fits)
+        fit_seed = self.seed * 7919 + self._fits
+        gen = torch.Generator().manual_seed(fit_seed)
         self._fits += 1
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         total, count = 0.0, 0
-        for _ in range(epochs):
-            order = torch.randperm(len(yt), generator=gen)
-            for start in range(0, len(yt), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                opt.zero_grad()
-                loss = F.cross_entropy(module(Xt[idx]), yt[idx], weight=weight)
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
-                    loss = loss + 0.5 * proximal_mu * prox
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-                count += len(idx)
+        # training-time dropout draws from torch's global generator: seed it for this fit only,
+        # so the same seed gives the same weights whatever else used torch's RNG in between
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(fit_seed)
+            for _ in range(epochs):
+                order = torch.randperm(len(yt), generator=gen)
+                for start in range(0, len(yt), self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    opt.zero_grad()
+                    loss = F.cross_entropy(module(Xt[idx]), yt[idx], weight=weight)
+                    if anchor is not None:
+                        prox = sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
+                        loss = loss + 0.5 * proximal_mu * prox
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(idx)
+                    count += len(idx)
         module.eval()
         return total / max(count, 1)
 
@@ -162,7 +185,7 @@ class TorchClassifier:
             yield torch.from_numpy(X[start : start + self.predict_batch_size])
 
     def forward(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities ``(n, C)`` and embeddings ``(n, d)`` from one pass."""
+        """Probabilities ``(n, C)`` and embeddings ``(n, d)`` of inputs ``X`` from one pass."""
         self.module.eval()
         probs, embs = [], []
         with torch.inference_mode():
@@ -176,18 +199,18 @@ class TorchClassifier:
         return np.concatenate(probs), np.concatenate(embs)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities, shape (n, C)."""
+        """Class probabilities of inputs ``X``, shape (n, C)."""
         self.module.eval()
         with torch.inference_mode():
             out = [F.softmax(self.module(xb), dim=1).numpy() for xb in self._batches(X)]
         return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Most probable class per sample."""
+        """Most probable class per sample of ``X``."""
         return self.predict_proba(X).argmax(axis=1)
 
     def evaluate(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """``(mean cross-entropy loss, accuracy)`` on ``(X, y)``."""
+        """``(mean cross-entropy loss, accuracy)`` on inputs ``X`` with labels ``y``."""
         probs = self.predict_proba(X)
         y = np.asarray(y, dtype=np.int64).reshape(-1)
         if len(y) == 0:
@@ -196,7 +219,8 @@ class TorchClassifier:
         return loss, float((probs.argmax(axis=1) == y).mean())
 
     def sample_probs(self, X: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
-        """MC-dropout probabilities, shape ``(n_samples, n, C)`` (Gal & Ghahramani 2016).
+        """MC-dropout probabilities of inputs ``X``, shape ``(n_samples, n, C)`` (Gal &
+        Ghahramani 2016); the masks are drawn from ``seed`` (default the classifier's seed).
 
         The embedding is computed once (dropout sits only before the head), then
         ``n_samples`` dropout masks are drawn on it: exact for these networks and

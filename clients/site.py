@@ -1,0 +1,118 @@
+"""A client site: its local data, its durable pool database, its model and oracle.
+
+In deployment every Flower message starts a new ClientApp process, so nothing is kept
+in memory between rounds: the SQLite database under the state directory is the
+client's memory (labels, requests, budgets), and the global model arrives with each
+message.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
+from fedal.federation import LocalData, client_data
+from fedal.flower.protocol import TrainReport
+from fedal.learner import ActiveLearner, pool_uncertainty
+from fedal.models import build_model
+from fedal.oracle import SimulatedOracle
+from fedal.pool import Pool
+
+
+def node_client_id(node_config: dict) -> int:
+    """The client's index: ``client-id`` from its node config, else the simulation's ``partition-id``."""
+    for key in ("client-id", "partition-id"):
+        if key in node_config:
+            return int(node_config[key])
+    raise ConfigError(
+        "the node config has neither client-id nor partition-id; start the SuperNode with "
+        "--node-config \"client-id=0 ...\""
+    )
+
+
+class ClientSite:
+    """Everything one client holds, opened for the handling of one message.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run's settings.
+    node_config : dict
+        The SuperNode's own settings (``client-id``/``partition-id``, ``state-dir``).
+    data : LocalData, optional
+        The local data; default: this client's share of the simulated federation.
+    """
+
+    def __init__(self, cfg: FederationConfig, node_config: dict, data: LocalData | None = None) -> None:
+        self.cfg = cfg
+        self.client_id = node_client_id(node_config)
+        self.data = data if data is not None else client_data(cfg, self.client_id)
+        state_dir = Path(str(node_config.get("state-dir") or cfg.client_state_dir))
+        self.pool = Pool(self.data.n_classes, size=len(self.data.y_pool), path=state_dir / f"client-{self.client_id}.db")
+        seed = cfg.seed * 1000 + self.client_id
+        self.model = build_model(self.data.X_pool.shape[1:], self.data.n_classes, epochs=cfg.local_epochs,
+                                 batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps, seed=seed)
+        self.oracle = SimulatedOracle(self.data.y_pool, self.data.n_classes, noise_rate=cfg.noise_rate, seed=seed)
+        self.learner = ActiveLearner(self.model, cfg.strategy, self.data.X_pool, self.pool, self.oracle,
+                                     cold_start=cfg.initial_strategy, seed=seed)
+
+    def close(self) -> None:
+        """Close the database."""
+        self.pool.close()
+
+    def train(self, global_state: dict, server_round: int, budget: int, proximal_mu: float = 0.0):
+        """Label the initial set if needed, query within ``budget``, train; return (state, report)."""
+        if budget < 0:
+            raise ConfigError(f"the server sent a negative query budget ({budget})")
+        self.model.set_state(global_state)
+        self.pool.expire_overdue()
+        labels_before = self.pool.counts()["labeled"]
+        if labels_before == 0 and self.pool.get_meta("initial-done") is None:
+            self.learner.query(self.cfg.initial_labels, round=0)
+            self.pool.set_meta("initial-done", server_round)
+        self.learner.model_ready = server_round > 1  # round 1's global model is untrained
+        # a re-delivered message (process killed before replying) must not query twice
+        spent_before = next((b["spent"] for b in self.pool.budgets() if b["round"] == server_round), 0)
+        left = max(budget - spent_before, 0)
+        self.pool.set_budget(server_round, budget)
+        queried = 0
+        mean_unc = math.nan
+        if left > 0 and self.pool.counts()["unlabeled"] > 0:
+            queried = len(self.learner.query(left, round=server_round))
+            self.pool.spend_budget(server_round, spent_before + queried)
+            mean_unc = self.learner.last_uncertainty[0]
+        self.learner.teach(round=server_round)
+        if math.isnan(mean_unc) and self.learner.model_ready:
+            mean_unc = self._pool_uncertainty()
+        X, y = self.learner.labeled_data()
+        loss = self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=proximal_mu)
+        counts = self.pool.counts()
+        report = TrainReport(
+            num_examples=len(y), client_id=self.client_id, budget=budget, queries_used=spent_before + queried,
+            labels_added=counts["labeled"] - labels_before, unlabeled_left=counts["unlabeled"],
+            pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss,
+        )
+        return self.model.get_state(), report
+
+    def _pool_uncertainty(self) -> float:
+        ids = self.pool.unlabeled_ids()
+        if len(ids) == 0:
+            return 0.0
+        probs, _ = self.model.forward(self.data.X_pool[self.learner.rows(ids)])
+        return pool_uncertainty(probs)[0]
+
+    def evaluate(self, global_state: dict) -> tuple[int, float, float]:
+        """``(n, loss, accuracy)`` of the global model on the local test set."""
+        self.model.set_state(global_state)
+        if len(self.data.y_test) == 0:
+            return 0, math.nan, math.nan
+        loss, acc = self.model.evaluate(self.data.X_test, self.data.y_test)
+        return len(self.data.y_test), loss, acc
+
+    def labeled_class_counts(self) -> np.ndarray:
+        """How many labels of each class this client holds (stays on the device)."""
+        _, labels = self.pool.labels()
+        return np.bincount(labels, minlength=self.data.n_classes)

@@ -1,0 +1,176 @@
+"""Per-client query budgets, decided by the server from aggregate statistics only.
+
+Policies (the share of a round's budget each client gets, before capacity limits):
+
+* ``uniform``: equal shares;
+* ``pool``: proportional to the client's reported unlabeled pool size;
+* ``uncertainty``: proportional to the client's reported mean pool uncertainty.
+
+A client can spend at most ``min(client_cap, unlabeled left)`` and nothing when
+absent; what it cannot spend is handed to the others (water-filling), and budget
+assigned to a client that then failed to answer is carried to the next round.
+Every assignment and spend is kept in a ledger.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from fedal.exceptions import ConfigError
+
+POLICIES = ("uniform", "pool", "uncertainty")
+
+
+@dataclass
+class ClientStats:
+    """What the server knows of a client: aggregate scalars it reported.
+
+    Attributes
+    ----------
+    unlabeled : int or None
+        Unlabeled samples left (None before the first report).
+    uncertainty : float
+        Mean uncertainty of its pool (NaN before the first report).
+    available : bool
+        Whether the client takes part in this round.
+    """
+
+    unlabeled: int | None = None
+    uncertainty: float = math.nan
+    available: bool = True
+
+
+@dataclass
+class LedgerRow:
+    """One client's budget in one round."""
+
+    round: int
+    client: str
+    assigned: int
+    spent: int | None = None
+    status: str = "assigned"  # assigned | spent | failed
+
+
+class BudgetCoordinator:
+    """Split each query round's label budget among clients.
+
+    Parameters
+    ----------
+    policy : {"uniform", "pool", "uncertainty"}
+        How shares are weighted.
+    round_budget : int
+        Labels per query round for the whole federation.
+    client_cap : int
+        Most labels per client per round (0 = no cap).
+    carry_over : bool
+        Add budget that failed clients did not spend to the next round.
+    """
+
+    def __init__(self, policy: str = "uniform", round_budget: int = 50, client_cap: int = 0,
+                 carry_over: bool = True) -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"budget policy must be one of {POLICIES}, got {policy!r}")
+        if round_budget < 0:
+            raise ConfigError(f"round budget must be >= 0, got {round_budget}")
+        if client_cap < 0:
+            raise ConfigError(f"client cap must be >= 0 (0 = no cap), got {client_cap}")
+        self.policy = policy
+        self.round_budget = int(round_budget)
+        self.client_cap = int(client_cap)
+        self.carry_over = carry_over
+        self.carry = 0
+        self.ledger: list[LedgerRow] = []
+
+    # ------------------------------------------------------------- allocation
+    def weights(self, stats: dict[str, ClientStats]) -> dict[str, float]:
+        """Policy weight of each client (before capacities)."""
+        if self.policy == "uniform":
+            return {c: 1.0 for c in stats}
+        if self.policy == "pool":
+            values = {c: None if s.unlabeled is None else float(s.unlabeled) for c, s in stats.items()}
+        else:
+            values = {c: None if math.isnan(s.uncertainty) else max(float(s.uncertainty), 0.0)
+                      for c, s in stats.items()}
+        known = [v for v in values.values() if v is not None]
+        if not known or sum(known) <= 0:
+            return {c: 1.0 for c in stats}
+        fill = sum(known) / len(known)  # a client that has not reported yet gets the average
+        return {c: fill if v is None else v for c, v in values.items()}
+
+    def capacity(self, s: ClientStats) -> int:
+        """Most a client can spend this round."""
+        if not s.available:
+            return 0
+        cap = self.client_cap if self.client_cap > 0 else math.inf
+        left = math.inf if s.unlabeled is None else max(int(s.unlabeled), 0)
+        out = min(cap, left)
+        return int(out) if out != math.inf else 1 << 40
+
+    def allocate(self, round: int, stats: dict[str, ClientStats]) -> dict[str, int]:
+        """Budgets for ``round``: shares by policy, limited by capacity, the excess redistributed.
+
+        The budgets sum to ``min(round_budget + carried, total capacity)``.
+        """
+        total = self.round_budget + (self.carry if self.carry_over else 0)
+        self.carry = 0
+        weights = self.weights(stats)
+        caps = {c: self.capacity(s) for c, s in stats.items()}
+        assigned = {c: 0 for c in stats}
+        remaining = total
+        active = [c for c in sorted(stats) if caps[c] > 0]
+        while remaining > 0 and active:
+            wsum = sum(weights[c] for c in active)
+            w = {c: (weights[c] / wsum if wsum > 0 else 1 / len(active)) for c in active}
+            shares = _largest_remainder(remaining, w)
+            for c in active:
+                give = min(shares[c], caps[c] - assigned[c])
+                assigned[c] += give
+                remaining -= give
+            active = [c for c in active if assigned[c] < caps[c]]
+            if all(shares[c] == 0 for c in active):  # rounding left nothing to hand out
+                for c in active[:remaining]:
+                    assigned[c] += 1
+                    remaining -= 1
+        for c in sorted(stats):
+            self.ledger.append(LedgerRow(round, c, assigned[c]))
+        return assigned
+
+    def record_spent(self, round: int, client: str, spent: int | None, *, failed: bool = False) -> None:
+        """Record what a client spent in a round (``failed`` if it never answered)."""
+        for row in self.ledger:
+            if row.round == round and row.client == client:
+                if failed:
+                    row.spent, row.status = 0, "failed"
+                    self.carry += row.assigned
+                else:
+                    if spent is not None and spent > row.assigned:
+                        raise ConfigError(
+                            f"client {client} reports {spent} queries in round {round} but was assigned {row.assigned}"
+                        )
+                    row.spent, row.status = spent, "spent"
+                return
+        raise ConfigError(f"no budget was assigned to client {client} in round {round}")
+
+    def assigned(self, round: int) -> dict[str, int]:
+        """Budgets assigned in a round."""
+        return {r.client: r.assigned for r in self.ledger if r.round == round}
+
+    # ------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """JSON-able state (for checkpoints)."""
+        return {"carry": self.carry, "ledger": [asdict(r) for r in self.ledger]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.carry = int(state.get("carry", 0))
+        self.ledger = [LedgerRow(**r) for r in state.get("ledger", [])]
+
+
+def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Integer shares of ``total`` proportional to ``weights`` (Hamilton's method; ties by name)."""
+    raw = {c: total * w for c, w in weights.items()}
+    out = {c: int(math.floor(v)) for c, v in raw.items()}
+    left = total - sum(out.values())
+    for c in sorted(raw, key=lambda c: (-(raw[c] - out[c]), c))[:left]:
+        out[c] += 1
+    return out

@@ -1,0 +1,254 @@
+"""Federation settings: one dataclass, one source of defaults, validated.
+
+The same settings come from ``fedal simulate`` flags, a TOML config file, or a Flower
+run config (``[tool.flwr.app.config]`` / ``flwr run --run-config``), whose keys are the
+field names written in kebab-case (``round-budget``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedal.exceptions import ConfigError
+
+PARTITIONS = ("iid", "dirichlet", "pathological")
+BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
+AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
+INITIAL_STRATEGIES = ("random", "typiclust", "kmeans_coldstart")
+
+
+@dataclass
+class FederationConfig:
+    """Everything a federated active learning run needs.
+
+    Attributes
+    ----------
+    dataset : str
+        Data set name or ``.npz`` path (see :func:`fedal.data.load_dataset`).
+    data_dir : str
+        Folder with ``.npz`` files ("" = ``$FEDAL_DATA_DIR`` or ``./data``).
+    max_train : int
+        Subsample the training pool to this many samples before partitioning (0 = all).
+    clients : int
+        Number of clients (SuperNodes).
+    partition : str
+        ``iid``, ``dirichlet`` (label skew) or ``pathological`` (k classes per client).
+    alpha : float
+        Dirichlet concentration (smaller = more skewed).
+    classes_per_client : int
+        Classes per client for the pathological partition.
+    local_test_fraction : float
+        Share of each client's data kept out of its pool for local evaluation.
+    strategy : str
+        Query strategy name.
+    initial_strategy : str
+        How each client picks its initial labeled set: ``random`` or a cold start.
+    initial_labels : int
+        Initial labeled samples per client.
+    budget_policy : str
+        ``uniform``, ``pool`` or ``uncertainty`` (see :mod:`fedal.budget`).
+    round_budget : int
+        Labels the federation may request per query round, split among clients.
+    client_cap : int
+        Most labels one client may be asked for per query round (0 = no cap).
+    rounds : int
+        Federated learning rounds.
+    query_every : int
+        Query every k FL rounds (round 1 only labels the initial set and trains).
+    reinit : bool
+        Re-initialise the global model at each query round (else warm start).
+    local_epochs : int
+        Local epochs per round.
+    min_local_steps : int
+        At least this many local optimizer steps per round (more epochs on small labeled sets).
+    batch_size : int
+        Local training batch size.
+    lr : float
+        Local learning rate (Adam).
+    aggregation : str
+        Flower strategy: fedavg, fedprox, fedadam, fedavgm, fedmedian, fedtrimmedavg, krum.
+    proximal_mu : float
+        FedProx proximal weight (used with ``aggregation = fedprox``).
+    server_lr : float
+        Server learning rate for fedadam / fedavgm.
+    server_momentum : float
+        Server momentum for fedavgm.
+    fraction_train : float
+        Share of clients sampled per round.
+    min_clients : int
+        Fewest clients a round needs to go ahead.
+    round_timeout : float
+        Seconds the server waits for replies in a round.
+    noise_rate : float
+        Simulated oracle label-noise rate.
+    seed : int
+        Seed of partitioning, initial sets, queries and training.
+    output_dir : str
+        Where results, checkpoints and (in simulation) client state are written.
+    state_dir : str
+        Client databases ("" = ``<output_dir>/clients``); a node config may override it.
+    resume : bool
+        Continue from the checkpoint in ``output_dir`` (model, round, budget ledger).
+    """
+
+    dataset: str = "digits"
+    data_dir: str = ""
+    max_train: int = 0
+    clients: int = 5
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    local_test_fraction: float = 0.2
+    strategy: str = "entropy"
+    initial_strategy: str = "random"
+    initial_labels: int = 10
+    budget_policy: str = "uniform"
+    round_budget: int = 50
+    client_cap: int = 0
+    rounds: int = 8
+    query_every: int = 1
+    reinit: bool = False
+    local_epochs: int = 10
+    min_local_steps: int = 50
+    batch_size: int = 32
+    lr: float = 0.003
+    aggregation: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    server_momentum: float = 0.9
+    fraction_train: float = 1.0
+    min_clients: int = 2
+    round_timeout: float = 600.0
+    noise_rate: float = 0.0
+    seed: int = 0
+    output_dir: str = "runs/latest"
+    state_dir: str = ""
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> "FederationConfig":
+        """Raise :class:`ConfigError` naming the first bad value and the fix."""
+        from fedal.strategies import available_strategies
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
+        need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
+        need(self.alpha > 0, f"alpha must be > 0 (try 0.1 for strong skew, 100 for near-IID), got {self.alpha}")
+        need(self.classes_per_client >= 1, f"classes-per-client must be >= 1, got {self.classes_per_client}")
+        need(0 <= self.local_test_fraction < 1, f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
+        need(self.strategy.replace("-", "_") in available_strategies(),
+             f"unknown strategy {self.strategy!r}; choose one of {', '.join(available_strategies())}")
+        need(self.initial_strategy in INITIAL_STRATEGIES,
+             f"initial-strategy must be one of {INITIAL_STRATEGIES}, got {self.initial_strategy!r}")
+        need(self.initial_labels >= 1, f"initial-labels must be >= 1 (each client needs labels to train on), got {self.initial_labels}")
+        need(self.budget_policy in BUDGET_POLICIES,
+             f"budget-policy must be one of {BUDGET_POLICIES}, got {self.budget_policy!r}")
+        need(self.round_budget >= 0, f"round-budget must be >= 0 (0 = no queries), got {self.round_budget}")
+        need(self.client_cap >= 0, f"client-cap must be >= 0 (0 = no cap), got {self.client_cap}")
+        need(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        need(self.query_every >= 1, f"query-every must be >= 1, got {self.query_every}")
+        need(self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}")
+        need(self.min_local_steps >= 0, f"min-local-steps must be >= 0, got {self.min_local_steps}")
+        need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        need(self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        need(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        need(1 <= self.min_clients <= self.clients,
+             f"min-clients must be between 1 and clients ({self.clients}), got {self.min_clients}")
+        need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        need(0 <= self.noise_rate <= 1, f"noise-rate must be in [0, 1], got {self.noise_rate}")
+        need(self.max_train >= 0, f"max-train must be >= 0 (0 = all), got {self.max_train}")
+        return self
+
+    def is_query_round(self, server_round: int) -> bool:
+        """Round 1 labels the initial sets; then every ``query_every``-th round queries."""
+        return server_round >= 2 and (server_round - 2) % self.query_every == 0
+
+    @property
+    def client_state_dir(self) -> Path:
+        """Folder of the clients' SQLite databases in a simulation."""
+        return Path(self.state_dir) if self.state_dir else Path(self.output_dir) / "clients"
+
+    # ----------------------------------------------------------- conversions
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of the settings (snake_case)."""
+        return [f.name for f in fields(cls) if f.name != "extra"]
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flat kebab-case dict, the shape of a Flower run config."""
+        return {name.replace("_", "-"): getattr(self, name) for name in self.field_names()}
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, base: "FederationConfig | None" = None) -> "FederationConfig":
+        """Build from a (kebab- or snake-case) mapping, converting and checking types.
+
+        Unknown keys raise :class:`ConfigError` listing the known ones.
+        """
+        types = {f.name: f.type for f in fields(cls) if f.name != "extra"}
+        current = dataclasses.asdict(base) if base else {}
+        current.pop("extra", None)
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in types:
+                raise ConfigError(
+                    f"unknown setting {key!r}; known settings: {', '.join(n.replace('_', '-') for n in types)}"
+                )
+            current[name] = _convert(name, value, types[name])
+        return cls(**current)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "FederationConfig":
+        """Build from a Flower run config, ignoring keys that are not fedal settings."""
+        known = set(cls.field_names())
+        return cls.from_mapping({k: v for k, v in run_config.items() if k.replace("-", "_") in known})
+
+    @classmethod
+    def from_toml(cls, path: str | Path, *, base: "FederationConfig | None" = None) -> "FederationConfig":
+        """Load settings from a TOML file (flat keys, or under ``[fedal]``)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        return cls.from_mapping(data.get("fedal", data), base=base)
+
+
+def _convert(name: str, value: Any, typ: Any) -> Any:
+    kebab = name.replace("_", "-")
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if typ == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {kebab} must be a {typ}, got {value!r}") from None

@@ -1,0 +1,78 @@
+"""Which samples each simulated client holds: the data set split by the configured
+partition, then each client's share split into its pool and a local test set.
+
+Pure functions of the :class:`~fedal.config.FederationConfig`, so the server, every
+client process and ``fedal simulate`` compute the same split without exchanging it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from fedal.config import FederationConfig
+from fedal.data import Dataset, load_dataset
+from fedal.exceptions import ConfigError
+from fedal.partition import class_counts, partition
+
+
+@dataclass
+class LocalData:
+    """One client's data: its pool (with simulated ground truth) and a local test set."""
+
+    client_id: int
+    X_pool: np.ndarray
+    y_pool: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+    class_names: list[str]
+    kind: str
+
+
+@lru_cache(maxsize=4)
+def _dataset(name: str, data_dir: str, seed: int, max_train: int) -> Dataset:
+    return load_dataset(name, data_dir or None, seed=seed, max_train=max_train or None)
+
+
+def federation_dataset(cfg: FederationConfig) -> Dataset:
+    """The data set of the run (cached per process)."""
+    return _dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train)
+
+
+@lru_cache(maxsize=4)
+def _parts(name, data_dir, seed, max_train, clients, method, alpha, k) -> tuple[np.ndarray, ...]:
+    ds = _dataset(name, data_dir, seed, max_train)
+    return tuple(partition(ds.y_train, clients, method, alpha=alpha, classes_per_client=k, seed=seed, min_size=4))
+
+
+def client_parts(cfg: FederationConfig) -> list[np.ndarray]:
+    """Training-set indices of every client."""
+    return list(_parts(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.clients, cfg.partition,
+                       cfg.alpha, cfg.classes_per_client))
+
+
+def client_data(cfg: FederationConfig, client_id: int) -> LocalData:
+    """The data client ``client_id`` holds in a simulation."""
+    if not 0 <= client_id < cfg.clients:
+        raise ConfigError(f"client id {client_id} is outside 0..{cfg.clients - 1}")
+    ds = federation_dataset(cfg)
+    idx = client_parts(cfg)[client_id]
+    rng = np.random.default_rng(cfg.seed * 1000 + client_id)
+    idx = rng.permutation(idx)
+    n_test = int(round(len(idx) * cfg.local_test_fraction))
+    test, pool = np.sort(idx[:n_test]), np.sort(idx[n_test:])
+    return LocalData(client_id, ds.X_train[pool], ds.y_train[pool], ds.X_train[test], ds.y_train[test],
+                     ds.n_classes, ds.class_names, ds.kind)
+
+
+def partition_table(cfg: FederationConfig) -> str:
+    """Per-client class counts as a text table (printed at the start of a run)."""
+    ds = federation_dataset(cfg)
+    counts = class_counts(ds.y_train, client_parts(cfg), ds.n_classes)
+    head = "client | " + " ".join(f"{c:>5d}" for c in range(ds.n_classes)) + " | total"
+    lines = [head, "-" * len(head)]
+    for cid, row in enumerate(counts):
+        lines.append(f"{cid:>6d} | " + " ".join(f"{v:>5d}" for v in row) + f" | {row.sum():>5d}")
+    return "\n".join(lines)

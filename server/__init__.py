@@ -1,0 +1,1 @@
+"""Flower ServerApp, strategies with per-client budgets, results and checkpoints."""

@@ -1,0 +1,134 @@
+"""Results of a run (``results.json``, ``results.csv``, ``curve.png``) and checkpoints.
+
+Every file is written to a temporary name and moved into place, so a run killed at
+any moment leaves the previous complete version, never half a file. Checkpoints are
+``model.npz`` (plain arrays, no pickle) plus ``state.json``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Collects one row per round and keeps the output files up to date.
+
+    Parameters
+    ----------
+    output_dir : path
+        Where results and the checkpoint go.
+    config : dict
+        The run's settings, stored under ``"config"`` in ``results.json``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, config: dict) -> None:
+        self.out = Path(output_dir)
+        self.config = config
+        self.rounds: list[dict] = []
+        self.events: list[dict] = []
+
+    def add_round(self, row: dict) -> None:
+        """Append a round (``round``, ``labels``, ``accuracy``, ``clients`` ...) and rewrite the files."""
+        self.rounds.append(row)
+        self.write()
+
+    def add_event(self, server_round: int, kind: str, detail: str) -> None:
+        """Record something that went wrong (failed client, rejected update)."""
+        self.events.append({"round": server_round, "kind": kind, "detail": detail})
+
+    def to_dict(self) -> dict:
+        """The content of ``results.json``."""
+        return _clean({"config": self.config, "rounds": self.rounds, "events": self.events})
+
+    def write(self) -> None:
+        """Rewrite ``results.json``, ``results.csv`` and ``curve.png``."""
+        atomic_write(self.out / "results.json", json.dumps(self.to_dict(), indent=2))
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["round", "labels", "accuracy", "loss", "queried", "clients_reporting"])
+        for r in self.rounds:
+            writer.writerow([r["round"], r["labels"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
+                             sum(c["queried"] for c in r["clients"].values()), len(r["clients"])])
+        atomic_write(self.out / "results.csv", buf.getvalue())
+        if len(self.rounds) >= 1:
+            plot_curves({self.config.get("strategy", "fedal"): self.rounds}, self.out / "curve.png",
+                        title=f"{self.config.get('dataset')} - {self.config.get('clients')} clients, "
+                              f"{self.config.get('partition')}")
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, server_round: int, state: dict[str, np.ndarray], extra: dict) -> None:
+        """Model weights and server state after ``server_round``."""
+        folder = self.out / CHECKPOINT_DIR
+        buf = io.BytesIO()
+        np.savez(buf, **{k.replace(".", "__"): v for k, v in state.items()})
+        atomic_write(folder / "model.npz", buf.getvalue())
+        atomic_write(folder / "state.json", json.dumps(_clean({
+            "round": server_round, "keys": list(state), "results": self.to_dict(), **extra}), indent=2))
+
+    def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict] | None:
+        """``(round, weights, state)`` of the last checkpoint, or None if there is none."""
+        folder = self.out / CHECKPOINT_DIR
+        if not (folder / "state.json").is_file():
+            return None
+        state = json.loads((folder / "state.json").read_text())
+        with np.load(folder / "model.npz", allow_pickle=False) as f:
+            weights = {k: f[k.replace(".", "__")] for k in state["keys"]}
+        self.rounds = state["results"]["rounds"]
+        self.events = state["results"].get("events", [])
+        return int(state["round"]), weights, state
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, *, title: str = "", bands: dict | None = None) -> None:
+    """Accuracy vs labels, one line per curve (``bands``: name -> (lo, hi) arrays)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, rows in curves.items():
+        x = [r["labels"] for r in rows]
+        y = [r["accuracy"] for r in rows]
+        ax.plot(x, y, marker="o", ms=3, label=name)
+        if bands and name in bands:
+            lo, hi = bands[name]
+            ax.fill_between(x, lo, hi, alpha=0.2)
+    ax.set_xlabel("labels (all clients)")
+    ax.set_ylabel("test accuracy (global model)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

@@ -1,0 +1,1 @@
+"""Experiment entry points: fedal simulate / compare, presets and benchmarks."""

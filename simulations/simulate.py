@@ -1,0 +1,131 @@
+"""``fedal simulate``: a whole federation on one machine, on Flower's Simulation Engine.
+
+Every setting of :class:`~fedal.config.FederationConfig` is a flag (``--round-budget``)
+and a key of the ``--config`` TOML file; flags win over the file, the file over the
+defaults. Writes ``results.json``, ``results.csv``, ``curve.png`` and a checkpoint to
+``--output-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
+
+
+def _field_help() -> dict[str, str]:
+    doc = FederationConfig.__doc__ or ""
+    out = {}
+    for match in re.finditer(r"^    (\w+) : \w+\n((?:        .*\n)+)", doc, re.M):
+        out[match.group(1)] = " ".join(line.strip() for line in match.group(2).splitlines())
+    return out
+
+
+def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = FederationConfig()
+    helps = _field_help()
+    p.add_argument("--config", default=None, help="TOML file of settings (flat keys or a [fedal] table)")
+    for f in fields(FederationConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = f"{helps.get(f.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=f.name, default=None, metavar=type(default).__name__.upper(), help=text)
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def config_from_args(args: argparse.Namespace) -> FederationConfig:
+    """Defaults <- config file <- flags, validated."""
+    base = FederationConfig.from_toml(args.config) if args.config else FederationConfig()
+    flags = {name: getattr(args, name) for name in FederationConfig.field_names() if getattr(args, name, None) is not None}
+    return FederationConfig.from_mapping(flags, base=base)
+
+
+def _prepare_output(cfg: FederationConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if cfg.resume:
+        if not (out / "checkpoint" / "state.json").is_file():
+            raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start a new run")
+        return out
+    for name in ("results.json", "results.csv", "curve.png", "checkpoint", "clients"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    if cfg.state_dir and Path(cfg.state_dir).exists():
+        shutil.rmtree(cfg.state_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def summary_table(rounds: list[dict]) -> str:
+    """Markdown table of the run, one line per round."""
+    lines = ["| round | labels | queried | accuracy | clients |", "|---:|---:|---:|---:|---:|"]
+    for r in rounds:
+        queried = sum(c["queried"] for c in r["clients"].values())
+        lines.append(f"| {r['round']} | {r['labels']} | {queried} | {r['accuracy']:.4f} | {len(r['clients'])} |")
+    return "\n".join(lines)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from fedal.federation import federation_dataset, partition_table
+
+    cfg = config_from_args(args)
+    ds = federation_dataset(cfg)  # fails early, with the data error, before Ray starts
+    out = _prepare_output(cfg)
+    print(f"fedal simulate: {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, {ds.n_classes} classes), "
+          f"{cfg.clients} clients, {cfg.partition}"
+          + (f"(alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
+          + f", strategy {cfg.strategy}, budget {cfg.round_budget}/round ({cfg.budget_policy}), "
+          f"{cfg.rounds} rounds, {cfg.aggregation}")
+    print("per-client class counts (training pool + local test):")
+    print(partition_table(cfg))
+    start = time.perf_counter()
+    _run_with_progress(cfg, verbose=args.verbose)
+    elapsed = time.perf_counter() - start
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    if len(rounds) < cfg.rounds:
+        print(f"fedal simulate: only {len(rounds)} of {cfg.rounds} rounds finished; see {out}", file=sys.stderr)
+        return 1
+    print(summary_table(rounds))
+    last = rounds[-1]
+    print(f"final: {last['labels']} labels, accuracy {last['accuracy']:.4f} after {len(rounds)} rounds "
+          f"in {elapsed:.1f} s")
+    for event in results.get("events", []):
+        print(f"  round {event['round']}: {event['kind']} {event['detail']}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'curve.png'}")
+    return 0
+
+
+def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from server import app as server_app
+    from simulations.engine import run_in_simulation
+
+    with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task("starting Ray...", total=cfg.rounds)
+
+        def on_round(row: dict) -> None:
+            progress.update(task, completed=row["round"],
+                            description=f"labels {row['labels']:>5d}  accuracy {row['accuracy']:.3f}")
+
+        server_app.ROUND_HOOKS.append(on_round)
+        try:
+            run_in_simulation(cfg, verbose=verbose)
+        finally:
+            server_app.ROUND_HOOKS.remove(on_round)

@@ -1,0 +1,35 @@
+"""Shared fixtures.
+
+``data_dir`` is the folder with the real data files (``bloodmnist.npz``,
+``pneumoniamnist_balanced.npz``, ``mnist.npz``): ``$FEDAL_DATA_DIR``, else
+``<repo>/../shared/data``. Tests that need it are skipped with the reason when the
+files are missing, except under CI (``$CI`` set), where a missing file is a failure.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# set at import, before any test module imports Flower
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_FILES = ("bloodmnist.npz", "pneumoniamnist_balanced.npz", "mnist.npz")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder holding the real data files (see the module docstring)."""
+    folder = Path(os.environ.get("FEDAL_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+    missing = [name for name in DATA_FILES if not (folder / name).is_file()]
+    if missing:
+        reason = (
+            f"data files {missing} are not in {folder}; put them there or set FEDAL_DATA_DIR "
+            "to the folder that has them (see shared/data/README.md)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return folder
