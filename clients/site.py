@@ -81,6 +81,7 @@ class ClientSite:
         queried = 0
         mean_unc = math.nan
         if left > 0 and self.pool.counts()["unlabeled"] > 0:
+            self._give_local_views()
             queried = len(self.learner.query(left, round=server_round))
             self.pool.spend_budget(server_round, spent_before + queried)
             mean_unc = self.learner.last_uncertainty[0]
@@ -96,6 +97,23 @@ class ClientSite:
             pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss,
         )
         return self.model.get_state(), report
+
+    def _give_local_views(self) -> None:
+        """Federated-aware strategies (LoGo, KAFAL) also score with a local model and the local
+        class counts (``QueryContext.extra``); train that model on the local labels now."""
+        strategy = self.learner.strategy
+        if not getattr(strategy, "needs_local_model", False) or not self.learner.model_ready:
+            return
+        from fedal.strategies import WithViews
+
+        X, y = self.learner.labeled_data()
+        local = build_model(self.data.X_pool.shape[1:], self.data.n_classes, epochs=self.cfg.local_epochs,
+                            batch_size=self.cfg.batch_size, lr=self.cfg.lr, min_steps=self.cfg.min_local_steps,
+                            seed=self.cfg.seed * 1000 + self.client_id + 7)
+        if getattr(strategy, "local_model_init", "global") == "global":
+            local.set_state(self.model.get_state())  # specialise the global model on local labels
+        local.fit(X, y, epochs=self.cfg.local_model_epochs or self.cfg.local_epochs)
+        self.learner.strategy = WithViews(strategy, local_model=local, class_counts=self.labeled_class_counts())
 
     def _pool_uncertainty(self) -> float:
         ids = self.pool.unlabeled_ids()

@@ -92,6 +92,8 @@ class FederationConfig:
         Client databases ("" = ``<output_dir>/clients``); a node config may override it.
     resume : bool
         Continue from the checkpoint in ``output_dir`` (model, round, budget ledger).
+    local_model_epochs : int
+        Epochs of the client's local model for federated-aware strategies (logo, kafal); 0 = local-epochs.
     """
 
     dataset: str = "digits"
@@ -127,6 +129,7 @@ class FederationConfig:
     output_dir: str = "runs/latest"
     state_dir: str = ""
     resume: bool = False
+    local_model_epochs: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -163,12 +166,18 @@ class FederationConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         need(self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        need(self.server_lr > 0, f"server-lr must be > 0, got {self.server_lr}")
+        need(0 <= self.server_momentum < 1, f"server-momentum must be in [0, 1), got {self.server_momentum}")
         need(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}")
         need(1 <= self.min_clients <= self.clients,
              f"min-clients must be between 1 and clients ({self.clients}), got {self.min_clients}")
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(0 <= self.noise_rate <= 1, f"noise-rate must be in [0, 1], got {self.noise_rate}")
         need(self.max_train >= 0, f"max-train must be >= 0 (0 = all), got {self.max_train}")
+        need(self.seed >= 0, f"seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
+        need(self.output_dir.strip() != "", "output-dir must not be empty (results, checkpoint and client "
+             "databases go there); give a folder such as runs/latest")
+        need(self.local_model_epochs >= 0, f"local-model-epochs must be >= 0 (0 = local-epochs), got {self.local_model_epochs}")
         return self
 
     def is_query_round(self, server_round: int) -> bool:

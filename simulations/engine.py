@@ -50,8 +50,21 @@ def backend_config(cpus: int | None = None) -> dict:
     }
 
 
-def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose: bool = False) -> None:
+def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose: bool = False,
+                      client_app=None) -> None:
     """Run the fedal ServerApp and ClientApps for ``cfg`` on the Simulation Engine.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        Run settings (also the run config every app receives).
+    cpus : int, optional
+        CPUs Ray may use (default: all cores).
+    verbose : bool
+        Show Flower's and Ray's logs.
+    client_app : flwr.clientapp.ClientApp, optional
+        ClientApp to run instead of ``clients.app:app`` (e.g. one with extra mods, as the
+        privacy audit uses to see every reply).
 
     Raises
     ------
@@ -62,8 +75,10 @@ def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from clients.app import app as client_app
     from server.app import app as server_app
+
+    if client_app is None:
+        from clients.app import app as client_app
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
