@@ -42,7 +42,8 @@ class ClientStats:
 
 @dataclass
 class LedgerRow:
-    """One client's budget in one round."""
+    """One client's budget in one round: ``assigned`` labels, ``spent`` (None until reported),
+    ``status`` assigned / spent / failed."""
 
     round: int
     client: str
@@ -83,7 +84,7 @@ class BudgetCoordinator:
 
     # ------------------------------------------------------------- allocation
     def weights(self, stats: dict[str, ClientStats]) -> dict[str, float]:
-        """Policy weight of each client (before capacities)."""
+        """Policy weight of each client (before capacities), from ``stats`` (client -> ClientStats)."""
         if self.policy == "uniform":
             return {c: 1.0 for c in stats}
         if self.policy == "pool":
@@ -98,7 +99,7 @@ class BudgetCoordinator:
         return {c: fill if v is None else v for c, v in values.items()}
 
     def capacity(self, s: ClientStats) -> int:
-        """Most a client can spend this round."""
+        """Most a client with stats ``s`` can spend this round."""
         if not s.available:
             return 0
         cap = self.client_cap if self.client_cap > 0 else math.inf
@@ -107,7 +108,8 @@ class BudgetCoordinator:
         return int(out) if out != math.inf else 1 << 40
 
     def allocate(self, round: int, stats: dict[str, ClientStats]) -> dict[str, int]:
-        """Budgets for ``round``: shares by policy, limited by capacity, the excess redistributed.
+        """Budgets for ``round`` from ``stats`` (client -> ClientStats): shares by policy,
+        limited by capacity, the excess redistributed.
 
         The budgets sum to ``min(round_budget + carried, total capacity)``.
         """
@@ -161,7 +163,7 @@ class BudgetCoordinator:
         return {"carry": self.carry, "ledger": [asdict(r) for r in self.ledger]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`."""
+        """Restore from ``state``, as made by :meth:`state_dict`."""
         self.carry = int(state.get("carry", 0))
         self.ledger = [LedgerRow(**r) for r in state.get("ledger", [])]
 

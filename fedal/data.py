@@ -166,6 +166,8 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
     for X, y, what in ((Xtr, ytr, "train"), (Xte, yte, "test")):
         if len(X) != len(y):
             raise DataFileError(f"data file {path}: {what} has {len(X)} images but {len(y)} labels")
+        if len(y) == 0:
+            raise DataFileError(f"data file {path}: the {what} split is empty; the file is incomplete, download it again")
     if Xtr.shape[1:] != Xte.shape[1:]:
         raise DataFileError(f"data file {path}: train images {Xtr.shape[1:]} and test images {Xte.shape[1:]} differ")
     n_classes = int(max(ytr.max(), yte.max())) + 1

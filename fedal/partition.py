@@ -94,6 +94,7 @@ def _pathological(labels, n_clients, k, rng) -> list[np.ndarray]:
 
 
 def class_counts(labels: np.ndarray, parts: list[np.ndarray], n_classes: int) -> np.ndarray:
-    """Matrix ``(n_clients, n_classes)`` of how many samples of each class each client holds."""
+    """Matrix ``(n_clients, n_classes)``: how many samples of each class (from ``labels``) each
+    client's index array in ``parts`` holds."""
     labels = np.asarray(labels)
     return np.stack([np.bincount(labels[p], minlength=n_classes) for p in parts])

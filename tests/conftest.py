@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-# set at import, before any test module imports Flower
+# set at import, before any test module imports Flower, numpy or torch
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+# the tests train tiny models: one thread each is faster than contending for a few cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_FILES = ("bloodmnist.npz", "pneumoniamnist_balanced.npz", "mnist.npz")

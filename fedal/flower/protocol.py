@@ -42,7 +42,12 @@ EVAL_METRICS = (WEIGHT_KEY, "client-id", "eval-loss", "eval-acc")
 
 @dataclass
 class TrainReport:
-    """The aggregate scalars a client reports after a training round."""
+    """The aggregate scalars a client reports after a training round.
+
+    Attributes: ``num_examples`` (labeled samples trained on), ``client_id``, ``budget``,
+    ``queries_used``, ``labels_added``, ``unlabeled_left``, ``pending``, ``mean_uncertainty``,
+    ``train_loss`` -- see :data:`TRAIN_METRICS`.
+    """
 
     num_examples: int
     client_id: int
@@ -55,11 +60,13 @@ class TrainReport:
     train_loss: float
 
     def to_record(self) -> MetricRecord:
+        """The report as a Flower MetricRecord keyed by :data:`TRAIN_METRICS`."""
         values = {k.replace("-", "_"): k for k in TRAIN_METRICS}
         return MetricRecord({key: _scalar(getattr(self, attr)) for attr, key in values.items()})
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> "TrainReport":
+        """Parse a reply's MetricRecord ``record``; KeyError if a metric is missing."""
         return cls(**{k.replace("-", "_"): record[k] for k in TRAIN_METRICS})
 
 
@@ -80,24 +87,25 @@ def model_record(state: "OrderedDict[str, np.ndarray]") -> ArrayRecord:
 
 
 def state_from_record(record: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
-    """Model weights from an ArrayRecord as numpy arrays."""
+    """Model weights from the ArrayRecord ``record`` as numpy arrays."""
     return OrderedDict((k, v.numpy()) for k, v in record.items())
 
 
 def train_reply(msg: Message, state, report: TrainReport) -> Message:
-    """The only reply a client sends to a train message."""
+    """The only reply a client sends to the train message ``msg``: weights ``state`` and ``report``."""
     return Message(RecordDict({ARRAYS: model_record(state), METRICS: report.to_record()}), reply_to=msg)
 
 
 def eval_reply(msg: Message, *, num_examples: int, client_id: int, loss: float, accuracy: float) -> Message:
-    """The only reply a client sends to an evaluate message."""
+    """The only reply a client sends to the evaluate message ``msg``: ``num_examples``,
+    ``client_id``, ``loss`` and ``accuracy`` of the global model on its local test set."""
     metrics = MetricRecord({WEIGHT_KEY: int(num_examples), "client-id": int(client_id),
                             "eval-loss": _scalar(loss), "eval-acc": _scalar(accuracy)})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
 def with_node_config(msg: Message, extra: dict[str, int | float | bool | str]) -> Message:
-    """A copy of a strategy's message whose config has per-node values added.
+    """A copy of a strategy's message ``msg`` whose config has the per-node values ``extra`` added.
 
     Flower strategies send one shared ``RecordDict`` to every node; a per-node budget
     needs a fresh ``ConfigRecord`` per message.
@@ -110,7 +118,8 @@ def with_node_config(msg: Message, extra: dict[str, int | float | bool | str]) -
 
 
 def check_update(record: ArrayRecord, reference: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a model update must not be aggregated (wrong keys or shapes, NaN/Inf), or None."""
+    """Why the update ``record`` must not be aggregated (keys or shapes differ from ``reference``,
+    NaN/Inf), or None."""
     keys = list(record.keys())
     if set(keys) != set(reference):
         missing, extra = sorted(set(reference) - set(keys)), sorted(set(keys) - set(reference))

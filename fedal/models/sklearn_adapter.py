@@ -44,7 +44,7 @@ class SklearnClassifier:
     @staticmethod
     def _flat(X) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
-        return X.reshape(len(X), -1)
+        return X.reshape(len(X), int(np.prod(X.shape[1:])))  # not -1: that fails on zero rows
 
     def fit(self, X, y, **_: object) -> float:
         """Fit a fresh clone on ``(X, y)``; return the training log-loss."""
