@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import time
 from dataclasses import fields
@@ -58,14 +57,17 @@ def _prepare_output(cfg: FederationConfig) -> Path:
         if not (out / "checkpoint" / "state.json").is_file():
             raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start a new run")
         return out
-    for name in ("results.json", "results.csv", "curve.png", "checkpoint", "clients"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    if cfg.state_dir and Path(cfg.state_dir).exists():
-        shutil.rmtree(cfg.state_dir)
+    for name in ("results.json", "results.csv", "curve.png"):
+        if (out / name).is_file():
+            (out / name).unlink()
+    if (out / "checkpoint").is_dir():
+        for name in ("model.npz", "state.json"):
+            (out / "checkpoint" / name).unlink(missing_ok=True)
+    # remove only the previous run's client databases: the state folder may be one the user
+    # also keeps other files in (``--output-dir .`` from the repo root has ./clients = the package)
+    for db in cfg.client_state_dir.glob("client-*.db*"):
+        if db.is_file():
+            db.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -80,10 +82,13 @@ def summary_table(rounds: list[dict]) -> str:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from fedal.federation import federation_dataset, partition_table
+    from fedal.federation import check_label_budgets, federation_dataset, partition_table
 
     cfg = config_from_args(args)
-    ds = federation_dataset(cfg)  # fails early, with the data error, before Ray starts
+    # every check that can fail runs before the output folder is touched or Ray starts
+    ds = federation_dataset(cfg)
+    table = partition_table(cfg)
+    check_label_budgets(cfg)
     out = _prepare_output(cfg)
     print(f"fedal simulate: {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, {ds.n_classes} classes), "
           f"{cfg.clients} clients, {cfg.partition}"
@@ -91,7 +96,7 @@ def run_simulate(args: argparse.Namespace) -> int:
           + f", strategy {cfg.strategy}, budget {cfg.round_budget}/round ({cfg.budget_policy}), "
           f"{cfg.rounds} rounds, {cfg.aggregation}")
     print("per-client class counts (training pool + local test):")
-    print(partition_table(cfg))
+    print(table)
     start = time.perf_counter()
     _run_with_progress(cfg, verbose=args.verbose)
     elapsed = time.perf_counter() - start

@@ -1,0 +1,174 @@
+"""Shared pieces of the federation tests: a small run, a reply-capturing ClientApp, the audit.
+
+The end-to-end and privacy tests look at the same simulation (3 clients, 3 rounds of
+``digits``): :func:`audited_run` runs it once per pytest process with a ClientApp that
+has :func:`capture_mod` in front of ``clients.app``'s own train / evaluate functions.
+Replies are built inside Ray worker processes, so the mod writes a description of each
+one (record names and kinds, array keys/shapes/dtypes, metric names/types/values) to a
+JSON file in the folder named by ``$FEDAL_CAPTURE_DIR``.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import uuid
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+CAPTURE_ENV = "FEDAL_CAPTURE_DIR"
+#: sizes of one raw input of the data sets fedal ships with: digits, 28x28 grey, 28x28 RGB
+SAMPLE_SIZES = {64, 28 * 28, 3 * 28 * 28}
+
+
+def small_config(output_dir, **overrides):
+    """A federation that finishes in seconds: digits, 3 clients, 3 rounds."""
+    from fedal.config import FederationConfig
+
+    settings = dict(dataset="digits", clients=3, min_clients=3, rounds=3, partition="dirichlet", alpha=0.5,
+                    initial_labels=10, round_budget=30, strategy="entropy", seed=0, output_dir=str(output_dir))
+    settings.update(overrides)
+    return FederationConfig(**settings)
+
+
+# ----------------------------------------------------------------------- capture
+def describe_content(content: RecordDict) -> dict:
+    """JSON-able description of everything in a message's content."""
+    records = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            entries = {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in record.items()}
+        elif isinstance(record, MetricRecord):
+            entries = {k: {"type": type(v).__name__, "value": v} for k, v in record.items()}
+        elif isinstance(record, ConfigRecord):
+            entries = {k: {"type": type(v).__name__, "value": v if not isinstance(v, bytes) else v.hex()}
+                       for k, v in record.items()}
+        else:
+            entries = {"repr": repr(record)[:200]}
+        records[name] = {"kind": type(record).__name__, "entries": entries}
+    return records
+
+
+def capture_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod: pass the message on, write a description of the reply, return it unchanged."""
+    reply = call_next(msg, context)
+    folder = os.environ.get(CAPTURE_ENV)
+    if folder:
+        desc = {
+            "message_type": msg.metadata.message_type,
+            "node_config": {k: v for k, v in context.node_config.items() if isinstance(v, (int, float, str))},
+            "error": reply.error.reason if reply.has_error() else None,
+            "records": describe_content(reply.content) if reply.has_content() else {},
+        }
+        path = Path(folder) / f"reply-{uuid.uuid4().hex}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(desc))
+        os.replace(tmp, path)
+    return reply
+
+
+def capturing_client_app():
+    """``clients.app``'s train / evaluate functions behind :func:`capture_mod`."""
+    import sys
+
+    from flwr.clientapp import ClientApp
+    from ray import cloudpickle
+
+    from clients import app as client_module
+
+    # Ray ships the app to its workers by pickle; this test module is not importable there
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    app = ClientApp(mods=[capture_mod])
+    app.train()(client_module.train)
+    app.evaluate()(client_module.evaluate)
+    return app
+
+
+def read_captures(folder) -> list[dict]:
+    """Every reply description written to ``folder``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("reply-*.json"))]
+
+
+# ------------------------------------------------------------------------- audit
+def audit_reply(desc: dict, model_shapes: dict[str, tuple], sample_sizes=SAMPLE_SIZES) -> list[str]:
+    """Why a reply breaks the privacy contract of :mod:`fedal.flower.protocol` (empty = fine)."""
+    from fedal.flower import protocol
+
+    problems = []
+    kind = desc["message_type"]
+    records = desc["records"]
+    if desc.get("error"):
+        return [f"{kind} reply is an error: {desc['error']}"]
+    expected = {"train": {protocol.ARRAYS: "ArrayRecord", protocol.METRICS: "MetricRecord"},
+                "evaluate": {protocol.METRICS: "MetricRecord"}}.get(kind)
+    if expected is None:
+        return [f"unexpected message type {kind!r}"]
+    got = {name: rec["kind"] for name, rec in records.items()}
+    if got != expected:
+        problems.append(f"{kind} reply records {got}, expected exactly {expected}")
+    for name, rec in records.items():
+        if rec["kind"] == "ConfigRecord":
+            problems.append(f"{kind} reply carries a ConfigRecord {name!r}")
+        if rec["kind"] == "ArrayRecord":
+            shapes = {k: tuple(e["shape"]) for k, e in rec["entries"].items()}
+            if shapes != {k: tuple(v) for k, v in model_shapes.items()}:
+                problems.append(f"arrays {shapes} are not the model's state dict {model_shapes}")
+            for key, shape in shapes.items():
+                size = 1
+                for d in shape:
+                    size *= d
+                genuine = tuple(model_shapes.get(key, ())) == shape
+                if size in sample_sizes and not genuine:
+                    problems.append(f"array {key!r} of shape {shape} has the size of a data sample")
+        if rec["kind"] == "MetricRecord":
+            wanted = protocol.TRAIN_METRICS if kind == "train" else protocol.EVAL_METRICS
+            if list(rec["entries"]) != list(wanted):
+                problems.append(f"{kind} metrics {list(rec['entries'])}, expected exactly {list(wanted)}")
+            for key, entry in rec["entries"].items():
+                if entry["type"] not in ("int", "float"):
+                    problems.append(f"metric {key!r} is a {entry['type']} ({str(entry['value'])[:60]}), not a scalar")
+    return problems
+
+
+# ------------------------------------------------------------------- shared run
+@functools.lru_cache(maxsize=1)
+def audited_run() -> tuple:
+    """``(cfg, results, captures)`` of one small simulation through the capturing ClientApp.
+
+    Run once per pytest process (the end-to-end and privacy tests both read it).
+    """
+    from simulations.engine import run_in_simulation
+
+    root = Path(tempfile.mkdtemp(prefix="fedal-e2e-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    capture = root / "captures"
+    capture.mkdir()
+    cfg = small_config(root / "run")
+    old = os.environ.get(CAPTURE_ENV)
+    os.environ[CAPTURE_ENV] = str(capture)  # inherited by the Ray workers started below
+    try:
+        run_in_simulation(cfg, cpus=2, client_app=capturing_client_app())
+    finally:
+        if old is None:
+            os.environ.pop(CAPTURE_ENV, None)
+        else:
+            os.environ[CAPTURE_ENV] = old
+    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    return cfg, results, read_captures(capture)
+
+
+def client_db_summary(db_path) -> dict:
+    """What a client's SQLite pool holds: label count, per-round budgets and requests."""
+    db = sqlite3.connect(str(db_path))
+    try:
+        labels = db.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+        budgets = {r: (a, s) for r, a, s in db.execute("SELECT round, assigned, spent FROM budgets")}
+        requests = dict(db.execute("SELECT round, COUNT(*) FROM requests GROUP BY round"))
+    finally:
+        db.close()
+    return {"labels": labels, "budgets": budgets, "requests": requests}

@@ -1,0 +1,159 @@
+"""FederationConfig: one source of defaults, every bad value named, TOML and run-config loading."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# setting -> a value it must refuse (each is checked to be refused with the setting's name)
+BAD_VALUES = {
+    "clients": 0,
+    "partition": "shards",
+    "alpha": -1.0,
+    "classes_per_client": 0,
+    "local_test_fraction": 1.0,
+    "strategy": "nope",
+    "initial_strategy": "entropy",
+    "initial_labels": 0,
+    "budget_policy": "fair",
+    "round_budget": -5,
+    "client_cap": -1,
+    "rounds": 0,
+    "query_every": 0,
+    "local_epochs": 0,
+    "min_local_steps": -1,
+    "batch_size": 0,
+    "lr": 0.0,
+    "aggregation": "fedsgd",
+    "proximal_mu": -0.1,
+    "server_lr": 0.0,
+    "server_momentum": 1.0,
+    "fraction_train": 0.0,
+    "min_clients": 99,
+    "round_timeout": 0.0,
+    "noise_rate": 1.5,
+    "seed": -1,
+    "max_train": -10,
+    "output_dir": "",
+    "local_model_epochs": -1,
+    "query_timeout": -1.0,
+    "dp_clipping_norm": -1.0,
+    "dp_noise_multiplier": -0.5,
+    "dp_mode": "everywhere",
+    "dp_delta": 0.0,
+    "query_timeout": -1.0,
+    "dp_clipping_norm": -1.0,
+    "dp_noise_multiplier": -0.5,
+    "dp_mode": "local",
+    "dp_delta": 1.0,
+}
+# settings any value of their type is fine for (checked where they are used: data loading)
+FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume"}
+
+
+def test_defaults_validate():
+    cfg = FederationConfig()
+    assert cfg.validate() is cfg
+
+
+def test_every_setting_is_either_checked_here_or_known_to_be_free():
+    assert set(BAD_VALUES) | FREE_SETTINGS == set(FederationConfig.field_names())
+
+
+@pytest.mark.parametrize("name, value", sorted(BAD_VALUES.items()))
+def test_bad_value_raises_config_error_naming_the_setting(name, value):
+    kebab = name.replace("_", "-")
+    with pytest.raises(ConfigError) as err:
+        FederationConfig(**{name: value})
+    assert kebab in str(err.value), str(err.value)
+    # the same refusal through the run-config path, with kebab-case keys
+    with pytest.raises(ConfigError, match=kebab):
+        FederationConfig.from_run_config({kebab: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("clients", "three"), ("clients", 2.5), ("clients", True), ("lr", "fast"), ("reinit", "maybe"), ("reinit", 2),
+])
+def test_wrong_types_are_refused_naming_the_setting(key, value):
+    with pytest.raises(ConfigError, match=f"setting {key} must be an? (int|float|bool)"):
+        FederationConfig.from_mapping({key: value})
+
+
+def test_values_are_converted_from_strings_and_kebab_case():
+    cfg = FederationConfig.from_mapping({"round-budget": "20", "lr": "0.01", "reinit": "true", "clients": 3.0})
+    assert (cfg.round_budget, cfg.lr, cfg.reinit, cfg.clients) == (20, 0.01, True, 3)
+
+
+def test_unknown_key_lists_the_known_settings():
+    with pytest.raises(ConfigError) as err:
+        FederationConfig.from_mapping({"round-budgt": 5})
+    message = str(err.value)
+    assert "unknown setting 'round-budgt'" in message
+    for name in FederationConfig.field_names():
+        assert name.replace("_", "-") in message
+
+
+def test_run_config_ignores_keys_that_are_not_fedal_settings():
+    cfg = FederationConfig.from_run_config({"rounds": 2, "num-server-rounds": 9, "fraction-fit": 0.5})
+    assert cfg.rounds == 2
+
+
+def test_to_run_config_round_trips():
+    cfg = FederationConfig(clients=3, alpha=0.1, strategy="margin", reinit=True, output_dir="/tmp/x")
+    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_from_toml_flat_and_under_fedal_table(tmp_path):
+    flat = tmp_path / "flat.toml"
+    flat.write_text('clients = 3\nround-budget = 20\nstrategy = "margin"\n')
+    table = tmp_path / "table.toml"
+    table.write_text('[fedal]\nclients = 4\nbudget_policy = "pool"\n')
+    a = FederationConfig.from_toml(flat)
+    b = FederationConfig.from_toml(table)
+    assert (a.clients, a.round_budget, a.strategy) == (3, 20, "margin")
+    assert (b.clients, b.budget_policy) == (4, "pool")
+    assert b.round_budget == FederationConfig().round_budget  # untouched settings keep the defaults
+
+
+def test_from_toml_on_top_of_a_base(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("rounds = 4\n")
+    cfg = FederationConfig.from_toml(path, base=FederationConfig(clients=7, min_clients=2))
+    assert (cfg.rounds, cfg.clients) == (4, 7)
+
+
+def test_from_toml_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        FederationConfig.from_toml(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("clients = = 3\n")
+    with pytest.raises(ConfigError, match=f"config file {broken} is not valid TOML"):
+        FederationConfig.from_toml(broken)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("clients = 0\n")
+    with pytest.raises(ConfigError, match="clients must be >= 1"):
+        FederationConfig.from_toml(bad)
+
+
+def test_pyproject_run_config_is_exactly_the_dataclass_defaults():
+    """``[tool.flwr.app.config]`` (what ``flwr run .`` uses) must equal FederationConfig()."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = FederationConfig().to_run_config()
+    assert list(run_config) == list(defaults)  # same keys, same order
+    typed = lambda d: {k: (type(v).__name__, v) for k, v in d.items()}  # 1 vs 1.0 must differ
+    assert typed(run_config) == typed(defaults)
+
+
+def test_config_is_a_plain_dataclass_with_validated_defaults():
+    # every default of the dataclass is also what the CLI and flwr get: no second table of defaults
+    for f in dataclasses.fields(FederationConfig):
+        if f.name != "extra":
+            assert f.default is not dataclasses.MISSING, f.name
