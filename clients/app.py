@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.site import ClientSite
 from fedal.config import FederationConfig
@@ -24,7 +26,20 @@ def _config(context: Context) -> FederationConfig:
     return FederationConfig.from_run_config(dict(context.run_config))
 
 
-@app.train()
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Clip this client's update before it leaves (``dp-mode = client``) when the server asks.
+
+    The server's DP wrapper puts the clipping norm in the train config; Flower's
+    ``fixedclipping_mod`` then clips ``reply - received`` to it. Without that key the
+    reply goes out unchanged (DP off, or clipped on the server).
+    """
+    content = msg.content
+    if protocol.CONFIG in content and KEY_CLIPPING_NORM in content[protocol.CONFIG]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Query within the budget, train locally, reply with weights and aggregate scalars."""
     cfg = _config(context)

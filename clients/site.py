@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from clients.oracles import make_oracle
 from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError
 from fedal.federation import LocalData, client_data
 from fedal.flower.protocol import TrainReport
 from fedal.learner import ActiveLearner, pool_uncertainty
 from fedal.models import build_model
-from fedal.oracle import SimulatedOracle
-from fedal.pool import Pool
+from fedal.pool import PENDING, Pool
+from fedal.sitedata import load_site
 
 
 def node_client_id(node_config: dict) -> int:
@@ -33,6 +34,21 @@ def node_client_id(node_config: dict) -> int:
     )
 
 
+def open_site_pool(state_dir: str | Path, client_id: int, data: LocalData, *, create: bool = True) -> Pool:
+    """The durable pool of client ``client_id``: ``<state_dir>/client-<id>.db``, sized for its ``data``.
+
+    ``create=False`` (the labeling page, the file exchange) refuses to make a new, empty
+    database, which would mean a wrong ``state_dir`` or ``client_id``.
+    """
+    path = Path(state_dir) / f"client-{client_id}.db"
+    if not create and not path.is_file():
+        raise ConfigError(
+            f"there is no client database {path}; give the state-dir and client-id of the SuperNode's node config "
+            "(the file appears when the client handles its first round)"
+        )
+    return Pool(data.n_classes, size=len(data.y_pool), path=path)
+
+
 class ClientSite:
     """Everything one client holds, opened for the handling of one message.
 
@@ -41,21 +57,32 @@ class ClientSite:
     cfg : FederationConfig
         The run's settings.
     node_config : dict
-        The SuperNode's own settings (``client-id``/``partition-id``, ``state-dir``).
+        The SuperNode's own settings: ``client-id`` (or the simulation's ``partition-id``),
+        ``state-dir``, ``data-path`` (the site's own data file, see :mod:`fedal.sitedata`),
+        ``oracle`` (``simulated``, ``web`` or ``file``, see :mod:`clients.oracles`),
+        ``query-timeout`` (overrides the run's).
     data : LocalData, optional
-        The local data; default: this client's share of the simulated federation.
+        The local data; default: the ``data-path`` file, else this client's share of
+        the simulated federation.
     """
 
     def __init__(self, cfg: FederationConfig, node_config: dict, data: LocalData | None = None) -> None:
         self.cfg = cfg
         self.client_id = node_client_id(node_config)
-        self.data = data if data is not None else client_data(cfg, self.client_id)
+        if data is None:
+            path = node_config.get("data-path")
+            data = load_site(str(path), self.client_id) if path else client_data(cfg, self.client_id)
+        self.data = data
         state_dir = Path(str(node_config.get("state-dir") or cfg.client_state_dir))
-        self.pool = Pool(self.data.n_classes, size=len(self.data.y_pool), path=state_dir / f"client-{self.client_id}.db")
+        self.pool = open_site_pool(state_dir, self.client_id, self.data)
+        timeout = float(node_config.get("query-timeout", cfg.query_timeout))
+        self.query_timeout = timeout if timeout > 0 else None
         seed = cfg.seed * 1000 + self.client_id
         self.model = build_model(self.data.X_pool.shape[1:], self.data.n_classes, epochs=cfg.local_epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps, seed=seed)
-        self.oracle = SimulatedOracle(self.data.y_pool, self.data.n_classes, noise_rate=cfg.noise_rate, seed=seed)
+        self.oracle = make_oracle(str(node_config.get("oracle", "simulated")), pool=self.pool, data=self.data,
+                                  state_dir=state_dir, client_id=self.client_id, node_config=node_config,
+                                  noise_rate=cfg.noise_rate, seed=seed)
         self.learner = ActiveLearner(self.model, cfg.strategy, self.data.X_pool, self.pool, self.oracle,
                                      cold_start=cfg.initial_strategy, seed=seed)
 
@@ -69,27 +96,36 @@ class ClientSite:
             raise ConfigError(f"the server sent a negative query budget ({budget})")
         self.model.set_state(global_state)
         self.pool.expire_overdue()
-        labels_before = self.pool.counts()["labeled"]
-        if labels_before == 0 and self.pool.get_meta("initial-done") is None:
-            self.learner.query(self.cfg.initial_labels, round=0)
+        if hasattr(self.oracle, "sync"):  # file exchange: take in the answers that came back before querying
+            self.oracle.sync()
+        counts = self.pool.counts()
+        labels_before = counts["labeled"]
+        # nothing labeled and nothing asked (a new site, or every request expired): ask for the
+        # initial set; a crash right after asking leaves it pending, so it is not asked twice
+        if labels_before == 0 and counts[PENDING] == 0:
+            self.learner.query(self.cfg.initial_labels, round=0, timeout_s=self.query_timeout)
             self.pool.set_meta("initial-done", server_round)
         self.learner.model_ready = server_round > 1  # round 1's global model is untrained
-        # a re-delivered message (process killed before replying) must not query twice
-        spent_before = next((b["spent"] for b in self.pool.budgets() if b["round"] == server_round), 0)
+        # a re-delivered message (process killed before replying) must not query twice: what this
+        # round spent is read from its requests, written in the same transaction that made them
+        # (expired requests gave their budget back)
+        spent_before = self._spent(server_round)
         left = max(budget - spent_before, 0)
         self.pool.set_budget(server_round, budget)
         queried = 0
         mean_unc = math.nan
         if left > 0 and self.pool.counts()["unlabeled"] > 0:
             self._give_local_views()
-            queried = len(self.learner.query(left, round=server_round))
+            queried = len(self.learner.query(left, round=server_round, timeout_s=self.query_timeout))
             self.pool.spend_budget(server_round, spent_before + queried)
             mean_unc = self.learner.last_uncertainty[0]
         self.learner.teach(round=server_round)
         if math.isnan(mean_unc) and self.learner.model_ready:
             mean_unc = self._pool_uncertainty()
         X, y = self.learner.labeled_data()
-        loss = self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=proximal_mu)
+        # people may not have answered anything yet: then the global model goes back unchanged
+        # with weight 0 (num-examples) and the requests wait for the next round
+        loss = self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=proximal_mu) if len(y) else math.nan
         counts = self.pool.counts()
         report = TrainReport(
             num_examples=len(y), client_id=self.client_id, budget=budget, queries_used=spent_before + queried,
@@ -97,6 +133,10 @@ class ClientSite:
             pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss,
         )
         return self.model.get_state(), report
+
+    def _spent(self, server_round: int) -> int:
+        """Labels requested in ``server_round`` and not given back (pending or answered)."""
+        return sum(1 for r in self.pool.requests() if r["round"] == server_round and r["status"] in ("pending", "answered"))
 
     def _give_local_views(self) -> None:
         """Federated-aware strategies (LoGo, KAFAL) also score with a local model and the local

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("simulations.compare", "compare strategies on the same federation over seeds"),
     "local": ("fedal.local", "on-device active learning (no federation): a strategy next to random"),
     "label": ("clients.labeling", "serve the labeling page for a client's pending queries"),
+    "exchange": ("clients.exchange", "export a client's pending queries to files / import the filled CSV"),
+    "split": ("fedal.sitedata", "write one data file per site (deployment: each site holds only its own data)"),
     "strategies": ("fedal.local", "list the registered query strategies"),
 }
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from fedal.exceptions import ConfigError, InvalidLabelError
+from fedal.exceptions import ConfigError, InvalidLabelError, OracleError
 from fedal.oracle import Oracle
 from fedal.pool import Pool
 from fedal.stopping import BudgetExhausted, StepRecord, StoppingCriterion
@@ -107,7 +107,7 @@ class ActiveLearner:
                            labeled_X=self.X[self.rows(labeled)])
         step_seed = self.seed * 100_003 + len(self.history)
         ids = strategy.query(ctx, budget, seed=step_seed)
-        if self.model_ready and len(candidates):
+        if self.model_ready and len(candidates) and ctx.model is not None:  # nothing labeled yet: no model to ask
             self.last_uncertainty = pool_uncertainty(ctx.probs())
         self.pool.request(ids, round=round, timeout_s=timeout_s)
         return ids
@@ -117,7 +117,9 @@ class ActiveLearner:
 
         Returns the number of labels recorded and the reasons answers were rejected
         (with a warning each): an invalid label leaves its request pending; an answer
-        for a sample that has no pending request is ignored.
+        for a sample that has no pending request is ignored; an oracle that raises
+        :class:`~fedal.exceptions.OracleError` or ``TimeoutError`` leaves every request
+        pending (they expire only by their deadline, see :meth:`Pool.expire_overdue`).
 
         Parameters
         ----------
@@ -127,12 +129,24 @@ class ActiveLearner:
         pending = self.pool.pending_ids()
         if len(pending) == 0:
             return 0, []
-        answers = self.oracle.label(pending)
+        try:
+            answers = self.oracle.label(pending)
+            if not isinstance(answers, Mapping):
+                raise OracleError(f"label() returned a {type(answers).__name__}, not a {{sample id: class}} mapping")
+        except (OracleError, TimeoutError) as exc:  # a person or service may be away: ask again later
+            reason = (f"oracle {self.oracle.name!r} did not answer ({type(exc).__name__}: {exc}); "
+                      f"{len(pending)} requests stay pending")
+            warnings.warn(reason, stacklevel=2)
+            return 0, [reason]
         valid, rejected = {}, []
         asked = set(pending.tolist())
         for sample_id, label in answers.items():
-            if int(sample_id) not in asked:  # one stray answer must not void the valid ones
-                rejected.append(f"sample {sample_id} has no pending request; answer ignored")
+            try:
+                known = int(sample_id) in asked
+            except (TypeError, ValueError):
+                known = False
+            if not known:  # one stray answer must not void the valid ones
+                rejected.append(f"sample {sample_id!r} has no pending request; answer ignored")
                 continue
             try:
                 valid[sample_id] = self.pool.check_label(label)

@@ -257,7 +257,8 @@ class Pool:
             )
         return int(label)
 
-    def answer(self, answers: Mapping[int, object], *, source: str, round: int | None = None) -> int:
+    def answer(self, answers: Mapping[int, object], *, source: str,
+               round: int | Mapping[int, int | None] | None = None) -> int:
         """Record oracle answers for pending samples, all or nothing.
 
         Every label is validated before anything is written: one invalid label or one
@@ -269,8 +270,9 @@ class Pool:
             ``{sample id: class}`` for pending samples.
         source : str
             Who answered (the oracle's name), stored with each label.
-        round : int, optional
-            Round (or query step) the labels are recorded in.
+        round : int or mapping of int to int, optional
+            Round (or query step) the labels are recorded in, or ``{sample id: round}``
+            (people answer requests of several rounds at once).
 
         Returns
         -------
@@ -288,7 +290,7 @@ class Pool:
             db.executemany("UPDATE samples SET state = 'labeled' WHERE id = ?", ((i,) for i in ids))
             db.executemany(
                 "INSERT INTO labels (sample_id, label, source, labeled_at, round) VALUES (?, ?, ?, ?, ?)",
-                ((i, lab, source, now, round) for i, lab in items),
+                ((i, lab, source, now, round.get(i) if isinstance(round, Mapping) else round) for i, lab in items),
             )
             db.executemany(
                 "UPDATE requests SET status = 'answered', closed_at = ? WHERE sample_id = ? AND status = 'pending'",
@@ -356,13 +358,23 @@ class Pool:
             Round the labels are recorded in.
         """
         items = {int(i): self.check_label(v) for i, v in labels.items()}  # validate before writing
-        ids = list(items)
-        self.request(ids, round=round)
-        try:
-            return self.answer(items, source=source, round=round)
-        except BaseException:
-            self.release(ids, status="skipped", note="initial labeling failed")
-            raise
+        if not items:
+            return 0
+        ids, now = list(items), time.time()
+        with self._tx() as db:  # one transaction: all labeled, or none
+            for start in range(0, len(ids), 900):
+                self._check_state(db, ids[start : start + 900], UNLABELED, "add labels")
+            db.executemany("UPDATE samples SET state = 'labeled' WHERE id = ?", ((i,) for i in ids))
+            db.executemany(
+                "INSERT INTO requests (sample_id, round, status, created_at, closed_at, note) "
+                "VALUES (?, ?, 'answered', ?, ?, 'added directly')",
+                ((i, round, now, now) for i in ids),
+            )
+            db.executemany(
+                "INSERT INTO labels (sample_id, label, source, labeled_at, round) VALUES (?, ?, ?, ?, ?)",
+                ((i, lab, source, now, round) for i, lab in items.items()),
+            )
+        return len(ids)
 
     # ----------------------------------------------------------------- budgets
     def set_budget(self, round: int, assigned: int) -> None:

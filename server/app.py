@@ -65,9 +65,16 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             strategy.stats = {int(n): ClientStats(s["unlabeled"], math.nan if s["uncertainty"] is None else s["uncertainty"])
                               for n, s in saved.get("stats", {}).items()}
             labeled = {int(c): n for c, n in saved.get("labeled", {}).items()}
+            if hasattr(strategy, "load_privacy_state"):  # differential privacy (server/dp.py)
+                strategy.load_privacy_state(saved.get("privacy"))
             start_round = last + 1
             log.warning("resuming after round %d from %s", last, recorder.out)
     arrays = protocol.model_record(state)
+    nodes = len(list(grid.get_node_ids()))
+    if nodes and nodes != cfg.clients:
+        log.warning("the run config says clients=%d but %d SuperNodes are connected; with `flwr run`, pass "
+                    "--federation-config \"num-supernodes=%d\" (the budget is split among the nodes present)",
+                    cfg.clients, nodes, cfg.clients)
     for server_round in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
         if cfg.reinit and cfg.is_query_round(server_round):
@@ -98,12 +105,15 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                "client_accuracy": float(client_eval["eval-acc"]) if client_eval else None,
                "query_round": cfg.is_query_round(server_round), "clients": dict(sorted(clients.items())),
                "seconds": round(time.perf_counter() - t0, 2)}
+        if hasattr(strategy, "privacy_report"):
+            row["privacy"] = strategy.privacy_report()
         recorder.add_round(row)
         recorder.save_checkpoint(server_round, model.get_state(), {
             "budget": coordinator.state_dict(),
             "stats": {n: {"unlabeled": s.unlabeled, "uncertainty": None if math.isnan(s.uncertainty) else s.uncertainty}
                       for n, s in strategy.stats.items()},
             "labeled": labeled,
+            **({"privacy": strategy.privacy_state()} if hasattr(strategy, "privacy_state") else {}),
         })
         if on_round is not None:
             on_round(row)

@@ -1,0 +1,391 @@
+"""The labeling page: people at a site answer its pending label queries in a browser.
+
+``fedal label --state-dir DIR --client-id N --data-path FILE`` serves one page on
+127.0.0.1 (a random port unless ``--port``) and prints its address with a random token;
+every request must carry that token (compared in constant time), so another user or a
+web page in the same browser cannot read the samples or forge answers. Answers are
+written to the site's SQLite pool in one transaction before the reply is sent: an
+answer the page shows as saved survives a crash of the page, of the ClientApp or of the
+machine's power. The ClientApp of the next round trains on it.
+
+Nothing here talks to the federation: the page reads the site's own data file and
+database and never leaves the machine (a remote host needs ``--allow-remote``).
+
+Routes (``?token=`` or the ``X-Fedal-Token`` header; POSTs need the header):
+
+``GET /``                      the page
+``GET /static/<file>``         its script and style sheet
+``GET /api/state``             pending requests, classes, progress against the round's budget
+``GET /api/image/<id>.png``    a pending sample as a PNG
+``POST /api/answer``           ``{"sample_id": 12, "label": 3}`` -> recorded
+``POST /api/unsure``           ``{"sample_id": 12}`` -> request closed as skipped, sample back in the pool
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import importlib.resources
+import ipaddress
+import json
+import re
+import secrets
+import sqlite3
+import ssl
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from clients.images import to_png
+from fedal.exceptions import ConfigError, FedalError, InvalidLabelError, UnknownSampleError
+from fedal.federation import LocalData
+from fedal.pool import PENDING, Pool
+
+TOKEN_HEADER = "X-Fedal-Token"
+STATIC_FILES = {"labeling.js": "text/javascript; charset=utf-8", "labeling.css": "text/css; charset=utf-8"}
+MAX_BODY = 4096
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # the token is in the URL: never send it to another site
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+}
+
+
+class LabelingError(FedalError):
+    """A request the page refuses: ``status`` is the HTTP status to answer, ``message`` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _static(name: str) -> bytes:
+    return importlib.resources.files("clients").joinpath("static", name).read_bytes()
+
+
+class LabelingService:
+    """What the page does, without HTTP: read the pending requests, record answers.
+
+    Parameters
+    ----------
+    pool : Pool
+        The site's pool (opened on the ClientApp's database).
+    data : LocalData
+        The site's data (row ``i`` of ``X_pool`` is sample id ``i``).
+    labeler : str
+        Name stored with each label (``web:<labeler>``; ``web`` when empty).
+    """
+
+    def __init__(self, pool: Pool, data: LocalData, *, labeler: str = "") -> None:
+        if len(data.y_pool) != len(pool):
+            raise ConfigError(f"the data file has {len(data.y_pool)} pool samples but the database {len(pool)}; "
+                              "give the data-path of this SuperNode")
+        self.pool, self.data = pool, data
+        self.source = f"web:{labeler}" if labeler else "web"
+        self.lock = threading.Lock()  # one SQLite connection, shared by the server's threads
+
+    def _pending_request(self, sample_id: int) -> dict:
+        state = self.pool.state_of(sample_id)
+        if state != PENDING:
+            why = "it is already labeled" if state == "labeled" else "its request expired or was closed"
+            raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} is not waiting for a label: {why}; "
+                                                     "reload the page for the current requests")
+        return next(r for r in self.pool.requests(PENDING) if r["sample_id"] == sample_id)
+
+    def state(self) -> dict:
+        """Pending requests (oldest round first), classes and progress of the latest round."""
+        with self.lock:
+            requests = self.pool.requests()
+            budgets = {b["round"]: b for b in self.pool.budgets()}
+            counts = self.pool.counts()
+        pending = [r for r in requests if r["status"] == PENDING]
+        pending.sort(key=lambda r: (-1 if r["round"] is None else r["round"], r["request_id"]))
+        items = []
+        for r in pending:
+            item = {"sample_id": r["sample_id"], "request_id": r["request_id"], "round": r["round"],
+                    "deadline": r["deadline"]}
+            if self.data.kind == "image":
+                item["image"] = f"api/image/{r['sample_id']}.png"
+            else:
+                item["features"] = [round(float(v), 4) for v in self.data.X_pool[r["sample_id"]]]
+            items.append(item)
+        progress = None
+        rounds = [r["round"] for r in requests if r["round"] is not None]
+        if rounds:
+            latest = max(rounds)
+            of_round = [r for r in requests if r["round"] == latest]
+            status = {s: sum(1 for r in of_round if r["status"] == s) for s in ("pending", "answered", "expired", "skipped")}
+            budget = budgets[latest]["assigned"] if latest in budgets else len(of_round)
+            progress = {"round": latest, "budget": budget, "asked": len(of_round), **status}
+        return {"kind": self.data.kind, "classes": list(self.data.class_names), "labeler": self.source,
+                "pending": items, "progress": progress, "counts": counts}
+
+    def image(self, sample_id: int) -> bytes:
+        """PNG of the pending image sample ``sample_id``."""
+        if self.data.kind != "image":
+            raise LabelingError(HTTPStatus.NOT_FOUND, "this site's samples are table rows, not images")
+        with self.lock:
+            self._check_known(sample_id, HTTPStatus.NOT_FOUND)
+            if self.pool.state_of(sample_id) != PENDING:  # show only what people are asked about
+                raise LabelingError(HTTPStatus.NOT_FOUND, f"sample {sample_id} is not waiting for a label")
+        return to_png(self.data.X_pool[sample_id], scale=4)
+
+    def _check_known(self, sample_id: int, status: int = HTTPStatus.BAD_REQUEST) -> None:
+        try:
+            self.pool.state_of(sample_id)
+        except UnknownSampleError as exc:
+            raise LabelingError(status, str(exc)) from None
+
+    def answer(self, sample_id: object, label: object) -> dict:
+        """Record ``label`` for the pending sample ``sample_id`` (committed before this returns)."""
+        sample_id = _int_field("sample_id", sample_id)
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise LabelingError(HTTPStatus.BAD_REQUEST, f"label must be an integer class 0..{self.pool.n_classes - 1}, "
+                                                        f"got {label!r}")
+        try:
+            label = self.pool.check_label(label)
+        except InvalidLabelError as exc:
+            raise LabelingError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        with self.lock:
+            self._check_known(sample_id)
+            req = self._pending_request(sample_id)
+            self.pool.answer({sample_id: label}, source=self.source, round=req["round"])
+        return {"recorded": True, "sample_id": sample_id, "label": label, "class": self.data.class_names[label],
+                "round": req["round"]}
+
+    def unsure(self, sample_id: object) -> dict:
+        """Close the pending request of ``sample_id`` as skipped ("unsure"): the sample goes back to the pool."""
+        sample_id = _int_field("sample_id", sample_id)
+        with self.lock:
+            self._check_known(sample_id)
+            self._pending_request(sample_id)
+            self.pool.release([sample_id], status="skipped", note=f"unsure ({self.source})")
+        return {"released": True, "sample_id": sample_id}
+
+
+def _int_field(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LabelingError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def make_handler(service: LabelingService, token: str) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of one page (bound to its service and token)."""
+    expected = token.encode()
+    page = _static("labeling.html").replace(b"{{TOKEN}}", token.encode())
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "fedal-label"
+        sys_version = ""
+
+        def log_message(self, fmt: str, *args) -> None:  # no access log: URLs carry the token
+            pass
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in SECURITY_HEADERS.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, status: int, payload: dict) -> None:
+            self._send(status, json.dumps(payload).encode(), "application/json")
+
+        def _error(self, status: int, message: str) -> None:
+            self._json(status, {"error": message})
+
+        def _authorized(self, query: dict, *, header_only: bool) -> bool:
+            given = self.headers.get(TOKEN_HEADER)
+            if given is None and not header_only:
+                given = (query.get("token") or [None])[0]
+            return given is not None and hmac.compare_digest(given.encode(), expected)
+
+        def _route(self, method: str) -> None:
+            url = urlsplit(self.path)
+            query = parse_qs(url.query)
+            # POSTs need the header: a form or script on another site cannot set it without CORS
+            if not self._authorized(query, header_only=method == "POST"):
+                self._error(HTTPStatus.FORBIDDEN, "missing or wrong token: open the address `fedal label` printed")
+                return
+            try:
+                if method == "GET":
+                    self._get(url.path)
+                else:
+                    self._post(url.path)
+            except LabelingError as exc:
+                self._error(exc.status, str(exc))
+            except FedalError as exc:
+                self._error(HTTPStatus.BAD_REQUEST, str(exc))
+            except sqlite3.OperationalError as exc:  # e.g. locked longer than the pool's 30 s timeout
+                self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"the site database is busy ({exc}); nothing was "
+                                                            "recorded, try again")
+
+        def _get(self, path: str) -> None:
+            if path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
+            elif path.startswith("/static/") and path[len("/static/"):] in STATIC_FILES:
+                name = path[len("/static/"):]
+                self._send(HTTPStatus.OK, _static(name), STATIC_FILES[name])
+            elif path == "/api/state":
+                self._json(HTTPStatus.OK, service.state())
+            elif m := re.fullmatch(r"/api/image/(\d{1,12})\.png", path):
+                self._send(HTTPStatus.OK, service.image(int(m.group(1))), "image/png")
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no page {path}")
+
+        def _post(self, path: str) -> None:
+            length = self.headers.get("Content-Length", "")
+            length = int(length) if length.isdigit() else 0
+            if not 0 < length <= MAX_BODY:
+                raise LabelingError(HTTPStatus.BAD_REQUEST, f"send a JSON body of at most {MAX_BODY} bytes")
+            try:
+                body = json.loads(self.rfile.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise LabelingError(HTTPStatus.BAD_REQUEST, "the body is not JSON; send {\"sample_id\": N, \"label\": C}") from None
+            if not isinstance(body, dict):
+                raise LabelingError(HTTPStatus.BAD_REQUEST, "send a JSON object {\"sample_id\": N, \"label\": C}")
+            if path == "/api/answer":
+                self._json(HTTPStatus.OK, service.answer(body.get("sample_id"), body.get("label")))
+            elif path == "/api/unsure":
+                self._json(HTTPStatus.OK, service.unsure(body.get("sample_id")))
+            else:
+                raise LabelingError(HTTPStatus.NOT_FOUND, f"no action {path}")
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's names)
+            self._route("GET")
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._route("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._route("POST")
+
+    return Handler
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LabelingServer(ThreadingHTTPServer):
+    """The page's HTTP server; :attr:`url` is the address to open (with the token).
+
+    Parameters
+    ----------
+    service : LabelingService
+        What the page shows and records.
+    host : str
+        Address to listen on; a non-loopback one needs ``allow_remote``.
+    port : int
+        Port (0 = a free one).
+    token : str, optional
+        Access token (default: 32 random URL-safe characters).
+    allow_remote : bool
+        Allow a non-loopback ``host``.
+    certfile, keyfile : str, optional
+        Serve HTTPS with this certificate and key.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, service: LabelingService, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 allow_remote: bool = False, certfile: str | None = None, keyfile: str | None = None) -> None:
+        if not allow_remote and not is_loopback(host):
+            raise ConfigError(
+                f"--host {host} would let other machines reach the labeling page; keep the default 127.0.0.1 "
+                "(people use a browser on this machine or an SSH tunnel), or pass --allow-remote with --ssl-certfile"
+            )
+        if token is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", token):
+            raise ConfigError("--token must be at least 16 characters of A-Z a-z 0-9 _ -")
+        self.token = token or secrets.token_urlsafe(24)
+        self.service = service
+        super().__init__((host, port), make_handler(service, self.token))
+        self.scheme = "http"
+        if certfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile, keyfile)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+            self.scheme = "https"
+
+    @property
+    def url(self) -> str:
+        """The address to open, token included."""
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"{self.scheme}://{host}:{port}/?token={self.token}"
+
+
+def open_labeling(state_dir: str | Path, client_id: int, data_path: str | Path, *, labeler: str = "",
+                  **server_kwargs) -> LabelingServer:
+    """A labeling server for one site (not yet serving; call ``serve_forever``).
+
+    Parameters
+    ----------
+    state_dir : path
+        The SuperNode's ``state-dir`` (holds ``client-<client_id>.db``; it must exist).
+    client_id : int
+        The SuperNode's ``client-id``.
+    data_path : path
+        The site's data file (the node config's ``data-path``).
+    labeler : str
+        Name stored with each label.
+    **server_kwargs
+        Passed to :class:`LabelingServer` (host, port, token, ...).
+    """
+    from clients.site import open_site_pool
+    from fedal.sitedata import load_site
+
+    data: LocalData = load_site(data_path, client_id)
+    pool = open_site_pool(state_dir, client_id, data, create=False)
+    try:
+        return LabelingServer(LabelingService(pool, data, labeler=labeler), **server_kwargs)
+    except BaseException:
+        pool.close()
+        raise
+
+
+# ------------------------------------------------------------------ fedal label
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``fedal label`` to ``parser``."""
+    parser.add_argument("--state-dir", required=True, help="the SuperNode's state-dir (holds client-<id>.db)")
+    parser.add_argument("--client-id", type=int, required=True, help="the SuperNode's client-id")
+    parser.add_argument("--data-path", required=True, help="the site's data file (the node config's data-path)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0 = a free one)")
+    parser.add_argument("--labeler", default="", help="name stored with each label (web:<name>)")
+    parser.add_argument("--token", default=None, help="access token (default: a new random one)")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key")
+
+
+def run_label(args: argparse.Namespace) -> int:
+    """Serve the page for the parsed ``args`` until Ctrl-C."""
+    if args.allow_remote and not is_loopback(args.host) and not args.ssl_certfile:
+        print("fedal label: warning: serving plain HTTP to the network; the token can be sniffed. "
+              "Prefer --ssl-certfile/--ssl-keyfile or an SSH tunnel.", file=sys.stderr)
+    server = open_labeling(args.state_dir, args.client_id, args.data_path, labeler=args.labeler, host=args.host,
+                           port=args.port, token=args.token, allow_remote=args.allow_remote,
+                           certfile=args.ssl_certfile, keyfile=args.ssl_keyfile)
+    print(f"labeling page for client {args.client_id}: {server.url}", flush=True)
+    print("open it in a browser on this machine; Ctrl-C stops it (every answer is already saved)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        server.service.pool.close()
+    return 0

@@ -1,0 +1,181 @@
+// The labeling page: shows one pending query at a time and sends the answer.
+// Every call carries the page's token in the X-Fedal-Token header.
+"use strict";
+
+const token = new URLSearchParams(window.location.search).get("token") || "";
+let state = null;        // last /api/state
+let current = null;      // the request on screen
+let skipped = [];        // sample ids put back to the end of the queue (this page only)
+let busy = false;
+
+const $ = (id) => document.getElementById(id);
+
+function keyOf(index) {  // class 0 -> "1", ..., class 8 -> "9", class 9 -> "0"
+  return index < 9 ? String(index + 1) : index === 9 ? "0" : "";
+}
+
+async function call(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: { "X-Fedal-Token": token, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    cache: "no-store",
+  });
+  let payload = {};
+  try { payload = await response.json(); } catch (e) { payload = { error: response.statusText }; }
+  if (!response.ok) throw new Error(payload.error || `HTTP ${response.status}`);
+  return payload;
+}
+
+function say(text, kind) {
+  const el = $("message");
+  el.textContent = text;
+  el.className = kind || "";
+}
+
+function pickNext() {
+  const pending = state ? state.pending : [];
+  const fresh = pending.filter((p) => !skipped.includes(p.sample_id));
+  if (fresh.length) return fresh[0];
+  for (const id of skipped) {  // only skipped ones left: cycle through them
+    const again = pending.find((p) => p.sample_id === id);
+    if (again) return again;
+  }
+  return null;
+}
+
+function renderProgress() {
+  const p = state.progress;
+  const c = state.counts;
+  let text = `${state.pending.length} waiting for an answer · ${c.labeled} labeled in total`;
+  let share = 0;
+  if (p) {
+    const done = p.answered + p.skipped;
+    text = `Round ${p.round}: ${p.answered} of ${p.budget} answered` +
+      (p.skipped ? `, ${p.skipped} unsure` : "") + (p.expired ? `, ${p.expired} expired` : "") + " · " + text;
+    share = p.budget > 0 ? Math.min(1, done / p.budget) : 0;
+  }
+  $("progress").textContent = text;
+  $("bar-fill").style.width = `${Math.round(share * 100)}%`;
+}
+
+function renderButtons() {
+  const box = $("class-buttons");
+  if (box.childElementCount === state.classes.length) return;
+  box.replaceChildren();
+  state.classes.forEach((name, index) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.id = `class-${index}`;
+    b.dataset.label = String(index);
+    const key = keyOf(index);
+    b.title = key ? `${name} (key ${key})` : name;
+    if (key) {
+      const k = document.createElement("kbd");
+      k.textContent = key;
+      b.append(k, " ");
+    }
+    b.append(name);
+    b.addEventListener("click", () => answer(index));
+    box.append(b);
+  });
+}
+
+function renderSample() {
+  current = pickNext();
+  const img = $("sample-image");
+  const table = $("sample-features");
+  const none = current === null;
+  $("empty").hidden = !none;
+  document.querySelectorAll("#answers button").forEach((b) => { b.disabled = none; });
+  $("sample").dataset.sampleId = none ? "" : String(current.sample_id);
+  if (none) {
+    img.hidden = true;
+    table.hidden = true;
+    $("sample-info").textContent = "";
+    return;
+  }
+  const due = current.deadline ? ` · answer by ${new Date(current.deadline * 1000).toLocaleString()}` : "";
+  $("sample-info").textContent = `Sample ${current.sample_id} (asked in round ${current.round ?? "?"})${due}`;
+  if (current.image) {
+    img.src = `${current.image}?token=${encodeURIComponent(token)}`;
+    img.alt = `sample ${current.sample_id}`;
+    img.hidden = false;
+    table.hidden = true;
+  } else {
+    const body = table.querySelector("tbody");
+    body.replaceChildren();
+    const head = document.createElement("tr");
+    const row = document.createElement("tr");
+    current.features.forEach((v, j) => {
+      const th = document.createElement("th");
+      th.textContent = `x${j}`;
+      const td = document.createElement("td");
+      td.textContent = String(v);
+      head.append(th);
+      row.append(td);
+    });
+    body.append(head, row);
+    table.hidden = false;
+    img.hidden = true;
+  }
+}
+
+async function refresh() {
+  state = await call("GET", "api/state");
+  renderButtons();
+  renderProgress();
+  const shown = current ? current.sample_id : null;
+  if (shown === null || !state.pending.some((p) => p.sample_id === shown)) renderSample();
+}
+
+async function submit(path, body, done) {
+  if (busy || !current) return;
+  busy = true;
+  try {
+    const result = await call("POST", path, body);
+    skipped = skipped.filter((id) => id !== body.sample_id);
+    say(done(result), "ok");
+    current = null;
+    await refresh();
+  } catch (err) {
+    say(err.message, "error");
+  } finally {
+    busy = false;
+  }
+}
+
+function answer(label) {
+  if (!current) return;
+  submit("api/answer", { sample_id: current.sample_id, label },
+    (r) => `Saved: sample ${r.sample_id} is ${r.class}.`);
+}
+
+function unsure() {
+  if (!current) return;
+  submit("api/unsure", { sample_id: current.sample_id },
+    (r) => `Sample ${r.sample_id} handed back as unsure.`);
+}
+
+function skip() {
+  if (!current || busy) return;
+  skipped = skipped.filter((id) => id !== current.sample_id).concat([current.sample_id]);
+  say(`Sample ${current.sample_id} skipped for now.`);
+  renderSample();
+}
+
+document.addEventListener("keydown", (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat || !state) return;
+  const key = event.key.toLowerCase();
+  if (key === "s") { skip(); event.preventDefault(); return; }
+  if (key === "u") { unsure(); event.preventDefault(); return; }
+  const index = state.classes.findIndex((_, i) => keyOf(i) === key);
+  if (index >= 0) { answer(index); event.preventDefault(); }
+});
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("skip").addEventListener("click", skip);
+  $("unsure").addEventListener("click", unsure);
+  refresh().catch((err) => say(err.message, "error"));
+  setInterval(() => { if (!busy) refresh().catch((err) => say(err.message, "error")); }, 10000);
+});

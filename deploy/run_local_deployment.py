@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""Run fedal on Flower's Deployment Engine on this machine: TLS, authenticated SuperNodes.
+
+    .venv/bin/python deploy/run_local_deployment.py --sites 2 --rounds 3 --workdir runs/deploy
+
+Steps, each printed as the command a site administrator would type:
+
+1. a private CA and the SuperLink's certificate (``deploy/make_certs.sh``);
+2. one data file per site (``fedal split``): each SuperNode reads only its own;
+3. an ECDSA key pair per site (``ssh-keygen -t ecdsa -b 384``);
+4. ``flower-superlink`` with TLS and ``--enable-supernode-auth``;
+5. ``flwr supernode register <site>.pub`` for every site: only these keys may connect;
+6. ``flower-supernode`` per site with its private key and its ``--node-config``
+   (``client-id``, ``data-path``, ``state-dir``, ``oracle``);
+7. ``flwr run . <connection> --run-config <toml>`` and wait until the run finishes;
+8. stop every process (process groups: SuperExec and ClientApp children too), also on
+   failure or Ctrl-C.
+
+Everything is written under ``--workdir``: ``certs/``, ``keys/``, ``sites/``, ``state/``
+(the sites' SQLite databases), ``server/`` (results.json, checkpoint), ``logs/`` and
+``flwr/`` (the CLI's connection config; ``FLWR_HOME`` points there, not at ``~/.flwr``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "fedal-local"
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec
+
+
+class DeploymentError(RuntimeError):
+    """A step of the deployment failed (the message says which and where its log is)."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+@dataclass
+class Site:
+    """One SuperNode: its id, files and process."""
+
+    client_id: int
+    data_path: Path
+    state_dir: Path
+    key: Path  # private key; the public one is key + ".pub"
+    oracle: str = "simulated"
+    port: int = 0
+    process: subprocess.Popen | None = None
+    node_id: int | None = None
+
+    def node_config(self) -> str:
+        return (f'client-id={self.client_id} data-path="{self.data_path}" state-dir="{self.state_dir}" '
+                f'oracle="{self.oracle}"')
+
+
+@dataclass
+class LocalDeployment:
+    """A SuperLink and SuperNodes on 127.0.0.1 (use as a context manager: ``__exit__`` stops all).
+
+    Parameters
+    ----------
+    workdir : path
+        Where certificates, keys, data, state and logs go.
+    sites : int
+        Number of SuperNodes.
+    run_config : dict
+        fedal settings (kebab-case) for the run, e.g. ``{"rounds": 2, "dataset": "digits"}``.
+    oracle : str
+        Node config ``oracle`` of every site (``simulated`` needs the labels in the site files).
+    verbose : bool
+        Print each command before running it.
+    """
+
+    workdir: Path
+    sites: int = 2
+    run_config: dict = field(default_factory=dict)
+    oracle: str = "simulated"
+    verbose: bool = True
+    superlink_port: int = 0
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    site_list: list[Site] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        for sub in ("certs", "keys", "sites", "state", "server", "logs", "flwr"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.superlink_port = self.superlink_port or free_port()
+        self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+                    "FLWR_HOME": str(self.workdir / "flwr")}
+        self.env.pop("COLUMNS", None)
+
+    # ------------------------------------------------------------- helpers
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.superlink_port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.workdir / "certs" / "ca.crt"
+
+    def _show(self, cmd: list[str]) -> None:
+        if self.verbose:
+            print("$ " + shlex.join(str(c) for c in cmd), flush=True)
+
+    def run_cmd(self, cmd: list[str], *, timeout: float = 120, env: dict | None = None) -> str:
+        """Run a command to completion; return its stdout or raise DeploymentError with its output."""
+        self._show(cmd)
+        done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                              env=env or self.env, cwd=REPO_ROOT)
+        if done.returncode != 0:
+            raise DeploymentError(f"{shlex.join(str(c) for c in cmd)} exited with {done.returncode}:\n"
+                                  f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """Start a long-running process in its own process group, logging to logs/<name>.log.
+
+        Each process gets its own ``FLWR_HOME`` (where a SuperNode unpacks the app), as
+        on separate machines.
+        """
+        self._show(cmd)
+        env = {**self.env, "FLWR_HOME": str(self.workdir / "flwr-home" / name)}
+        log = open(self.workdir / "logs" / f"{name}.log", "wb")
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=self.workdir, start_new_session=True)
+        log.close()
+        proc.log_path = self.workdir / "logs" / f"{name}.log"  # type: ignore[attr-defined]
+        self.processes.append(proc)
+        return proc
+
+    def log_tail(self, proc: subprocess.Popen, n: int = 3000) -> str:
+        return Path(proc.log_path).read_text(errors="replace")[-n:]  # type: ignore[attr-defined]
+
+    # --------------------------------------------------------------- steps
+    def prepare(self) -> None:
+        """Certificates, one data file and one key pair per site, the CLI's connection."""
+        from fedal.config import FederationConfig
+        from fedal.sitedata import split_sites
+
+        self.run_cmd(["bash", REPO_ROOT / "deploy" / "make_certs.sh", self.workdir / "certs"])
+        cfg = FederationConfig.from_mapping({**self.fedal_settings(), "output-dir": str(self.workdir / "server")})
+        if self.verbose:
+            print(f"$ fedal split --dataset {cfg.dataset} --clients {cfg.clients} --out {self.workdir / 'sites'}",
+                  flush=True)
+        paths = split_sites(cfg, self.workdir / "sites", include_labels=self.oracle == "simulated")
+        for cid, path in enumerate(paths):
+            key = self.workdir / "keys" / f"site-{cid}"
+            self.make_key(key)
+            self.site_list.append(Site(cid, path, self.workdir / "state" / f"site-{cid}", key, self.oracle, free_port()))
+        (self.workdir / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\nroot-certificates = "{self.ca}"\n')
+
+    def make_key(self, path: Path) -> Path:
+        """An ECDSA P-384 key pair (``path`` and ``path.pub``) for a SuperNode."""
+        for p in (path, path.with_name(path.name + ".pub")):
+            p.unlink(missing_ok=True)
+        self.run_cmd(["ssh-keygen", "-t", "ecdsa", "-b", "384", "-N", "", "-q", "-C", path.name, "-f", path])
+        return path
+
+    def fedal_settings(self) -> dict:
+        settings = {"clients": self.sites, "min-clients": self.sites, **self.run_config}
+        return settings
+
+    def start_superlink(self, timeout: float = 60) -> None:
+        """Start the SuperLink with TLS and SuperNode authentication; wait until it serves TLS."""
+        certs = self.workdir / "certs"
+        self.superlink = self.spawn("superlink", [
+            BIN / "flower-superlink", "--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile", certs / "server.crt",
+            "--ssl-keyfile", certs / "server.key", "--enable-supernode-auth", "--host", "127.0.0.1",
+            "--port", self.superlink_port, "--database", self.workdir / "superlink.db",
+            "--disable-runtime-dependency-installation",
+        ])
+        context = ssl.create_default_context(cafile=str(self.ca))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.superlink.poll() is not None:
+                raise DeploymentError(f"flower-superlink exited with {self.superlink.returncode}:\n"
+                                      f"{self.log_tail(self.superlink)}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.superlink_port), timeout=2) as raw:
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                        return
+            except (OSError, ssl.SSLError):
+                time.sleep(0.5)
+        raise DeploymentError(f"the SuperLink did not accept TLS connections within {timeout} s:\n"
+                              f"{self.log_tail(self.superlink)}")
+
+    def register(self, site: Site) -> int:
+        """``flwr supernode register``: allow this site's public key; return its node id."""
+        out = self.run_cmd([BIN / "flwr", "supernode", "register", f"{site.key}.pub", CONNECTION, "--format", "json"])
+        reply = json.loads(out[out.index("{"):])
+        if not reply.get("success"):
+            raise DeploymentError(f"registering {site.key}.pub failed: {reply}")
+        site.node_id = int(reply["node-id"])
+        return site.node_id
+
+    def start_supernode(self, site: Site, name: str | None = None, max_wait: float = 60) -> subprocess.Popen:
+        """Start one SuperNode with its key and node config."""
+        site.process = self.spawn(name or f"supernode-{site.client_id}", [
+            BIN / "flower-supernode", "--superlink", self.address, "--root-certificates", self.ca,
+            "--auth-supernode-private-key", site.key, "--node-config", site.node_config(),
+            "--port", site.port, "--max-wait-time", max_wait,
+        ])
+        return site.process
+
+    def submit(self) -> int:
+        """``flwr run`` the fedal app in this repository; return the run id."""
+        overrides = {**self.fedal_settings(), "output-dir": str(self.workdir / "server")}
+        path = self.workdir / "run-config.toml"
+        path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in overrides.items()))
+        out = self.run_cmd([BIN / "flwr", "run", REPO_ROOT, CONNECTION, "--run-config", path, "--format", "json"])
+        reply = json.loads(out[out.index("{"):])
+        if not reply.get("success"):
+            raise DeploymentError(f"flwr run failed: {reply}")
+        return int(reply["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        out = self.run_cmd([BIN / "flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"])
+        reply = json.loads(out[out.index("{"):])
+        return str(reply["runs"][0]["status"])
+
+    def results(self) -> dict | None:
+        path = self.workdir / "server" / "results.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def wait(self, run_id: int, rounds: int, timeout: float = 600, status_every: float = 60) -> dict:
+        """Wait until the run finished; return results.json. Raises DeploymentError on failure or timeout."""
+        start = time.monotonic()
+        last_status = start
+        while time.monotonic() - start < timeout:
+            time.sleep(1)
+            for proc in [self.superlink, *(s.process for s in self.site_list)]:
+                if proc is not None and proc.poll() is not None:
+                    raise DeploymentError(f"{proc.args[0]} exited with {proc.returncode} during the run:\n"
+                                          f"{self.log_tail(proc)}")
+            results = self.results()
+            done = results is not None and len(results.get("rounds", [])) >= rounds
+            if done or time.monotonic() - last_status > status_every:
+                last_status = time.monotonic()
+                status = self.run_status(run_id)
+                if status.startswith("finished"):
+                    if status != "finished:completed":
+                        raise DeploymentError(f"run {run_id} ended as {status}; SuperLink log:\n"
+                                              f"{self.log_tail(self.superlink)}")
+                    return self.results() or {}
+        raise DeploymentError(f"run {run_id} did not finish within {timeout} s; SuperLink log:\n"
+                              f"{self.log_tail(self.superlink)}")
+
+    def stop(self) -> None:
+        """Stop every process this deployment started (and their children), SIGKILL after 10 s."""
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the group may outlive its leader (SuperExec, ClientApp processes)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(timeout=5)
+
+    def __enter__(self) -> "LocalDeployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start_all(self) -> None:
+        """prepare, SuperLink, register every site, SuperNodes."""
+        self.prepare()
+        self.start_superlink()
+        for site in self.site_list:
+            self.register(site)
+        for site in self.site_list:
+            self.start_supernode(site)
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key.strip(), cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return key.strip(), value.lower() == "true"
+    return key.strip(), value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, default=2, help="number of SuperNodes (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    parser.add_argument("--dataset", default="digits", help="data set name or .npz (default digits)")
+    parser.add_argument("--data-dir", default="", help="folder of .npz data sets")
+    parser.add_argument("--oracle", default="simulated", choices=("simulated", "web", "file"),
+                        help="who labels at the sites (web/file: use `fedal label` / `fedal exchange` meanwhile)")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="any other fedal setting, e.g. --set round-budget=20 (repeatable)")
+    parser.add_argument("--workdir", default=None, help="where everything is written (default: a new temp folder)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through `with`: stop every process
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedal-deploy-"))
+    settings = {"rounds": args.rounds, "dataset": args.dataset, "data-dir": args.data_dir, **dict(args.set)}
+    print(f"working in {workdir}", flush=True)
+    with LocalDeployment(workdir, sites=args.sites, run_config=settings, oracle=args.oracle) as dep:
+        try:
+            dep.start_all()
+            run_id = dep.submit()
+            print(f"run {run_id} submitted; waiting (logs in {workdir / 'logs'})", flush=True)
+            results = dep.wait(run_id, args.rounds, timeout=args.timeout)
+        except (DeploymentError, subprocess.TimeoutExpired) as exc:
+            print(f"deployment failed: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted; stopping every process", file=sys.stderr)
+            return 130
+    print("round | labels | accuracy | seconds")
+    for row in results.get("rounds", []):
+        print(f"{row['round']:>5} | {row['labels']:>6} | {row['accuracy']:.4f}   | {row['seconds']:.1f}")
+    print(f"results: {workdir / 'server' / 'results.json'}; client databases: {workdir / 'state'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The labeling page in headless Chromium: a person labels by clicking and by keyboard,
+the answers are in the site database, and the next round trains on them.
+
+Uses Debian's ``chromium`` (``.ci/install-system.sh``) driven by the ``playwright``
+Python package; ``playwright install`` is never needed. Skipped when either is missing,
+except under CI (``$CI`` set), where that is a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+from site_helpers import global_state, http, make_site, serving, site_config
+
+from clients.labeling import open_labeling
+from clients.site import ClientSite
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _missing(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module, closed (with its processes) whatever happens."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed: pip install -e '.[dev]'")
+    if not shutil.which(CHROMIUM):
+        _missing(f"{CHROMIUM} is missing: run .ci/install-system.sh (apt-get install chromium)")
+    manager = sync_playwright().start()
+    try:
+        chromium = manager.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except BaseException:
+        manager.stop()
+        raise
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+        manager.stop()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    tab = context.new_page()
+    tab.set_default_timeout(15_000)
+    tab.problems = []  # script errors and Content-Security-Policy violations
+    tab.on("pageerror", lambda exc: tab.problems.append(str(exc)))
+    tab.on("console", lambda msg: msg.type == "error" and not msg.text.startswith("Failed to load resource")
+           and tab.problems.append(msg.text))
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+def wait_until(tab, expression: str, arg=None, timeout: float = 15.0) -> None:
+    """Poll a JS function of ``arg`` until it returns true.
+
+    ``page.evaluate`` runs over the DevTools protocol; Playwright's own ``wait_for_function``
+    polls with ``eval`` inside the page, which the page's Content-Security-Policy forbids
+    (and must keep forbidding, so the test does not bypass it).
+    """
+    deadline = time.monotonic() + timeout
+    while not tab.evaluate(expression, arg):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expression} (arg {arg!r}); "
+                                 f"message: {tab.inner_text('#message')!r}")
+        time.sleep(0.05)
+
+
+def shown(tab, not_this: int | None = None) -> int:
+    """The sample id on screen (waiting until it is not ``not_this``)."""
+    wait_until(tab, "(old) => { const v = document.getElementById('sample').dataset.sampleId;"
+                    " return v !== undefined && v !== '' && v !== String(old); }", not_this)
+    return int(tab.get_attribute("#sample", "data-sample-id"))
+
+
+def saved(tab, sample_id: int) -> None:
+    wait_until(tab, "(sid) => document.getElementById('message').textContent.startsWith(`Saved: sample ${sid} `)",
+               sample_id)
+
+
+def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
+    cfg = site_config(tmp_path, dataset="bloodmnist", data_dir=str(data_dir), max_train=300, batch_size=16)
+    node = make_site(tmp_path, cfg, oracle="web")  # a real site's file: no pool labels in it
+    site = ClientSite(cfg, node)
+    state = global_state(site)
+    try:
+        _, report = site.train(state, server_round=1, budget=0)  # asks people for the initial set
+    finally:
+        site.close()
+    assert report.num_examples == 0 and report.pending == 6
+    names = site.data.class_names
+
+    with serving(open_labeling(node["state-dir"], 0, node["data-path"], labeler="tester")) as server:
+        pool = server.service.pool
+        page.goto(server.url)
+        page.wait_for_selector("#class-7")
+        assert page.inner_text("#class-2") == f"3 {names[2]}"
+        # 1: click a class button; the picture is the sample's own 28x28 image, upscaled
+        first = shown(page)
+        wait_until(page, "() => document.getElementById('sample-image').naturalWidth === 112")
+        page.click("#class-2")
+        saved(page, first)
+        # 2: keyboard: "5" is the fifth class (index 4)
+        second = shown(page, first)
+        page.keyboard.press("5")
+        saved(page, second)
+        # 3: skip ("s") shows another sample and writes nothing
+        skipped = shown(page, second)
+        page.keyboard.press("s")
+        unsure = shown(page, skipped)
+        assert pool.state_of(skipped) == "pending"
+        # 4: unsure (button) hands the sample back to the pool
+        page.click("#unsure")
+        wait_until(page, "() => document.getElementById('message').textContent.includes('handed back as unsure')")
+        # 5: "0" means class 10, which bloodmnist (8 classes) does not have: nothing happens; "8" is class 7
+        third = shown(page, unsure)
+        page.keyboard.press("0")
+        page.keyboard.press("8")
+        saved(page, third)
+        wait_until(page, "() => document.getElementById('progress').textContent.startsWith("
+                         "'Round 0: 3 of 6 answered, 1 unsure')")
+        # 6: someone else answered the sample on screen meanwhile: the page says so instead of overwriting
+        fourth = shown(page, third)
+        server.service.answer(fourth, 6)
+        page.click("#class-1")
+        page.wait_for_selector("#message.error")
+        assert "already labeled" in page.inner_text("#message")
+        assert page.problems == []
+
+        records = {r["id"]: r for r in pool.label_records()}
+        assert {i: r["label"] for i, r in records.items()} == {first: 2, second: 4, third: 7, fourth: 6}
+        assert {records[i]["source"] for i in (first, second, third)} == {"web:tester"}
+        assert {r["round"] for r in records.values()} == {0}
+        assert pool.state_of(unsure) == "unlabeled"
+        assert pool.state_of(skipped) == "pending"
+        status, payload = http(server.url.split("?")[0] + "api/state", token=server.token)
+        assert status == 200 and [p["sample_id"] for p in payload["pending"]] == [skipped]
+
+    # the next round's ClientApp trains on exactly these answers
+    site = ClientSite(cfg, node)
+    fitted = {}
+    original_fit = site.model.fit
+
+    def capture_fit(X, y, **kwargs):
+        fitted["X"], fitted["y"] = X.copy(), y.copy()
+        return original_fit(X, y, **kwargs)
+
+    site.model.fit = capture_fit
+    try:
+        _, report = site.train(state, server_round=2, budget=4)
+    finally:
+        site.close()
+    ids = sorted(records)
+    assert report.num_examples == 4
+    np.testing.assert_array_equal(fitted["y"], [records[i]["label"] for i in ids])
+    np.testing.assert_array_equal(fitted["X"], site.data.X_pool[ids])
+    assert report.queries_used == 4 and report.pending == 1 + 4  # the skipped one still waits, plus round 2's
+
+
+def test_table_rows_and_the_zero_key(tmp_path, page):
+    """A table site (digits, 10 classes): the sample shows as a feature row; "0" answers class 10."""
+    cfg = site_config(tmp_path)
+    node = make_site(tmp_path, cfg, oracle="web")
+    site = ClientSite(cfg, node)
+    try:
+        site.train(global_state(site), server_round=1, budget=0)
+    finally:
+        site.close()
+    with serving(open_labeling(node["state-dir"], 0, node["data-path"])) as server:
+        page.goto(server.url)
+        sample = shown(page)
+        cells = page.locator("#sample-features td").all_inner_texts()
+        np.testing.assert_allclose([float(c) for c in cells], site.data.X_pool[sample], atol=1e-4)
+        page.keyboard.press("0")
+        saved(page, sample)
+        assert server.service.pool.label_records()[0]["label"] == 9
+        assert page.problems == []
+        # a wrong token shows nothing
+        bad = page.context.new_page()
+        response = bad.goto(server.url.split("?")[0] + "?token=" + "A" * 32)
+        assert response.status == 403
+        bad.close()

@@ -1,0 +1,226 @@
+"""The labeling page over HTTP (no browser): token on every route, answers durable before
+the reply, invalid answers refused with a message, loopback only unless allowed."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from site_helpers import global_state, http, make_site, serving, site_config
+
+from clients.labeling import LabelingServer, LabelingService, open_labeling
+from clients.site import ClientSite, open_site_pool
+from fedal.exceptions import ConfigError
+from fedal.pool import Pool
+from fedal.sitedata import load_site
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A digits site whose round 1 asked for its initial set (6 pending requests, people label)."""
+    cfg = site_config(tmp_path)
+    node = make_site(tmp_path, cfg, oracle="web")
+    s = ClientSite(cfg, node)
+    s.train(global_state(s), server_round=1, budget=0)
+    s.close()
+    return node
+
+
+@pytest.fixture
+def page(site):
+    server = open_labeling(site["state-dir"], 0, site["data-path"], labeler="alice")
+    with serving(server):
+        yield server
+
+
+def base(server) -> str:
+    return server.url.split("?")[0]
+
+
+def test_every_route_needs_the_token(page):
+    pending = http(base(page) + "api/state", token=page.token)[1]["pending"]
+    sid = pending[0]["sample_id"]
+    routes = ["", "static/labeling.js", "static/labeling.css", "api/state", f"api/image/{sid}.png"]
+    for route in routes:
+        assert http(base(page) + route)[0] == 403, route
+        assert http(base(page) + route + "?token=wrong")[0] == 403, route
+        assert http(base(page) + route + "?token=" + page.token[:-1])[0] == 403, route
+        assert http(base(page) + route, token=page.token)[0] != 403, route
+    # a POST must carry the token in its header: a token in the URL is not enough (CSRF)
+    status, _ = http(base(page) + "api/answer?token=" + page.token, body={"sample_id": sid, "label": 1})
+    assert status == 403
+    status, payload = http(base(page) + "api/answer", token="x" * 32, body={"sample_id": sid, "label": 1})
+    assert status == 403 and "token" in payload["error"]
+    with open_site_pool(page.service.pool.path.parent, 0, page.service.data, create=False) as pool:
+        assert pool.counts()["labeled"] == 0
+
+
+def test_page_and_security_headers(page):
+    status, html = http(page.url)
+    assert status == 200 and b"<title>fedal" in html and page.token.encode() in html
+    with urllib.request.urlopen(page.url) as resp:
+        req_headers = resp.headers
+    assert "script-src 'self'" in req_headers["Content-Security-Policy"]
+    assert req_headers["Referrer-Policy"] == "no-referrer" and req_headers["Cache-Control"] == "no-store"
+
+
+def test_answer_is_in_the_database_when_the_reply_arrives(page, site):
+    state = http(base(page) + "api/state", token=page.token)[1]
+    assert state["kind"] == "table" and state["classes"] == [str(c) for c in range(10)]
+    assert state["progress"] == {"round": 0, "budget": 6, "asked": 6, "pending": 6, "answered": 0, "expired": 0,
+                                 "skipped": 0}
+    first = state["pending"][0]
+    data = load_site(site["data-path"])
+    np.testing.assert_allclose(first["features"], data.X_pool[first["sample_id"]], atol=1e-4)
+    status, reply = http(base(page) + "api/answer", token=page.token, body={"sample_id": first["sample_id"], "label": 7})
+    assert status == 200 and reply["recorded"] and reply["class"] == "7"
+    # a second connection to the database (another process would see the same) has it already
+    with Pool(10, size=len(data.y_pool), path=Path(site["state-dir"]) / "client-0.db") as other:
+        [record] = other.label_records()
+    assert (record["id"], record["label"], record["source"], record["round"]) == (first["sample_id"], 7, "web:alice", 0)
+    state = http(base(page) + "api/state", token=page.token)[1]
+    assert state["progress"]["answered"] == 1 and len(state["pending"]) == 5
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"label": 1}, 400, "sample_id must be an integer"),
+    ({"sample_id": "3", "label": 1}, 400, "sample_id must be an integer"),
+    ({"sample_id": None, "label": 1}, 400, "sample_id must be an integer"),
+    ({"sample_id": 0, "label": 10}, 400, "outside the 10 known classes"),
+    ({"sample_id": 0, "label": -1}, 400, "outside the 10 known classes"),
+    ({"sample_id": 0, "label": 2.5}, 400, "label must be an integer class 0..9"),
+    ({"sample_id": 0, "label": True}, 400, "label must be an integer class 0..9"),
+    ({"sample_id": 0, "label": "cat"}, 400, "label must be an integer class 0..9"),
+    ({"sample_id": 99999, "label": 1}, 400, "not in this pool"),
+])
+def test_invalid_answers_get_400_with_a_message(page, body, status, message):
+    pending = http(base(page) + "api/state", token=page.token)[1]["pending"]
+    if body.get("sample_id") == 0:
+        body = dict(body, sample_id=pending[0]["sample_id"])
+    got, reply = http(base(page) + "api/answer", token=page.token, body=body)
+    assert got == status and message in reply["error"]
+    assert http(base(page) + "api/state", token=page.token)[1]["counts"]["labeled"] == 0
+
+
+def test_malformed_bodies_and_stale_samples(page):
+    pending = http(base(page) + "api/state", token=page.token)[1]["pending"]
+    assert http(base(page) + "api/answer", token=page.token, body=b"not json")[0] == 400
+    assert http(base(page) + "api/answer", token=page.token, body=b"[1, 2]")[0] == 400
+    assert http(base(page) + "api/nothing", token=page.token, body={"sample_id": 1})[0] == 404
+    sid = pending[0]["sample_id"]
+    assert http(base(page) + "api/answer", token=page.token, body={"sample_id": sid, "label": 1})[0] == 200
+    status, reply = http(base(page) + "api/answer", token=page.token, body={"sample_id": sid, "label": 2})
+    assert status == 409 and "already labeled" in reply["error"]
+    unlabeled = next(i for i in range(100) if i not in {p["sample_id"] for p in pending})
+    status, reply = http(base(page) + "api/answer", token=page.token, body={"sample_id": unlabeled, "label": 2})
+    assert status == 409 and "not waiting for a label" in reply["error"]
+
+
+def test_unsure_hands_the_sample_back(page):
+    sid = http(base(page) + "api/state", token=page.token)[1]["pending"][0]["sample_id"]
+    status, _ = http(base(page) + "api/unsure", token=page.token, body={"sample_id": sid})
+    assert status == 200
+    pool = page.service.pool
+    assert pool.state_of(sid) == "unlabeled"
+    [req] = [r for r in pool.requests() if r["sample_id"] == sid]
+    assert req["status"] == "skipped" and req["note"] == "unsure (web:alice)"
+
+
+def test_images_are_served_only_for_pending_samples(tmp_path):
+    rng = np.random.default_rng(0)
+    from fedal.federation import LocalData
+
+    X = rng.random((5, 1, 28, 28), dtype=np.float32)
+    data = LocalData(0, X, np.full(5, -1), X[:0], np.zeros(0, np.int64), 2, ["normal", "pneumonia"], "image")
+    pool = Pool(2, size=5, path=tmp_path / "client-0.db")
+    pool.request([2], round=1)
+    with serving(LabelingServer(LabelingService(pool, data))) as server:
+        status, png = http(base(server) + "api/image/2.png", token=server.token)
+        assert status == 200 and png.startswith(b"\x89PNG")
+        assert http(base(server) + "api/image/3.png", token=server.token)[0] == 404  # not asked about
+        assert http(base(server) + "api/image/77.png", token=server.token)[0] == 404
+        state = http(base(server) + "api/state", token=server.token)[1]
+        assert state["pending"][0]["image"] == "api/image/2.png"
+
+
+def test_non_loopback_host_is_refused_unless_allowed(tmp_path):
+    data_pool = Pool(2, size=3)
+    from fedal.federation import LocalData
+
+    data = LocalData(0, np.zeros((3, 4), np.float32), np.full(3, -1), np.zeros((0, 4), np.float32),
+                     np.zeros(0, np.int64), 2, ["a", "b"], "table")
+    service = LabelingService(data_pool, data)
+    for host in ("0.0.0.0", "192.168.1.10", "example.org"):
+        with pytest.raises(ConfigError, match="--allow-remote"):
+            LabelingServer(service, host=host)
+    with pytest.raises(ConfigError, match="--token"):
+        LabelingServer(service, token="short")
+    server = LabelingServer(service, host="localhost")
+    server.server_close()
+
+
+def test_fedal_label_command_prints_a_working_address(site):
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedal.cli", "label", "--state-dir", site["state-dir"],
+                             "--client-id", "0", "--data-path", site["data-path"], "--labeler", "bob"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=([A-Za-z0-9_-]{32})", line)
+        assert match, line + proc.stderr.read() if proc.poll() is not None else line
+        url, token = match.groups()
+        status, state = http(url + "api/state", token=token)
+        assert status == 200 and state["labeler"] == "web:bob" and len(state["pending"]) == 6
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    # a remote host without --allow-remote: a clear error and exit status 2
+    done = subprocess.run([sys.executable, "-m", "fedal.cli", "label", "--state-dir", site["state-dir"],
+                           "--client-id", "0", "--data-path", site["data-path"], "--host", "0.0.0.0"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "--allow-remote" in done.stderr
+
+
+def test_unanswered_requests_expire_and_their_samples_return(tmp_path):
+    """query-timeout (node config overrides the run's): what people did not answer in time is
+    released; what they answered counts; the page refuses an answer to an expired request."""
+    cfg = site_config(tmp_path, query_timeout=3600.0)
+    node = make_site(tmp_path, cfg, oracle="web", **{"query-timeout": 1.0})
+    site = ClientSite(cfg, node)
+    state = global_state(site)
+    try:
+        site.train(state, server_round=1, budget=0)
+        asked = site.pool.pending_ids().tolist()
+        deadlines = {r["deadline"] - r["created_at"] for r in site.pool.requests()}
+        assert len(asked) == 6 and all(abs(d - 1.0) < 1e-6 for d in deadlines)
+    finally:
+        site.close()
+    with serving(open_labeling(node["state-dir"], 0, node["data-path"])) as server:
+        base = server.url.split("?")[0]
+        for sid in asked[:2]:
+            assert http(base + "api/answer", token=server.token, body={"sample_id": sid, "label": 1})[0] == 200
+        time.sleep(1.2)
+        site = ClientSite(cfg, node)
+        try:
+            _, report = site.train(state, server_round=2, budget=3)
+            expired = site.pool.requests("expired")
+            assert sorted(r["sample_id"] for r in expired) == sorted(asked[2:])
+            assert {r["note"] for r in expired} == {"deadline passed"}
+            assert report.num_examples == 2 and report.pending == 3 and report.queries_used == 3
+            still_pending = set(site.pool.pending_ids().tolist())
+            back = set(site.pool.unlabeled_ids().tolist()) | still_pending  # candidates again (or re-asked)
+            assert set(asked[2:]) <= back
+        finally:
+            site.close()
+        gone = next(s for s in asked[2:] if s not in still_pending)  # 4 expired, 3 new queries
+        status, reply = http(base + "api/answer", token=server.token, body={"sample_id": gone, "label": 1})
+        assert status == 409 and "expired" in reply["error"]
