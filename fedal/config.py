@@ -18,6 +18,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 INITIAL_STRATEGIES = ("random", "typiclust", "kmeans_coldstart")
+DP_MODES = ("server", "client")
 
 
 @dataclass
@@ -92,8 +93,20 @@ class FederationConfig:
         Client databases ("" = ``<output_dir>/clients``); a node config may override it.
     resume : bool
         Continue from the checkpoint in ``output_dir`` (model, round, budget ledger).
+    extra : dict
+        Settings of extensions that are not fedal fields (kept, not validated).
     local_model_epochs : int
         Epochs of the client's local model for federated-aware strategies (logo, kafal); 0 = local-epochs.
+    query_timeout : float
+        Seconds a label request may wait for its oracle before it is released to the pool again (0 = never).
+    dp_clipping_norm : float
+        Differential privacy: clip each client's model update to this L2 norm (0 = off).
+    dp_noise_multiplier : float
+        Differential privacy: Gaussian noise of std multiplier x clipping norm / sampled clients on the aggregate (0 = none).
+    dp_mode : str
+        Where updates are clipped: ``server`` (the server clips what it receives) or ``client`` (each client clips before sending).
+    dp_delta : float
+        The delta at which the privacy budget epsilon is reported.
     """
 
     dataset: str = "digits"
@@ -130,6 +143,11 @@ class FederationConfig:
     state_dir: str = ""
     resume: bool = False
     local_model_epochs: int = 0
+    query_timeout: float = 0.0
+    dp_clipping_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_mode: str = "server"
+    dp_delta: float = 1e-5
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -178,10 +196,19 @@ class FederationConfig:
         need(self.output_dir.strip() != "", "output-dir must not be empty (results, checkpoint and client "
              "databases go there); give a folder such as runs/latest")
         need(self.local_model_epochs >= 0, f"local-model-epochs must be >= 0 (0 = local-epochs), got {self.local_model_epochs}")
+        need(self.query_timeout >= 0, f"query-timeout must be >= 0 seconds (0 = requests never expire), got {self.query_timeout}")
+        need(self.dp_clipping_norm >= 0, f"dp-clipping-norm must be >= 0 (0 = no differential privacy), got {self.dp_clipping_norm}")
+        need(self.dp_noise_multiplier >= 0, f"dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
+        need(self.dp_noise_multiplier == 0 or self.dp_clipping_norm > 0,
+             f"dp-noise-multiplier {self.dp_noise_multiplier} needs dp-clipping-norm > 0 (the noise is scaled by the "
+             "clipping norm); set e.g. --dp-clipping-norm 1.0")
+        need(self.dp_mode in DP_MODES, f"dp-mode must be one of {DP_MODES}, got {self.dp_mode!r}")
+        need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), e.g. 1e-5 (below 1 / clients), got {self.dp_delta}")
         return self
 
     def is_query_round(self, server_round: int) -> bool:
-        """Round 1 labels the initial sets; then every ``query_every``-th round queries."""
+        """Whether ``server_round`` queries: round 1 labels the initial sets; then every
+        ``query_every``-th round queries."""
         return server_round >= 2 and (server_round - 2) % self.query_every == 0
 
     @property
@@ -201,7 +228,8 @@ class FederationConfig:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, base: "FederationConfig | None" = None) -> "FederationConfig":
-        """Build from a (kebab- or snake-case) mapping, converting and checking types.
+        """Build from ``values``, a (kebab- or snake-case) mapping, over ``base`` (default: the
+        defaults), converting and checking types.
 
         Unknown keys raise :class:`ConfigError` listing the known ones.
         """
@@ -219,13 +247,13 @@ class FederationConfig:
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "FederationConfig":
-        """Build from a Flower run config, ignoring keys that are not fedal settings."""
+        """Build from ``run_config`` (a Flower run config), ignoring keys that are not fedal settings."""
         known = set(cls.field_names())
         return cls.from_mapping({k: v for k, v in run_config.items() if k.replace("-", "_") in known})
 
     @classmethod
     def from_toml(cls, path: str | Path, *, base: "FederationConfig | None" = None) -> "FederationConfig":
-        """Load settings from a TOML file (flat keys, or under ``[fedal]``)."""
+        """Load settings from the TOML file at ``path`` (flat keys, or under ``[fedal]``) over ``base``."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -260,4 +288,5 @@ def _convert(name: str, value: Any, typ: Any) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"setting {kebab} must be a {typ}, got {value!r}") from None
+        article = "an" if typ[:1] in "aeiou" else "a"
+        raise ConfigError(f"setting {kebab} must be {article} {typ}, got {value!r}") from None

@@ -19,7 +19,12 @@ from fedal.partition import class_counts, partition
 
 @dataclass
 class LocalData:
-    """One client's data: its pool (with simulated ground truth) and a local test set."""
+    """One client's data: its pool (with simulated ground truth) and a local test set.
+
+    Attributes: ``client_id``; ``X_pool``, ``y_pool`` (inputs and ground truth of the pool);
+    ``X_test``, ``y_test`` (local test set); ``n_classes``; ``class_names``; ``kind``
+    ("image" or "table").
+    """
 
     client_id: int
     X_pool: np.ndarray
@@ -37,7 +42,7 @@ def _dataset(name: str, data_dir: str, seed: int, max_train: int) -> Dataset:
 
 
 def federation_dataset(cfg: FederationConfig) -> Dataset:
-    """The data set of the run (cached per process)."""
+    """The data set of the run ``cfg`` (cached per process)."""
     return _dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train)
 
 
@@ -48,13 +53,13 @@ def _parts(name, data_dir, seed, max_train, clients, method, alpha, k) -> tuple[
 
 
 def client_parts(cfg: FederationConfig) -> list[np.ndarray]:
-    """Training-set indices of every client."""
+    """Training-set indices of every client of the run ``cfg``."""
     return list(_parts(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.clients, cfg.partition,
                        cfg.alpha, cfg.classes_per_client))
 
 
 def client_data(cfg: FederationConfig, client_id: int) -> LocalData:
-    """The data client ``client_id`` holds in a simulation."""
+    """The data client ``client_id`` holds in a simulation of the run ``cfg``."""
     if not 0 <= client_id < cfg.clients:
         raise ConfigError(f"client id {client_id} is outside 0..{cfg.clients - 1}")
     ds = federation_dataset(cfg)
@@ -67,8 +72,35 @@ def client_data(cfg: FederationConfig, client_id: int) -> LocalData:
                      ds.n_classes, ds.class_names, ds.kind)
 
 
+def check_label_budgets(cfg: FederationConfig) -> None:
+    """Raise :class:`ConfigError` when the label budgets of ``cfg`` cannot fit the simulated pools.
+
+    Every client needs a non-empty pool holding at least ``initial_labels`` samples, and a
+    query round's ``round_budget`` must not exceed what all pools hold after the initial
+    labels (it could never be spent).
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run's settings (data set, clients, partition, local test share, budgets).
+    """
+    pools = [len(client_data(cfg, c).y_pool) for c in range(cfg.clients)]
+    small = int(np.argmin(pools))
+    if pools[small] == 0:
+        raise ConfigError(f"client {small} has an empty pool (all its samples went to its local test set); "
+                          "lower --local-test-fraction or use fewer --clients")
+    if cfg.initial_labels > pools[small]:
+        raise ConfigError(f"initial-labels {cfg.initial_labels} is more than client {small}'s pool of {pools[small]} "
+                          f"samples; lower --initial-labels to at most {pools[small]}, or give each client more data "
+                          "(fewer --clients, a larger --max-train)")
+    left = sum(pools) - cfg.clients * cfg.initial_labels
+    if cfg.round_budget > left:
+        raise ConfigError(f"round-budget {cfg.round_budget} is larger than the {left} unlabeled samples all clients "
+                          f"hold after their initial labels; lower --round-budget to at most {left}")
+
+
 def partition_table(cfg: FederationConfig) -> str:
-    """Per-client class counts as a text table (printed at the start of a run)."""
+    """Per-client class counts of the run ``cfg`` as a text table (printed at the start of a run)."""
     ds = federation_dataset(cfg)
     counts = class_counts(ds.y_train, client_parts(cfg), ds.n_classes)
     head = "client | " + " ".join(f"{c:>5d}" for c in range(ds.n_classes)) + " | total"

@@ -9,6 +9,7 @@ updates, then lets the parent aggregate. Aggregation itself is never re-implemen
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,38 @@ def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> Metr
     return MetricRecord(out)
 
 
+def reply_problem(content: RecordDict, metric_keys: tuple[str, ...], *, arrays: bool) -> str | None:
+    """Why a reply's records are not what :mod:`fedal.flower.protocol` defines, or None.
+
+    Exactly one ``metrics`` MetricRecord with the protocol's keys, all finite scalars,
+    and (``arrays``) one ``arrays`` ArrayRecord.
+    """
+    expected = {protocol.METRICS: MetricRecord, **({protocol.ARRAYS: ArrayRecord} if arrays else {})}
+    names = sorted(content.keys())
+    if names != sorted(expected):
+        return f"records {names}, expected {sorted(expected)}"
+    for name, kind in expected.items():
+        if not isinstance(content[name], kind):
+            return f"record {name!r} is a {type(content[name]).__name__}, expected a {kind.__name__}"
+    metrics = content[protocol.METRICS]
+    if sorted(metrics.keys()) != sorted(metric_keys):
+        return f"metrics {sorted(metrics.keys())}, expected {sorted(metric_keys)}"
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {key!r} is {value!r}, not a finite number"
+    return None
+
+
+def error_summary(reason: str, limit: int = 300) -> str:
+    """The telling part of a client error (Flower's reason holds the whole remote traceback)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(reason)
+    if "Message: " in last:
+        last = last.split("Message: ", 1)[1]
+    last = last.removesuffix("'>").strip() or str(reason).strip()
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
 @dataclass
 class RoundLog:
     """What the server saw of the clients in one round (aggregate scalars only)."""
@@ -86,6 +119,10 @@ def make_strategy(cfg: FederationConfig, coordinator: BudgetCoordinator, referen
     cls = type(f"Budgeted{base.__name__}", (_BudgetMixin, base), {})
     strategy = cls(**kwargs)
     strategy.setup_budgets(cfg, coordinator, reference)
+    if cfg.dp_clipping_norm > 0:  # differential privacy wraps the budgeted strategy
+        from server.dp import make_private
+
+        return make_private(strategy, cfg)
     return strategy
 
 
@@ -117,6 +154,19 @@ class _BudgetMixin:
                                               protocol.QUERY_ROUND: query}) for m in messages]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        good = self.screen_replies(server_round, replies)
+        if not good:
+            return None, None
+        return super().aggregate_train(server_round, good)
+
+    def aggregate_screened(self, server_round: int, good: list[Message]):
+        """The parent strategy's aggregation of replies :meth:`screen_replies` let through
+        (what a wrapper such as :mod:`server.dp` calls after its own step)."""
+        return super().aggregate_train(server_round, good)
+
+    def screen_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Record each reply's report and budget spend; return the updates fit to aggregate
+        (failed, malformed and corrupted ones are logged in ``rounds[server_round]`` and dropped)."""
         replies = list(replies)
         rlog = self.rounds.setdefault(server_round, RoundLog())
         query = self.cfg.is_query_round(server_round)
@@ -124,13 +174,16 @@ class _BudgetMixin:
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                rlog.failed[node] = msg.error.reason
+                rlog.failed[node] = error_summary(msg.error.reason)
                 continue
-            try:
-                report = protocol.TrainReport.from_record(msg.content[protocol.METRICS])
-            except (KeyError, TypeError) as exc:
-                rlog.rejected[node] = f"malformed metrics ({exc})"
+            problem = reply_problem(msg.content, protocol.TRAIN_METRICS, arrays=True)
+            if problem:  # Flower's aggregation would raise on it and stop the whole run
+                rlog.rejected[node] = problem
+                log.warning("round %d: reply of node %d rejected: %s", server_round, node, problem)
+                if query:  # it was asked and answered: count its budget as spent, carry nothing
+                    self.coordinator.record_spent(server_round, str(node), self.sent.get(node, 0))
                 continue
+            report = protocol.TrainReport.from_record(msg.content[protocol.METRICS])
             reason = protocol.check_update(msg.content[protocol.ARRAYS], self.reference)
             self.client_of[node] = int(report.client_id)
             self.stats[node] = ClientStats(report.unlabeled_left, report.mean_uncertainty
@@ -143,6 +196,15 @@ class _BudgetMixin:
                 log.warning("round %d: update of client %s (node %d) rejected: %s",
                             server_round, report.client_id, node, reason)
                 continue
+            if report.num_examples <= 0:
+                # no label yet (its people have not answered): the model came back unchanged with
+                # weight 0; leave it out (a round of only such updates would divide by zero)
+                log.info("round %d: client %s has no labels yet; its update is not aggregated",
+                         server_round, report.client_id)
+                continue
+            # same keys in the model's order: Krum and the DP clipping pair arrays by position
+            arrays = msg.content[protocol.ARRAYS]
+            msg.content[protocol.ARRAYS] = ArrayRecord({k: arrays[k] for k in self.reference})
             good.append(msg)
         for node in self.sent:
             if node not in rlog.reports and node not in rlog.rejected:
@@ -151,6 +213,17 @@ class _BudgetMixin:
                     self.coordinator.record_spent(server_round, str(node), None, failed=True)
         for node, reason in rlog.failed.items():
             log.warning("round %d: node %d left out: %s", server_round, node, reason)
-        if not good:
-            return None, None
-        return super().aggregate_train(server_round, good)
+        return good
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        good = []
+        for msg in replies:
+            problem = None if msg.has_error() else reply_problem(msg.content, protocol.EVAL_METRICS, arrays=False)
+            if problem is None and not msg.has_error() and msg.content[protocol.METRICS][protocol.WEIGHT_KEY] <= 0:
+                problem = "no local test samples"  # weight 0: nothing to average (all zero would divide by 0)
+            if problem:
+                log.warning("round %d: evaluation reply of node %d ignored: %s", server_round,
+                            msg.metadata.src_node_id, problem)
+                continue
+            good.append(msg)
+        return super().aggregate_evaluate(server_round, good) if good else None

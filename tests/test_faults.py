@@ -1,0 +1,799 @@
+"""Faults and bad input: the federation keeps going, loses no label, and refuses bad input cleanly.
+
+Marker ``faults``. Two real federations on Flower's Simulation Engine (digits, 2-3
+clients) with faults injected by a test ClientApp (:mod:`faults_helpers`: Flower mods in
+front of ``clients.app``'s own functions, driven by a fault plan file), plus in-process
+checks of the strategy, the DP wrapper, the client site and the ``fedal simulate``
+command. At the end pytest prints one line::
+
+    faults: injected=N finished=N labels_lost=N
+
+``injected``: faults that fired (in the Ray workers' fault log, or in the test itself);
+``finished``: scenarios that ran to their end despite their fault (a federation that
+finished all its rounds, a client round that completed, a command that refused bad input
+with its error and exit status); ``labels_lost``: labels (and pending requests) a client
+had recorded before a fault and no longer had after it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faults_helpers import (
+    RECORD_FLAG,
+    FaultyOracle,
+    db_labels,
+    db_states,
+    fault_client_app,
+    injected,
+    model_digest,
+    snapshot_path,
+    write_plan,
+)
+from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
+from fedal.flower import protocol
+
+pytestmark = pytest.mark.faults
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ the summary
+@dataclasses.dataclass
+class Tally:
+    injected: int = 0
+    finished: int = 0
+    labels_lost: int = 0
+
+    def line(self) -> str:
+        return f"faults: injected={self.injected} finished={self.finished} labels_lost={self.labels_lost}"
+
+
+TALLY = Tally()
+
+
+class _SummaryPlugin:
+    """Prints the tally in pytest's terminal summary (also under ``-q``)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        terminalreporter.write_line(TALLY.line())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fault_summary(request):
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("fedal-fault-summary"):
+        manager.register(_SummaryPlugin(), "fedal-fault-summary")
+    return TALLY
+
+
+def count_lost(before: dict, after_labels: dict[int, int], after_states: dict | None = None) -> int:
+    """Labels in ``before`` (a snapshot) missing or changed after, plus pending requests gone."""
+    lost = [i for i, y in before.get("labels", {}).items() if after_labels.get(int(i)) != int(y)]
+    gone = []
+    if after_states is not None:
+        kept = set(after_states["pending"]) | set(after_states["labeled"])
+        gone = [i for i in before.get("pending", []) if int(i) not in kept]
+    return len(lost) + len(gone)
+
+
+def small_cfg(output_dir, **overrides) -> FederationConfig:
+    """A federation of seconds: digits, IID, tiny local training."""
+    settings = dict(dataset="digits", partition="iid", initial_labels=8, round_budget=12, local_epochs=1,
+                    min_local_steps=20, min_clients=2, seed=0, output_dir=str(output_dir))
+    settings.update(overrides)
+    return FederationConfig(**settings)
+
+
+def node_clients(events: list[dict]) -> dict[str, int]:
+    """Node id -> client id, from the ``node N (client C)`` of the run's events."""
+    return {m.group(1): int(m.group(2)) for e in events for m in [re.search(r"node (\d+) \(client (\d+)\)", e["detail"])]
+            if m}
+
+
+def db_rows(db_path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+# ============================================================ 1. chaos federation
+ROUND_TIMEOUT = 45.0  # above round 1's cold start of the Ray actors on a loaded 2-core machine
+STRAGGLE = ROUND_TIMEOUT + 10
+CHAOS_PLAN = {
+    0: {2: "oracle-error", 3: "crash-in-oracle"},
+    1: {2: "crash", 4: f"straggle:{STRAGGLE:g}"},
+    2: {1: "inf", 2: "nan", 3: "wrong-shapes", 4: "wrong-keys", 5: "extra-metric"},
+}
+
+
+@pytest.fixture(scope="module")
+def chaos(tmp_path_factory):
+    """3 clients, 5 rounds, with every client misbehaving in some round (see CHAOS_PLAN)."""
+    from simulations.engine import run_in_simulation
+
+    out = tmp_path_factory.mktemp("chaos")
+    cfg = small_cfg(out, clients=3, rounds=5, round_timeout=ROUND_TIMEOUT)
+    write_plan(out, CHAOS_PLAN)
+    run_in_simulation(cfg, cpus=2, client_app=fault_client_app())
+    results = json.loads((out / "results.json").read_text())
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    fired = injected(out)
+    TALLY.injected += len(fired)
+    if [r["round"] for r in results["rounds"]] == list(range(1, cfg.rounds + 1)):
+        TALLY.finished += 1
+    return dict(cfg=cfg, out=out, results=results, state=state, fired=fired,
+                rows={r["round"]: r for r in results["rounds"]}, events=results["events"])
+
+
+def test_every_planned_fault_fired_and_all_rounds_finished(chaos):
+    fired = {(f["client"], f["round"], f["fault"]) for f in chaos["fired"]}
+    planned = {(c, r, f) for c, rounds in CHAOS_PLAN.items() for r, f in rounds.items()}
+    assert fired == planned
+    assert sorted(chaos["rows"]) == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["accuracy"]) for r in chaos["rows"].values())
+
+
+def test_crashed_client_is_left_out_and_the_round_completes_with_the_others(chaos):
+    r2 = chaos["rows"][2]
+    assert set(r2["clients"]) == {"0", "2"}  # client 1 crashed before replying
+    failed = [e for e in chaos["events"] if e["round"] == 2 and e["kind"] == "failed"]
+    assert len(failed) == 1 and "(client 1)" in failed[0]["detail"]
+    assert "injected: client 1 died in round 2" in failed[0]["detail"]  # the client's own error, short
+    assert "Traceback" not in failed[0]["detail"]
+
+
+def test_failed_clients_budget_is_carried_to_the_next_round(chaos):
+    cfg, ledger = chaos["cfg"], chaos["state"]["budget"]["ledger"]
+    nodes = node_clients(chaos["events"])
+    by_round: dict[int, list[dict]] = {}
+    for row in ledger:
+        by_round.setdefault(row["round"], []).append(row)
+    assert sorted(by_round) == [2, 3, 4, 5]  # round 1 labels the initial sets, no budget
+    failed_r2 = [r for r in by_round[2] if r["status"] == "failed"]
+    assert [nodes[r["client"]] for r in failed_r2] == [1]
+    assert sum(r["assigned"] for r in by_round[2]) == cfg.round_budget
+    for rnd in (3, 4, 5):
+        carried = sum(r["assigned"] for r in by_round[rnd - 1] if r["status"] == "failed")
+        assert carried > 0, f"round {rnd - 1} had a failed client"
+        assert sum(r["assigned"] for r in by_round[rnd]) == cfg.round_budget + carried
+    # the clients that answered spent exactly what they were given
+    assert all(r["spent"] == r["assigned"] for rows in by_round.values() for r in rows if r["status"] == "spent")
+
+
+def test_crashed_client_resumes_from_its_own_database_with_no_label_lost(chaos):
+    out, cfg = chaos["out"], chaos["cfg"]
+    snap = json.loads(snapshot_path(out, 1, 2).read_text())
+    db = cfg.client_state_dir / "client-1.db"
+    final = db_labels(db)
+    lost = count_lost(snap, final)
+    TALLY.labels_lost += lost
+    assert lost == 0
+    budgets = {r: (a, s) for r, a, s in db_rows(db, "SELECT round, assigned, spent FROM budgets")}
+    # the crash came after its round-2 labels were written: they are in the snapshot
+    assert len(snap["labels"]) == cfg.initial_labels + budgets[2][1]
+    # round 3 went on from that database (no fresh initial set, no lost round-2 labels)
+    r3 = chaos["rows"][3]["clients"]["1"]
+    assert r3["labeled"] == len(snap["labels"]) + r3["queried"]
+    # (round 4's message is still asleep when the run ends: count the rounds before it)
+    early = db_rows(db, "SELECT COUNT(*) FROM labels WHERE round <= 3")[0][0]
+    assert early == cfg.initial_labels + budgets[2][1] + budgets[3][1]
+
+
+def test_straggler_is_left_out_of_its_round_and_not_waited_for(chaos):
+    r4, r5 = chaos["rows"][4], chaos["rows"][5]
+    assert "1" not in r4["clients"]
+    failed = [e for e in chaos["events"] if e["round"] == 4 and e["kind"] == "failed"]
+    assert len(failed) == 1 and "(client 1)" in failed[0]["detail"]
+    assert "no reply before the round timeout" in failed[0]["detail"]
+    # the server waited for the round timeout, not for the straggler's reply
+    assert ROUND_TIMEOUT - 1 <= r4["seconds"] < STRAGGLE
+    assert "1" in r5["clients"]  # and it is back the round after
+    assert r5["seconds"] < ROUND_TIMEOUT
+
+
+def test_oracle_failures_leave_requests_pending_until_an_answer_comes(chaos):
+    out, cfg, rows = chaos["out"], chaos["cfg"], chaos["rows"]
+    db = cfg.client_state_dir / "client-0.db"
+    # round 2: the oracle raised OracleError; the client still trained and replied
+    r2 = rows[2]["clients"]["0"]
+    assert r2["queried"] == r2["budget"] > 0 and r2["labeled"] == cfg.initial_labels
+    # round 3: the process died while asking; its round-2 and round-3 requests were pending
+    snap = json.loads(snapshot_path(out, 0, 3).read_text())
+    asked = dict(db_rows(db, "SELECT sample_id, round FROM requests WHERE round IN (2, 3)"))
+    assert sorted(snap["pending"]) == sorted(asked)
+    # round 4: the oracle is back and answers every one of them; nothing pending, expired or lost
+    statuses = db_rows(db, "SELECT status, COUNT(*) FROM requests GROUP BY status")
+    assert dict(statuses) == {"answered": len(db_labels(db))}
+    answered_in = dict(db_rows(db, "SELECT sample_id, round FROM labels WHERE sample_id IN (%s)"
+                                   % ",".join(str(i) for i in asked)))
+    assert set(answered_in.values()) == {4}
+    lost = count_lost(snap, db_labels(db), db_states(db))
+    TALLY.labels_lost += lost
+    assert lost == 0
+
+
+def test_corrupted_updates_are_rejected_logged_with_the_client_and_not_aggregated(chaos):
+    rejected = {e["round"]: e["detail"] for e in chaos["events"] if e["kind"] == "rejected"}
+    expected = {1: "holds NaN or Inf", 2: "holds NaN or Inf", 3: "has shape", 4: "wrong keys", 5: "'sneaky'"}
+    assert sorted(rejected) == sorted(expected)
+    for rnd, fragment in expected.items():
+        assert "(client 2)" in rejected[rnd] and fragment in rejected[rnd], rejected[rnd]
+    with np.load(chaos["out"] / "checkpoint" / "model.npz") as weights:
+        assert all(np.isfinite(weights[k]).all() for k in weights.files)
+    assert chaos["rows"][5]["accuracy"] > 0.5  # 10 classes: a poisoned model sits near 0.1
+
+
+# ===================================================== 2. server restart (resume)
+class ServerKilled(RuntimeError):
+    """The injected death of the server process."""
+
+
+@pytest.fixture(scope="module")
+def restart(tmp_path_factory):
+    """2 clients, 4 rounds with DP; the server dies after round 2 and is restarted with resume."""
+    from server import app as server_app
+    from simulations.engine import run_in_simulation
+
+    out = tmp_path_factory.mktemp("restart")
+    cfg = small_cfg(out, clients=2, rounds=4, round_timeout=120.0, dp_clipping_norm=1.0, dp_noise_multiplier=1.0)
+    (out / RECORD_FLAG).touch()
+
+    def server_dies(row):
+        if row["round"] == 2:
+            raise ServerKilled("injected: server killed after round 2")
+
+    server_app.ROUND_HOOKS.append(server_dies)
+    try:
+        with pytest.raises(Exception) as died:
+            run_in_simulation(cfg, cpus=2, client_app=fault_client_app())
+    finally:
+        server_app.ROUND_HOOKS.remove(server_dies)
+    TALLY.injected += 1
+    dbs = [cfg.client_state_dir / f"client-{c}.db" for c in range(cfg.clients)]
+    from server.results import RunRecorder
+
+    checkpoint_digest = model_digest(RunRecorder(out, {}).load_checkpoint()[1])
+    before = dict(results=json.loads((out / "results.json").read_text()),
+                  state=json.loads((out / "checkpoint" / "state.json").read_text()),
+                  labels=[db_labels(db) for db in dbs],
+                  budgets=[db_rows(db, "SELECT round, assigned, spent FROM budgets ORDER BY round") for db in dbs])
+    run_in_simulation(dataclasses.replace(cfg, resume=True), cpus=2, client_app=fault_client_app())
+    after = dict(results=json.loads((out / "results.json").read_text()),
+                 state=json.loads((out / "checkpoint" / "state.json").read_text()),
+                 labels=[db_labels(db) for db in dbs],
+                 budgets=[db_rows(db, "SELECT round, assigned, spent FROM budgets ORDER BY round") for db in dbs])
+    if len(after["results"]["rounds"]) == cfg.rounds:
+        TALLY.finished += 1
+    return dict(cfg=cfg, out=out, died=died.value, before=before, after=after, checkpoint_digest=checkpoint_digest)
+
+
+def test_server_death_leaves_a_checkpoint_of_the_last_round(restart):
+    assert "injected: server killed after round 2" in str(restart["died"])
+    before = restart["before"]
+    assert [r["round"] for r in before["results"]["rounds"]] == [1, 2]
+    assert before["state"]["round"] == 2
+
+
+def test_resume_continues_to_the_last_round_with_the_earlier_rounds_kept(restart):
+    before, after = restart["before"], restart["after"]
+    assert [r["round"] for r in after["results"]["rounds"]] == [1, 2, 3, 4]
+    assert after["results"]["rounds"][:2] == before["results"]["rounds"]
+    assert after["state"]["round"] == 4
+
+
+def test_resume_starts_from_the_checkpointed_model(restart):
+    out, cfg = restart["out"], restart["cfg"]
+    for client in range(cfg.clients):
+        received = (out / f"received-c{client}-r3.txt").read_text()
+        assert received == restart["checkpoint_digest"], f"client {client} got another model in round 3"
+
+
+def test_resume_continues_the_budget_ledger(restart):
+    cfg = restart["cfg"]
+    old, new = restart["before"]["state"]["budget"]["ledger"], restart["after"]["state"]["budget"]["ledger"]
+    assert new[: len(old)] == old  # round 2's rows kept as they were
+    rounds = sorted({r["round"] for r in new})
+    assert rounds == [2, 3, 4]
+    for rnd in (3, 4):
+        assert sum(r["assigned"] for r in new if r["round"] == rnd) == cfg.round_budget
+
+
+def test_resume_continues_the_client_databases_with_no_label_lost(restart):
+    cfg, before, after = restart["cfg"], restart["before"], restart["after"]
+    for client in range(cfg.clients):
+        lost = count_lost({"labels": before["labels"][client]}, after["labels"][client])
+        TALLY.labels_lost += lost
+        assert lost == 0
+        assert after["budgets"][client][: len(before["budgets"][client])] == before["budgets"][client]
+        spent = {r: s for r, _, s in after["budgets"][client]}
+        assert sorted(spent) == [1, 2, 3, 4] and spent[1] == 0  # round 1: initial labels only
+        assert len(after["labels"][client]) == len(before["labels"][client]) + spent[3] + spent[4]
+
+
+def test_resume_continues_the_privacy_accounting(restart):
+    from server.dp import GaussianAccountant
+
+    cfg, rows = restart["cfg"], restart["after"]["results"]["rounds"]
+    assert [r["privacy"]["releases"] for r in rows] == [1, 2, 3, 4]
+    accountant = GaussianAccountant()
+    for _ in range(4):
+        accountant.compose(cfg.dp_noise_multiplier)  # both clients aggregated every round
+    assert rows[-1]["privacy"]["epsilon"] == pytest.approx(accountant.epsilon(cfg.dp_delta), rel=1e-9)
+    assert rows[-1]["privacy"]["delta"] == cfg.dp_delta
+
+
+# ================================================= 3. aggregation, in process
+@pytest.fixture
+def flower_task(monkeypatch):
+    """The task identity Flower gives a ServerApp process (Messages need it), for in-process tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 0)
+
+
+class FakeGrid:
+    """All :meth:`Strategy.configure_train` asks of a Grid."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _digits_reference():
+    from fedal.federation import federation_dataset
+    from fedal.models import build_model
+
+    cfg = FederationConfig(dataset="digits")
+    ds = federation_dataset(cfg)
+    return build_model(ds.input_shape, ds.n_classes, seed=0).get_state()
+
+
+def _report(client: int, n: int = 20) -> protocol.TrainReport:
+    return protocol.TrainReport(num_examples=n, client_id=client, budget=0, queries_used=0, labels_added=0,
+                                unlabeled_left=100, pending=0, mean_uncertainty=0.5, train_loss=1.0)
+
+
+def _strategy(tmp_path, **overrides):
+    from fedal.budget import BudgetCoordinator
+    from server.strategy import make_strategy
+
+    cfg = FederationConfig(**{**dict(dataset="digits", clients=5, min_clients=2, output_dir=str(tmp_path)),
+                              **overrides})
+    reference = _digits_reference()
+    strategy = make_strategy(cfg, BudgetCoordinator(cfg.budget_policy, cfg.round_budget),
+                             {k: v.shape for k, v in reference.items()})
+    return cfg, strategy, reference
+
+
+def _round(strategy, reference, updates: dict[int, dict], server_round: int = 1) -> dict:
+    """Send round ``server_round`` to the nodes of ``updates`` and answer with them
+    ({node: state, or an Exception for an error reply}); return {node: reply}."""
+    from flwr.app import ConfigRecord, Error, Message
+
+    messages = list(strategy.configure_train(server_round, protocol.model_record(reference),
+                                             ConfigRecord(), FakeGrid(sorted(updates))))
+    replies = {}
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        update = updates[node]
+        if isinstance(update, Exception):
+            replies[node] = Message(Error(code=0, reason=str(update)), reply_to=msg)
+        else:
+            replies[node] = protocol.train_reply(msg, update, _report(node - 1))
+    return dict(sorted(replies.items()))
+
+
+def _flat(state: dict) -> np.ndarray:
+    return np.concatenate([np.asarray(state[k], np.float64).ravel() for k in sorted(state)])
+
+
+@pytest.mark.parametrize("aggregation", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_aggregations_construct_run_and_resist_a_poisoned_finite_update(flower_task, tmp_path, aggregation):
+    _, strategy, ref = _strategy(tmp_path, aggregation=aggregation)
+    rng = np.random.default_rng(0)
+    honest = {n: {k: v + rng.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in ref.items()} for n in range(1, 5)}
+    poisoned = {k: v + 50.0 for k, v in ref.items()}  # finite: check_update cannot tell
+    replies = _round(strategy, ref, {**honest, 5: poisoned})
+    TALLY.injected += 1
+    arrays, metrics = strategy.aggregate_train(1, list(replies.values()))
+    assert arrays is not None and metrics["clients"] >= 1
+    agg = _flat(protocol.state_from_record(arrays))
+    honest_mean = np.mean([_flat(s) for s in honest.values()], axis=0)
+    assert np.abs(agg - honest_mean).max() < 0.1  # fedavg would be 10 off (50 / 5)
+    assert set(strategy.rounds[1].reports) == {1, 2, 3, 4, 5}
+    TALLY.finished += 1
+
+
+def test_fedavg_is_not_robust_to_that_update(flower_task, tmp_path):
+    """The contrast that shows the robust test above can fail."""
+    _, strategy, ref = _strategy(tmp_path, aggregation="fedavg")
+    updates = {n: {k: v.copy() for k, v in ref.items()} for n in range(1, 5)}
+    updates[5] = {k: v + 50.0 for k, v in ref.items()}
+    replies = _round(strategy, ref, updates)
+    arrays, _ = strategy.aggregate_train(1, list(replies.values()))
+    shift = _flat(protocol.state_from_record(arrays)) - _flat(ref)
+    assert np.allclose(shift, 10.0, atol=1e-3)
+
+
+def test_malformed_replies_are_rejected_without_stopping_the_round(flower_task, tmp_path):
+    from flwr.app import ConfigRecord, MetricRecord
+
+    _, strategy, ref = _strategy(tmp_path, aggregation="krum")
+    updates = {n: {k: v.copy() for k, v in ref.items()} for n in range(1, 6)}
+    updates[1] = RuntimeError("client process died")
+    replies = _round(strategy, ref, updates)
+    replies[2].content[protocol.ARRAYS] = protocol.model_record(  # same keys, another order: accepted
+        dict(reversed(list(protocol.state_from_record(replies[2].content[protocol.ARRAYS]).items()))))
+    del replies[3].content[protocol.ARRAYS]
+    replies[4].content["extra"] = ConfigRecord({"sample-ids": "1,2,3"})
+    replies[5].content[protocol.METRICS] = MetricRecord({**dict(replies[5].content[protocol.METRICS]),
+                                                         "num-examples": 0})
+    TALLY.injected += 4
+    arrays, _ = strategy.aggregate_train(1, list(replies.values()))
+    log = strategy.rounds[1]
+    assert set(log.failed) == {1} and "client process died" in log.failed[1]
+    assert "records" in log.rejected[3] and "records" in log.rejected[4]
+    assert 5 in log.reports and 5 not in log.rejected  # no labels yet: reported, not aggregated
+    assert 2 not in log.rejected and arrays is not None  # Krum pairs arrays by position: order fixed
+    assert np.allclose(_flat(protocol.state_from_record(arrays)), _flat(ref))
+    TALLY.finished += 1
+
+
+def test_a_round_with_no_usable_update_keeps_the_model(flower_task, tmp_path):
+    _, strategy, ref = _strategy(tmp_path)
+    replies = _round(strategy, ref, {n: RuntimeError("down") for n in range(1, 6)})
+    assert strategy.aggregate_train(1, list(replies.values())) == (None, None)
+    assert strategy.aggregate_evaluate(1, []) is None
+
+
+# ======================================================= 4. differential privacy
+# epsilon of Gaussian releases, from Google's dp-accounting 0.6.0 RdpAccountant
+# (add-or-remove-one, no amplification): (noise multipliers, delta) -> epsilon
+DP_REFERENCE = [
+    ([1.0], 1e-5, 4.728507067217623),
+    ([1.0] * 4, 1e-5, 10.725509696418232),
+    ([0.5] * 6, 1e-5, 34.12663110385034),
+    ([2.0] * 10, 1e-6, 8.84687435850794),
+    ([0.8, 1.2, 1.0], 1e-5, 9.467245539746509),
+    ([5.0] * 100, 1e-5, 10.725509696418221),
+]
+
+
+@pytest.mark.parametrize("multipliers, delta, epsilon", DP_REFERENCE)
+def test_accountant_matches_googles_dp_accounting(multipliers, delta, epsilon):
+    from server.dp import GaussianAccountant
+
+    accountant = GaussianAccountant()
+    for sigma in multipliers:
+        accountant.compose(sigma)
+    assert accountant.epsilon(delta) == pytest.approx(epsilon, rel=1e-9)
+    restored = GaussianAccountant()
+    restored.load_state_dict(json.loads(json.dumps(accountant.state_dict())))
+    assert restored.epsilon(delta) == accountant.epsilon(delta)
+
+
+def test_accountant_refuses_a_noiseless_release():
+    from server.dp import GaussianAccountant
+
+    accountant = GaussianAccountant()
+    assert accountant.epsilon(1e-5) == 0.0
+    with pytest.raises(ValueError, match="noise multiplier > 0"):
+        accountant.compose(0.0)
+
+
+def test_dp_wrapper_forwards_the_budget_bookkeeping_and_evaluation(flower_task, tmp_path):
+    from flwr.app import ConfigRecord
+
+    from server.dp import PrivateServerClipping
+
+    _, strategy, ref = _strategy(tmp_path, dp_clipping_norm=1.0, dp_noise_multiplier=1.0)
+    assert isinstance(strategy, PrivateServerClipping)
+    inner = strategy.budgeted
+    assert strategy.rounds is inner.rounds and strategy.client_of is inner.client_of
+    strategy.stats = {7: "restored"}  # what server/app.py does on resume
+    assert inner.stats == {7: "restored"}
+    assert not hasattr(strategy, "no_such_thing")
+    # evaluation keeps its own weights (the number of test samples)
+    messages = strategy.configure_evaluate(1, protocol.model_record(ref), ConfigRecord(), FakeGrid(range(1, 6)))
+    replies = [protocol.eval_reply(m, num_examples=10 * (i + 1), client_id=i, loss=1.0, accuracy=0.1 * (i + 1))
+               for i, m in enumerate(messages)]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    weights = [10 * (i + 1) for i in range(5)]
+    assert metrics["eval-acc"] == pytest.approx(sum(w * w / 100 for w in weights) / sum(weights))
+
+
+def test_server_side_clipping_bounds_each_update_and_noise_has_the_calibrated_scale(flower_task, tmp_path):
+    from server.dp import GaussianAccountant
+
+    clip, sigma = 0.5, 2.0
+    rng = np.random.default_rng(1)
+    ref = _digits_reference()
+    updates = {n: {k: v + rng.normal(0, 1.0, v.shape).astype(v.dtype) for k, v in ref.items()} for n in range(1, 6)}
+    # clipping only: the mean of updates each clipped to norm 0.5
+    _, strategy, _ = _strategy(tmp_path, dp_clipping_norm=clip, dp_noise_multiplier=0.0)
+    replies = _round(strategy, ref, {n: {k: v.copy() for k, v in u.items()} for n, u in updates.items()})
+    arrays, _ = strategy.aggregate_train(1, list(replies.values()))
+    clipped_mean = _flat(protocol.state_from_record(arrays)) - _flat(ref)
+    expected = np.mean([(_flat(u) - _flat(ref)) * min(1, clip / np.linalg.norm(_flat(u) - _flat(ref)))
+                        for u in updates.values()], axis=0)
+    assert np.allclose(clipped_mean, expected, atol=1e-5)
+    assert strategy.privacy_report()["epsilon"] is None  # no noise, no guarantee
+    # with noise, one of the 5 sampled clients failing: std sigma*C/5, accounted as sigma*4/5
+    _, strategy, _ = _strategy(tmp_path, dp_clipping_norm=clip, dp_noise_multiplier=sigma)
+    replies = _round(strategy, ref, {**{n: {k: v.copy() for k, v in u.items()} for n, u in updates.items()},
+                                     3: RuntimeError("down")})
+    arrays, _ = strategy.aggregate_train(1, list(replies.values()))
+    kept = [u for n, u in updates.items() if n != 3]
+    clean = np.mean([(_flat(u) - _flat(ref)) * min(1, clip / np.linalg.norm(_flat(u) - _flat(ref))) for u in kept],
+                    axis=0)
+    noise = _flat(protocol.state_from_record(arrays)) - _flat(ref) - clean
+    assert noise.std() == pytest.approx(sigma * clip / 5, rel=0.05)
+    report = strategy.privacy_report()
+    accountant = GaussianAccountant()
+    accountant.compose(sigma * 4 / 5)
+    assert report["releases"] == 1 and report["epsilon"] == pytest.approx(accountant.epsilon(1e-5))
+
+
+def test_dp_with_a_robust_aggregation_reports_no_epsilon(flower_task, tmp_path):
+    _, strategy, ref = _strategy(tmp_path, aggregation="fedmedian", dp_clipping_norm=1.0, dp_noise_multiplier=1.0)
+    replies = _round(strategy, ref, {n: {k: v.copy() for k, v in ref.items()} for n in range(1, 6)})
+    assert strategy.aggregate_train(1, list(replies.values()))[0] is not None
+    report = strategy.privacy_report()
+    assert report["epsilon"] is None and "fedmedian" in report["note"]
+
+
+def test_client_side_clipping_through_the_real_client_app(flower_task, tmp_path):
+    """dp-mode = client: the ClientApp clips before replying; the server refuses an unclipped update."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from clients.app import app as client_app
+
+    clip = 0.05
+    cfg, strategy, ref = _strategy(tmp_path, clients=2, dp_clipping_norm=clip, dp_noise_multiplier=0.0,
+                                   dp_mode="client", local_epochs=1, min_local_steps=10)
+    messages = list(strategy.configure_train(1, protocol.model_record(ref), _config_record(), FakeGrid([1, 2])))
+    assert all(m.content[protocol.CONFIG][KEY_CLIPPING_NORM] == clip for m in messages)
+    replies = []
+    for i, msg in enumerate(messages):
+        context = Context(run_id=0, node_id=msg.metadata.dst_node_id, state=RecordDict(),
+                          node_config={"partition-id": i, "state-dir": str(tmp_path / "clients")},
+                          run_config=cfg.to_run_config())
+        replies.append(client_app(msg, context))
+    for reply in replies:
+        assert not reply.has_error(), reply.error
+        delta = _flat(protocol.state_from_record(reply.content[protocol.ARRAYS])) - _flat(ref)
+        assert np.linalg.norm(delta) <= clip * (1 + 1e-4)
+    # a client that does not clip: its update is refused and logged, the other one is used
+    cheat = protocol.state_from_record(replies[1].content[protocol.ARRAYS])
+    replies[1].content[protocol.ARRAYS] = protocol.model_record({k: v + 1.0 for k, v in cheat.items()})
+    TALLY.injected += 1
+    arrays, _ = strategy.aggregate_train(1, replies)
+    node = replies[1].metadata.src_node_id
+    assert "did not clip" in strategy.rounds[1].rejected[node]
+    assert np.allclose(_flat(protocol.state_from_record(arrays)),
+                       _flat(protocol.state_from_record(replies[0].content[protocol.ARRAYS])), atol=1e-6)
+    TALLY.finished += 1
+
+
+def _config_record():
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({protocol.QUERY_ROUND: False})
+
+
+# ============================================================ 5. oracles at a site
+@pytest.fixture
+def site(tmp_path):
+    from clients.site import ClientSite
+
+    def make(**overrides):
+        cfg = small_cfg(tmp_path, clients=3, **overrides)
+        return ClientSite(cfg, {"partition-id": 0, "state-dir": str(tmp_path / "clients")})
+
+    return make
+
+
+def _global_state():
+    return _digits_reference()
+
+
+@pytest.mark.parametrize("kind", ["oracle-error", "oracle-timeout"])
+def test_an_oracle_that_fails_leaves_requests_pending_and_the_round_completes(site, kind):
+    s = site()
+    try:
+        s.train(_global_state(), server_round=1, budget=0)
+        labels_before = dict(zip(*map(list, s.pool.labels())))
+        s.learner.oracle = FaultyOracle(s.oracle, kind)
+        TALLY.injected += 1
+        with pytest.warns(UserWarning, match="did not answer"):
+            _, report = s.train(_global_state(), server_round=2, budget=5)
+        assert (report.queries_used, report.labels_added, report.pending) == (5, 0, 5)
+        TALLY.finished += 1
+        s.learner.oracle = s.oracle  # the oracle is back: the pending requests are answered first
+        _, report = s.train(_global_state(), server_round=3, budget=3)
+        assert (report.labels_added, report.pending) == (5 + 3, 0)
+        after = dict(zip(*map(list, s.pool.labels())))
+        lost = count_lost({"labels": {str(k): v for k, v in labels_before.items()}}, after)
+        TALLY.labels_lost += lost
+        assert lost == 0
+    finally:
+        s.close()
+
+
+def test_an_oracle_answering_garbage_records_only_valid_answers(site):
+    s = site()
+    try:
+        s.train(_global_state(), server_round=1, budget=0)
+        s.learner.oracle = FaultyOracle(s.oracle, "oracle-noise")
+        TALLY.injected += 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, report = s.train(_global_state(), server_round=2, budget=6)
+        assert (report.labels_added, report.pending) == (1, 5)  # one true answer; the rest stay pending
+        messages = " | ".join(str(w.message) for w in caught)
+        for fragment in ("outside the", "not a class index", "no pending request"):
+            assert fragment in messages
+        labels = s.pool.label_records()
+        assert all(0 <= r["label"] < 10 for r in labels)
+        TALLY.finished += 1
+    finally:
+        s.close()
+
+
+def test_requests_expire_after_the_query_timeout_and_go_back_to_the_pool(site):
+    s = site(query_timeout=0.05)
+    try:
+        s.train(_global_state(), server_round=1, budget=0)
+        s.learner.oracle = FaultyOracle(s.oracle, "oracle-timeout")
+        TALLY.injected += 1
+        with pytest.warns(UserWarning):
+            s.train(_global_state(), server_round=2, budget=4)
+        asked = {r["sample_id"] for r in s.pool.requests("pending")}
+        assert len(asked) == 4 and all(r["deadline"] is not None for r in s.pool.requests("pending"))
+        time.sleep(0.1)
+        s.learner.oracle = s.oracle
+        _, report = s.train(_global_state(), server_round=3, budget=2)
+        expired = {r["sample_id"] for r in s.pool.requests("expired")}
+        assert expired == asked  # released at the start of round 3, not answered late
+        assert (report.labels_added, report.pending) == (2, 0)
+        TALLY.finished += 1
+    finally:
+        s.close()
+
+
+def test_a_negative_budget_from_the_server_is_refused_by_the_client(site):
+    s = site()
+    try:
+        with pytest.raises(ConfigError, match="negative query budget"):
+            s.train(_global_state(), server_round=2, budget=-3)
+    finally:
+        s.close()
+
+
+# ============================================================== 6. bad input
+def _write_npz(path: Path, **changes) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = dict(train_images=rng.integers(0, 255, (60, 28, 28), dtype=np.uint8),
+                  train_labels=rng.integers(0, 3, (60, 1)),
+                  test_images=rng.integers(0, 255, (12, 28, 28), dtype=np.uint8),
+                  test_labels=rng.integers(0, 3, (12, 1)))
+    arrays.update(changes)
+    for key in [k for k, v in arrays.items() if v is None]:
+        del arrays[key]
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
+    good = _write_npz(folder / "good.npz")
+    truncated = folder / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    toml = folder / "broken.toml"
+    toml.write_text("clients = = 3\n")
+    return {
+        "missing data file": (["--dataset", str(folder / "missing.npz")], "does not exist"),
+        "truncated data file": (["--dataset", str(truncated)], "is truncated or not a valid .npz"),
+        "malformed data file": (["--dataset", str(_write_npz(folder / "keys.npz", train_images=None,
+                                                             images=np.zeros((60, 28, 28), np.uint8)))],
+                                "expected the MedMNIST layout"),
+        "wrong image shape": (["--dataset", str(_write_npz(folder / "shape.npz",
+                                                           train_images=np.zeros((60, 32, 32), np.uint8),
+                                                           test_images=np.zeros((12, 32, 32), np.uint8)))],
+                              "fedal's CNN takes 28x28"),
+        "labels out of range": (["--dataset", str(_write_npz(folder / "neg.npz",
+                                                             train_labels=np.full((60, 1), -1)))],
+                                "non-negative integer class labels"),
+        "non-integer labels": (["--dataset", str(_write_npz(folder / "float.npz",
+                                                            train_labels=np.full((60, 1), 0.5)))],
+                               "non-negative integer class labels"),
+        "empty training split": (["--dataset", str(_write_npz(folder / "empty.npz",
+                                                              train_images=np.zeros((0, 28, 28), np.uint8),
+                                                              train_labels=np.zeros((0, 1), int)))],
+                                 "the train split is empty"),
+        "empty client pool": (["--partition", "iid", "--clients", "300", "--local-test-fraction", "0.9",
+                               "--initial-labels", "1"], "has an empty pool"),
+        "initial labels larger than a pool": (["--dataset", str(good), "--clients", "3", "--initial-labels", "50"],
+                                              "lower --initial-labels"),
+        "budget larger than the pool": (["--round-budget", "5000"], "lower --round-budget to at most"),
+        "negative budget": (["--round-budget", "-5"], "round-budget must be >= 0"),
+        "unknown strategy": (["--strategy", "nope"], "unknown strategy 'nope'; choose one of"),
+        "wrong type": (["--clients", "three"], "setting clients must be an int"),
+        "out-of-range value": (["--min-clients", "9"], "min-clients must be between 1 and clients"),
+        "noise without clipping": (["--dp-noise-multiplier", "1"], "needs dp-clipping-norm > 0"),
+        "unknown dp mode": (["--dp-mode", "local"], "dp-mode must be one of"),
+        "broken config file": (["--config", str(toml)], "is not valid TOML"),
+        "resume without checkpoint": (["--resume"], "no checkpoint"),
+    }
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_input_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad-input")
+    cases = _bad_inputs(folder)
+    assert sorted(cases) == sorted(BAD_CASES)
+    return folder, cases
+
+
+BAD_CASES = (
+    "missing data file", "truncated data file", "malformed data file", "wrong image shape", "labels out of range",
+    "non-integer labels", "empty training split", "empty client pool", "initial labels larger than a pool",
+    "budget larger than the pool", "negative budget", "unknown strategy", "wrong type", "out-of-range value",
+    "noise without clipping", "unknown dp mode", "broken config file", "resume without checkpoint",
+)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_refused_with_the_problem_and_fix_and_nothing_written(case, bad_input_dir, capsys):
+    from fedal.cli import main
+
+    folder, cases = bad_input_dir
+    args, fragment = cases[case]
+    out = folder / "out" / case.replace(" ", "-")
+    (out / "checkpoint").mkdir(parents=True)  # a previous run's files must survive a refused command
+    (out / "results.json").write_text('{"rounds": []}')
+    (out / "clients").mkdir()
+    (out / "clients" / "client-0.db").write_bytes(b"previous labels")
+    before = _tree(out)
+    TALLY.injected += 1
+    status = main(["simulate", *args, "--output-dir", str(out), "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"fedal simulate: error:" in err and fragment in err, err
+    assert "Traceback" not in err
+    assert _tree(out) == before
+    TALLY.finished += 1
+
+
+def test_the_installed_command_exits_non_zero_on_bad_input(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fedal.cli", "simulate", "--round-budget", "-1",
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    TALLY.injected += 1
+    assert proc.returncode == 2
+    assert "round-budget must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    TALLY.finished += 1
