@@ -12,7 +12,6 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.site import ClientSite
 from fedal.config import FederationConfig
@@ -34,7 +33,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     reply goes out unchanged (DP off, or clipped on the server).
     """
     content = msg.content
-    if protocol.CONFIG in content and KEY_CLIPPING_NORM in content[protocol.CONFIG]:
+    if protocol.CONFIG in content and protocol.DP_CLIPPING_NORM in content[protocol.CONFIG]:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 WEIGHT_KEY = "num-examples"  # Flower strategies weight updates by this metric
 
 # server -> client, per node
 SERVER_ROUND, QUERY_BUDGET, QUERY_ROUND, PROXIMAL_MU = "server-round", "query-budget", "query-round", "proximal-mu"
+# client-side DP: the norm each client clips its update to (Flower's own key, set by its DP wrapper)
+DP_CLIPPING_NORM = KEY_CLIPPING_NORM
 
 # client -> server: aggregate scalars only
 TRAIN_METRICS = (

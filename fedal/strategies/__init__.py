@@ -9,7 +9,8 @@ Families, one module each: :mod:`~fedal.strategies.random`,
 :mod:`~fedal.strategies.uncertainty`, :mod:`~fedal.strategies.bald`,
 :mod:`~fedal.strategies.committee`, :mod:`~fedal.strategies.egl`,
 :mod:`~fedal.strategies.density`, :mod:`~fedal.strategies.coreset`,
-:mod:`~fedal.strategies.badge`, :mod:`~fedal.strategies.coldstart`.
+:mod:`~fedal.strategies.badge`, :mod:`~fedal.strategies.coldstart`,
+:mod:`~fedal.strategies.federated` (LoGo, KAFAL: local model next to the global one).
 """
 from fedal.strategies.badge import (
     BADGE,
@@ -35,6 +36,17 @@ from fedal.strategies.committee import KLToConsensus, VoteEntropy, kl_to_consens
 from fedal.strategies.coreset import CoreSet, kcenter_greedy, min_sq_distances
 from fedal.strategies.density import InformationDensity, information_density, mean_cosine_similarity
 from fedal.strategies.egl import ExpectedGradientLength, expected_gradient_length
+from fedal.strategies.federated import (
+    KAFAL,
+    KAFALDiverse,
+    LoGo,
+    WithViews,
+    class_weights,
+    kmeans,
+    local_forward,
+    logo_select,
+    weighted_discrepancy,
+)
 from fedal.strategies.random import RandomSampling
 from fedal.strategies.registry import available_strategies, get_strategy, register
 from fedal.strategies.uncertainty import (
@@ -54,11 +66,11 @@ __all__ = [
     # strategies
     "BADGE", "BALD", "CoreSet", "Entropy", "ExpectedGradientLength", "InformationDensity",
     "KLToConsensus", "KMeansColdStart", "LeastConfidence", "Margin", "RandomSampling",
-    "TypiClust", "VoteEntropy",
+    "TypiClust", "VoteEntropy", "KAFAL", "KAFALDiverse", "LoGo", "WithViews",
     # pure functions
     "badge_select", "bald", "d2_seeding", "entropy", "expected_gradient_length",
     "gradient_embedding", "gradient_embedding_factors", "gradient_sq_distances_to",
     "information_density", "kcenter_greedy", "kl_to_consensus", "kmeanspp", "least_confidence",
     "margin", "mean_cosine_similarity", "min_sq_distances", "top2_margin", "typicality",
-    "vote_entropy",
+    "vote_entropy", "class_weights", "kmeans", "local_forward", "logo_select", "weighted_discrepancy",
 ]

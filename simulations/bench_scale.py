@@ -1,0 +1,133 @@
+"""Benchmark: a 100-client federation on the Simulation Engine (2 cores on the reference machine).
+
+Runs ``fedal`` with 100 clients on MNIST (subsampled with ``max-train``, so each client
+holds about 200 images) and reports the wall time (total and per round) and the peak
+memory: the largest sum of resident set sizes over this process and every descendant
+(Ray's GCS, raylet and the client actors), sampled every 0.25 s from ``/proc``. The sum
+counts shared pages once per process, so it is an upper bound. Writes
+``simulations/results/bench_scale.{md,json}``.
+
+    .venv/bin/python -m simulations.bench_scale
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+DEFAULTS = {"dataset": "mnist", "data-dir": str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+            "max-train": 20000, "clients": 100, "partition": "dirichlet", "alpha": 0.5, "strategy": "entropy",
+            "initial-labels": 5, "round-budget": 500, "rounds": 3, "local-epochs": 1, "min-local-steps": 5,
+            "min-clients": 100}
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def tree_rss_bytes(root: int) -> tuple[int, int]:
+    """``(sum of RSS in bytes, number of processes)`` of ``root`` and all its descendants."""
+    tree, total, count, todo = _children(), 0, 0, [root]
+    page = os.sysconf("SC_PAGE_SIZE")
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+            count += 1
+        except OSError:
+            pass
+        todo.extend(tree.get(pid, []))
+    return total, count
+
+
+class PeakMemory:
+    """Samples :func:`tree_rss_bytes` of this process in a background thread."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak, self.peak_procs = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, procs = tree_rss_bytes(os.getpid())
+            if rss > self.peak:
+                self.peak, self.peak_procs = rss, procs
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedal.config import FederationConfig
+    from fedal.federation import client_parts
+    from simulations.engine import run_in_simulation
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"federation setting (defaults: {DEFAULTS})")
+    p.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    settings = dict(DEFAULTS)
+    settings.update(dict(item.split("=", 1) for item in args.overrides))
+    work = Path(tempfile.mkdtemp(prefix="fedal-bench-scale-"))
+    try:
+        cfg = FederationConfig.from_mapping({**settings, "output-dir": str(work)})
+        sizes = [len(p) for p in client_parts(cfg)]
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            run_in_simulation(cfg)
+        seconds = time.perf_counter() - t0
+        results = json.loads((work / "results.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rounds = results["rounds"]
+    row = {"clients": cfg.clients, "cores": os.cpu_count(), "rounds": len(rounds), "wall_seconds": seconds,
+           "round_seconds": [r["seconds"] for r in rounds], "clients_reporting": [len(r["clients"]) for r in rounds],
+           "peak_rss_mib": mem.peak / 2**20, "processes_at_peak": mem.peak_procs,
+           "samples_per_client": [min(sizes), int(sum(sizes) / len(sizes)), max(sizes)],
+           "final_labels": rounds[-1]["labels"], "final_accuracy": rounds[-1]["accuracy"],
+           "events": len(results.get("events", []))}
+    text = "\n".join([
+        f"Settings: {settings}", "",
+        "| clients | cores | rounds | wall s | s per round (1..R) | clients reporting | peak RSS (MiB, process tree) | "
+        "processes | samples/client (min/mean/max) | final labels | final accuracy | failures |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|",
+        f"| {row['clients']} | {row['cores']} | {row['rounds']} | {seconds:.1f} | "
+        f"{', '.join(f'{s:.1f}' for s in row['round_seconds'])} | {', '.join(map(str, row['clients_reporting']))} | "
+        f"{row['peak_rss_mib']:.0f} | {row['processes_at_peak']} | {'/'.join(map(str, row['samples_per_client']))} | "
+        f"{row['final_labels']} | {row['final_accuracy']:.4f} | {row['events']} |"])
+    print(text)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_scale.md").write_text(text + "\n")
+    (out / "bench_scale.json").write_text(json.dumps({"settings": settings, "result": row}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,392 @@
+"""``fedal compare``: label efficiency of several query strategies on one federation.
+
+Every strategy runs on the same federation (same data, partition, initial labeled sets
+and training seeds for a given seed) through the real Simulation Engine, once per
+strategy x seed, each run in its own folder ``<output-dir>/runs/<strategy>-seed<k>``.
+A centralized active learner (all clients' pools pooled, no federation, same initial
+labels and the same total budget per query round) is the reference.
+
+Writes ``compare.json`` (per-seed curves and every number), ``compare.md`` (the
+table) and ``compare.png`` (accuracy vs labels, mean and +-1 std over seeds) to
+``--output-dir``. Finished runs whose settings did not change are reused, so an
+interrupted comparison continues where it stopped (``--rerun`` starts afresh).
+
+Metrics, per strategy:
+
+* final accuracy (mean +- std over seeds) at the final label count;
+* AULC: area under the accuracy-vs-labels curve divided by the label range (the
+  mean accuracy over the budget, in [0, 1]);
+* labels to reach random's final accuracy: first crossing of the seed-mean curve,
+  linearly interpolated between rounds ("not reached" if never), and the saving vs
+  random's final label count in %;
+* the gap to centralized AL: final accuracy minus the centralized final accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
+
+COMPARE_KEYS = ("strategies", "seeds", "centralized")
+DEFAULT_STRATEGIES = ("random", "entropy")
+
+
+# ------------------------------------------------------------------ metrics
+def aulc(labels: Any, accuracy: Any) -> float:
+    """Area under the learning curve divided by the label range (trapezoids), in [0, 1].
+
+    Parameters
+    ----------
+    labels, accuracy : sequences of float, same length >= 1
+        The curve, labels increasing.
+    """
+    x, y = np.asarray(labels, dtype=np.float64), np.asarray(accuracy, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"labels and accuracy must be 1-d and of equal length, got {x.shape} and {y.shape}")
+    if len(x) == 1 or x[-1] == x[0]:
+        return float(y.mean())
+    return float(np.sum((y[1:] + y[:-1]) / 2.0 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def labels_to_reach(labels: Any, accuracy: Any, target: float) -> float | None:
+    """Labels at which the curve first reaches ``target``, linearly interpolated between the
+    two rounds around the crossing; None if it never does.
+
+    Parameters
+    ----------
+    labels, accuracy : sequences of float, same length
+    target : float
+    """
+    x, y = np.asarray(labels, dtype=np.float64), np.asarray(accuracy, dtype=np.float64)
+    hit = np.flatnonzero(y >= target)
+    if len(hit) == 0:
+        return None
+    i = int(hit[0])
+    if i == 0:
+        return float(x[0])
+    frac = (target - y[i - 1]) / (y[i] - y[i - 1])
+    return float(x[i - 1] + frac * (x[i] - x[i - 1]))
+
+
+def summarize(curves: dict[str, list[tuple[list, list]]], baseline: str = "random",
+              reference: tuple[str, list[tuple[list, list]]] | None = None) -> dict[str, dict]:
+    """Per-strategy numbers from per-seed curves ``{name: [(labels, accuracy), ...]}``.
+
+    Curves of one strategy must have the same number of rounds. ``baseline`` (random)
+    sets the target accuracy (its seed-mean final accuracy) and the label count the
+    saving is measured against. ``reference`` = ``(name, curves)`` of centralized AL.
+
+    Returns
+    -------
+    dict
+        ``{name: {labels, mean, std, final_mean, final_std, aulc_mean, aulc_std,
+        labels_to_target, saving_pct, seeds_reaching, gap_to_reference}}``.
+    """
+    if baseline not in curves:
+        raise ConfigError(f"the comparison needs the baseline strategy {baseline!r}; add it to --strategies")
+    out: dict[str, dict] = {}
+    every = dict(curves)
+    if reference is not None:
+        every[reference[0]] = reference[1]
+    for name, runs in every.items():
+        if not runs:
+            continue
+        lengths = {len(r[0]) for r in runs}
+        if len(lengths) != 1:
+            raise ValueError(f"runs of {name} have different numbers of rounds {sorted(lengths)}")
+        labels = np.mean([r[0] for r in runs], axis=0)
+        acc = np.asarray([r[1] for r in runs], dtype=np.float64)
+        areas = [aulc(r[0], r[1]) for r in runs]
+        out[name] = {"seeds": len(runs), "labels": labels.tolist(), "mean": acc.mean(axis=0).tolist(),
+                     "std": acc.std(axis=0).tolist(), "final_mean": float(acc[:, -1].mean()),
+                     "final_std": float(acc[:, -1].std()), "aulc_mean": float(np.mean(areas)),
+                     "aulc_std": float(np.std(areas))}
+    base = out[baseline]
+    target, base_labels = base["final_mean"], base["labels"][-1]
+    base_runs = curves[baseline]
+    for name, row in out.items():
+        need = labels_to_reach(row["labels"], row["mean"], target)
+        row["target_accuracy"] = target
+        row["labels_to_target"] = need
+        row["saving_pct"] = None if need is None else 100.0 * (1.0 - need / base_labels)
+        runs = every[name]
+        per_seed = [labels_to_reach(r[0], r[1], b[1][-1]) for r, b in zip(runs, base_runs)]
+        row["labels_to_target_per_seed"] = per_seed
+        row["seeds_reaching"] = sum(v is not None for v in per_seed)
+        if reference is not None and reference[0] in out:
+            row["gap_to_reference"] = row["final_mean"] - out[reference[0]]["final_mean"]
+    return out
+
+
+def markdown_table(summary: dict[str, dict], baseline: str = "random") -> str:
+    """The comparison as a markdown table, best AULC first."""
+    target = summary[baseline]["target_accuracy"]
+    lines = [f"Target = random's final accuracy {target:.4f} at {summary[baseline]['labels'][-1]:.0f} labels.", "",
+             "| strategy | seeds | final labels | final accuracy | AULC | labels to target | saving vs random | "
+             "seeds reaching | vs centralized |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["aulc_mean"]):
+        need = "not reached" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
+        saving = "-" if r["saving_pct"] is None else f"{r['saving_pct']:+.1f}%"
+        gap = r.get("gap_to_reference")
+        lines.append(
+            f"| {name} | {r['seeds']} | {r['labels'][-1]:.0f} | {r['final_mean']:.4f} +- {r['final_std']:.4f} | "
+            f"{r['aulc_mean']:.4f} +- {r['aulc_std']:.4f} | {need} | {saving} | {r['seeds_reaching']}/{r['seeds']} | "
+            + ("-" if gap is None else f"{100 * gap:+.1f} pt") + " |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------- centralized
+def centralized_run(cfg: FederationConfig, strategy: str) -> list[dict]:
+    """Active learning on the union of the clients' pools, no federation.
+
+    Same initial labeled set as the federation (each client's initial pick reproduced
+    with its own seed), ``round_budget`` labels per query round, one warm-started fit of
+    ``local_epochs`` per round, evaluated on the server's test set. Returns one row
+    ``{round, labels, accuracy}`` per round.
+    """
+    import torch
+
+    from fedal.federation import client_data, federation_dataset
+    from fedal.learner import ActiveLearner
+    from fedal.models import build_model
+    from fedal.oracle import SimulatedOracle
+    from fedal.pool import Pool
+    from fedal.strategies import QueryContext, get_strategy
+
+    torch.set_num_threads(1)
+    ds = federation_dataset(cfg)
+    parts = [client_data(cfg, c) for c in range(cfg.clients)]
+    X = np.concatenate([p.X_pool for p in parts])
+    y = np.concatenate([p.y_pool for p in parts])
+    initial, offset = [], 0
+    cold = get_strategy(cfg.initial_strategy)
+    for c, part in enumerate(parts):  # the ids ClientSite's learner picks in round 1
+        n = len(part.y_pool)
+        ctx = QueryContext(np.arange(n), part.X_pool, labeled_X=part.X_pool[:0])
+        initial.append(offset + cold.query(ctx, min(cfg.initial_labels, n), seed=(cfg.seed * 1000 + c) * 100_003))
+        offset += n
+    pool = Pool(ds.n_classes, size=len(y))
+    oracle = SimulatedOracle(y, ds.n_classes, noise_rate=cfg.noise_rate, seed=cfg.seed)
+    model = build_model(ds.input_shape, ds.n_classes, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                        lr=cfg.lr, min_steps=cfg.min_local_steps, seed=cfg.seed)
+    learner = ActiveLearner(model, strategy, X, pool, oracle, cold_start=cfg.initial_strategy, seed=cfg.seed,
+                            X_eval=ds.X_test, y_eval=ds.y_test)
+    pool.request(np.concatenate(initial), round=0)
+    rows = []
+    for server_round in range(1, cfg.rounds + 1):
+        if cfg.is_query_round(server_round) and cfg.round_budget > 0 and pool.counts()["unlabeled"] > 0:
+            if cfg.reinit:
+                model.reset(seed=cfg.seed + server_round)
+            learner.query(min(cfg.round_budget, pool.counts()["unlabeled"]), round=server_round)
+        learner.teach(round=server_round)
+        learner.fit()
+        _, acc = learner.evaluate()
+        rows.append({"round": server_round, "labels": pool.counts()["labeled"], "accuracy": acc})
+    pool.close()
+    return rows
+
+
+# -------------------------------------------------------------------- runs
+def run_config(base: FederationConfig, strategy: str, seed: int, out: Path) -> FederationConfig:
+    """The settings of one strategy x seed run."""
+    return FederationConfig.from_mapping(
+        {"strategy": strategy, "seed": seed, "output_dir": str(out / "runs" / f"{strategy}-seed{seed}"),
+         "state_dir": "", "resume": False}, base=base)
+
+
+def finished_rounds(cfg: FederationConfig) -> list[dict] | None:
+    """The rounds of an earlier run with exactly these settings, if it finished."""
+    path = Path(cfg.output_dir) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if results.get("config") != json.loads(json.dumps(cfg.to_run_config())) or len(results["rounds"]) != cfg.rounds:
+        return None
+    return results["rounds"]
+
+
+def load_preset(path: str | None) -> tuple[FederationConfig, dict]:
+    """``(settings, compare options)`` from a preset TOML: a ``[fedal]`` table of
+    FederationConfig settings and a ``[compare]`` table (strategies, seeds, centralized)."""
+    if path is None:
+        return FederationConfig(), {}
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"preset {path} does not exist; see simulations/presets/ for the shipped ones") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None
+    options = data.get("compare", {})
+    unknown = sorted(set(options) - set(COMPARE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [compare] keys {unknown} in {path}; known: {', '.join(COMPARE_KEYS)}")
+    return FederationConfig.from_mapping(data.get("fedal", {k: v for k, v in data.items() if k != "compare"})), options
+
+
+def _names(text: str | list, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s) for s in text]
+    items = [s for s in items if s]
+    if not items:
+        raise ConfigError(f"--{what} is empty; give a comma-separated list")
+    return items
+
+
+def _seeds(text: str | list) -> list[int]:
+    try:
+        seeds = [int(s) for s in _names(text, "seeds")]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds has duplicates: {seeds}")
+    return seeds
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="TOML preset: [fedal] settings + [compare] strategies/seeds")
+    p.add_argument("--strategies", default=None, help="comma-separated strategies (must include random)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--output-dir", default=None, help="where runs and compare.{json,md,png} go (default runs/compare)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a federation setting of the preset, e.g. --set rounds=4 (repeatable)")
+    p.add_argument("--centralized", default=None,
+                   help="strategy of the centralized reference: a name, 'best' (best AULC, default) or 'none'")
+    p.add_argument("--rerun", action="store_true", help="rerun finished runs instead of reusing them")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from fedal.strategies import available_strategies
+    from simulations.engine import run_in_simulation
+    from simulations.simulate import _prepare_output
+
+    base, options = load_preset(args.preset)
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    base = FederationConfig.from_mapping(overrides, base=base)
+    if base.data_dir and not Path(base.data_dir).is_absolute():  # client processes may run elsewhere
+        base = FederationConfig.from_mapping({"data_dir": str(Path(base.data_dir).resolve())}, base=base)
+    strategies = _names(args.strategies or options.get("strategies") or ",".join(DEFAULT_STRATEGIES), "strategies")
+    seeds = _seeds(args.seeds or options.get("seeds") or "0,1,2")
+    for name in strategies:
+        if name.replace("-", "_") not in available_strategies():
+            raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(available_strategies())}")
+    if "random" not in strategies:
+        raise ConfigError("--strategies must include 'random': savings are measured against it")
+    centralized = str(args.centralized or options.get("centralized", "best"))
+    from fedal.federation import client_parts, federation_dataset
+
+    for seed in seeds:  # a partition that cannot be drawn fails here, not in every client process
+        probe = FederationConfig.from_mapping({"seed": seed}, base=base)
+        federation_dataset(probe)
+        try:
+            client_parts(probe)
+        except ConfigError as exc:
+            raise ConfigError(f"seed {seed}: {exc} (or pick other --seeds)") from None
+    out = Path(args.output_dir or "runs/compare")
+    out.mkdir(parents=True, exist_ok=True)
+
+    print(f"fedal compare: {base.dataset}, {base.clients} clients, {base.partition}"
+          + (f"(alpha={base.alpha})" if base.partition == "dirichlet" else "")
+          + f", {base.rounds} rounds, budget {base.round_budget}/round; strategies {', '.join(strategies)}; "
+          f"seeds {seeds}; {len(strategies) * len(seeds)} runs -> {out}")
+    by_seed: dict[str, dict[int, tuple[list, list]]] = {s: {} for s in strategies}
+    timings, failed = {}, []
+    for seed in seeds:
+        for name in strategies:
+            cfg = run_config(base, name, seed, out)
+            rounds = None if args.rerun else finished_rounds(cfg)
+            t0 = time.perf_counter()
+            if rounds is None:
+                _prepare_output(cfg)
+                try:
+                    run_in_simulation(cfg, verbose=args.verbose)
+                except RuntimeError as exc:
+                    failed.append(f"{name} seed {seed}: {exc}")
+                rounds = finished_rounds(cfg)
+                if rounds is None:
+                    failed.append(f"{name} seed {seed}: did not finish {cfg.rounds} rounds (see {cfg.output_dir})")
+                    continue
+                status = "ran"
+            else:
+                status = "reused"
+            timings[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
+            by_seed[name][seed] = ([r["labels"] for r in rounds], [r["accuracy"] for r in rounds])
+            print(f"  {name:>14s} seed {seed}: {rounds[-1]['labels']} labels, accuracy {rounds[-1]['accuracy']:.4f} "
+                  f"({status}, {timings[f'{name}-seed{seed}']:.0f} s)", flush=True)
+    # per-seed comparisons pair runs by seed: keep the seeds every strategy finished
+    complete = [seed for seed in seeds if all(seed in by_seed[name] for name in strategies)]
+    if len(complete) < len(seeds):
+        print(f"fedal compare: comparing seeds {complete} only; the others have failed runs", file=sys.stderr)
+    seeds = complete
+    curves = {name: [by_seed[name][seed] for seed in seeds] for name in strategies}
+    if not curves["random"]:
+        print("fedal compare: no seed finished a run of every strategy; nothing to compare", file=sys.stderr)
+        for line in failed:
+            print("  " + line, file=sys.stderr)
+        return 1
+
+    reference = None
+    if centralized != "none":
+        if centralized == "best":
+            pre = summarize({k: v for k, v in curves.items() if v})
+            centralized = max((k for k in pre if k != "random"), key=lambda k: pre[k]["aulc_mean"], default="random")
+        t0 = time.perf_counter()
+        ref_runs = []
+        for seed in seeds:
+            rows = centralized_run(run_config(base, centralized, seed, out), centralized)
+            ref_runs.append(([r["labels"] for r in rows], [r["accuracy"] for r in rows]))
+        reference = (f"centralized-{centralized}", ref_runs)
+        timings[reference[0]] = round(time.perf_counter() - t0, 1)
+        print(f"  centralized {centralized}: final accuracy {np.mean([r[1][-1] for r in ref_runs]):.4f} "
+              f"({timings[reference[0]]:.0f} s)")
+
+    summary = summarize({k: v for k, v in curves.items() if v}, reference=reference)
+    table = markdown_table(summary)
+    write_outputs(out, base, strategies, seeds, curves, reference, summary, table, timings, failed)
+    print(table)
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
+    for line in failed:
+        print("  failed: " + line, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_outputs(out: Path, base: FederationConfig, strategies, seeds, curves, reference, summary, table,
+                  timings, failed) -> None:
+    """compare.json, compare.md and compare.png."""
+    from server.results import atomic_write, plot_curves
+
+    settings = base.to_run_config()
+    settings.pop("output-dir", None)
+    payload = {"settings": settings, "strategies": strategies, "seeds": seeds,
+               "runs": {k: [{"labels": l, "accuracy": a} for l, a in v] for k, v in curves.items()},
+               "centralized": None if reference is None else
+               {"name": reference[0], "runs": [{"labels": l, "accuracy": a} for l, a in reference[1]]},
+               "summary": summary, "seconds": timings, "failed": failed}
+    atomic_write(out / "compare.json", json.dumps(payload, indent=2))
+    title = (f"{base.dataset}, {base.clients} clients, {base.partition}"
+             + (f" alpha={base.alpha}" if base.partition == "dirichlet" else "")
+             + f", {len(seeds)} seeds (mean +- std)")
+    atomic_write(out / "compare.md", f"# fedal compare: {title}\n\n{table}\n")
+    mean_rows, bands = {}, {}
+    for name, row in summary.items():
+        mean_rows[name] = [{"labels": l, "accuracy": a} for l, a in zip(row["labels"], row["mean"])]
+        m, s = np.asarray(row["mean"]), np.asarray(row["std"])
+        bands[name] = (m - s, m + s)
+    plot_curves(mean_rows, out / "compare.png", title=title, bands=bands)

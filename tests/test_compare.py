@@ -1,0 +1,105 @@
+"""``fedal compare``: the label-efficiency metrics, the presets and a tiny end-to-end run
+on the Simulation Engine (digits, 2 strategies x 2 seeds x 2 rounds)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedal.cli import main
+from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
+from simulations.compare import aulc, centralized_run, labels_to_reach, load_preset, markdown_table, summarize
+
+PRESETS = Path(__file__).resolve().parents[1] / "simulations" / "presets"
+
+
+def test_aulc_is_the_mean_accuracy_over_the_label_range():
+    assert aulc([0, 10, 20], [0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert aulc([0, 10, 30], [0.0, 1.0, 1.0]) == pytest.approx((5 + 20) / 30)
+    assert aulc([7], [0.3]) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        aulc([0, 1], [0.5])
+
+
+def test_labels_to_reach_interpolates_the_first_crossing():
+    assert labels_to_reach([100, 200, 300], [0.5, 0.7, 0.9], 0.6) == pytest.approx(150)
+    assert labels_to_reach([100, 200, 300], [0.5, 0.9, 0.7], 0.8) == pytest.approx(175)  # first crossing
+    assert labels_to_reach([100, 200], [0.8, 0.9], 0.7) == 100
+    assert labels_to_reach([100, 200], [0.5, 0.6], 0.7) is None
+
+
+def test_summary_saving_and_reference_gap():
+    curves = {"random": [([100, 200, 300], [0.5, 0.6, 0.7]), ([100, 200, 300], [0.5, 0.6, 0.7])],
+              "smart": [([100, 200, 300], [0.5, 0.8, 0.9]), ([100, 200, 300], [0.5, 0.8, 0.9])],
+              "bad": [([100, 200, 300], [0.4, 0.5, 0.6]), ([100, 200, 300], [0.4, 0.5, 0.6])]}
+    ref = ("centralized-smart", [([100, 200, 300], [0.6, 0.9, 0.95])])
+    s = summarize(curves, reference=ref)
+    assert s["random"]["target_accuracy"] == pytest.approx(0.7)
+    assert s["smart"]["labels_to_target"] == pytest.approx(100 + 100 * (0.2 / 0.3))
+    assert s["smart"]["saving_pct"] == pytest.approx(100 * (1 - s["smart"]["labels_to_target"] / 300))
+    assert s["bad"]["labels_to_target"] is None and s["bad"]["seeds_reaching"] == 0
+    assert s["smart"]["gap_to_reference"] == pytest.approx(0.9 - 0.95)
+    table = markdown_table(s)
+    assert "not reached" in table and table.index("centralized-smart") < table.index("| random")
+    with pytest.raises(ConfigError, match="random"):
+        summarize({"smart": curves["smart"]})
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.toml")))
+def test_presets_load(preset):
+    cfg, options = load_preset(str(PRESETS / preset))
+    assert isinstance(cfg, FederationConfig)
+    assert "random" in options["strategies"] and len(options["seeds"]) >= 2
+    if preset != "digits_tiny.toml":
+        assert cfg.clients == 10 and cfg.partition == "dirichlet" and cfg.alpha in (0.1, 100.0)
+        assert len(options["seeds"]) >= 3
+
+
+def test_bad_preset_and_flags_are_explained(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[fedal]\ndataset = "digits"\n[compare]\nstrategy = ["random"]\n')
+    with pytest.raises(ConfigError, match="unknown \\[compare\\] keys"):
+        load_preset(str(bad))
+    assert main(["compare", "--preset", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["compare", "--strategies", "entropy,margin", "--output-dir", str(tmp_path)]) == 2
+    assert "must include 'random'" in capsys.readouterr().err
+    assert main(["compare", "--strategies", "random,nope", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown strategy 'nope'" in capsys.readouterr().err
+
+
+def test_centralized_reference_starts_from_the_federation_initial_labels():
+    cfg = FederationConfig(dataset="digits", clients=3, initial_labels=5, round_budget=20, rounds=3,
+                           local_epochs=1, min_local_steps=5)
+    rows = centralized_run(cfg, "entropy")
+    assert [r["labels"] for r in rows] == [15, 35, 55]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_tiny_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", str(PRESETS / "digits_tiny.toml"), "--output-dir", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["strategies"] == ["random", "entropy"] and result["seeds"] == [0, 1]
+    for name in ("random", "entropy"):
+        assert len(result["runs"][name]) == 2
+        for seed in (0, 1):
+            run = json.loads((out / "runs" / f"{name}-seed{seed}" / "results.json").read_text())
+            assert run["config"]["strategy"] == name and run["config"]["seed"] == seed
+            assert [r["labels"] for r in run["rounds"]] == [30, 60]
+    # same federation for every strategy: round 1 (initial labels + training) is identical per seed
+    for seed in (0, 1):
+        assert result["runs"]["random"][seed]["accuracy"][0] == result["runs"]["entropy"][seed]["accuracy"][0]
+    assert result["centralized"]["name"] == "centralized-entropy"
+    assert set(result["summary"]) == {"random", "entropy", "centralized-entropy"}
+    md = (out / "compare.md").read_text()
+    assert "saving vs random" in md and "centralized-entropy" in md
+    png = (out / "compare.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and len(png) < 200_000
+    # a second call reuses the finished runs
+    capsys.readouterr()
+    assert main(args + ["--centralized", "none"]) == 0
+    assert capsys.readouterr().out.count("reused") == 4
