@@ -2,8 +2,6 @@
 automatically: the tests are parametrised over ``available_strategies()``)."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 from strategy_helpers import FakeModel
@@ -115,31 +113,33 @@ def test_scores_are_finite_per_candidate(name):
 models = pytest.importorskip("fedal.models")
 
 
-def real_model(kind):
+@pytest.fixture(scope="module", params=["mlp", "cnn", "sklearn"])
+def fitted_model(request):
+    """A real adapter fitted once on 10 labeled samples, with 20 more as the pool."""
     rng = np.random.default_rng(1)
-    if kind == "cnn":
+    if request.param == "cnn":
         X = rng.random((30, 3, 28, 28), dtype=np.float32)
         model = models.TorchClassifier(lambda: models.SmallCNN(3, 4), 4, epochs=1, seed=0)
-    else:
+    elif request.param == "mlp":
         X = rng.normal(size=(30, N_FEATURES)).astype(np.float32)
-        if kind == "mlp":
-            model = models.TorchClassifier(lambda: models.MLP(N_FEATURES, 3), 3, epochs=2, seed=0)
-        else:
-            from sklearn.linear_model import LogisticRegression
+        model = models.TorchClassifier(lambda: models.MLP(N_FEATURES, 3), 3, epochs=2, seed=0)
+    else:
+        from sklearn.linear_model import LogisticRegression
 
-            model = models.SklearnClassifier(LogisticRegression(max_iter=200), 3, seed=0)
-    y = np.arange(10) % model.n_classes
-    model.fit(X[:10], y)
-    ids = rng.permutation(np.arange(500, 520))
-    return QueryContext(ids=ids, X=X[10:], model=model, labeled_X=X[:10])
+        X = rng.normal(size=(30, N_FEATURES)).astype(np.float32)
+        model = models.SklearnClassifier(LogisticRegression(max_iter=200), 3, seed=0)
+    model.fit(X[:10], np.arange(10) % model.n_classes)
+    return model, X
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "sklearn"])
-def test_real_model_adapters(kind):
-    for name in STRATEGIES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PoolExhaustedWarning)
-            first = query(name, real_model(kind), 6, seed=2)
-            again = query(name, real_model(kind), 6, seed=2)
-        assert len(set(first.tolist())) == 6 and set(first.tolist()) <= set(range(500, 520)), name
-        np.testing.assert_array_equal(first, again, err_msg=name)
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_real_model_adapters(fitted_model, name):
+    model, X = fitted_model
+    ids = np.random.default_rng(2).permutation(np.arange(500, 520))
+
+    def run():
+        return query(name, QueryContext(ids=ids, X=X[10:], model=model, labeled_X=X[:10]), 6, seed=2)
+
+    first, again = run(), run()
+    assert len(set(first.tolist())) == 6 and set(first.tolist()) <= set(range(500, 520))
+    np.testing.assert_array_equal(first, again)

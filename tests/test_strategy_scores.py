@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from strategy_helpers import FakeModel, blobs, fixed_context
 
+from fedal.exceptions import ConfigError
 from fedal.strategies import (
     QueryContext,
     bald,
@@ -186,11 +187,18 @@ def test_badge_with_all_gradients_zero_still_returns_distinct():
 
 
 # ----------------------------------------------------------------- cold start
-@pytest.mark.parametrize("name", ["typiclust", "kmeans_coldstart"])
-def test_cold_start_covers_each_blob(name):
+@pytest.mark.parametrize("name, options", [
+    ("typiclust", {}),
+    ("typiclust", {"max_cluster_reference": 5}),  # typicality on a subsample of each cluster
+    ("typiclust", {"use_embeddings": True}),
+    ("kmeans_coldstart", {}),
+])
+def test_cold_start_covers_each_blob(name, options):
     X, blob = blobs()
-    ctx = QueryContext(ids=np.arange(len(X)), X=X)
-    chosen = get_strategy(name).query(ctx, 3, seed=0)
+    model = FakeModel(2)
+    model.forward = lambda X: (np.full((len(X), 2), 0.5), np.asarray(X, dtype=np.float32) * 3)
+    ctx = QueryContext(ids=np.arange(len(X)), X=X, model=model if options.get("use_embeddings") else None)
+    chosen = get_strategy(name, **options).query(ctx, 3, seed=0)
     assert sorted(blob[chosen].tolist()) == [0, 1, 2]
 
 
@@ -210,3 +218,17 @@ def test_cold_start_with_duplicates_fills_budget():
         chosen = get_strategy(name).query(QueryContext(ids=np.arange(12), X=X), 8, seed=0)
         assert len(set(chosen.tolist())) == 8
         assert set(X[chosen, 0].tolist()) == {0.0, 5.0}, name
+
+
+# -------------------------------------------------------------------- options
+@pytest.mark.parametrize("name, options", [
+    ("bald", {"n_samples": 1}),
+    ("qbc_vote_entropy", {"n_members": 2.5}),
+    ("density", {"base": "variance"}),
+    ("density", {"beta": -1}),
+    ("coreset", {"chunk_size": 0}),
+    ("typiclust", {"k_neighbors": 0}),
+])
+def test_bad_options_raise_config_error(name, options):
+    with pytest.raises(ConfigError, match=next(iter(options))):
+        get_strategy(name, **options)

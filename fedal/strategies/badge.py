@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from fedal.strategies.base import QueryContext, QueryStrategy
-from fedal.strategies.coreset import sq_distances_to, sq_norms
+from fedal.strategies.coreset import _sq_distances_to, _sq_norms
 from fedal.strategies.registry import register
 
 
@@ -80,8 +80,8 @@ def gradient_sq_distances_to(a: np.ndarray, h: np.ndarray, j: int, a_sq=None, h_
     -------
     numpy.ndarray, shape (n,)
     """
-    a_sq = sq_norms(a) if a_sq is None else a_sq
-    h_sq = sq_norms(h) if h_sq is None else h_sq
+    a_sq = _sq_norms(a) if a_sq is None else a_sq
+    h_sq = _sq_norms(h) if h_sq is None else h_sq
     g_sq = a_sq * h_sq
     cross = (a @ a[j]) * (h @ h[j]).astype(np.float64)
     return np.maximum(g_sq + g_sq[j] - 2.0 * cross, 0.0)
@@ -151,8 +151,8 @@ def kmeanspp(embeddings: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     """
     x = np.asarray(embeddings, dtype=np.float64)
     x = x - x.mean(axis=0) if len(x) else x
-    x_sq = sq_norms(x)
-    return d2_seeding(lambda j: sq_distances_to(x, x_sq, j), len(x), k, rng)
+    x_sq = _sq_norms(x)
+    return d2_seeding(lambda j: _sq_distances_to(x, x_sq, j), len(x), k, rng)
 
 
 def badge_select(probs: np.ndarray, embeddings: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -174,7 +174,7 @@ def badge_select(probs: np.ndarray, embeddings: np.ndarray, k: int, rng: np.rand
     numpy.ndarray of int64, shape (k,)
     """
     a, h = gradient_embedding_factors(probs, embeddings)
-    a_sq, h_sq = sq_norms(a), sq_norms(h).astype(np.float64)
+    a_sq, h_sq = _sq_norms(a), _sq_norms(h).astype(np.float64)
     first = int(np.argmax(a_sq * h_sq)) if len(a) else None
     return d2_seeding(lambda j: gradient_sq_distances_to(a, h, j, a_sq, h_sq), len(a), k, rng, first)
 

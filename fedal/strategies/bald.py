@@ -19,7 +19,7 @@ def _entropy_last_axis(p: np.ndarray) -> np.ndarray:
         return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=-1)
 
 
-def check_sample_probs(sample_probs: np.ndarray) -> np.ndarray:
+def _check_sample_probs(sample_probs: np.ndarray) -> np.ndarray:
     """Validate ``(T, n, C)`` stochastic / committee probabilities and return them as float64."""
     p = np.asarray(sample_probs, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] < 1 or p.shape[2] < 2:
@@ -27,14 +27,14 @@ def check_sample_probs(sample_probs: np.ndarray) -> np.ndarray:
     return p
 
 
-def check_n_samples(n_samples: object, what: str = "n_samples") -> int:
+def _check_n_samples(n_samples: object, what: str = "n_samples") -> int:
     """Validate a number of MC samples / committee members: an integer >= 2."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
         raise ConfigError(f"{what} must be an integer >= 2 (disagreement needs two samples), got {n_samples!r}")
     return int(n_samples)
 
 
-def sample_seed(rng: np.random.Generator | None) -> int:
+def _sample_seed(rng: np.random.Generator | None) -> int:
     """Seed for the model's stochastic passes, drawn from the query's generator (0 without one)."""
     return 0 if rng is None else int(rng.integers(2**31 - 1))
 
@@ -53,7 +53,7 @@ def bald(sample_probs: np.ndarray) -> np.ndarray:
         Mutual information between the label and the model parameters; 0 when every
         sample agrees, at most ``log C``.
     """
-    p = check_sample_probs(sample_probs)
+    p = _check_sample_probs(sample_probs)
     predictive = _entropy_last_axis(p.mean(axis=0))
     expected = _entropy_last_axis(p).mean(axis=0)
     return np.maximum(predictive - expected, 0.0)  # clip round-off below zero
@@ -70,11 +70,10 @@ class BALD(ScoreStrategy):
     """
 
     def __init__(self, n_samples: int = 20) -> None:
-        self.n_samples = check_n_samples(n_samples)
+        self.n_samples = _check_n_samples(n_samples)
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Mutual information of each candidate (see :func:`bald`)."""
-        return bald(ctx.sample_probs(self.n_samples, sample_seed(rng)))
+        return bald(ctx.sample_probs(self.n_samples, _sample_seed(rng)))
 
     def __repr__(self) -> str:
         return f"BALD(n_samples={self.n_samples})"

@@ -41,9 +41,11 @@ class ModelView(Protocol):
 
     n_classes: int
 
-    def forward(self, X: Any) -> tuple[np.ndarray, np.ndarray]: ...
+    def forward(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``(n, C)`` and embeddings ``(n, d)`` of the inputs ``X``."""
 
-    def sample_probs(self, X: Any, n_samples: int, seed: int | None = None) -> np.ndarray: ...
+    def sample_probs(self, X: Any, n_samples: int, seed: int | None = None) -> np.ndarray:
+        """``(n_samples, n, C)`` probabilities of ``X`` from stochastic passes, drawn with ``seed``."""
 
 
 @dataclass
@@ -117,7 +119,7 @@ class QueryContext:
         return self._cache["labeled_embeddings"]
 
     def sample_probs(self, n_samples: int, seed: int | None = None) -> np.ndarray:
-        """``(T, n, C)`` stochastic / committee probabilities, cached per (T, seed)."""
+        """``(n_samples, n, C)`` stochastic / committee probabilities, cached per (n_samples, seed)."""
         key = ("sample_probs", n_samples, seed)
         if key not in self._cache:
             self._cache[key] = self._need_model().sample_probs(self.X, n_samples, seed)
@@ -188,7 +190,22 @@ class ScoreStrategy(QueryStrategy):
 
     @abstractmethod
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Informativeness of each candidate, shape (n,); higher = more informative."""
+        """Informativeness of each candidate; higher = more informative.
+
+        The mean over the pool is the pool's mean uncertainty (a stopping / budget signal).
+
+        Parameters
+        ----------
+        ctx : QueryContext
+            The unlabeled candidates and the model view.
+        rng : numpy.random.Generator, optional
+            Source of the strategy's randomness (e.g. the MC-dropout seed); a fixed
+            default when omitted, so scores are reproducible.
+
+        Returns
+        -------
+        numpy.ndarray of float, shape (n,)
+        """
 
     def _select(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
         return top_k(self.score(ctx, rng), budget, rng)
@@ -204,7 +221,7 @@ def check_budget(budget: Any) -> int:
 
 
 def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions of the ``k`` highest scores, ties broken at random (seeded), best first."""
+    """Positions of the ``k`` highest ``scores``, ties broken by ``rng`` (seeded), best first."""
     scores = np.asarray(scores, dtype=np.float64)
     if not np.all(np.isfinite(scores)):
         raise ValueError("strategy scores contain NaN or Inf; check the model outputs")

@@ -21,7 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from fedal.exceptions import ConfigError
 from fedal.strategies.base import QueryContext, QueryStrategy
-from fedal.strategies.coreset import sq_norms
+from fedal.strategies.coreset import _sq_norms
 from fedal.strategies.registry import register
 
 #: TypiClust's choice: exact k-means for few clusters, mini-batch k-means beyond
@@ -45,7 +45,7 @@ def cluster_features(features: np.ndarray, n_clusters: int, seed: int) -> np.nda
     if n_clusters <= MAX_EXACT_KMEANS_CLUSTERS:
         km = KMeans(n_clusters, n_init=3, random_state=seed)
     else:
-        km = MiniBatchKMeans(n_clusters, n_init=3, batch_size=max(1024, 3 * n_clusters), random_state=seed)
+        km = MiniBatchKMeans(n_clusters, n_init=1, batch_size=max(1024, 3 * n_clusters), random_state=seed)
     with warnings.catch_warnings():  # fewer distinct points than clusters: some clusters stay empty
         warnings.simplefilter("ignore", ConvergenceWarning)
         return km.fit_predict(features)
@@ -74,7 +74,7 @@ def typicality(features: np.ndarray, k: int = 20, chunk_size: int = 1024) -> np.
     if k < 1:
         return np.zeros(n)
     x = x - x.mean(axis=0)
-    x_sq = sq_norms(x)
+    x_sq = _sq_norms(x)
     mean_dist = np.empty(n)
     for i in range(0, n, chunk_size):
         rows = slice(i, i + chunk_size)
@@ -89,11 +89,8 @@ def typicality(features: np.ndarray, k: int = 20, chunk_size: int = 1024) -> np.
 class _ClusterColdStart(QueryStrategy):
     needs_model = False
 
-    def __init__(self, use_embeddings: bool = False, max_cluster_reference: int = 10_000) -> None:
-        if not isinstance(max_cluster_reference, (int, np.integer)) or max_cluster_reference < 2:
-            raise ConfigError(f"max_cluster_reference must be an integer >= 2, got {max_cluster_reference!r}")
+    def __init__(self, use_embeddings: bool = False) -> None:
         self.use_embeddings = bool(use_embeddings)
-        self.max_cluster_reference = int(max_cluster_reference)
 
     def _features(self, ctx: QueryContext) -> np.ndarray:
         if self.use_embeddings:
@@ -108,7 +105,8 @@ class _ClusterColdStart(QueryStrategy):
             parts.append(np.asarray(ctx.labeled_X, dtype=np.float32).reshape(len(ctx.labeled_X), -1))
         return np.vstack(parts)
 
-    def _representative(self, members: np.ndarray, features: np.ndarray, centroid: np.ndarray, rng) -> int:
+    def _representative(self, features: np.ndarray, rng: np.random.Generator) -> int:
+        """Position, within one cluster's ``features``, of the sample that represents it."""
         raise NotImplementedError
 
     def _select(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
@@ -124,8 +122,7 @@ class _ClusterColdStart(QueryStrategy):
         groups.sort(key=len, reverse=True)  # largest uncovered clusters first (stable: by cluster id)
         picks = []
         for members in groups[:budget]:
-            centroid = features[members].mean(axis=0)
-            picks.append(int(members[self._representative(members, features[members], centroid, rng)]))
+            picks.append(int(members[self._representative(features[members], rng)]))
         if len(picks) < budget:  # fewer non-empty uncovered clusters than budget: seeded random fill
             rest = np.setdiff1d(np.arange(n_pool), picks)
             picks.extend(rng.choice(rest, size=budget - len(picks), replace=False).tolist())
@@ -150,14 +147,16 @@ class TypiClust(_ClusterColdStart):
     """
 
     def __init__(self, use_embeddings: bool = False, k_neighbors: int = 20, max_cluster_reference: int = 10_000):
-        super().__init__(use_embeddings, max_cluster_reference)
-        if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, (int, np.integer)) or k_neighbors < 1:
-            raise ConfigError(f"k_neighbors must be a positive integer, got {k_neighbors!r}")
+        super().__init__(use_embeddings)
+        for name, value, low in (("k_neighbors", k_neighbors, 1), ("max_cluster_reference", max_cluster_reference, 2)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         self.k_neighbors = int(k_neighbors)
+        self.max_cluster_reference = int(max_cluster_reference)
 
-    def _representative(self, members, features, centroid, rng) -> int:
-        if len(members) > self.max_cluster_reference:
-            sub = np.sort(rng.choice(len(members), size=self.max_cluster_reference, replace=False))
+    def _representative(self, features: np.ndarray, rng: np.random.Generator) -> int:
+        if len(features) > self.max_cluster_reference:
+            sub = np.sort(rng.choice(len(features), size=self.max_cluster_reference, replace=False))
             return int(sub[np.argmax(typicality(features[sub], self.k_neighbors))])
         return int(np.argmax(typicality(features, self.k_neighbors)))
 
@@ -175,5 +174,5 @@ class KMeansColdStart(_ClusterColdStart):
     def __init__(self, use_embeddings: bool = False) -> None:
         super().__init__(use_embeddings)
 
-    def _representative(self, members, features, centroid, rng) -> int:
-        return int(np.argmin(sq_norms(features - centroid)))
+    def _representative(self, features: np.ndarray, rng: np.random.Generator) -> int:
+        return int(np.argmin(_sq_norms(features - features.mean(axis=0))))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedal.strategies.bald import _entropy_last_axis, check_n_samples, check_sample_probs, sample_seed
+from fedal.strategies.bald import _entropy_last_axis, _check_n_samples, _check_sample_probs, _sample_seed
 from fedal.strategies.base import QueryContext, ScoreStrategy
 from fedal.strategies.registry import register
 
@@ -27,7 +27,7 @@ def vote_entropy(sample_probs: np.ndarray) -> np.ndarray:
     numpy.ndarray, shape (n,)
         0 when all members vote alike, at most ``log min(T, C)``.
     """
-    p = check_sample_probs(sample_probs)
+    p = _check_sample_probs(sample_probs)
     choice = p.argmax(axis=2)  # (T, n)
     share = np.stack([(choice == c).mean(axis=0) for c in range(p.shape[2])], axis=1)
     return _entropy_last_axis(share)
@@ -49,7 +49,7 @@ def kl_to_consensus(sample_probs: np.ndarray) -> np.ndarray:
     numpy.ndarray, shape (n,)
         Mean divergence in nats; 0 when all members agree.
     """
-    p = check_sample_probs(sample_probs)
+    p = _check_sample_probs(sample_probs)
     consensus = p.mean(axis=0, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(p) - np.log(consensus)), 0.0)
@@ -58,10 +58,10 @@ def kl_to_consensus(sample_probs: np.ndarray) -> np.ndarray:
 
 class _Committee(ScoreStrategy):
     def __init__(self, n_members: int = 10) -> None:
-        self.n_members = check_n_samples(n_members, "n_members")
+        self.n_members = _check_n_samples(n_members, "n_members")
 
     def _members(self, ctx: QueryContext, rng: np.random.Generator | None) -> np.ndarray:
-        return ctx.sample_probs(self.n_members, sample_seed(rng))
+        return ctx.sample_probs(self.n_members, _sample_seed(rng))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_members={self.n_members})"
@@ -78,7 +78,6 @@ class VoteEntropy(_Committee):
     """
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Vote entropy of each candidate (see :func:`vote_entropy`)."""
         return vote_entropy(self._members(ctx, rng))
 
 
@@ -93,5 +92,4 @@ class KLToConsensus(_Committee):
     """
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Mean KL divergence to the consensus (see :func:`kl_to_consensus`)."""
         return kl_to_consensus(self._members(ctx, rng))

@@ -16,12 +16,12 @@ from fedal.strategies.registry import register
 CHUNK_SIZE = 4096
 
 
-def sq_norms(x: np.ndarray) -> np.ndarray:
+def _sq_norms(x: np.ndarray) -> np.ndarray:
     """Squared Euclidean norm of each row."""
     return np.einsum("ij,ij->i", x, x)
 
 
-def sq_distances_to(x: np.ndarray, x_sq: np.ndarray, j: int) -> np.ndarray:
+def _sq_distances_to(x: np.ndarray, x_sq: np.ndarray, j: int) -> np.ndarray:
     """Squared distances from every row of ``x`` to row ``j``, shape (n,), via ``|a|^2 + |b|^2 - 2ab``."""
     return np.maximum(x_sq + x_sq[j] - 2.0 * (x @ x[j]), 0.0)
 
@@ -42,7 +42,7 @@ def min_sq_distances(points: np.ndarray, centers: np.ndarray, chunk_size: int = 
     """
     if len(centers) == 0:
         raise ValueError("min_sq_distances needs at least one centre")
-    p_sq, c_sq = sq_norms(points), sq_norms(centers)
+    p_sq, c_sq = _sq_norms(points), _sq_norms(centers)
     best = np.full(len(points), np.inf, dtype=np.result_type(points.dtype, np.float32))
     for i in range(0, len(points), chunk_size):
         rows = slice(i, i + chunk_size)
@@ -91,7 +91,7 @@ def kcenter_greedy(
         raise ValueError(f"budget must lie in [0, {n}], got {budget}")
     shift = x.mean(axis=0, dtype=np.float64).astype(np.float32) if n else 0.0
     x = x - shift  # centring keeps |a|^2 + |b|^2 - 2ab accurate in float32
-    x_sq = sq_norms(x)
+    x_sq = _sq_norms(x)
     has_centers = centers is not None and len(centers) > 0
     if has_centers:
         min_d = min_sq_distances(x, np.asarray(centers, dtype=np.float32) - shift, chunk_size)
@@ -102,7 +102,7 @@ def kcenter_greedy(
     for i in range(budget):
         j = int(rng.integers(n)) if i == 0 and not has_centers else int(np.argmax(min_d))
         chosen[i] = j
-        np.minimum(min_d, sq_distances_to(x, x_sq, j), out=min_d)
+        np.minimum(min_d, _sq_distances_to(x, x_sq, j), out=min_d)
         min_d[j] = -np.inf  # never pick a point twice, even among exact duplicates
     return chosen
 

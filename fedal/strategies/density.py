@@ -15,28 +15,36 @@ from fedal.strategies.uncertainty import entropy, least_confidence, margin
 UNCERTAINTY_SCORES = {"entropy": entropy, "least_confidence": least_confidence, "margin": margin}
 
 
-def mean_cosine_similarity(embeddings: np.ndarray) -> np.ndarray:
+def mean_cosine_similarity(embeddings: np.ndarray, chunk_size: int = 8192) -> np.ndarray:
     """Mean cosine similarity of each row to every row (itself included), exactly, in O(n d).
 
     ``(1/n) sum_u <x/|x|, x_u/|x_u|> = <x/|x|, mean_u x_u/|x_u|>``, so no n x n matrix
-    is formed. Zero vectors have similarity 0 to everything.
+    is formed. Zero vectors have similarity 0 to everything. Rows are normalised in
+    float64 blocks of ``chunk_size``, so extra memory is O(n + chunk_size * d).
 
     Parameters
     ----------
     embeddings : array, shape (n, d)
+    chunk_size : int
+        Rows per block.
 
     Returns
     -------
     numpy.ndarray, shape (n,)
         Values in [-1, 1].
     """
-    x = np.asarray(embeddings, dtype=np.float64)
+    x = np.asarray(embeddings)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"embeddings must have shape (n, d) with n >= 1, got {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    return unit @ unit.mean(axis=0)
+    blocks = [slice(i, i + chunk_size) for i in range(0, len(x), chunk_size)]
+    mean_unit = sum(_unit_rows(x[b]).sum(axis=0) for b in blocks) / len(x)
+    return np.concatenate([_unit_rows(x[b]) @ mean_unit for b in blocks])
 
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 def information_density(uncertainty: np.ndarray, embeddings: np.ndarray, beta: float = 1.0) -> np.ndarray:
     """Information density ``uncertainty * max(mean cosine similarity, 0)^beta`` (Settles & Craven 2008).
@@ -82,7 +90,6 @@ class InformationDensity(ScoreStrategy):
         self.beta = float(beta)
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Base uncertainty times the density term of each candidate."""
         return information_density(UNCERTAINTY_SCORES[self.base](ctx.probs()), ctx.embeddings(), self.beta)
 
     def __repr__(self) -> str:

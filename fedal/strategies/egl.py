@@ -55,7 +55,6 @@ class ExpectedGradientLength(ScoreStrategy):
         self.include_bias = bool(include_bias)
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Expected gradient length of each candidate."""
         return expected_gradient_length(ctx.probs(), ctx.embeddings(), self.include_bias)
 
     def __repr__(self) -> str:

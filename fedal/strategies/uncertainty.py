@@ -18,12 +18,12 @@ def _as_probs(probs: np.ndarray) -> np.ndarray:
 
 
 def least_confidence(probs: np.ndarray) -> np.ndarray:
-    """``1 - max_c p(c|x)``: 0 for a certain prediction, ``1 - 1/C`` for a uniform one."""
+    """``1 - max_c p(c|x)`` for each row of ``probs`` (n, C): 0 for a certain prediction, ``1 - 1/C`` for a uniform one."""
     return 1.0 - _as_probs(probs).max(axis=1)
 
 
 def margin(probs: np.ndarray) -> np.ndarray:
-    """Smallest-margin score ``1 - (p1 - p2)`` (Scheffer et al., IDA 2001).
+    """Smallest-margin score ``1 - (p1 - p2)`` of each row of ``probs`` (n, C) (Scheffer et al., IDA 2001).
 
     ``p1 - p2`` is the textbook margin (small = uncertain); returning ``1 - margin`` keeps
     "higher = more informative". Use :func:`top2_margin` for the raw margin.
@@ -32,13 +32,13 @@ def margin(probs: np.ndarray) -> np.ndarray:
 
 
 def top2_margin(probs: np.ndarray) -> np.ndarray:
-    """The raw margin ``p1 - p2`` between the two most probable classes."""
+    """The raw margin ``p1 - p2`` between the two most probable classes of each row of ``probs``."""
     top2 = np.partition(_as_probs(probs), -2, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:
-    """Shannon entropy in nats, ``-sum_c p log p`` (Shannon 1948; Settles 2009):
+    """Shannon entropy in nats, ``-sum_c p log p``, of each row of ``probs`` (Shannon 1948; Settles 2009):
     0 for one-hot, ``log C`` for uniform."""
     p = _as_probs(probs)
     with np.errstate(divide="ignore", invalid="ignore"):
