@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from fedal.data import available_datasets, load_dataset
 from fedal.exceptions import ConfigError

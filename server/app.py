@@ -12,7 +12,7 @@ import logging
 import math
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedal.budget import BudgetCoordinator, ClientStats

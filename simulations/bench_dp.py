@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from simulations.benchutil import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -53,15 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "simulations" / "results"), help="where bench_dp.{json,md} go")
     return p.parse_args(argv)
 
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__, "platform": platform.platform(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run_one(name: str, args: argparse.Namespace, work: Path, clip: float, noise: float) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+
+from simulations.benchutil import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -174,16 +175,6 @@ def bench_scoring(args) -> dict:
         "cpu_ratio_to_bare_forward": {k: round(cpu[k] / cpu["bare_forward"], 3) for k in SCORING_STRATEGIES},
     }
 
-
-def machine_info() -> dict:
-    import sklearn
-    import torch
-
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__, "sklearn": sklearn.__version__,
-            "platform": platform.platform()}
 
 
 def write_markdown(path: Path, results: dict) -> None:

@@ -180,9 +180,8 @@ class TorchClassifier:
 
     # --------------------------------------------------------------- inference
     def _batches(self, X: np.ndarray):
-        X = np.asarray(X, dtype=np.float32)
-        for start in range(0, len(X), self.predict_batch_size):
-            yield torch.from_numpy(X[start : start + self.predict_batch_size])
+        for start in range(0, len(X), self.predict_batch_size):  # convert per batch: no copy of the pool
+            yield torch.from_numpy(np.ascontiguousarray(X[start : start + self.predict_batch_size], dtype=np.float32))
 
     def forward(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities ``(n, C)`` and embeddings ``(n, d)`` of inputs ``X`` from one pass."""
