@@ -14,6 +14,7 @@ clusters (scikit-learn k-means, seeded) and visit uncovered clusters largest fir
 from __future__ import annotations
 
 import warnings
+from abc import abstractmethod
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -105,9 +106,9 @@ class _ClusterColdStart(QueryStrategy):
             parts.append(np.asarray(ctx.labeled_X, dtype=np.float32).reshape(len(ctx.labeled_X), -1))
         return np.vstack(parts)
 
+    @abstractmethod
     def _representative(self, features: np.ndarray, rng: np.random.Generator) -> int:
         """Position, within one cluster's ``features``, of the sample that represents it."""
-        raise NotImplementedError
 
     def _select(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
         features = self._features(ctx)
