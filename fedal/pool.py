@@ -202,8 +202,8 @@ class Pool:
 
     # ------------------------------------------------------------------ writes
     def _check_state(self, db, ids: list[int], state: str, action: str) -> None:
-        placeholders = ",".join("?" * len(ids))
-        rows = dict(db.execute(f"SELECT id, state FROM samples WHERE id IN ({placeholders})", ids).fetchall())
+        marks = ",".join("?" * len(ids))
+        rows = dict(db.execute(f"SELECT id, state FROM samples WHERE id IN ({marks})", ids).fetchall())
         unknown = [i for i in ids if i not in rows]
         if unknown:
             raise UnknownSampleError(f"cannot {action}: sample ids {unknown[:10]} are not in this pool")
