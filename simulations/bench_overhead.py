@@ -18,7 +18,6 @@ so their final label counts must agree (checked).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.benchutil import SHARED_DATA_DIR, federation_settings
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-DEFAULTS = {"dataset": "bloodmnist", "data-dir": str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+DEFAULTS = {"dataset": "bloodmnist", "data-dir": str(SHARED_DATA_DIR),
             "max-train": 2000, "clients": 5, "partition": "dirichlet", "alpha": 0.5, "strategy": "entropy",
             "initial-labels": 10, "round-budget": 50, "rounds": 4, "local-epochs": 2, "min-local-steps": 20,
             "min-clients": 5}
@@ -94,13 +95,7 @@ def simulation(cfg, cpus: int) -> tuple[float, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     from fedal.config import FederationConfig
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"federation setting (defaults: {DEFAULTS})")
-    p.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
-    args = p.parse_args(argv)
-    settings = dict(DEFAULTS)
-    settings.update(dict(item.split("=", 1) for item in args.overrides))
+    settings, output_dir = federation_settings(argv, __doc__.splitlines()[0], DEFAULTS)
     work = Path(tempfile.mkdtemp(prefix="fedal-bench-overhead-"))
     try:
         results = {}
@@ -133,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "same labels in every path: " + ("yes" if len(labels) == 1 else f"NO ({sorted(labels)})")]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.output_dir)
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_overhead.md").write_text(text + "\n")
     (out / "bench_overhead.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))

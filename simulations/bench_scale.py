@@ -11,7 +11,6 @@ counts shared pages once per process, so it is an upper bound. Writes
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 
+from simulations.benchutil import SHARED_DATA_DIR, federation_settings
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-DEFAULTS = {"dataset": "mnist", "data-dir": str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+DEFAULTS = {"dataset": "mnist", "data-dir": str(SHARED_DATA_DIR),
             "max-train": 20000, "clients": 100, "partition": "dirichlet", "alpha": 0.5, "strategy": "entropy",
             "initial-labels": 5, "round-budget": 500, "rounds": 3, "local-epochs": 1, "min-local-steps": 5,
             "min-clients": 100}
@@ -87,13 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedal.federation import client_parts
     from simulations.engine import run_in_simulation
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"federation setting (defaults: {DEFAULTS})")
-    p.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
-    args = p.parse_args(argv)
-    settings = dict(DEFAULTS)
-    settings.update(dict(item.split("=", 1) for item in args.overrides))
+    settings, output_dir = federation_settings(argv, __doc__.splitlines()[0], DEFAULTS)
     work = Path(tempfile.mkdtemp(prefix="fedal-bench-scale-"))
     try:
         cfg = FederationConfig.from_mapping({**settings, "output-dir": str(work)})
@@ -122,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{row['peak_rss_mib']:.0f} | {row['processes_at_peak']} | {'/'.join(map(str, row['samples_per_client']))} | "
         f"{row['final_labels']} | {row['final_accuracy']:.4f} | {row['events']} |"])
     print(text)
-    out = Path(args.output_dir)
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_scale.md").write_text(text + "\n")
     (out / "bench_scale.json").write_text(json.dumps({"settings": settings, "result": row}, indent=2))

@@ -20,3 +20,21 @@ def machine_info() -> dict:
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "sklearn": sklearn.__version__,
             "platform": platform.platform(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def federation_settings(argv: list[str] | None, description: str, defaults: dict) -> tuple[dict, str]:
+    """Parse a federation benchmark's ``--set KEY=VALUE`` overrides and ``--output-dir``.
+
+    Returns the settings (``defaults`` updated by the overrides) and the output folder.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"federation setting (defaults: {defaults})")
+    p.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    bad = [item for item in args.overrides if "=" not in item]
+    if bad:
+        p.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    return {**defaults, **dict(item.split("=", 1) for item in args.overrides)}, args.output_dir
