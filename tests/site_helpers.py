@@ -39,6 +39,19 @@ def global_state(site) -> dict:
     return build_model(site.data.X_pool.shape[1:], site.data.n_classes, seed=0).get_state()
 
 
+def web_site_after_round1(tmp_path: Path) -> dict:
+    """Node config of a digits site with a web oracle whose round 1 asked for its initial
+    set (6 pending requests, waiting for people)."""
+    from clients.site import ClientSite
+
+    cfg = site_config(tmp_path)
+    node = make_site(tmp_path, cfg, oracle="web")
+    site = ClientSite(cfg, node)
+    site.train(global_state(site), server_round=1, budget=0)
+    site.close()
+    return node
+
+
 @contextmanager
 def serving(server):
     """Serve a LabelingServer in a thread; shut it down and close its pool afterwards."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from site_helpers import global_state, http, make_site, serving, site_config
+from site_helpers import global_state, http, make_site, serving, site_config, web_site_after_round1
 
 from clients.labeling import open_labeling
 from clients.site import ClientSite
@@ -161,11 +161,7 @@ def test_killed_while_waiting_for_people_keeps_their_answers(tmp_path):
 
 
 def test_labeling_page_killed_after_acknowledging_loses_nothing(tmp_path):
-    cfg = site_config(tmp_path)
-    node = make_site(tmp_path, cfg, oracle="web")
-    site = ClientSite(cfg, node)
-    site.train(global_state(site), server_round=1, budget=0)
-    site.close()
+    node = web_site_after_round1(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "fedal.cli", "label", "--state-dir", node["state-dir"],
                              "--client-id", "0", "--data-path", node["data-path"]], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},

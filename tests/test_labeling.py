@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from site_helpers import global_state, http, make_site, serving, site_config
+from site_helpers import global_state, http, make_site, serving, site_config, web_site_after_round1
 
 from clients.labeling import LabelingServer, LabelingService, open_labeling
 from clients.site import ClientSite, open_site_pool
@@ -25,12 +25,7 @@ from fedal.sitedata import load_site
 @pytest.fixture
 def site(tmp_path):
     """A digits site whose round 1 asked for its initial set (6 pending requests, people label)."""
-    cfg = site_config(tmp_path)
-    node = make_site(tmp_path, cfg, oracle="web")
-    s = ClientSite(cfg, node)
-    s.train(global_state(s), server_round=1, budget=0)
-    s.close()
-    return node
+    return web_site_after_round1(tmp_path)
 
 
 @pytest.fixture
