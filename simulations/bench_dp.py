@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.benchutil import machine_info
+from simulations.benchutil import machine_info, portable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
-               "machine": machine, "args": vars(args), "runs": runs}
+               "machine": machine, "args": portable(vars(args)), "runs": runs}
     from fedal.models import build_model
 
     results["model_parameters"] = int(sum(v.size for v in build_model((3, 28, 28), 8).get_state().values()))

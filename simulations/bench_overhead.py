@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.benchutil import SHARED_DATA_DIR, federation_settings
+from simulations.benchutil import SHARED_DATA_DIR, federation_settings, portable
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     loop = results["bare loop, 1 process"]["seconds"]
-    lines = [f"Settings: {settings}", "",
+    lines = [f"Settings: {portable(settings)}", "",
              "| path | wall s | ratio vs bare loop | steady rounds s (2..R) | ratio, steady rounds | final labels | final accuracy |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     loop_steady = sum(results["bare loop, 1 process"]["round_seconds"][1:])
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_overhead.md").write_text(text + "\n")
-    (out / "bench_overhead.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    (out / "bench_overhead.json").write_text(json.dumps({"settings": portable(settings), "results": results}, indent=2))
     return 0
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from simulations.benchutil import SHARED_DATA_DIR, federation_settings
+from simulations.benchutil import SHARED_DATA_DIR, federation_settings, portable
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
            "final_labels": rounds[-1]["labels"], "final_accuracy": rounds[-1]["accuracy"],
            "events": len(results.get("events", []))}
     text = "\n".join([
-        f"Settings: {settings}", "",
+        f"Settings: {portable(settings)}", "",
         "| clients | cores | rounds | wall s | s per round (1..R) | clients reporting | peak RSS (MiB, process tree) | "
         "processes | samples/client (min/mean/max) | final labels | final accuracy | failures |",
         "|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|",
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_scale.md").write_text(text + "\n")
-    (out / "bench_scale.json").write_text(json.dumps({"settings": settings, "result": row}, indent=2))
+    (out / "bench_scale.json").write_text(json.dumps({"settings": portable(settings), "result": row}, indent=2))
     return 0
 
 

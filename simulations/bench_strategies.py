@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.benchutil import machine_info
+from simulations.benchutil import machine_info, portable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     scoring = bench_scoring(args)
     print("  wall ratios", scoring["wall_ratio_to_bare_forward"], "CPU ratios", scoring["cpu_ratio_to_bare_forward"])
     results = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
-               "machine": machine_info(), "args": {k: v for k, v in vars(args).items() if k != "worker"},
+               "machine": machine_info(), "args": portable({k: v for k, v in vars(args).items() if k != "worker"}),
                "load_average_1_5_15min": {"start": [round(x, 2) for x in load_before],
                                           "end": [round(x, 2) for x in os.getloadavg()]},
                "selection": selection, "scoring": scoring}

@@ -5,8 +5,24 @@ import os
 import platform
 from pathlib import Path
 
+#: the repository's root folder
+ROOT = Path(__file__).resolve().parents[1]
 #: ``../shared/data`` beside the repository (where tests and benchmarks read real data)
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA_DIR = ROOT.parent / "shared" / "data"
+
+
+def portable(record: dict) -> dict:
+    """``record`` with every absolute path inside the repository's parent folder written
+    relative to the repository (``/home/me/shared/data`` -> ``../shared/data``), so a
+    committed result names no machine's folders."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, (str, Path)) and Path(value).is_absolute():
+            path = Path(value).resolve()
+            if path.is_relative_to(ROOT.parent):
+                value = Path(os.path.relpath(path, ROOT)).as_posix()
+        out[key] = value
+    return out
 
 
 def machine_info() -> dict:

@@ -1,0 +1,27 @@
+"""The benchmark scripts' shared helpers: settings parsing and machine-free records."""
+from __future__ import annotations
+
+import pytest
+
+from simulations.benchutil import ROOT, SHARED_DATA_DIR, federation_settings, portable
+
+
+def test_portable_writes_paths_beside_the_repository_relative_to_it(tmp_path):
+    record = {"data-dir": str(SHARED_DATA_DIR), "out": str(ROOT / "simulations" / "results"),
+              "elsewhere": str(tmp_path), "relative": "../shared/data", "rounds": 3}
+    out = portable(record)
+    assert out["data-dir"] == "../shared/data"
+    assert out["out"] == "simulations/results"
+    assert out["relative"] == "../shared/data" and out["rounds"] == 3
+    # a folder outside the repository's parent is kept as given (it is not ours to rename)
+    if not tmp_path.resolve().is_relative_to(ROOT.parent):
+        assert out["elsewhere"] == str(tmp_path)
+    assert record["data-dir"] == str(SHARED_DATA_DIR)  # the input is not changed
+
+
+def test_federation_settings_overrides_defaults_and_refuses_a_set_without_equals(tmp_path, capsys):
+    settings, out = federation_settings(["--set", "rounds=4", "--output-dir", str(tmp_path)], "bench", {"rounds": 2, "clients": 5})
+    assert settings == {"rounds": "4", "clients": 5} and out == str(tmp_path)
+    with pytest.raises(SystemExit):
+        federation_settings(["--set", "rounds"], "bench", {})
+    assert "--set takes KEY=VALUE, got 'rounds'" in capsys.readouterr().err
