@@ -89,7 +89,9 @@ def summarize(curves: dict[str, list[tuple[list, list]]], baseline: str = "rando
     -------
     dict
         ``{name: {labels, mean, std, final_mean, final_std, aulc_mean, aulc_std,
-        labels_to_target, saving_pct, seeds_reaching, gap_to_reference}}``.
+        labels_to_target, saving_pct, seeds_reaching, aulc_vs_random_mean, aulc_vs_random_std,
+        seeds_aulc_above_random, gap_to_reference}}``; the ``aulc_vs_random`` numbers pair
+        each run with random's run of the same seed (``reference`` runs included).
     """
     if baseline not in curves:
         raise ConfigError(f"the comparison needs the baseline strategy {baseline!r}; add it to --strategies")
@@ -122,6 +124,11 @@ def summarize(curves: dict[str, list[tuple[list, list]]], baseline: str = "rando
         per_seed = [labels_to_reach(r[0], r[1], b[1][-1]) for r, b in zip(runs, base_runs)]
         row["labels_to_target_per_seed"] = per_seed
         row["seeds_reaching"] = sum(v is not None for v in per_seed)
+        # paired by seed (same partition and initial labels): is the strategy's curve above random's?
+        diffs = [aulc(*r) - aulc(*b) for r, b in zip(runs, base_runs)]
+        row["aulc_vs_random_mean"] = float(np.mean(diffs))
+        row["aulc_vs_random_std"] = float(np.std(diffs))
+        row["seeds_aulc_above_random"] = sum(d > 0 for d in diffs)
         if reference is not None and reference[0] in out:
             row["gap_to_reference"] = row["final_mean"] - out[reference[0]]["final_mean"]
     return out
@@ -131,16 +138,17 @@ def markdown_table(summary: dict[str, dict], baseline: str = "random") -> str:
     """The comparison as a markdown table, best AULC first."""
     target = summary[baseline]["target_accuracy"]
     lines = [f"Target = random's final accuracy {target:.4f} at {summary[baseline]['labels'][-1]:.0f} labels.", "",
-             "| strategy | seeds | final labels | final accuracy | AULC | labels to target | saving vs random | "
-             "seeds reaching | vs centralized |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| strategy | seeds | final labels | final accuracy | AULC | AULC - random (paired) | labels to target | "
+             "saving vs random | seeds reaching | vs centralized |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["aulc_mean"]):
         need = "not reached" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
         saving = "-" if r["saving_pct"] is None else f"{r['saving_pct']:+.1f}%"
         gap = r.get("gap_to_reference")
         lines.append(
             f"| {name} | {r['seeds']} | {r['labels'][-1]:.0f} | {r['final_mean']:.4f} +- {r['final_std']:.4f} | "
-            f"{r['aulc_mean']:.4f} +- {r['aulc_std']:.4f} | {need} | {saving} | {r['seeds_reaching']}/{r['seeds']} | "
+            f"{r['aulc_mean']:.4f} +- {r['aulc_std']:.4f} | {100 * r['aulc_vs_random_mean']:+.1f} +- "
+            f"{100 * r['aulc_vs_random_std']:.1f} pt ({r['seeds_aulc_above_random']}/{r['seeds']} above) | {need} | {saving} | {r['seeds_reaching']}/{r['seeds']} | "
             + ("-" if gap is None else f"{100 * gap:+.1f} pt") + " |")
     return "\n".join(lines)
 
@@ -280,6 +288,7 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
     base = FederationConfig.from_mapping(overrides, base=base)
+    given_data_dir = base.data_dir  # recorded as given: compare.json names no machine's folders
     if base.data_dir and not Path(base.data_dir).is_absolute():  # client processes may run elsewhere
         base = FederationConfig.from_mapping({"data_dir": str(Path(base.data_dir).resolve())}, base=base)
     strategies = _names(args.strategies or options.get("strategies") or ",".join(DEFAULT_STRATEGIES), "strategies")
@@ -359,7 +368,8 @@ def run_compare(args: argparse.Namespace) -> int:
 
     summary = summarize({k: v for k, v in curves.items() if v}, reference=reference)
     table = markdown_table(summary)
-    write_outputs(out, base, strategies, seeds, curves, reference, summary, table, timings, failed)
+    record = FederationConfig.from_mapping({"data_dir": given_data_dir}, base=base)
+    write_outputs(out, record, strategies, seeds, curves, reference, summary, table, timings, failed)
     print(table)
     print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
     for line in failed:

@@ -41,7 +41,12 @@ def test_summary_saving_and_reference_gap():
     assert s["smart"]["saving_pct"] == pytest.approx(100 * (1 - s["smart"]["labels_to_target"] / 300))
     assert s["bad"]["labels_to_target"] is None and s["bad"]["seeds_reaching"] == 0
     assert s["smart"]["gap_to_reference"] == pytest.approx(0.9 - 0.95)
+    # paired by seed: smart's area minus random's area, the same in both seeds
+    assert s["smart"]["aulc_vs_random_mean"] == pytest.approx(0.15) and s["smart"]["aulc_vs_random_std"] == pytest.approx(0)
+    assert s["smart"]["seeds_aulc_above_random"] == 2 and s["bad"]["seeds_aulc_above_random"] == 0
+    assert s["random"]["aulc_vs_random_mean"] == 0 and s["random"]["seeds_aulc_above_random"] == 0
     table = markdown_table(s)
+    assert "| +15.0 +- 0.0 pt (2/2 above) |" in table
     assert "not reached" in table and table.index("centralized-smart") < table.index("| random")
     with pytest.raises(ConfigError, match="random"):
         summarize({"smart": curves["smart"]})
