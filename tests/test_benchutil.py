@@ -1,6 +1,8 @@
 """The benchmark scripts' shared helpers: settings parsing and machine-free records."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from simulations.benchutil import ROOT, SHARED_DATA_DIR, federation_settings, portable
@@ -25,3 +27,17 @@ def test_federation_settings_overrides_defaults_and_refuses_a_set_without_equals
     with pytest.raises(SystemExit):
         federation_settings(["--set", "rounds"], "bench", {})
     assert "--set takes KEY=VALUE, got 'rounds'" in capsys.readouterr().err
+
+
+def test_fl_gap_benchmark_trains_both_ways_on_the_same_labels(tmp_path):
+    from simulations.bench_fl_gap import main
+
+    preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
+    results = main(["--preset", str(preset), "--labels-per-client", "20", "--rounds", "2", "--seeds", "0",
+                    "--variants", "preset", "--report-rounds", "1,2", "--out", str(tmp_path)])
+    assert results["total_labels"] == 60  # 3 clients x 20
+    assert set(results["curves"]) == {"centralized", "preset"}
+    assert all(len(c) == 2 and all(0 <= a <= 1 for a in c) for curves in results["curves"].values() for c in curves)
+    md = (tmp_path / "bench_fl_gap.md").read_text()
+    assert "| centralized |" in md and "gap to centralized at r=2" in md
+    assert json.loads((tmp_path / "bench_fl_gap.json").read_text())["args"]["preset"] == "simulations/presets/digits_tiny.toml"
