@@ -19,6 +19,9 @@ Metrics, per strategy:
 * labels to reach random's final accuracy: first crossing of the seed-mean curve,
   linearly interpolated between rounds ("not reached" if never), and the saving vs
   random's final label count in %;
+* AULC - random (paired): each seed's AULC minus random's AULC on the same seed (same
+  partition and initial labels), mean +- std over seeds and how many seeds are above
+  random: the seed-to-seed spread of the federation itself cancels in the difference;
 * the gap to centralized AL: final accuracy minus the centralized final accuracy.
 """
 from __future__ import annotations
