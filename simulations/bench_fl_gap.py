@@ -111,7 +111,8 @@ def centralized_curve(cfg, sets, rounds: int, ds) -> list[float]:
 def table(results: dict) -> str:
     shown = results["report_rounds"]
     lines = [f"Mean test accuracy over seeds {results['seeds']} after round r "
-             f"({results['labels_per_client']} random labels per client, {results['total_labels']} in all).", "",
+             f"(up to {results['labels_per_client']} random labels per client; labels in all, per seed: "
+             f"{', '.join(map(str, results['total_labels']))}).", "",
              "| training | " + " | ".join(f"r={r}" for r in shown) + " | gap to centralized at r=" + f"{shown[-1]} |",
              "|---|" + "---:|" * (len(shown) + 1)]
     central = np.mean(results["curves"]["centralized"], axis=0)
@@ -135,12 +136,12 @@ def main(argv=None) -> dict:
     base, _ = load_preset(args.preset)
     curves: dict[str, list[list[float]]] = {"centralized": []}
     seconds: dict[str, float] = {}
-    total_labels = 0
+    total_labels = []
     for seed in args.seeds:
         cfg = FederationConfig.from_mapping({"seed": seed}, base=base)
         ds = federation_dataset(cfg)
         sets = labeled_sets(cfg, args.labels_per_client, seed)
-        total_labels = sum(len(s[1]) for s in sets)
+        total_labels.append(sum(len(s[1]) for s in sets))
         t0 = time.perf_counter()
         curves["centralized"].append(centralized_curve(cfg, sets, args.rounds, ds))
         seconds[f"centralized-seed{seed}"] = round(time.perf_counter() - t0, 1)

@@ -35,7 +35,7 @@ def test_fl_gap_benchmark_trains_both_ways_on_the_same_labels(tmp_path):
     preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
     results = main(["--preset", str(preset), "--labels-per-client", "20", "--rounds", "2", "--seeds", "0",
                     "--variants", "preset", "--report-rounds", "1,2", "--out", str(tmp_path)])
-    assert results["total_labels"] == 60  # 3 clients x 20
+    assert results["total_labels"] == [60]  # 3 clients x 20, one seed
     assert set(results["curves"]) == {"centralized", "preset"}
     assert all(len(c) == 2 and all(0 <= a <= 1 for a in c) for curves in results["curves"].values() for c in curves)
     md = (tmp_path / "bench_fl_gap.md").read_text()
