@@ -1,0 +1,120 @@
+"""One table across several ``fedal compare`` results: which strategy did best where.
+
+Reads each ``compare.json`` given (a file or the folder holding it; by default every
+``simulations/results/*/compare.json``), recomputes the numbers from the stored
+per-seed curves with :func:`simulations.compare.summarize` (so results written before a
+metric was added get it too), and prints one row per comparison::
+
+    python -m simulations.summarize_results simulations/results/bloodmnist_a01 \\
+        simulations/results/mnist_a01 --output simulations/results/summary.md
+
+The "best" strategy of a comparison is the federated strategy (not random, not the
+centralized reference) with the largest mean AULC gain over random. The gain is shown
+paired by seed (std of the per-seed differences and how many seeds are above random),
+which cancels the federation's seed-to-seed spread, so a gain carried by one lucky seed
+shows as such. Its label saving and its gap to centralized AL are shown beside it, and
+the largest saving of any strategy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedal.exceptions import ConfigError
+from simulations.compare import summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_comparison(path: Path) -> dict:
+    """``compare.json`` at ``path`` (or inside the folder ``path``), checked."""
+    file = path / "compare.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{file} does not exist; pass a compare.json or the folder fedal compare wrote")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file} is not valid JSON ({exc}); rerun fedal compare to rewrite it") from None
+    missing = [k for k in ("settings", "runs") if k not in data]
+    if missing or "random" not in data.get("runs", {}):
+        raise ConfigError(f"{file} is not a fedal compare result (missing {missing or ['runs.random']})")
+    data["_name"] = file.parent.name
+    return data
+
+
+def comparison_row(data: dict) -> dict:
+    """The cross-comparison numbers of one ``compare.json``."""
+    curves = {name: [(r["labels"], r["accuracy"]) for r in runs] for name, runs in data["runs"].items() if runs}
+    reference = None
+    if data.get("centralized"):
+        reference = (data["centralized"]["name"], [(r["labels"], r["accuracy"]) for r in data["centralized"]["runs"]])
+    summary = summarize(curves, reference=reference)
+    federated = [name for name in curves if name != "random"]
+    if not federated:
+        raise ConfigError(f"{data['_name']}: only random was run; nothing to compare against it")
+    best = max(federated, key=lambda n: summary[n]["aulc_vs_random_mean"])
+    savers = [n for n in federated if summary[n]["saving_pct"] is not None]
+    top_saver = max(savers, key=lambda n: summary[n]["saving_pct"]) if savers else None
+    s = data["settings"]
+    rand, row = summary["random"], summary[best]
+    return {
+        "comparison": data["_name"], "dataset": s["dataset"],
+        "alpha": s["alpha"] if s.get("partition") == "dirichlet" else None,
+        "seeds": rand["seeds"], "labels": (round(rand["labels"][0]), round(rand["labels"][-1])),
+        "random_final": rand["final_mean"], "best": best, "best_final": row["final_mean"],
+        "best_aulc_vs_random": (row["aulc_vs_random_mean"], row["aulc_vs_random_std"],
+                                row["seeds_aulc_above_random"]),
+        "best_saving_pct": row["saving_pct"],
+        "top_saver": top_saver, "top_saving_pct": None if top_saver is None else summary[top_saver]["saving_pct"],
+        "centralized": None if reference is None else reference[0],
+        "centralized_final": None if reference is None else summary[reference[0]]["final_mean"],
+        "best_gap_to_centralized": row.get("gap_to_reference"),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:+.1f}%"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| comparison | data, alpha | seeds | labels | random final | best (AULC) | its final | "
+             "AULC - random, paired | its saving | largest saving | centralized final | best vs centralized |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        m, sd, above = r["best_aulc_vs_random"]
+        alpha = "" if r["alpha"] is None else f", {r['alpha']:g}"
+        top = "-" if r["top_saver"] is None else f"{r['top_saver']} {_pct(r['top_saving_pct'])}"
+        central = "-" if r["centralized_final"] is None else f"{r['centralized_final']:.3f} ({r['centralized']})"
+        gap = "-" if r["best_gap_to_centralized"] is None else f"{100 * r['best_gap_to_centralized']:+.1f} pt"
+        lines.append(
+            f"| {r['comparison']} | {r['dataset']}{alpha} | {r['seeds']} | {r['labels'][0]} -> {r['labels'][1]} | "
+            f"{r['random_final']:.3f} | {r['best']} | {r['best_final']:.3f} | {100 * m:+.1f} +- {100 * sd:.1f} pt "
+            f"({above}/{r['seeds']}) | {_pct(r['best_saving_pct'])} | {top} | {central} | {gap} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulations.summarize_results", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="*", help="compare.json files or folders (default: simulations/results/*/)")
+    p.add_argument("--output", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    paths = [Path(x) for x in args.paths] or sorted(f.parent for f in RESULTS.glob("*/compare.json"))
+    if not paths:
+        print(f"no compare.json under {RESULTS}; pass the folders fedal compare wrote", file=sys.stderr)
+        return 1
+    try:
+        table = markdown([comparison_row(load_comparison(x)) for x in paths])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
