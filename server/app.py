@@ -27,6 +27,19 @@ app = ServerApp()
 log = logging.getLogger("fedal.server")
 #: callables run with each round's result row (``fedal simulate`` shows progress with it)
 ROUND_HOOKS: list = []
+#: seconds to wait for the run's SuperNodes to register before checking their number
+NODE_WAIT_S = 15.0
+
+
+def connected_nodes(grid: Grid, want: int, wait_s: float | None = None) -> int:
+    """How many SuperNodes are connected, once ``want`` have registered or ``wait_s`` passed.
+
+    SuperNodes register one by one (in simulation too), so an immediate count taken when the
+    ServerApp starts can be short of a federation that is still coming up."""
+    deadline = time.monotonic() + (NODE_WAIT_S if wait_s is None else wait_s)
+    while (count := len(list(grid.get_node_ids()))) < want and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return count
 
 
 @app.main()
@@ -70,7 +83,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             start_round = last + 1
             log.warning("resuming after round %d from %s", last, recorder.out)
     arrays = protocol.model_record(state)
-    nodes = len(list(grid.get_node_ids()))
+    nodes = connected_nodes(grid, cfg.clients)
     if nodes and nodes != cfg.clients:
         log.warning("the run config says clients=%d but %d SuperNodes are connected; with `flwr run`, pass "
                     "--federation-config \"num-supernodes=%d\" (the budget is split among the nodes present)",
