@@ -12,7 +12,8 @@ gets the same number of random labels from its own pool, and the same model is t
 
 and prints the test accuracy of both after each round, for one or more training variants.
 The difference at equal labels is the part of the federated-vs-centralized gap that no
-query strategy can close. Writes ``simulations/results/bench_fl_gap.{md,json}``.
+query strategy can close. Writes ``simulations/results/bench_fl_gap.{md,json}`` (``--name``
+changes the file name).
 
     .venv/bin/python -m simulations.bench_fl_gap --preset simulations/presets/bloodmnist_a01.toml \\
         --labels-per-client 35 --rounds 20 --seeds 0,1
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--report-rounds", default="1,2,5,10,20", help="rounds shown in the table")
     p.add_argument("--out", default=str(ROOT / "simulations" / "results"))
+    p.add_argument("--name", default="bench_fl_gap",
+                   help="file name (without .md/.json) of the results, e.g. bench_fl_gap_pneumoniamnist")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -161,9 +164,9 @@ def main(argv=None) -> dict:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_fl_gap.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "bench_fl_gap.md").write_text(f"Command: `{results['command']}`\n\n{text}\n")
-    print(f"wrote {out / 'bench_fl_gap.json'} and {out / 'bench_fl_gap.md'}")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(f"Command: `{results['command']}`\n\n{text}\n")
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.md')}")
     return results
 
 

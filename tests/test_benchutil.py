@@ -41,3 +41,12 @@ def test_fl_gap_benchmark_trains_both_ways_on_the_same_labels(tmp_path):
     md = (tmp_path / "bench_fl_gap.md").read_text()
     assert "| centralized |" in md and "gap to centralized at r=2" in md
     assert json.loads((tmp_path / "bench_fl_gap.json").read_text())["args"]["preset"] == "simulations/presets/digits_tiny.toml"
+
+
+def test_fl_gap_benchmark_names_its_result_files(tmp_path):
+    from simulations.bench_fl_gap import main
+
+    preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
+    main(["--preset", str(preset), "--labels-per-client", "10", "--rounds", "1", "--seeds", "0",
+          "--variants", "preset", "--report-rounds", "1", "--out", str(tmp_path), "--name", "bench_fl_gap_digits"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_fl_gap_digits.json", "bench_fl_gap_digits.md"]
