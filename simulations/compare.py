@@ -18,7 +18,8 @@ Metrics, per strategy:
   mean accuracy over the budget, in [0, 1]);
 * labels to reach random's final accuracy: first crossing of the seed-mean curve,
   linearly interpolated between rounds ("not reached" if never), and the saving vs
-  random's final label count in %;
+  random's final label count in %; when random's own curve does not rise (it starts at
+  or above its final accuracy) the table says the saving is meaningless;
 * AULC - random (paired): each seed's AULC minus random's AULC on the same seed (same
   partition and initial labels), mean +- std over seeds and how many seeds are above
   random: the seed-to-seed spread of the federation itself cancels in the difference;
@@ -153,7 +154,18 @@ def markdown_table(summary: dict[str, dict], baseline: str = "random") -> str:
             f"{r['aulc_mean']:.4f} +- {r['aulc_std']:.4f} | {100 * r['aulc_vs_random_mean']:+.1f} +- "
             f"{100 * r['aulc_vs_random_std']:.1f} pt ({r['seeds_aulc_above_random']}/{r['seeds']} above) | {need} | {saving} | {r['seeds_reaching']}/{r['seeds']} | "
             + ("-" if gap is None else f"{100 * gap:+.1f} pt") + " |")
+    if baseline_is_flat(summary[baseline]):
+        lines += ["", f"Random's mean curve starts at or above its final accuracy ({target:.4f}): every strategy "
+                  "'reaches' the target at the first label count, so labels to target and the saving say "
+                  "nothing here. Compare the curves and the paired AULC instead."]
     return "\n".join(lines)
+
+
+def baseline_is_flat(row: dict) -> bool:
+    """True when the baseline reaches its own final accuracy at its first label count
+    (its curve did not rise), which makes the label saving meaningless."""
+    need = row.get("labels_to_target")
+    return need is not None and need <= row["labels"][0]
 
 
 # -------------------------------------------------------------- centralized

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from fedal.exceptions import ConfigError
-from simulations.compare import summarize
+from simulations.compare import baseline_is_flat, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,7 +66,7 @@ def comparison_row(data: dict) -> dict:
         "random_final": rand["final_mean"], "best": best, "best_final": row["final_mean"],
         "best_aulc_vs_random": (row["aulc_vs_random_mean"], row["aulc_vs_random_std"],
                                 row["seeds_aulc_above_random"]),
-        "best_saving_pct": row["saving_pct"],
+        "best_saving_pct": row["saving_pct"], "random_flat": baseline_is_flat(rand),
         "top_saver": top_saver, "top_saving_pct": None if top_saver is None else summary[top_saver]["saving_pct"],
         "centralized": None if reference is None else reference[0],
         "centralized_final": None if reference is None else summary[reference[0]]["final_mean"],
@@ -86,12 +86,15 @@ def markdown(rows: list[dict]) -> str:
         m, sd, above = r["best_aulc_vs_random"]
         alpha = "" if r["alpha"] is None else f", {r['alpha']:g}"
         top = "-" if r["top_saver"] is None else f"{r['top_saver']} {_pct(r['top_saving_pct'])}"
+        saving = _pct(r["best_saving_pct"])
+        if r["random_flat"]:  # random's curve never rose: every curve "reaches" its final accuracy at once
+            saving = top = "n/a (random flat)"
         central = "-" if r["centralized_final"] is None else f"{r['centralized_final']:.3f} ({r['centralized']})"
         gap = "-" if r["best_gap_to_centralized"] is None else f"{100 * r['best_gap_to_centralized']:+.1f} pt"
         lines.append(
             f"| {r['comparison']} | {r['dataset']}{alpha} | {r['seeds']} | {r['labels'][0]} -> {r['labels'][1]} | "
             f"{r['random_final']:.3f} | {r['best']} | {r['best_final']:.3f} | {100 * m:+.1f} +- {100 * sd:.1f} pt "
-            f"({above}/{r['seeds']}) | {_pct(r['best_saving_pct'])} | {top} | {central} | {gap} |")
+            f"({above}/{r['seeds']}) | {saving} | {top} | {central} | {gap} |")
     return "\n".join(lines)
 
 

@@ -48,8 +48,17 @@ def test_summary_saving_and_reference_gap():
     table = markdown_table(s)
     assert "| +15.0 +- 0.0 pt (2/2 above) |" in table
     assert "not reached" in table and table.index("centralized-smart") < table.index("| random")
+    assert "say nothing here" not in table  # random's curve rose
     with pytest.raises(ConfigError, match="random"):
         summarize({"smart": curves["smart"]})
+
+
+def test_a_flat_random_curve_is_flagged_not_reported_as_a_saving():
+    # random stuck at chance (a constant predictor): every curve "reaches" 0.5 at once
+    curves = {"random": [([40, 80, 120], [0.5, 0.5, 0.5])], "entropy": [([40, 80, 120], [0.5, 0.6, 0.55])]}
+    s = summarize(curves)
+    assert s["entropy"]["labels_to_target"] == 40
+    assert "saving say nothing here" in markdown_table(s)
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.toml")))

@@ -56,3 +56,11 @@ def test_cli_writes_the_table_and_names_bad_inputs(tmp_path, capsys):
     only_random = write_compare(tmp_path / "r", {"random": [[0.2, 0.3, 0.4]]})
     with pytest.raises(ConfigError, match="only random"):
         comparison_row(load_comparison(only_random))
+
+
+def test_a_flat_random_curve_shows_no_saving(tmp_path):
+    runs = {"random": [[0.5, 0.5, 0.5]], "entropy": [[0.5, 0.6, 0.55]]}
+    row = comparison_row(load_comparison(write_compare(tmp_path / "pneumonia", runs)))
+    assert row["random_flat"] and row["best"] == "entropy"
+    from simulations.summarize_results import markdown
+    assert "| n/a (random flat) | n/a (random flat) |" in markdown([row])
