@@ -79,7 +79,7 @@ def _pct(value: float | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| comparison | data, alpha | seeds | labels | random final | best (AULC) | its final | "
+    lines = ["| comparison | data, alpha | seeds | labels | random final | best AL strategy (AULC) | its final | "
              "AULC - random, paired | its saving | largest saving | centralized final | best vs centralized |",
              "|---|---|---:|---|---:|---|---:|---:|---:|---|---:|---:|"]
     for r in rows:
