@@ -8,6 +8,13 @@ metric was added get it too), and prints one row per comparison::
     python -m simulations.summarize_results simulations/results/bloodmnist_a01 \\
         simulations/results/mnist_a01 --output simulations/results/summary.md
 
+``--against DIR`` instead pairs every strategy of the given comparisons with *another*
+comparison's random runs, seed by seed: how a changed setting (a budget policy, say)
+does against the original uniform-random baseline::
+
+    python -m simulations.summarize_results --against simulations/results/bloodmnist_a01 \
+        simulations/results/bloodmnist_a01_pool_policy
+
 The "best" strategy of a comparison is the federated strategy (not random, not the
 centralized reference) with the largest mean AULC gain over random. The gain is shown
 paired by seed (std of the per-seed differences and how many seeds are above random),
@@ -23,7 +30,9 @@ import sys
 from pathlib import Path
 
 from fedal.exceptions import ConfigError
-from simulations.compare import baseline_is_flat, summarize
+import numpy as np
+
+from simulations.compare import aulc, baseline_is_flat, labels_to_reach, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,6 +83,45 @@ def comparison_row(data: dict) -> dict:
     }
 
 
+def against_rows(data: dict, baseline: dict) -> list[dict]:
+    """Each strategy of ``data`` paired seed by seed with the random runs of ``baseline``.
+
+    Both must have the same seeds and the same label counts per round (the same preset
+    with one setting changed)."""
+    seeds, base_seeds = data.get("seeds"), baseline.get("seeds")
+    if seeds != base_seeds:
+        raise ConfigError(f"{data['_name']} has seeds {seeds} but {baseline['_name']} has {base_seeds}; "
+                          "pair comparisons run with the same --seeds")
+    base = baseline["runs"]["random"]
+    target = float(np.mean([r["accuracy"][-1] for r in base]))
+    rows = []
+    for name, runs in data["runs"].items():
+        if any(r["labels"] != b["labels"] for r, b in zip(runs, base)):
+            raise ConfigError(f"{data['_name']}/{name} did not label the same counts per round as "
+                              f"{baseline['_name']}/random; pair runs of the same budget schedule")
+        diffs = [aulc(r["labels"], r["accuracy"]) - aulc(b["labels"], b["accuracy"]) for r, b in zip(runs, base)]
+        labels = np.mean([r["labels"] for r in runs], axis=0)
+        need = labels_to_reach(labels, np.mean([r["accuracy"] for r in runs], axis=0), target)
+        rows.append({"comparison": data["_name"], "strategy": name, "seeds": len(runs),
+                     "final": float(np.mean([r["accuracy"][-1] for r in runs])),
+                     "aulc_vs_base": (float(np.mean(diffs)), float(np.std(diffs)), sum(d > 0 for d in diffs)),
+                     "target": target, "labels_to_target": need,
+                     "saving_pct": None if need is None else 100.0 * (1.0 - need / labels[-1])})
+    return rows
+
+
+def against_markdown(rows: list[dict], baseline: str) -> str:
+    lines = [f"Paired with the random runs of {baseline} (final accuracy {rows[0]['target']:.4f}).", "",
+             f"| comparison | strategy | final accuracy | AULC - {baseline} random (paired) | labels to its final accuracy | saving |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        m, sd, above = r["aulc_vs_base"]
+        need = "not reached" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
+        lines.append(f"| {r['comparison']} | {r['strategy']} | {r['final']:.3f} | {100 * m:+.1f} +- {100 * sd:.1f} pt "
+                     f"({above}/{r['seeds']}) | {need} | {'-' if r['saving_pct'] is None else _pct(r['saving_pct'])} |")
+    return "\n".join(lines)
+
+
 def _pct(value: float | None) -> str:
     return "not reached" if value is None else f"{value:+.1f}%"
 
@@ -102,13 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.summarize_results", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="*", help="compare.json files or folders (default: simulations/results/*/)")
     p.add_argument("--output", help="also write the table to this markdown file")
+    p.add_argument("--against", metavar="DIR",
+                   help="pair every strategy of the given comparisons with this comparison's random runs")
     args = p.parse_args(argv)
     paths = [Path(x) for x in args.paths] or sorted(f.parent for f in RESULTS.glob("*/compare.json"))
     if not paths:
         print(f"no compare.json under {RESULTS}; pass the folders fedal compare wrote", file=sys.stderr)
         return 1
     try:
-        table = markdown([comparison_row(load_comparison(x)) for x in paths])
+        if args.against:
+            base = load_comparison(Path(args.against))
+            rows = [row for x in paths for row in against_rows(load_comparison(x), base)]
+            table = against_markdown(rows, base["_name"])
+        else:
+            table = markdown([comparison_row(load_comparison(x)) for x in paths])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -64,3 +64,21 @@ def test_a_flat_random_curve_shows_no_saving(tmp_path):
     assert row["random_flat"] and row["best"] == "entropy"
     from simulations.summarize_results import markdown
     assert "| n/a (random flat) | n/a (random flat) |" in markdown([row])
+
+
+def test_against_pairs_each_strategy_with_another_comparisons_random(tmp_path, capsys):
+    base = write_compare(tmp_path / "uniform", {"random": [[0.2, 0.3, 0.4], [0.3, 0.4, 0.5]]})
+    changed = write_compare(tmp_path / "pool", {"random": [[0.2, 0.4, 0.5], [0.3, 0.45, 0.55]]})
+    for folder in (base, changed):  # fedal compare records the seeds it compared
+        data = json.loads((folder / "compare.json").read_text())
+        (folder / "compare.json").write_text(json.dumps({**data, "seeds": [0, 1]}))
+    assert main(["--against", str(base), str(changed)]) == 0
+    out = capsys.readouterr().out
+    assert "final accuracy 0.4500" in out  # uniform random's mean final accuracy is the target
+    # seed 0: AULC 0.375 vs 0.3; seed 1: 0.4375 vs 0.4 -> +5.6 +- 1.9 pt, both above
+    assert "| pool | random | 0.525 | +5.6 +- 1.9 pt (2/2) |" in out
+    other = write_compare(tmp_path / "other_seeds", {"random": [[0.2, 0.3, 0.4]]})
+    data = json.loads((other / "compare.json").read_text())
+    (other / "compare.json").write_text(json.dumps({**data, "seeds": [5]}))
+    assert main(["--against", str(base), str(other)]) == 2
+    assert "same --seeds" in capsys.readouterr().err
