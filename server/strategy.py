@@ -213,6 +213,9 @@ class _BudgetMixin:
                     self.coordinator.record_spent(server_round, str(node), None, failed=True)
         for node, reason in rlog.failed.items():
             log.warning("round %d: node %d left out: %s", server_round, node, reason)
+        # replies come in the order the clients finished; aggregating them in client order makes
+        # the floating-point sums, and so a rerun with the same seed, the same
+        good.sort(key=lambda m: self.client_of[m.metadata.src_node_id])
         return good
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
