@@ -12,7 +12,7 @@ metric was added get it too), and prints one row per comparison::
 comparison's random runs, seed by seed: how a changed setting (a budget policy, say)
 does against the original uniform-random baseline::
 
-    python -m simulations.summarize_results --against simulations/results/bloodmnist_a01 \
+    python -m simulations.summarize_results --against simulations/results/bloodmnist_a01 \\
         simulations/results/bloodmnist_a01_pool_policy
 
 The "best" strategy of a comparison is the federated strategy (not random, not the
@@ -30,9 +30,7 @@ import sys
 from pathlib import Path
 
 from fedal.exceptions import ConfigError
-import numpy as np
-
-from simulations.compare import aulc, baseline_is_flat, labels_to_reach, summarize
+from simulations.compare import baseline_is_flat, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,22 +90,19 @@ def against_rows(data: dict, baseline: dict) -> list[dict]:
     if seeds != base_seeds:
         raise ConfigError(f"{data['_name']} has seeds {seeds} but {baseline['_name']} has {base_seeds}; "
                           "pair comparisons run with the same --seeds")
-    base = baseline["runs"]["random"]
-    target = float(np.mean([r["accuracy"][-1] for r in base]))
-    rows = []
-    for name, runs in data["runs"].items():
-        if any(r["labels"] != b["labels"] for r, b in zip(runs, base)):
+    base_key = f"{baseline['_name']}/random"  # the baseline of summarize(): target and pairing
+    curves = {name: [(r["labels"], r["accuracy"]) for r in runs] for name, runs in data["runs"].items() if runs}
+    curves[base_key] = [(r["labels"], r["accuracy"]) for r in baseline["runs"]["random"]]
+    for name, runs in curves.items():
+        if any(r[0] != b[0] for r, b in zip(runs, curves[base_key])):
             raise ConfigError(f"{data['_name']}/{name} did not label the same counts per round as "
-                              f"{baseline['_name']}/random; pair runs of the same budget schedule")
-        diffs = [aulc(r["labels"], r["accuracy"]) - aulc(b["labels"], b["accuracy"]) for r, b in zip(runs, base)]
-        labels = np.mean([r["labels"] for r in runs], axis=0)
-        need = labels_to_reach(labels, np.mean([r["accuracy"] for r in runs], axis=0), target)
-        rows.append({"comparison": data["_name"], "strategy": name, "seeds": len(runs),
-                     "final": float(np.mean([r["accuracy"][-1] for r in runs])),
-                     "aulc_vs_base": (float(np.mean(diffs)), float(np.std(diffs)), sum(d > 0 for d in diffs)),
-                     "target": target, "labels_to_target": need,
-                     "saving_pct": None if need is None else 100.0 * (1.0 - need / labels[-1])})
-    return rows
+                              f"{base_key}; pair runs of the same budget schedule")
+    summary = summarize(curves, baseline=base_key)
+    return [{"comparison": data["_name"], "strategy": name, "seeds": row["seeds"], "final": row["final_mean"],
+             "aulc_vs_base": (row["aulc_vs_random_mean"], row["aulc_vs_random_std"], row["seeds_aulc_above_random"]),
+             "target": row["target_accuracy"], "labels_to_target": row["labels_to_target"],
+             "saving_pct": row["saving_pct"]}
+            for name, row in summary.items() if name != base_key]
 
 
 def against_markdown(rows: list[dict], baseline: str) -> str:
@@ -118,7 +113,7 @@ def against_markdown(rows: list[dict], baseline: str) -> str:
         m, sd, above = r["aulc_vs_base"]
         need = "not reached" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
         lines.append(f"| {r['comparison']} | {r['strategy']} | {r['final']:.3f} | {100 * m:+.1f} +- {100 * sd:.1f} pt "
-                     f"({above}/{r['seeds']}) | {need} | {'-' if r['saving_pct'] is None else _pct(r['saving_pct'])} |")
+                     f"({above}/{r['seeds']}) | {need} | {'-' if need == 'not reached' else _pct(r['saving_pct'])} |")
     return "\n".join(lines)
 
 

@@ -802,7 +802,6 @@ def test_the_installed_command_exits_non_zero_on_bad_input(tmp_path):
 def test_updates_are_aggregated_in_client_order_whatever_order_they_arrive(flower_task, tmp_path):
     # replies arrive in the order clients finish; summing them in that order made reruns of the
     # same seed differ in the last bits, and training amplified that to points of accuracy
-    rng = np.random.default_rng(0)
     results = []
     for order in ([1, 2, 3, 4, 5], [5, 3, 1, 4, 2], [2, 5, 4, 1, 3]):
         _, strategy, ref = _strategy(tmp_path / "-".join(map(str, order)))
