@@ -9,7 +9,9 @@ Policies (the share of a round's budget each client gets, before capacity limits
 A client can spend at most ``min(client_cap, unlabeled left)`` and nothing when
 absent; what it cannot spend is handed to the others (water-filling), and budget
 assigned to a client that then failed to answer is carried to the next round.
-Every assignment and spend is kept in a ledger.
+Every assignment and spend is kept in a ledger, and the coordinator keeps what each
+client last reported (its :class:`ClientStats`): it is the one owner of both, keyed by
+the client id.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class LedgerRow:
     ``status`` assigned / spent / failed."""
 
     round: int
-    client: str
+    client: int | str
     assigned: int
     spent: int | None = None
     status: str = "assigned"  # assigned | spent | failed
@@ -81,6 +83,17 @@ class BudgetCoordinator:
         self.carry_over = carry_over
         self.carry = 0
         self.ledger: list[LedgerRow] = []
+        self.stats: dict[int | str, ClientStats] = {}  # client -> what it last reported
+
+    # ------------------------------------------------------------- reports
+    def report(self, client: int | str, unlabeled: int, uncertainty: float) -> None:
+        """Keep what ``client`` reported: ``unlabeled`` samples left, mean pool ``uncertainty`` (NaN = unknown)."""
+        self.stats[client] = ClientStats(int(unlabeled), float(uncertainty))
+
+    def allocate_to(self, round: int, clients) -> dict:
+        """Budgets for ``round`` among ``clients`` (the ones taking part), from what each last
+        reported (a client never heard of weighs the average, with no capacity limit)."""
+        return self.allocate(round, {c: self.stats.get(c, ClientStats()) for c in clients})
 
     # ------------------------------------------------------------- allocation
     def weights(self, stats: dict[str, ClientStats]) -> dict[str, float]:
@@ -137,7 +150,7 @@ class BudgetCoordinator:
             self.ledger.append(LedgerRow(round, c, assigned[c]))
         return assigned
 
-    def record_spent(self, round: int, client: str, spent: int | None, *, failed: bool = False) -> None:
+    def record_spent(self, round: int, client: int | str, spent: int | None, *, failed: bool = False) -> None:
         """Record what a client spent in a round (``failed`` if it never answered)."""
         for row in self.ledger:
             if row.round == round and row.client == client:
@@ -159,13 +172,17 @@ class BudgetCoordinator:
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        """JSON-able state (for checkpoints)."""
-        return {"carry": self.carry, "ledger": [asdict(r) for r in self.ledger]}
+        """JSON-able state (for checkpoints): carry, ledger and the clients' last reports."""
+        stats = [{"client": c, "unlabeled": s.unlabeled, "uncertainty": None if math.isnan(s.uncertainty) else
+                  s.uncertainty} for c, s in self.stats.items()]
+        return {"carry": self.carry, "ledger": [asdict(r) for r in self.ledger], "stats": stats}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state``, as made by :meth:`state_dict`."""
         self.carry = int(state.get("carry", 0))
         self.ledger = [LedgerRow(**r) for r in state.get("ledger", [])]
+        self.stats = {r["client"]: ClientStats(r["unlabeled"], math.nan if r["uncertainty"] is None else r["uncertainty"])
+                      for r in state.get("stats", [])}
 
 
 def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:

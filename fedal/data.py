@@ -10,13 +10,13 @@ file and how to get it.
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedal.exceptions import ConfigError, DataFileError
+from fedal.fileio import read_npz
 
 DATA_DIR_ENV = "FEDAL_DATA_DIR"
 
@@ -65,6 +65,30 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input, e.g. ``(3, 28, 28)`` or ``(64,)``."""
         return tuple(self.X_train.shape[1:])
+
+
+@dataclass
+class LocalData:
+    """One client's data: its pool (with simulated ground truth) and a local test set.
+
+    Attributes: ``client_id``; ``X_pool``, ``y_pool`` (inputs and ground truth of the pool,
+    ``-1`` where unknown); ``X_test``, ``y_test`` (local test set); ``n_classes``;
+    ``class_names``; ``kind`` ("image" or "table").
+    """
+
+    client_id: int
+    X_pool: np.ndarray
+    y_pool: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+    class_names: list[str]
+    kind: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input."""
+        return tuple(self.X_pool.shape[1:])
 
 
 def available_datasets() -> list[str]:
@@ -142,15 +166,7 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
         Data set name (picks the class names); default the file's stem.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise DataFileError(f"data file {path} does not exist") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataFileError(
-            f"data file {path} is truncated or not a valid .npz ({exc}); download it again"
-        ) from None
+    arrays = read_npz(path, what="data file")
     if {"train_images", "train_labels", "test_images", "test_labels"} <= set(arrays):
         keys = ("train_images", "train_labels", "test_images", "test_labels")
     elif {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):

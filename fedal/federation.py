@@ -6,34 +6,15 @@ client process and ``fedal simulate`` compute the same split without exchanging 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from fedal.config import FederationConfig
-from fedal.data import Dataset, load_dataset
+from fedal.data import Dataset, LocalData, load_dataset
 from fedal.exceptions import ConfigError
 from fedal.partition import class_counts, partition
-
-
-@dataclass
-class LocalData:
-    """One client's data: its pool (with simulated ground truth) and a local test set.
-
-    Attributes: ``client_id``; ``X_pool``, ``y_pool`` (inputs and ground truth of the pool);
-    ``X_test``, ``y_test`` (local test set); ``n_classes``; ``class_names``; ``kind``
-    ("image" or "table").
-    """
-
-    client_id: int
-    X_pool: np.ndarray
-    y_pool: np.ndarray
-    X_test: np.ndarray
-    y_test: np.ndarray
-    n_classes: int
-    class_names: list[str]
-    kind: str
+from fedal.seeds import client_seed
 
 
 @lru_cache(maxsize=4)
@@ -64,7 +45,7 @@ def client_data(cfg: FederationConfig, client_id: int) -> LocalData:
         raise ConfigError(f"client id {client_id} is outside 0..{cfg.clients - 1}")
     ds = federation_dataset(cfg)
     idx = client_parts(cfg)[client_id]
-    rng = np.random.default_rng(cfg.seed * 1000 + client_id)
+    rng = np.random.default_rng(client_seed(cfg.seed, client_id))
     idx = rng.permutation(idx)
     n_test = int(round(len(idx) * cfg.local_test_fraction))
     test, pool = np.sort(idx[:n_test]), np.sort(idx[n_test:])

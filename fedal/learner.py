@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from fedal.config import DEFAULT_COLD_START
 from fedal.exceptions import ConfigError, InvalidLabelError, OracleError
 from fedal.oracle import Oracle
 from fedal.pool import Pool
+from fedal.seeds import query_seed
 from fedal.stopping import BudgetExhausted, StepRecord, StoppingCriterion
 from fedal.strategies import QueryContext, QueryStrategy, get_strategy
 from fedal.strategies.uncertainty import entropy
@@ -46,7 +48,7 @@ class ActiveLearner:
     oracle : Oracle
         Who answers queries.
     cold_start : str or QueryStrategy
-        Strategy used while nothing is labeled (default ``"typiclust"``).
+        Strategy used while nothing is labeled (default :data:`fedal.config.DEFAULT_COLD_START`).
     X_eval, y_eval : array, optional
         Held-out data for the accuracy in each step record.
     reinit : bool
@@ -56,7 +58,7 @@ class ActiveLearner:
     """
 
     def __init__(self, model: Any, strategy: str | QueryStrategy, X: np.ndarray, pool: Pool, oracle: Oracle, *,
-                 cold_start: str | QueryStrategy = "typiclust", X_eval: np.ndarray | None = None,
+                 cold_start: str | QueryStrategy = DEFAULT_COLD_START, X_eval: np.ndarray | None = None,
                  y_eval: np.ndarray | None = None, reinit: bool = False, seed: int = 0) -> None:
         if len(X) != len(pool):
             raise ConfigError(f"X has {len(X)} rows but the pool has {len(pool)} samples; give one row per sample")
@@ -105,7 +107,7 @@ class ActiveLearner:
         ctx = QueryContext(candidates, self.X[self.rows(candidates)],
                            model=None if use_cold and not strategy.needs_model else self.model,
                            labeled_X=self.X[self.rows(labeled)])
-        step_seed = self.seed * 100_003 + len(self.history)
+        step_seed = query_seed(self.seed, len(self.history))
         ids = strategy.query(ctx, budget, seed=step_seed)
         if self.model_ready and len(candidates) and ctx.model is not None:  # nothing labeled yet: no model to ask
             self.last_uncertainty = pool_uncertainty(ctx.probs())

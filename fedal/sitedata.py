@@ -23,17 +23,17 @@ A site file holds:
 """
 from __future__ import annotations
 
-import argparse
+import io
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from fedal.config import FederationConfig
-from fedal.data import _images
+from fedal.data import LocalData, _images
 from fedal.exceptions import DataFileError
-from fedal.federation import LocalData, client_data
+from fedal.federation import client_data
+from fedal.fileio import atomic_write, read_npz
 
 SITE_KEYS = ("x_pool", "y_pool", "x_test", "y_test", "class_names", "kind")
 
@@ -51,21 +51,15 @@ def save_site(path: str | os.PathLike, data: LocalData, *, include_labels: bool 
         Keep the pool's ground truth (needed by a simulated oracle); ``False`` writes a
         file like a real site's, whose pool labels come from people.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         "x_pool": data.X_pool, "x_test": data.X_test, "y_test": data.y_test.astype(np.int64),
         "class_names": np.asarray(data.class_names, dtype=str), "kind": np.asarray(data.kind),
     }
     if include_labels:
         arrays["y_pool"] = data.y_pool.astype(np.int64)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return atomic_write(path, buf.getvalue())
 
 
 def load_site(path: str | os.PathLike, client_id: int = 0) -> LocalData:
@@ -84,15 +78,9 @@ def load_site(path: str | os.PathLike, client_id: int = 0) -> LocalData:
         If the file is missing, unreadable or its arrays do not fit together.
     """
     path = Path(path).expanduser()
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise DataFileError(
-            f"site data file {path} does not exist; write it with `fedal split` or fix data-path in the node config"
-        ) from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataFileError(f"site data file {path} is truncated or not a valid .npz ({exc}); write it again") from None
+    arrays = read_npz(path, what="site data file",
+                      missing_hint="write it with `fedal split` or fix data-path in the node config",
+                      damaged_hint="write it again")
     if "x_pool" not in arrays or "class_names" not in arrays:
         raise DataFileError(
             f"site data file {path} has arrays {sorted(arrays)}; it needs at least x_pool and class_names "
@@ -167,38 +155,3 @@ def split_sites(cfg: FederationConfig, out_dir: str | os.PathLike, *, include_la
     out = Path(out_dir)
     return [save_site(out / f"site-{cid}.npz", client_data(cfg, cid), include_labels=include_labels)
             for cid in range(cfg.clients)]
-
-
-# ------------------------------------------------------------------ `fedal split`
-_SPLIT_FIELDS = ("dataset", "data_dir", "max_train", "clients", "partition", "alpha", "classes_per_client",
-                 "local_test_fraction", "seed")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags of ``fedal split`` to ``parser``."""
-    defaults = FederationConfig()
-    for name in _SPLIT_FIELDS:
-        value = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                            help=f"as in fedal simulate (default {value!r})")
-    parser.add_argument("--config", help="TOML file with settings (flags override it)")
-    parser.add_argument("--out", required=True, help="folder for site-<id>.npz")
-    parser.add_argument("--no-labels", action="store_true",
-                        help="leave the pool labels out (sites whose people label; no simulated oracle)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the site files for the parsed ``args`` and print what each holds."""
-    cfg = FederationConfig.from_toml(args.config) if args.config else FederationConfig()
-    given = {k: getattr(args, k) for k in _SPLIT_FIELDS if getattr(args, k) is not None}
-    if given.get("clients", cfg.min_clients) < cfg.min_clients:
-        given["min_clients"] = given["clients"]  # the split does not care how many must answer a round
-    if given:
-        cfg = FederationConfig.from_mapping(given, base=cfg)
-    paths = split_sites(cfg, args.out, include_labels=not args.no_labels)
-    for cid, path in enumerate(paths):
-        site = load_site(path, cid)
-        counts = np.bincount(site.y_pool[site.y_pool >= 0], minlength=site.n_classes)
-        classes = "pool labels left out" if args.no_labels else f"pool classes {counts.tolist()}"
-        print(f"{path}: {len(site.y_pool)} pool samples, {len(site.y_test)} local test samples, {classes}")
-    return 0

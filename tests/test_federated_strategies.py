@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 from strategy_helpers import FixedModel, blobs
 
+from clients.node import NodeConfig
 from fedal.exceptions import ConfigError
-from fedal.strategies import QueryContext, WithViews, class_weights, get_strategy, kmeans, weighted_discrepancy
+from fedal.messages import TrainInstruction
+from fedal.strategies import (
+    QueryContext,
+    WithViews,
+    class_weights,
+    cluster_features,
+    get_strategy,
+    weighted_discrepancy,
+)
 
 
 def context(global_probs, global_emb, local_probs=None, local_emb=None, class_counts=None) -> QueryContext:
@@ -25,9 +34,9 @@ def uncertain(n, rng, c=3):
     return p
 
 
-def test_kmeans_recovers_blobs():
+def test_the_clustering_logo_uses_recovers_blobs():
     X, blob = blobs(15)
-    assign = kmeans(X, 3, np.random.default_rng(0))
+    assign = cluster_features(X, 3, seed=0)
     for b in range(3):  # each blob is one cluster
         assert len(set(assign[blob == b].tolist())) == 1
     assert len(set(assign.tolist())) == 3
@@ -144,8 +153,8 @@ def test_client_site_trains_and_passes_a_local_model(tmp_path, name, monkeypatch
 
     cfg = FederationConfig(dataset="digits", clients=2, strategy=name, initial_labels=8, local_epochs=1,
                            min_local_steps=3, local_model_epochs=2, output_dir=str(tmp_path))
-    site = ClientSite(cfg, {"partition-id": 0})
-    state, _ = site.train(site.model.get_state(), server_round=1, budget=0)
+    site = ClientSite(cfg, NodeConfig.from_mapping({"partition-id": 0}))
+    state, _ = site.train(site.model.get_state(), TrainInstruction(1, 0))
     site.close()
     used = []
     original = federated.local_forward
@@ -155,8 +164,8 @@ def test_client_site_trains_and_passes_a_local_model(tmp_path, name, monkeypatch
         return original(ctx)
 
     monkeypatch.setattr(federated, "local_forward", spy)
-    site = ClientSite(cfg, {"partition-id": 0})  # a new process per message in deployment
-    _, report = site.train(state, server_round=2, budget=5)
+    site = ClientSite(cfg, NodeConfig.from_mapping({"partition-id": 0}))  # a new process per message in deployment
+    _, report = site.train(state, TrainInstruction(2, 5))
     assert report.queries_used == 5 and report.num_examples == 13
     assert isinstance(site.learner.strategy, WithViews)
     local = site.learner.strategy.views["local_model"]

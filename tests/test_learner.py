@@ -14,7 +14,7 @@ from fedal.models import MLP, SklearnClassifier, TorchClassifier
 from fedal.oracle import Oracle, SimulatedOracle
 from fedal.pool import Pool
 from fedal.stopping import AccuracyPlateau, BudgetExhausted, UncertaintyBelow
-from fedal.strategies import QueryStrategy, TypiClust
+from fedal.strategies import QueryStrategy
 
 N_CLASSES = 10
 
@@ -233,10 +233,14 @@ def test_cold_start_strategy_picks_the_first_batch(digits):
     assert ctx.model is model and len(ctx.labeled_X) == 10 and len(ctx) == len(digits.y_train) - 10
 
 
-def test_default_cold_start_is_typiclust(digits):
+def test_default_cold_start_is_the_one_every_entry_point_uses(digits):
+    from fedal.config import DEFAULT_COLD_START, FederationConfig
+    from fedal.strategies import get_strategy
+
     learner = ActiveLearner(make_model("sklearn"), "margin", digits.X_train, Pool(N_CLASSES, size=400),
                             SimulatedOracle(digits.y_train, N_CLASSES))
-    assert isinstance(learner.cold_start, TypiClust)
+    assert type(learner.cold_start) is type(get_strategy(DEFAULT_COLD_START))
+    assert FederationConfig().initial_strategy == DEFAULT_COLD_START
     record = learner.step(10)
     assert record.labeled == 10
     assert math.isnan(record.accuracy)  # no held-out set given

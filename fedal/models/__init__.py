@@ -3,7 +3,7 @@ from fedal.models.nets import MLP, SmallCNN
 from fedal.models.sklearn_adapter import SklearnClassifier
 from fedal.models.torch_adapter import TorchClassifier
 
-__all__ = ["MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model"]
+__all__ = ["MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
 
 
 def build_model(input_shape: tuple[int, ...], n_classes: int, **kwargs) -> TorchClassifier:
@@ -25,3 +25,24 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, **kwargs) -> Torch
     for s in input_shape:
         n_features *= int(s)
     return TorchClassifier(lambda: MLP(n_features, n_classes), n_classes, **kwargs)
+
+
+def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -> TorchClassifier:
+    """The model a run trains: :func:`build_model` with the run's training settings.
+
+    The one factory of a federation's models: every client's, the server's reference and
+    the centralized learner ``fedal compare`` measures against.
+
+    Parameters
+    ----------
+    cfg : fedal.config.FederationConfig
+        ``local_epochs``, ``batch_size``, ``lr``, ``min_local_steps``.
+    input_shape : tuple of int
+        Shape of one input.
+    n_classes : int
+        Number of classes.
+    seed : int
+        Seed of the initial weights and of every fit (see :mod:`fedal.seeds`).
+    """
+    return build_model(input_shape, n_classes, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       min_steps=cfg.min_local_steps, seed=seed)

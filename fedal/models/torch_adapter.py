@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedal.exceptions import ConfigError
+from fedal.seeds import fit_seed
 
 
 def _check_module(module: nn.Module) -> None:
@@ -153,15 +154,15 @@ class TorchClassifier:
         anchor = [p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else None
         opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
-        fit_seed = self.seed * 7919 + self._fits
-        gen = torch.Generator().manual_seed(fit_seed)
+        seed = fit_seed(self.seed, self._fits)
+        gen = torch.Generator().manual_seed(seed)
         self._fits += 1
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         total, count = 0.0, 0
         # training-time dropout draws from torch's global generator: seed it for this fit only,
         # so the same seed gives the same weights whatever else used torch's RNG in between
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(fit_seed)
+            torch.manual_seed(seed)
             for _ in range(epochs):
                 order = torch.randperm(len(yt), generator=gen)
                 for start in range(0, len(yt), self.batch_size):

@@ -31,7 +31,7 @@ from fedal.strategies.base import (
     check_budget,
     top_k,
 )
-from fedal.strategies.coldstart import KMeansColdStart, TypiClust, typicality
+from fedal.strategies.coldstart import KMeansColdStart, TypiClust, cluster_features, typicality
 from fedal.strategies.committee import KLToConsensus, VoteEntropy, kl_to_consensus, vote_entropy
 from fedal.strategies.coreset import CoreSet, kcenter_greedy, min_sq_distances
 from fedal.strategies.density import InformationDensity, information_density, mean_cosine_similarity
@@ -42,13 +42,12 @@ from fedal.strategies.federated import (
     LoGo,
     WithViews,
     class_weights,
-    kmeans,
     local_forward,
     logo_select,
     weighted_discrepancy,
 )
 from fedal.strategies.random import RandomSampling
-from fedal.strategies.registry import available_strategies, get_strategy, register
+from fedal.strategies.registry import available_strategies, get_strategy, register, strategy_class
 from fedal.strategies.uncertainty import (
     Entropy,
     LeastConfidence,
@@ -62,7 +61,7 @@ from fedal.strategies.uncertainty import (
 __all__ = [
     # contract and registry
     "ModelView", "PoolExhaustedWarning", "QueryContext", "QueryStrategy", "ScoreStrategy",
-    "available_strategies", "check_budget", "get_strategy", "register", "top_k",
+    "available_strategies", "check_budget", "get_strategy", "register", "strategy_class", "top_k",
     # strategies
     "BADGE", "BALD", "CoreSet", "Entropy", "ExpectedGradientLength", "InformationDensity",
     "KLToConsensus", "KMeansColdStart", "LeastConfidence", "Margin", "RandomSampling",
@@ -72,5 +71,5 @@ __all__ = [
     "gradient_embedding", "gradient_embedding_factors", "gradient_sq_distances_to",
     "information_density", "kcenter_greedy", "kl_to_consensus", "kmeanspp", "least_confidence",
     "margin", "mean_cosine_similarity", "min_sq_distances", "top2_margin", "typicality",
-    "vote_entropy", "class_weights", "kmeans", "local_forward", "logo_select", "weighted_discrepancy",
+    "vote_entropy", "class_weights", "cluster_features", "local_forward", "logo_select", "weighted_discrepancy",
 ]

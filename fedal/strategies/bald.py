@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedal.exceptions import ConfigError
+from fedal.checks import require_int
 from fedal.strategies.base import QueryContext, ScoreStrategy
 from fedal.strategies.registry import register
 
@@ -29,9 +29,7 @@ def _check_sample_probs(sample_probs: np.ndarray) -> np.ndarray:
 
 def _check_n_samples(n_samples: object, what: str = "n_samples") -> int:
     """Validate a number of MC samples / committee members: an integer >= 2."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
-        raise ConfigError(f"{what} must be an integer >= 2 (disagreement needs two samples), got {n_samples!r}")
-    return int(n_samples)
+    return require_int(f"{what} (disagreement needs two samples)", n_samples, low=2)
 
 
 def _sample_seed(rng: np.random.Generator | None) -> int:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from fedal.checks import require_int
 from fedal.exceptions import ConfigError, EmptyPoolError
 
 
@@ -133,6 +134,11 @@ class QueryStrategy(ABC):
     name: ClassVar[str] = ""
     #: whether the strategy needs ``ctx.model``
     needs_model: ClassVar[bool] = True
+    #: whether it also scores with a client's local model (``ctx.extra["local_model"]``, see
+    #: :mod:`fedal.strategies.federated`), and how that model starts: ``"global"`` (the global
+    #: model fine-tuned on the local labels) or ``"scratch"`` (trained on the local labels only)
+    needs_local_model: ClassVar[bool] = False
+    local_model_init: ClassVar[str] = "global"
 
     def query(self, ctx: QueryContext, budget: int, seed: int | None = None) -> np.ndarray:
         """Return the ids of the ``min(budget, len(ctx))`` candidates to label.
@@ -213,11 +219,7 @@ class ScoreStrategy(QueryStrategy):
 
 def check_budget(budget: Any) -> int:
     """Validate a query budget: a non-negative integer."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
-        raise ConfigError(f"query budget must be an integer, got {budget!r} ({type(budget).__name__})")
-    if budget < 0:
-        raise ConfigError(f"query budget must be >= 0, got {budget}; use 0 to query nothing.")
-    return int(budget)
+    return require_int("query budget (0 = query nothing)", budget, low=0)
 
 
 def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

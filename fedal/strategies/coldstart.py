@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
 
+from fedal.checks import require_int
 from fedal.exceptions import ConfigError
 from fedal.strategies.base import QueryContext, QueryStrategy
 from fedal.strategies.coreset import _sq_norms
@@ -149,11 +150,8 @@ class TypiClust(_ClusterColdStart):
 
     def __init__(self, use_embeddings: bool = False, k_neighbors: int = 20, max_cluster_reference: int = 10_000):
         super().__init__(use_embeddings)
-        for name, value, low in (("k_neighbors", k_neighbors, 1), ("max_cluster_reference", max_cluster_reference, 2)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        self.k_neighbors = int(k_neighbors)
-        self.max_cluster_reference = int(max_cluster_reference)
+        self.k_neighbors = require_int("k_neighbors", k_neighbors, low=1)
+        self.max_cluster_reference = require_int("max_cluster_reference", max_cluster_reference, low=2)
 
     def _representative(self, features: np.ndarray, rng: np.random.Generator) -> int:
         if len(features) > self.max_cluster_reference:

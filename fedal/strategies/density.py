@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedal.checks import require_number
 from fedal.exceptions import ConfigError
 from fedal.strategies.base import QueryContext, ScoreStrategy
 from fedal.strategies.registry import register
@@ -84,10 +85,8 @@ class InformationDensity(ScoreStrategy):
     def __init__(self, base: str = "entropy", beta: float = 1.0) -> None:
         if base not in UNCERTAINTY_SCORES:
             raise ConfigError(f"unknown base uncertainty {base!r}; choose one of {sorted(UNCERTAINTY_SCORES)}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not np.isfinite(beta) or beta < 0:
-            raise ConfigError(f"beta must be a finite number >= 0, got {beta!r}")
         self.base = base
-        self.beta = float(beta)
+        self.beta = require_number("beta", beta, low=0)
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
         return information_density(UNCERTAINTY_SCORES[self.base](ctx.probs()), ctx.embeddings(), self.beta)

@@ -28,10 +28,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fedal.checks import require_int, require_number
 from fedal.exceptions import ConfigError
-from fedal.strategies.badge import gradient_embedding, kmeanspp
+from fedal.strategies.badge import gradient_embedding
 from fedal.strategies.base import ModelView, QueryContext, QueryStrategy, ScoreStrategy, top_k
-from fedal.strategies.coreset import min_sq_distances
+from fedal.strategies.coldstart import cluster_features
+from fedal.strategies.coreset import kcenter_greedy
 from fedal.strategies.registry import register
 from fedal.strategies.uncertainty import entropy
 
@@ -56,50 +58,15 @@ def local_forward(ctx: QueryContext) -> tuple[np.ndarray, np.ndarray]:
     return ctx._cache["local_forward"]
 
 
-def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 20) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding; returns the cluster of each row, shape (n,).
-
-    Memory O(n (k + d)): distances to the ``k`` centres are computed in one (n, k) block.
-    Empty clusters keep their previous centre.
-
-    Parameters
-    ----------
-    x : array, shape (n, d)
-    k : int
-        Number of clusters, ``1 <= k <= n``.
-    rng : numpy.random.Generator
-        Seeds the k-means++ initialisation.
-    n_iter : int
-        Most Lloyd iterations (stops early when the assignment no longer changes).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or not 1 <= k <= len(x):
-        raise ValueError(f"kmeans needs x of shape (n, d) and 1 <= k <= n, got {x.shape} and k={k}")
-    x = x - x.mean(axis=0)
-    centres = x[kmeanspp(x, k, rng)]
-    x_sq = np.einsum("ij,ij->i", x, x)
-    assign = np.full(len(x), -1)
-    for _ in range(n_iter):
-        d = x_sq[:, None] + np.einsum("ij,ij->i", centres, centres)[None, :] - 2.0 * (x @ centres.T)
-        new = d.argmin(axis=1)
-        if np.array_equal(new, assign):
-            break
-        assign = new
-        for c in range(k):
-            members = assign == c
-            if members.any():
-                centres[c] = x[members].mean(axis=0)
-    return assign
-
-
 def logo_select(local_features: np.ndarray, global_uncertainty: np.ndarray, k: int,
                 rng: np.random.Generator) -> np.ndarray:
     """LoGo's two steps: ``k`` k-means clusters of the local features (macro), then the
     candidate the global model is least sure of in each cluster (micro).
 
     Kim, Ko, Lee, Yun & Lee, "Re-thinking Federated Active Learning based on Inter-class
-    Diversity", CVPR 2023, Algorithm 1. If some clusters come out empty (duplicate
-    points), the remaining picks are the most uncertain unpicked candidates.
+    Diversity", CVPR 2023, Algorithm 1, with scikit-learn's k-means
+    (:func:`~fedal.strategies.coldstart.cluster_features`). If some clusters come out
+    empty (duplicate points), the remaining picks are the most uncertain unpicked candidates.
 
     Parameters
     ----------
@@ -118,7 +85,7 @@ def logo_select(local_features: np.ndarray, global_uncertainty: np.ndarray, k: i
         Positions, one per cluster, most uncertain first.
     """
     unc = np.asarray(global_uncertainty, dtype=np.float64)
-    assign = kmeans(local_features, k, rng)
+    assign = cluster_features(np.asarray(local_features, dtype=np.float64), k, int(rng.integers(2**31 - 1)))
     tiebreak = rng.random(len(unc))
     picks = []
     for c in np.unique(assign):
@@ -227,9 +194,7 @@ class KAFAL(ScoreStrategy):
     local_model_init: ClassVar[str] = "global"
 
     def __init__(self, entropy_weight: float = 0.1) -> None:
-        if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) or entropy_weight < 0:
-            raise ConfigError(f"entropy_weight must be a number >= 0, got {entropy_weight!r}")
-        self.entropy_weight = float(entropy_weight)
+        self.entropy_weight = require_number("entropy_weight", entropy_weight, low=0)
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
         p_global = ctx.probs()
@@ -260,28 +225,15 @@ class KAFALDiverse(QueryStrategy):
     local_model_init: ClassVar[str] = "global"
 
     def __init__(self, pre_factor: int = 4, entropy_weight: float = 0.1) -> None:
-        if isinstance(pre_factor, bool) or not isinstance(pre_factor, (int, np.integer)) or pre_factor < 1:
-            raise ConfigError(f"pre_factor must be an integer >= 1, got {pre_factor!r}")
-        self.pre_factor = int(pre_factor)
+        self.pre_factor = require_int("pre_factor", pre_factor, low=1)
         self.kafal = KAFAL(entropy_weight)
 
     def _select(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
         scores = self.kafal.score(ctx, rng)
         shortlist = top_k(scores, min(len(ctx), self.pre_factor * budget), rng)
-        emb = np.asarray(ctx.embeddings(), dtype=np.float64)[shortlist]
-        labeled = np.asarray(ctx.labeled_embeddings(), dtype=np.float64)
         # k-center greedy on the shortlist, first pick = best score (not random)
-        chosen = [0]
-        min_d = np.sum((emb - emb[0]) ** 2, axis=1)
-        if len(labeled):
-            min_d = np.minimum(min_d, min_sq_distances(emb, labeled))
-        min_d[0] = -np.inf
-        while len(chosen) < budget:
-            j = int(np.argmax(min_d))
-            chosen.append(j)
-            np.minimum(min_d, np.sum((emb - emb[j]) ** 2, axis=1), out=min_d)
-            min_d[j] = -np.inf
-        return shortlist[np.asarray(chosen, dtype=np.int64)]
+        chosen = kcenter_greedy(np.asarray(ctx.embeddings())[shortlist], budget, ctx.labeled_embeddings(), first=0)
+        return shortlist[chosen]
 
 
 class WithViews(QueryStrategy):

@@ -28,6 +28,22 @@ def available_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def strategy_class(name: str) -> type[QueryStrategy]:
+    """The class registered as ``name`` (any case; ``-`` for ``_``).
+
+    Raises
+    ------
+    UnknownStrategyError
+        If no strategy has that name; the message lists the known names.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise UnknownStrategyError(
+            f"unknown query strategy {name!r}; choose one of: {', '.join(available_strategies())}"
+        )
+    return _REGISTRY[key]
+
+
 def get_strategy(name: str, **kwargs: Any) -> QueryStrategy:
     """Instantiate the strategy registered as ``name`` with its keyword options.
 
@@ -36,9 +52,4 @@ def get_strategy(name: str, **kwargs: Any) -> QueryStrategy:
     UnknownStrategyError
         If no strategy has that name; the message lists the known names.
     """
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise UnknownStrategyError(
-            f"unknown query strategy {name!r}; choose one of: {', '.join(available_strategies())}"
-        )
-    return _REGISTRY[key](**kwargs)
+    return strategy_class(name)(**kwargs)

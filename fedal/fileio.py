@@ -1,0 +1,100 @@
+"""Files on the device and the server: written atomically, read with errors that name the fix.
+
+One home for what every writer and reader of fedal needs: a write that a kill at any
+moment leaves either the old or the new version of (never half a file), ``.npz``
+archives read without pickle, TOML read with its problems named, and TOML values
+written back.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedal.exceptions import ConfigError, DataFileError
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temporary file, ``fsync`` and ``os.replace``.
+
+    Parameters
+    ----------
+    path : path
+        Target file (its folder is created).
+    data : bytes or str
+        Content; text is written as UTF-8.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_npz(path: str | os.PathLike, *, what: str = "data file", missing_hint: str = "check the path",
+             damaged_hint: str = "download it again") -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file at ``path`` (no pickle).
+
+    Parameters
+    ----------
+    path : path
+        The archive.
+    what : str
+        What the file is, for the messages ("site data file").
+    missing_hint, damaged_hint : str
+        The fix named when the file is missing / truncated or not an archive.
+
+    Raises
+    ------
+    DataFileError
+        Naming the file, the problem and the fix.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise DataFileError(f"{what} {path} does not exist; {missing_hint}") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataFileError(f"{what} {path} is truncated or not a valid .npz ({exc}); {damaged_hint}") from None
+
+
+def read_toml(path: str | os.PathLike, *, what: str = "config file") -> dict[str, Any]:
+    """The TOML document at ``path`` as a dict; ``what`` names the file in the messages ("preset").
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, is not UTF-8 text, or is not valid TOML (with the line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; give the .toml file in it") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def toml_value(value: bool | int | float | str) -> str:
+    """``value`` written as a TOML scalar (strings as basic strings, escaped)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(ch if ch >= " " or ch == "\t" else f"\\u{ord(ch):04x}" for ch in text) + '"'
