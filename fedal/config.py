@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedal.exceptions import ConfigError
+from fedal.exceptions import ConfigError, UnknownStrategyError
+from fedal.fileio import read_toml
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
-INITIAL_STRATEGIES = ("random", "typiclust", "kmeans_coldstart")
 DP_MODES = ("server", "client")
+#: the one default of every cold start (the initial labeled set): runs, the on-device learner, comparisons
+DEFAULT_COLD_START = "random"
 
 
-@dataclass
+@dataclass(frozen=True)
 class FederationConfig:
     """Everything a federated active learning run needs.
 
@@ -44,9 +46,13 @@ class FederationConfig:
     local_test_fraction : float
         Share of each client's data kept out of its pool for local evaluation.
     strategy : str
-        Query strategy name.
+        Query strategy name (see ``fedal strategies``).
+    strategy_options : str
+        Options of the query strategy as key=value pairs separated by commas, e.g. ``n_samples=20`` for bald.
     initial_strategy : str
-        How each client picks its initial labeled set: ``random`` or a cold start.
+        How each client picks its initial labeled set: a strategy that needs no model (random, typiclust, kmeans_coldstart).
+    initial_strategy_options : str
+        Options of the initial strategy, written as strategy-options, e.g. ``k_neighbors=10`` for typiclust.
     initial_labels : int
         Initial labeled samples per client.
     budget_policy : str
@@ -93,8 +99,6 @@ class FederationConfig:
         Client databases ("" = ``<output_dir>/clients``); a node config may override it.
     resume : bool
         Continue from the checkpoint in ``output_dir`` (model, round, budget ledger).
-    extra : dict
-        Settings of extensions that are not fedal fields (kept, not validated).
     local_model_epochs : int
         Epochs of the client's local model for federated-aware strategies (logo, kafal); 0 = local-epochs.
     query_timeout : float
@@ -118,7 +122,9 @@ class FederationConfig:
     classes_per_client: int = 2
     local_test_fraction: float = 0.2
     strategy: str = "entropy"
-    initial_strategy: str = "random"
+    strategy_options: str = ""
+    initial_strategy: str = DEFAULT_COLD_START
+    initial_strategy_options: str = ""
     initial_labels: int = 10
     budget_policy: str = "uniform"
     round_budget: int = 50
@@ -148,16 +154,19 @@ class FederationConfig:
     dp_noise_multiplier: float = 0.0
     dp_mode: str = "server"
     dp_delta: float = 1e-5
-    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # names and options are stored in one spelling: "Entropy" and "entropy" are one run
+        for name in ("strategy", "initial_strategy"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, canonical_name(getattr(self, name)))
+        for name in ("strategy_options", "initial_strategy_options"):
+            object.__setattr__(self, name, format_options(parse_options(getattr(self, name), name)))
         self.validate()
 
     # ----------------------------------------------------------------- checks
     def validate(self) -> "FederationConfig":
         """Raise :class:`ConfigError` naming the first bad value and the fix."""
-        from fedal.strategies import available_strategies
-
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
@@ -167,10 +176,10 @@ class FederationConfig:
         need(self.alpha > 0, f"alpha must be > 0 (try 0.1 for strong skew, 100 for near-IID), got {self.alpha}")
         need(self.classes_per_client >= 1, f"classes-per-client must be >= 1, got {self.classes_per_client}")
         need(0 <= self.local_test_fraction < 1, f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
-        need(self.strategy.replace("-", "_") in available_strategies(),
-             f"unknown strategy {self.strategy!r}; choose one of {', '.join(available_strategies())}")
-        need(self.initial_strategy in INITIAL_STRATEGIES,
-             f"initial-strategy must be one of {INITIAL_STRATEGIES}, got {self.initial_strategy!r}")
+        self.query_strategy()
+        need(not self.cold_start_strategy().needs_model,
+             f"initial-strategy must be a strategy that needs no model (nothing is labeled yet): one of "
+             f"{', '.join(model_free_strategies())}, got {self.initial_strategy!r}")
         need(self.initial_labels >= 1, f"initial-labels must be >= 1 (each client needs labels to train on), got {self.initial_labels}")
         need(self.budget_policy in BUDGET_POLICIES,
              f"budget-policy must be one of {BUDGET_POLICIES}, got {self.budget_policy!r}")
@@ -206,6 +215,14 @@ class FederationConfig:
         need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), e.g. 1e-5 (below 1 / clients), got {self.dp_delta}")
         return self
 
+    def query_strategy(self):
+        """The run's query strategy, built with its options (ConfigError naming a bad name or option)."""
+        return _build_strategy(self.strategy, self.strategy_options, "strategy")
+
+    def cold_start_strategy(self):
+        """The strategy that picks each client's initial labeled set, built with its options."""
+        return _build_strategy(self.initial_strategy, self.initial_strategy_options, "initial-strategy")
+
     def is_query_round(self, server_round: int) -> bool:
         """Whether ``server_round`` queries: round 1 labels the initial sets; then every
         ``query_every``-th round queries."""
@@ -220,7 +237,7 @@ class FederationConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         """Names of the settings (snake_case)."""
-        return [f.name for f in fields(cls) if f.name != "extra"]
+        return [f.name for f in fields(cls)]
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flat kebab-case dict, the shape of a Flower run config."""
@@ -233,17 +250,22 @@ class FederationConfig:
 
         Unknown keys raise :class:`ConfigError` listing the known ones.
         """
-        types = {f.name: f.type for f in fields(cls) if f.name != "extra"}
+        types = {f.name: f.type for f in fields(cls)}
         current = dataclasses.asdict(base) if base else {}
-        current.pop("extra", None)
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in types:
                 raise ConfigError(
                     f"unknown setting {key!r}; known settings: {', '.join(n.replace('_', '-') for n in types)}"
                 )
+            if name.endswith("strategy_options") and isinstance(value, dict):  # a TOML table
+                value = format_options(parse_options(value, name))
             current[name] = _convert(name, value, types[name])
         return cls(**current)
+
+    def replace(self, **changes: Any) -> "FederationConfig":
+        """A copy with ``changes`` (snake- or kebab-case names) applied, converted and validated."""
+        return type(self).from_mapping(changes, base=self)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "FederationConfig":
@@ -254,13 +276,7 @@ class FederationConfig:
     @classmethod
     def from_toml(cls, path: str | Path, *, base: "FederationConfig | None" = None) -> "FederationConfig":
         """Load settings from the TOML file at ``path`` (flat keys, or under ``[fedal]``) over ``base``."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = read_toml(path, what="config file")
         return cls.from_mapping(data.get("fedal", data), base=base)
 
 
@@ -290,3 +306,106 @@ def _convert(name: str, value: Any, typ: Any) -> Any:
     except (TypeError, ValueError):
         article = "an" if typ[:1] in "aeiou" else "a"
         raise ConfigError(f"setting {kebab} must be {article} {typ}, got {value!r}") from None
+
+
+def parse_assignments(items, flag: str = "--set") -> dict[str, str]:
+    """``items``, ``["KEY=VALUE", ...]`` (repeatable ``--set`` flags), as a dict of strings (the setting
+    converts them); ``flag`` names the flag in the message.
+
+    Raises
+    ------
+    ConfigError
+        Naming an item without ``=`` or without a key.
+    """
+    out = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} needs KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ------------------------------------------------------------- strategy names and options
+def canonical_name(name: str) -> str:
+    """A strategy name as the registry spells it: ``"Entropy"`` -> ``"entropy"``, ``"kafal-diverse"`` ->
+    ``"kafal_diverse"``."""
+    return str(name).strip().lower().replace("-", "_")
+
+
+def model_free_strategies() -> list[str]:
+    """Registered strategies that need no model: the ones that can pick an initial labeled set."""
+    from fedal.strategies import available_strategies, get_strategy
+
+    return [n for n in available_strategies() if not get_strategy(n).needs_model]
+
+
+def parse_options(options: str | dict, setting: str = "strategy_options") -> dict[str, Any]:
+    """Strategy options from ``"key=value,key=value"`` (values read as TOML scalars, else as text) or a mapping.
+
+    Parameters
+    ----------
+    options : str or dict
+        What the user gave.
+    setting : str
+        The setting's name, for the messages.
+    """
+    kebab = setting.replace("_", "-")
+    if isinstance(options, dict):
+        items = list(options.items())
+    else:
+        items = []
+        for part in (p.strip() for p in str(options).split(",")):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"{kebab} takes key=value pairs separated by commas (e.g. n_samples=20), got {part!r}")
+            items.append((key, _scalar(value.strip())))
+    out = {}
+    for key, value in items:
+        name = str(key).strip().replace("-", "_")
+        if not name.isidentifier():
+            raise ConfigError(f"{kebab}: {key!r} is not an option name")
+        if isinstance(value, (dict, list)) or (isinstance(value, str) and ("," in value or "=" in value)):
+            raise ConfigError(f"{kebab}: option {name} must be a number, true/false or a word, got {value!r}")
+        out[name] = value
+    return out
+
+
+def format_options(options: dict[str, Any]) -> str:
+    """The one spelling of strategy options: sorted ``key=value`` pairs (what a run records)."""
+    return ",".join(f"{k}={'true' if v is True else 'false' if v is False else v}" for k, v in sorted(options.items()))
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _build_strategy(name: str, options: str, setting: str):
+    import inspect
+
+    from fedal.strategies import available_strategies, get_strategy
+
+    try:
+        get_strategy(name)
+    except UnknownStrategyError:
+        raise ConfigError(f"unknown {setting} {name!r}; choose one of {', '.join(available_strategies())}") from None
+    except ConfigError:
+        pass  # a strategy whose defaults need options: checked with them below
+    kwargs = parse_options(options, f"{setting}-options")
+    from fedal.strategies.registry import strategy_class
+
+    params = inspect.signature(strategy_class(name).__init__).parameters.values()
+    known = [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"{setting}-options: {name} has no option {', '.join(unknown)}; "
+                          f"its options are {', '.join(known) or 'none'}")
+    try:
+        return get_strategy(name, **kwargs)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{setting}-options: {exc}") from None

@@ -36,5 +36,10 @@ class DataFileError(FedalError, FileNotFoundError):
     """A data file is missing, truncated or not in the expected layout."""
 
 
+class ProtocolError(FedalError, ValueError):
+    """A message between a client and the server that is not what the wire contract defines
+    (a key missing or malformed; see :mod:`fedal.flower.protocol`)."""
+
+
 class OracleError(FedalError, RuntimeError):
     """An oracle failed to answer (timed out, errored)."""

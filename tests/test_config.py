@@ -20,7 +20,9 @@ BAD_VALUES = {
     "classes_per_client": 0,
     "local_test_fraction": 1.0,
     "strategy": "nope",
+    "strategy_options": "no_such_option=3",
     "initial_strategy": "entropy",
+    "initial_strategy_options": "k_neighbors=0",
     "initial_labels": 0,
     "budget_policy": "fair",
     "round_budget": -5,
@@ -152,5 +154,61 @@ def test_pyproject_run_config_is_exactly_the_dataclass_defaults():
 def test_config_is_a_plain_dataclass_with_validated_defaults():
     # every default of the dataclass is also what the CLI and flwr get: no second table of defaults
     for f in dataclasses.fields(FederationConfig):
-        if f.name != "extra":
-            assert f.default is not dataclasses.MISSING, f.name
+        assert f.default is not dataclasses.MISSING, f.name
+
+
+def test_the_config_is_frozen_and_replace_validates():
+    cfg = FederationConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rounds = 3
+    assert cfg.replace(rounds=3).rounds == 3 and cfg.rounds == 8
+    with pytest.raises(ConfigError, match="rounds must be >= 1"):
+        cfg.replace(rounds=0)
+
+
+def test_strategy_names_have_one_spelling_and_one_check():
+    from fedal.strategies import available_strategies
+
+    cfg = FederationConfig(strategy="Entropy", initial_strategy="TypiClust")
+    assert (cfg.strategy, cfg.initial_strategy) == ("entropy", "typiclust")
+    assert FederationConfig(strategy="kafal-diverse").strategy == "kafal_diverse"
+    with pytest.raises(ConfigError) as err:  # a cold start must need no model: checked by the registry
+        FederationConfig(initial_strategy="margin")
+    assert "random" in str(err.value) and "typiclust" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        FederationConfig(strategy="entrop")
+    assert all(name in str(err.value) for name in available_strategies())
+
+
+def test_strategy_options_reach_the_strategies_from_toml_flags_and_run_config(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('strategy = "bald"\nstrategy-options = { n-samples = 7 }\n'
+                    'initial-strategy = "typiclust"\ninitial-strategy-options = "k_neighbors=5, use_embeddings=false"\n')
+    cfg = FederationConfig.from_toml(path)
+    assert cfg.strategy_options == "n_samples=7"
+    assert cfg.initial_strategy_options == "k_neighbors=5,use_embeddings=false"
+    assert cfg.query_strategy().n_samples == 7 and cfg.cold_start_strategy().k_neighbors == 5
+    # the run config (what Flower carries) holds the one text form and gives the same strategies back
+    again = FederationConfig.from_run_config(cfg.to_run_config())
+    assert again == cfg and again.query_strategy().n_samples == 7
+    assert FederationConfig.from_mapping({"strategy": "logo", "strategy-options": "features=embedding"}
+                                         ).query_strategy().features == "embedding"
+
+
+@pytest.mark.parametrize("options, words", [
+    ("n_samples", "key=value pairs"),
+    ("n_sampels=5", "bald has no option n_sampels; its options are n_samples"),
+    ("n_samples=1", "n_samples"),
+    ("n_samples=[1]", "must be a number"),
+])
+def test_bad_strategy_options_name_the_option_and_the_known_ones(options, words):
+    with pytest.raises(ConfigError, match="strategy-options") as err:
+        FederationConfig(strategy="bald", strategy_options=options)
+    assert words in str(err.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('dataset = "d\xe9mo"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text.*save it as UTF-8"):
+        FederationConfig.from_toml(path)

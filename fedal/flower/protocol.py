@@ -1,85 +1,59 @@
 """Everything that crosses the network between a client and the server.
 
-This file is what a privacy review reads. A client's reply holds exactly:
+This file is what a privacy review reads (with :mod:`fedal.messages`, the fields of the
+instruction and of the report).
 
-* ``arrays``: the model weights (the global model's own keys and shapes);
-* ``metrics``: the scalars in :data:`TRAIN_METRICS` or :data:`EVAL_METRICS`, all
-  aggregate counts or means over the client's data.
+Server -> client, one message per node and round:
 
-No raw input, no sample id and no per-sample label is ever put in a message: the
-builders below take only scalars and a model state, and ``tests/test_privacy_audit.py``
-checks every reply the ClientApp sends against these lists.
+* ``train``: ``arrays`` (the global model) and ``config`` with the keys of
+  :class:`~fedal.messages.TrainInstruction` (``server-round``, ``query-budget``;
+  ``proximal-mu`` with FedProx) and, with client-side differential privacy, Flower's
+  clipping-norm key;
+* ``evaluate``: ``arrays`` (the global model) and ``config`` with ``server-round``;
+* ``query.client_id``: nothing; asked only of a node the server has not heard from yet,
+  before it is given a label budget.
+
+Client -> server:
+
+* to ``train``: ``arrays`` (the model weights, the global model's own keys and shapes)
+  and ``metrics`` with exactly the scalars of :class:`~fedal.messages.TrainReport`;
+* to ``evaluate``: ``metrics`` with :data:`EVAL_METRICS`;
+* to ``query.client_id``: ``metrics`` with ``client-id``.
+
+Every metric is an aggregate count or mean over the client's data. No raw input, no
+sample id and no per-sample label is ever put in a message: the builders below take only
+scalars and a model state, and ``tests/test_privacy_audit.py`` checks every reply the
+ClientApp sends against these lists. The server reads every key it receives.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedal.messages import INSTRUCTION_KEYS, REPORT_KEYS, TrainInstruction, TrainReport
+
+__all__ = ["TrainInstruction", "TrainReport", "check_update", "eval_reply", "identify_message", "identify_reply",
+           "model_record", "report_of", "reply_problem", "state_from_record", "train_reply", "with_budget"]
+
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 WEIGHT_KEY = "num-examples"  # Flower strategies weight updates by this metric
 
-# server -> client, per node
-SERVER_ROUND, QUERY_BUDGET, QUERY_ROUND, PROXIMAL_MU = "server-round", "query-budget", "query-round", "proximal-mu"
-# client-side DP: the norm each client clips its update to (Flower's own key, set by its DP wrapper)
+# server -> client (the fields of fedal.messages.TrainInstruction)
+SERVER_ROUND, QUERY_BUDGET, PROXIMAL_MU = (INSTRUCTION_KEYS[k] for k in ("server_round", "query_budget", "proximal_mu"))
+# client-side DP: the norm each client clips its update to (Flower's own key, set by fedal's DP wrapper)
 DP_CLIPPING_NORM = KEY_CLIPPING_NORM
+#: the query a node answers with its client id (message type ``query.client_id``)
+IDENTIFY = "client_id"
+CLIENT_ID = "client-id"
 
 # client -> server: aggregate scalars only
-TRAIN_METRICS = (
-    WEIGHT_KEY,          # labeled samples trained on (the aggregation weight)
-    "client-id",         # the client's own index (not a sample id)
-    "budget",            # query budget this round, as received
-    "queries-used",      # labels requested this round (<= budget)
-    "labels-added",      # answers recorded this round
-    "unlabeled-left",    # unlabeled pool size after the queries
-    "pending",           # requests still waiting for an oracle answer
-    "mean-uncertainty",  # mean normalised entropy of the pool under the global model
-    "train-loss",        # mean local training loss
-)
-EVAL_METRICS = (WEIGHT_KEY, "client-id", "eval-loss", "eval-acc")
-
-
-@dataclass
-class TrainReport:
-    """The aggregate scalars a client reports after a training round.
-
-    Attributes: ``num_examples`` (labeled samples trained on), ``client_id``, ``budget``,
-    ``queries_used``, ``labels_added``, ``unlabeled_left``, ``pending``, ``mean_uncertainty``,
-    ``train_loss`` -- see :data:`TRAIN_METRICS`.
-    """
-
-    num_examples: int
-    client_id: int
-    budget: int
-    queries_used: int
-    labels_added: int
-    unlabeled_left: int
-    pending: int
-    mean_uncertainty: float
-    train_loss: float
-
-    def to_record(self) -> MetricRecord:
-        """The report as a Flower MetricRecord keyed by :data:`TRAIN_METRICS`."""
-        values = {k.replace("-", "_"): k for k in TRAIN_METRICS}
-        return MetricRecord({key: _scalar(getattr(self, attr)) for attr, key in values.items()})
-
-    @classmethod
-    def from_record(cls, record: MetricRecord) -> "TrainReport":
-        """Parse a reply's MetricRecord ``record``; KeyError if a metric is missing."""
-        return cls(**{k.replace("-", "_"): record[k] for k in TRAIN_METRICS})
-
-
-def _scalar(value: float | int) -> float | int:
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    value = float(value)
-    return value if math.isfinite(value) else -1.0  # Flower metrics must be finite; -1 = "not measured"
+TRAIN_METRICS = tuple(REPORT_KEYS.values())
+EVAL_METRICS = (WEIGHT_KEY, CLIENT_ID, "eval-loss", "eval-acc")
+IDENTIFY_METRICS = (CLIENT_ID,)
 
 
 def model_record(state: "OrderedDict[str, np.ndarray]") -> ArrayRecord:
@@ -96,28 +70,68 @@ def state_from_record(record: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
 
 def train_reply(msg: Message, state, report: TrainReport) -> Message:
     """The only reply a client sends to the train message ``msg``: weights ``state`` and ``report``."""
-    return Message(RecordDict({ARRAYS: model_record(state), METRICS: report.to_record()}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: model_record(state), METRICS: MetricRecord(report.to_metrics())}),
+                   reply_to=msg)
+
+
+def report_of(reply: Message) -> TrainReport:
+    """The :class:`TrainReport` of a train reply (checked first with :func:`reply_problem`)."""
+    return TrainReport.from_metrics(dict(reply.content[METRICS]))
 
 
 def eval_reply(msg: Message, *, num_examples: int, client_id: int, loss: float, accuracy: float) -> Message:
     """The only reply a client sends to the evaluate message ``msg``: ``num_examples``,
     ``client_id``, ``loss`` and ``accuracy`` of the global model on its local test set."""
-    metrics = MetricRecord({WEIGHT_KEY: int(num_examples), "client-id": int(client_id),
-                            "eval-loss": _scalar(loss), "eval-acc": _scalar(accuracy)})
+    metrics = MetricRecord({WEIGHT_KEY: int(num_examples), CLIENT_ID: int(client_id),
+                            "eval-loss": _finite(loss), "eval-acc": _finite(accuracy)})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-def with_node_config(msg: Message, extra: dict[str, int | float | bool | str]) -> Message:
-    """A copy of a strategy's message ``msg`` whose config has the per-node values ``extra`` added.
+def identify_message(node_id: int) -> Message:
+    """The question node ``node_id`` answers with its client id (it carries nothing)."""
+    return Message(RecordDict(), message_type=f"query.{IDENTIFY}", dst_node_id=int(node_id))
+
+
+def identify_reply(msg: Message, client_id: int) -> Message:
+    """A client's answer to the :func:`identify_message` ``msg``: its ``client_id``, nothing else."""
+    return Message(RecordDict({METRICS: MetricRecord({CLIENT_ID: int(client_id)})}), reply_to=msg)
+
+
+def with_budget(msg: Message, query_budget: int) -> Message:
+    """A copy of a Flower strategy's train message ``msg`` that gives its node ``query_budget`` labels.
 
     Flower strategies send one shared ``RecordDict`` to every node; a per-node budget
-    needs a fresh ``ConfigRecord`` per message.
+    needs a fresh ``ConfigRecord`` per message. The strategy's own config keys are kept
+    (``server-round``; ``proximal-mu`` from FedProx; the clipping norm from the DP
+    wrapper): together they are a :class:`TrainInstruction`.
     """
     content = msg.content
-    config = ConfigRecord({**dict(content[CONFIG]), **extra}) if CONFIG in content else ConfigRecord(extra)
+    config = {**(dict(content[CONFIG]) if CONFIG in content else {}), QUERY_BUDGET: int(query_budget)}
     records = {key: content[key] for key in content if key != CONFIG}
-    records[CONFIG] = config
+    records[CONFIG] = ConfigRecord(config)
     return Message(RecordDict(records), message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
+
+
+def reply_problem(content: RecordDict, metric_keys: tuple[str, ...], *, arrays: bool) -> str | None:
+    """Why a reply's records ``content`` are not what this protocol defines, or None.
+
+    Exactly one ``metrics`` MetricRecord with the keys ``metric_keys``, all finite
+    scalars, and (``arrays``) one ``arrays`` ArrayRecord.
+    """
+    expected = {METRICS: MetricRecord, **({ARRAYS: ArrayRecord} if arrays else {})}
+    names = sorted(content.keys())
+    if names != sorted(expected):
+        return f"records {names}, expected {sorted(expected)}"
+    for name, kind in expected.items():
+        if not isinstance(content[name], kind):
+            return f"record {name!r} is a {type(content[name]).__name__}, expected a {kind.__name__}"
+    metrics = content[METRICS]
+    if sorted(metrics.keys()) != sorted(metric_keys):
+        return f"metrics {sorted(metrics.keys())}, expected {sorted(metric_keys)}"
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {key!r} is {value!r}, not a finite number"
+    return None
 
 
 def check_update(record: ArrayRecord, reference: dict[str, tuple[int, ...]]) -> str | None:
@@ -134,3 +148,8 @@ def check_update(record: ArrayRecord, reference: dict[str, tuple[int, ...]]) -> 
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
             return f"array {key!r} holds NaN or Inf"
     return None
+
+
+def _finite(value: float) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else -1.0  # Flower metrics must be finite; -1 = "not measured"

@@ -1,0 +1,118 @@
+"""What the server asks of a site and what the site reports back, as plain data.
+
+No Flower here, so a site (and its labeling page) works without the federation stack;
+:mod:`fedal.flower.protocol` turns these into the messages that cross the network and
+back, and parses them on the other side. Every report field is a count or a mean over
+the site's own data: no sample id, no per-sample label, no input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from fedal.exceptions import ProtocolError
+
+#: the config key of each instruction field
+INSTRUCTION_KEYS = {"server_round": "server-round", "query_budget": "query-budget", "proximal_mu": "proximal-mu"}
+
+#: the reply metric of each field (kebab-case, as Flower metrics are named)
+REPORT_KEYS = {
+    "num_examples": "num-examples",          # labeled samples trained on (the aggregation weight)
+    "client_id": "client-id",                # the site's own index (not a sample id)
+    "queries_used": "queries-used",          # labels requested in this round (<= its budget)
+    "labels_added": "labels-added",          # answers recorded since the last round
+    "unlabeled_left": "unlabeled-left",      # unlabeled pool size after the queries
+    "pending": "pending",                    # requests still waiting for an oracle answer
+    "mean_uncertainty": "mean-uncertainty",  # mean normalised entropy of the pool (-1 = not measured)
+    "train_loss": "train-loss",              # mean local training loss (-1 = not trained)
+}
+NOT_MEASURED = -1.0
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What the server asks of one site in a training round.
+
+    The budget is checked here, where it enters a site, and trusted after.
+
+    Attributes
+    ----------
+    server_round : int
+        The round (>= 1).
+    query_budget : int
+        Labels the site may ask its oracle for in this round (>= 0; 0 outside query rounds).
+    proximal_mu : float
+        FedProx's proximal weight (0 = plain local training).
+    """
+
+    server_round: int
+    query_budget: int
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, low in (("server_round", 1), ("query_budget", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ProtocolError(f"the instruction's {INSTRUCTION_KEYS[name]} is {value!r}, not an integer >= {low}"
+                                    + (" (the server sent a negative query budget)" if name == "query_budget"
+                                       and isinstance(value, int) and value < 0 else ""))
+        mu = self.proximal_mu
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
+            raise ProtocolError(f"the instruction's proximal-mu is {mu!r}, not a number >= 0")
+        object.__setattr__(self, "proximal_mu", float(mu))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TrainInstruction":
+        """Parse a train message's config (extra keys, such as a DP clipping norm, are left to
+        whoever reads them); :class:`ProtocolError` names a missing key."""
+        missing = [key for name, key in INSTRUCTION_KEYS.items() if key not in config and name != "proximal_mu"]
+        if missing:
+            raise ProtocolError(f"the train message has no {', '.join(map(repr, missing))} in its config "
+                                f"(keys: {sorted(config)}); the server and this client run different fedal versions")
+        return cls(config[INSTRUCTION_KEYS["server_round"]], config[INSTRUCTION_KEYS["query_budget"]],
+                   config.get(INSTRUCTION_KEYS["proximal_mu"], 0.0))
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """The aggregate scalars a site reports after a training round (see :data:`REPORT_KEYS`).
+
+    Attributes: ``num_examples`` (labeled samples trained on), ``client_id``,
+    ``queries_used`` (labels requested this round), ``labels_added`` (answers recorded),
+    ``unlabeled_left``, ``pending`` (requests waiting for an answer), ``mean_uncertainty``
+    (of the pool under the global model) and ``train_loss``. Means that could not be measured (no trained model yet, no label to train on) are
+    ``-1`` on the wire and ``NaN`` here.
+    """
+
+    num_examples: int
+    client_id: int
+    queries_used: int
+    labels_added: int
+    unlabeled_left: int
+    pending: int
+    mean_uncertainty: float
+    train_loss: float
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """The report as wire metrics: ints for counts, finite floats for means (``-1`` = not measured)."""
+        out: dict[str, int | float] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                out[REPORT_KEYS[f.name]] = int(value)
+            else:
+                value = float(value)
+                out[REPORT_KEYS[f.name]] = value if math.isfinite(value) else NOT_MEASURED
+        return out
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, int | float]) -> "TrainReport":
+        """Parse wire metrics (a KeyError names a missing metric; ``-1`` means become NaN)."""
+        values = {}
+        for f in fields(cls):
+            value = metrics[REPORT_KEYS[f.name]]
+            if f.type in ("int", int):
+                values[f.name] = int(value)
+            else:
+                values[f.name] = math.nan if value < 0 else float(value)
+        return cls(**values)
