@@ -4,7 +4,8 @@ On a train message: open the site's durable state, label the initial set the fir
 time, score the local unlabeled pool with the global model, ask the local oracle for at
 most this round's budget, train on the labeled set and reply with the model and
 aggregate scalars only (see :mod:`fedal.flower.protocol`). On an evaluate message:
-report the global model's loss and accuracy on the local test set.
+report the global model's loss and accuracy on the local test set. On a
+``query.client_id`` message: say which client this node is.
 """
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from clients.node import NodeConfig
 from clients.site import ClientSite
 from fedal.config import FederationConfig
 from fedal.flower import protocol
+from fedal.messages import TrainInstruction
 
 app = ClientApp()
 torch.set_num_threads(1)  # one core per simulated client: Ray runs as many clients as cores
 
 
-def _config(context: Context) -> FederationConfig:
-    return FederationConfig.from_run_config(dict(context.run_config))
+def _settings(context: Context) -> tuple[FederationConfig, NodeConfig]:
+    return FederationConfig.from_run_config(dict(context.run_config)), NodeConfig.from_mapping(dict(context.node_config))
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -41,16 +44,11 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 @app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Query within the budget, train locally, reply with weights and aggregate scalars."""
-    cfg = _config(context)
-    config = msg.content[protocol.CONFIG]
-    site = ClientSite(cfg, dict(context.node_config))
+    cfg, node = _settings(context)
+    instruction = TrainInstruction.from_config(dict(msg.content[protocol.CONFIG]))
+    site = ClientSite(cfg, node)
     try:
-        state, report = site.train(
-            protocol.state_from_record(msg.content[protocol.ARRAYS]),
-            server_round=int(config[protocol.SERVER_ROUND]),
-            budget=int(config.get(protocol.QUERY_BUDGET, 0)),
-            proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),
-        )
+        state, report = site.train(protocol.state_from_record(msg.content[protocol.ARRAYS]), instruction)
     finally:
         site.close()
     return protocol.train_reply(msg, state, report)
@@ -59,10 +57,16 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the local test set."""
-    cfg = _config(context)
-    site = ClientSite(cfg, dict(context.node_config))
+    cfg, node = _settings(context)
+    site = ClientSite(cfg, node)
     try:
         n, loss, acc = site.evaluate(protocol.state_from_record(msg.content[protocol.ARRAYS]))
     finally:
         site.close()
     return protocol.eval_reply(msg, num_examples=n, client_id=site.client_id, loss=loss, accuracy=acc)
+
+
+@app.query(protocol.IDENTIFY)
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node is (its node config's client id; nothing else)."""
+    return protocol.identify_reply(msg, NodeConfig.from_mapping(dict(context.node_config)).client_id)

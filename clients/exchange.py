@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.images import to_png
+from clients.node import open_site_pool
+from fedal.data import LocalData
 from fedal.exceptions import FedalError, InvalidLabelError
-from fedal.federation import LocalData
+from fedal.fileio import atomic_write
 from fedal.pool import Pool
 
 REQUESTS_CSV, CLASSES_CSV, IMAGES_DIR = "requests.csv", "classes.csv", "images"
@@ -47,15 +49,6 @@ class ImportResult:
     recorded: int
     unanswered: int
     repeated: int
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def export_requests(pool: Pool, data: LocalData, folder: str | os.PathLike) -> Path:
@@ -92,7 +85,7 @@ def export_requests(pool: Pool, data: LocalData, folder: str | os.PathLike) -> P
             name = f"sample-{sid}.png"
             wanted.add(name)
             if not (images / name).exists():
-                _write_atomic(images / name, to_png(data.X_pool[sid]))
+                atomic_write(images / name, to_png(data.X_pool[sid]))
             row.append(f"{IMAGES_DIR}/{name}")
         else:
             row.extend(f"{v:.6g}" for v in data.X_pool[sid])
@@ -104,8 +97,8 @@ def export_requests(pool: Pool, data: LocalData, folder: str | os.PathLike) -> P
     cw = csv.writer(classes, lineterminator="\n")
     cw.writerow(["label", "name"])
     cw.writerows(enumerate(data.class_names))
-    _write_atomic(folder / CLASSES_CSV, classes.getvalue().encode())
-    _write_atomic(folder / REQUESTS_CSV, out.getvalue().encode())
+    atomic_write(folder / CLASSES_CSV, classes.getvalue().encode())
+    atomic_write(folder / REQUESTS_CSV, out.getvalue().encode())
     return folder / REQUESTS_CSV
 
 
@@ -241,7 +234,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export or import as the parsed ``args`` say; print what happened."""
-    from clients.site import open_site_pool
     from fedal.sitedata import load_site
 
     data = load_site(args.data_path, args.client_id)

@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from clients.images import to_png
 from fedal.exceptions import ConfigError, FedalError, InvalidLabelError, UnknownSampleError
-from fedal.federation import LocalData
+from fedal.data import LocalData
 from fedal.pool import PENDING, Pool
 
 TOKEN_HEADER = "X-Fedal-Token"
@@ -346,7 +346,7 @@ def open_labeling(state_dir: str | Path, client_id: int, data_path: str | Path, 
     **server_kwargs
         Passed to :class:`LabelingServer` (host, port, token, ...).
     """
-    from clients.site import open_site_pool
+    from clients.node import open_site_pool
     from fedal.sitedata import load_site
 
     data: LocalData = load_site(data_path, client_id)

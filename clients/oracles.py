@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from clients.exchange import ExchangeError, export_requests, import_answers
+from clients.node import NodeConfig
+from fedal.data import LocalData
 from fedal.exceptions import ConfigError
-from fedal.federation import LocalData
 from fedal.oracle import Oracle, SimulatedOracle
 from fedal.pool import PENDING, Pool
-
-ORACLE_KINDS = ("simulated", "web", "file")
 
 
 class HumanOracle(Oracle):
@@ -122,42 +121,35 @@ class FileOracle(Oracle):
         return {}
 
 
-def make_oracle(kind: str, *, pool: Pool, data: LocalData, state_dir: Path, client_id: int,
-                node_config: dict, noise_rate: float = 0.0, seed: int = 0) -> Oracle:
-    """The oracle a site's node config asks for.
+def make_oracle(node: NodeConfig, *, pool: Pool, data: LocalData, state_dir: Path, noise_rate: float = 0.0,
+                seed: int = 0) -> Oracle:
+    """The oracle a site's node config asks for (``node.oracle``).
 
     Parameters
     ----------
-    kind : {"simulated", "web", "file"}
-        ``simulated`` answers from the pool labels of the site file; ``web`` is a person on
-        the labeling page (node config ``label-wait``: seconds to wait for answers before
-        training); ``file`` a person using the file exchange (node config ``exchange-dir``,
-        default ``<state-dir>/exchange-<client-id>``).
+    node : NodeConfig
+        ``oracle``: ``simulated`` answers from the pool labels of the site file; ``web`` is a
+        person on the labeling page (``label-wait``: seconds to wait for answers before
+        training); ``file`` a person using the file exchange (``exchange-dir``, default
+        ``<state-dir>/exchange-<client-id>``).
     pool : Pool
         The site's pool.
     data : LocalData
         The site's data.
     state_dir : Path
         The site's state directory.
-    client_id : int
-        The site's client id.
-    node_config : dict
-        The SuperNode's node config (``label-wait``, ``exchange-dir``).
     noise_rate : float
         Label noise of the simulated oracle.
     seed : int
         Seed of the simulated oracle's noise.
     """
-    if kind == "simulated":
+    if node.oracle == "simulated":
         if np.any(data.y_pool < 0):
             raise ConfigError(
-                f"oracle 'simulated' needs the ground truth of every pool sample, but the data of client {client_id} "
-                "has unknown labels (-1); set oracle=\"web\" or oracle=\"file\" in the node config"
+                f"oracle 'simulated' needs the ground truth of every pool sample, but the data of client "
+                f"{node.client_id} has unknown labels (-1); set oracle=\"web\" or oracle=\"file\" in the node config"
             )
         return SimulatedOracle(data.y_pool, data.n_classes, noise_rate=noise_rate, seed=seed)
-    if kind == "web":
-        return HumanOracle(pool, wait_s=float(node_config.get("label-wait", 0.0)))
-    if kind == "file":
-        folder = node_config.get("exchange-dir") or state_dir / f"exchange-{client_id}"
-        return FileOracle(pool, data, folder)
-    raise ConfigError(f"unknown oracle {kind!r} in the node config; choose one of {', '.join(ORACLE_KINDS)}")
+    if node.oracle == "web":
+        return HumanOracle(pool, wait_s=node.label_wait)
+    return FileOracle(pool, data, node.exchange_dir or state_dir / f"exchange-{node.client_id}")

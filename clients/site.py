@@ -12,41 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.oracles import make_oracle
+from clients.node import NodeConfig, open_site_pool
+from clients.oracles import FileOracle, make_oracle
 from fedal.config import FederationConfig
-from fedal.exceptions import ConfigError
-from fedal.federation import LocalData, client_data
-from fedal.flower.protocol import TrainReport
+from fedal.data import LocalData
+from fedal.federation import client_data
 from fedal.learner import ActiveLearner, pool_uncertainty
-from fedal.models import build_model
-from fedal.pool import PENDING, Pool
+from fedal.messages import TrainInstruction, TrainReport
+from fedal.models import model_for
+from fedal.pool import PENDING
+from fedal.seeds import client_seed, local_model_seed
 from fedal.sitedata import load_site
-
-
-def node_client_id(node_config: dict) -> int:
-    """The client's index: ``client-id`` from its node config, else the simulation's ``partition-id``."""
-    for key in ("client-id", "partition-id"):
-        if key in node_config:
-            return int(node_config[key])
-    raise ConfigError(
-        "the node config has neither client-id nor partition-id; start the SuperNode with "
-        "--node-config \"client-id=0 ...\""
-    )
-
-
-def open_site_pool(state_dir: str | Path, client_id: int, data: LocalData, *, create: bool = True) -> Pool:
-    """The durable pool of client ``client_id``: ``<state_dir>/client-<id>.db``, sized for its ``data``.
-
-    ``create=False`` (the labeling page, the file exchange) refuses to make a new, empty
-    database, which would mean a wrong ``state_dir`` or ``client_id``.
-    """
-    path = Path(state_dir) / f"client-{client_id}.db"
-    if not create and not path.is_file():
-        raise ConfigError(
-            f"there is no client database {path}; give the state-dir and client-id of the SuperNode's node config "
-            "(the file appears when the client handles its first round)"
-        )
-    return Pool(data.n_classes, size=len(data.y_pool), path=path)
+from fedal.strategies import WithViews
 
 
 class ClientSite:
@@ -56,47 +33,48 @@ class ClientSite:
     ----------
     cfg : FederationConfig
         The run's settings.
-    node_config : dict
-        The SuperNode's own settings: ``client-id`` (or the simulation's ``partition-id``),
-        ``state-dir``, ``data-path`` (the site's own data file, see :mod:`fedal.sitedata`),
-        ``oracle`` (``simulated``, ``web`` or ``file``, see :mod:`clients.oracles`),
-        ``query-timeout`` (overrides the run's).
+    node : NodeConfig
+        The SuperNode's own settings (client id, data file, state folder, oracle).
     data : LocalData, optional
         The local data; default: the ``data-path`` file, else this client's share of
         the simulated federation.
     """
 
-    def __init__(self, cfg: FederationConfig, node_config: dict, data: LocalData | None = None) -> None:
+    def __init__(self, cfg: FederationConfig, node: NodeConfig, data: LocalData | None = None) -> None:
         self.cfg = cfg
-        self.client_id = node_client_id(node_config)
+        self.client_id = node.client_id
         if data is None:
-            path = node_config.get("data-path")
-            data = load_site(str(path), self.client_id) if path else client_data(cfg, self.client_id)
+            data = load_site(node.data_path, self.client_id) if node.data_path else client_data(cfg, self.client_id)
         self.data = data
-        state_dir = Path(str(node_config.get("state-dir") or cfg.client_state_dir))
+        state_dir = Path(node.state_dir or cfg.client_state_dir)
         self.pool = open_site_pool(state_dir, self.client_id, self.data)
-        timeout = float(node_config.get("query-timeout", cfg.query_timeout))
+        timeout = cfg.query_timeout if node.query_timeout is None else node.query_timeout
         self.query_timeout = timeout if timeout > 0 else None
-        seed = cfg.seed * 1000 + self.client_id
-        self.model = build_model(self.data.X_pool.shape[1:], self.data.n_classes, epochs=cfg.local_epochs,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps, seed=seed)
-        self.oracle = make_oracle(str(node_config.get("oracle", "simulated")), pool=self.pool, data=self.data,
-                                  state_dir=state_dir, client_id=self.client_id, node_config=node_config,
-                                  noise_rate=cfg.noise_rate, seed=seed)
-        self.learner = ActiveLearner(self.model, cfg.strategy, self.data.X_pool, self.pool, self.oracle,
-                                     cold_start=cfg.initial_strategy, seed=seed)
+        seed = client_seed(cfg.seed, self.client_id)
+        self.model = model_for(cfg, data.input_shape, data.n_classes, seed=seed)
+        self.oracle = make_oracle(node, pool=self.pool, data=data, state_dir=state_dir, noise_rate=cfg.noise_rate,
+                                  seed=seed)
+        self.learner = ActiveLearner(self.model, cfg.query_strategy(), data.X_pool, self.pool, self.oracle,
+                                     cold_start=cfg.cold_start_strategy(), seed=seed)
 
     def close(self) -> None:
         """Close the database."""
         self.pool.close()
 
-    def train(self, global_state: dict, server_round: int, budget: int, proximal_mu: float = 0.0):
-        """Label the initial set if needed, query within ``budget``, train; return (state, report)."""
-        if budget < 0:
-            raise ConfigError(f"the server sent a negative query budget ({budget})")
+    def train(self, global_state: dict, instruction: TrainInstruction) -> tuple[dict, TrainReport]:
+        """Label the initial set if needed, query within the round's budget, train; return (state, report).
+
+        Parameters
+        ----------
+        global_state : dict
+            The global model's weights.
+        instruction : TrainInstruction
+            The round, its query budget (checked by the instruction itself) and FedProx's weight.
+        """
+        server_round, budget = instruction.server_round, instruction.query_budget
         self.model.set_state(global_state)
         self.pool.expire_overdue()
-        if hasattr(self.oracle, "sync"):  # file exchange: take in the answers that came back before querying
+        if isinstance(self.oracle, FileOracle):  # take in the answers that came back before querying
             self.oracle.sync()
         counts = self.pool.counts()
         labels_before = counts["labeled"]
@@ -125,10 +103,11 @@ class ClientSite:
         X, y = self.learner.labeled_data()
         # people may not have answered anything yet: then the global model goes back unchanged
         # with weight 0 (num-examples) and the requests wait for the next round
-        loss = self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=proximal_mu) if len(y) else math.nan
+        loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu)
+                if len(y) else math.nan)
         counts = self.pool.counts()
         report = TrainReport(
-            num_examples=len(y), client_id=self.client_id, budget=budget, queries_used=spent_before + queried,
+            num_examples=len(y), client_id=self.client_id, queries_used=spent_before + queried,
             labels_added=counts["labeled"] - labels_before, unlabeled_left=counts["unlabeled"],
             pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss,
         )
@@ -142,15 +121,14 @@ class ClientSite:
         """Federated-aware strategies (LoGo, KAFAL) also score with a local model and the local
         class counts (``QueryContext.extra``); train that model on the local labels now."""
         strategy = self.learner.strategy
-        if not getattr(strategy, "needs_local_model", False) or not self.learner.model_ready:
+        if isinstance(strategy, WithViews):  # views of an earlier round: make this round's
+            strategy = strategy.inner
+        if not strategy.needs_local_model or not self.learner.model_ready:
             return
-        from fedal.strategies import WithViews
-
         X, y = self.learner.labeled_data()
-        local = build_model(self.data.X_pool.shape[1:], self.data.n_classes, epochs=self.cfg.local_epochs,
-                            batch_size=self.cfg.batch_size, lr=self.cfg.lr, min_steps=self.cfg.min_local_steps,
-                            seed=self.cfg.seed * 1000 + self.client_id + 7)
-        if getattr(strategy, "local_model_init", "global") == "global":
+        local = model_for(self.cfg, self.data.input_shape, self.data.n_classes,
+                          seed=local_model_seed(self.cfg.seed, self.client_id))
+        if strategy.local_model_init == "global":
             local.set_state(self.model.get_state())  # specialise the global model on local labels
         local.fit(X, y, epochs=self.cfg.local_model_epochs or self.cfg.local_epochs)
         self.learner.strategy = WithViews(strategy, local_model=local, class_counts=self.labeled_class_counts())

@@ -13,7 +13,9 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from clients.node import NodeConfig
 from fedal.config import FederationConfig
+from fedal.messages import TrainInstruction
 from fedal.models import build_model
 from fedal.sitedata import split_sites
 
@@ -46,8 +48,8 @@ def web_site_after_round1(tmp_path: Path) -> dict:
 
     cfg = site_config(tmp_path)
     node = make_site(tmp_path, cfg, oracle="web")
-    site = ClientSite(cfg, node)
-    site.train(global_state(site), server_round=1, budget=0)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
+    site.train(global_state(site), TrainInstruction(1, 0))
     site.close()
     return node
 

@@ -16,7 +16,9 @@ import pytest
 from site_helpers import global_state, http, make_site, serving, site_config
 
 from clients.labeling import open_labeling
+from clients.node import NodeConfig
 from clients.site import ClientSite
+from fedal.messages import TrainInstruction
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -98,10 +100,10 @@ def saved(tab, sample_id: int) -> None:
 def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
     cfg = site_config(tmp_path, dataset="bloodmnist", data_dir=str(data_dir), max_train=300, batch_size=16)
     node = make_site(tmp_path, cfg, oracle="web")  # a real site's file: no pool labels in it
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     state = global_state(site)
     try:
-        _, report = site.train(state, server_round=1, budget=0)  # asks people for the initial set
+        _, report = site.train(state, TrainInstruction(1, 0))  # asks people for the initial set
     finally:
         site.close()
     assert report.num_examples == 0 and report.pending == 6
@@ -154,7 +156,7 @@ def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
         assert status == 200 and [p["sample_id"] for p in payload["pending"]] == [skipped]
 
     # the next round's ClientApp trains on exactly these answers
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     fitted = {}
     original_fit = site.model.fit
 
@@ -164,7 +166,7 @@ def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
 
     site.model.fit = capture_fit
     try:
-        _, report = site.train(state, server_round=2, budget=4)
+        _, report = site.train(state, TrainInstruction(2, 4))
     finally:
         site.close()
     ids = sorted(records)
@@ -178,9 +180,9 @@ def test_table_rows_and_the_zero_key(tmp_path, page):
     """A table site (digits, 10 classes): the sample shows as a feature row; "0" answers class 10."""
     cfg = site_config(tmp_path)
     node = make_site(tmp_path, cfg, oracle="web")
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     try:
-        site.train(global_state(site), server_round=1, budget=0)
+        site.train(global_state(site), TrainInstruction(1, 0))
     finally:
         site.close()
     with serving(open_labeling(node["state-dir"], 0, node["data-path"])) as server:

@@ -14,11 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
-from site_helpers import global_state, http, make_site, serving, site_config, web_site_after_round1
+from site_helpers import (
+    global_state,
+    http,
+    make_site,
+    serving,
+    site_config,
+    web_site_after_round1,
+)
 
 from clients.labeling import open_labeling
+from clients.node import NodeConfig
 from clients.site import ClientSite
 from fedal.config import FederationConfig
+from fedal.messages import TrainInstruction
 
 TESTS = Path(__file__).resolve().parent
 
@@ -30,10 +39,12 @@ sys.path.insert(0, {tests!r})
 from site_helpers import global_state
 from clients.site import ClientSite
 from fedal.config import FederationConfig
+from clients.node import NodeConfig
+from fedal.messages import TrainInstruction
 cfg = FederationConfig.from_mapping(json.loads(sys.argv[1]))
 node = json.loads(sys.argv[2])
 rounds = json.loads(sys.argv[3])
-site = ClientSite(cfg, node)
+site = ClientSite(cfg, NodeConfig.from_mapping(node))
 for server_round, budget, kill in rounds:
     if kill:
         request = site.pool.request
@@ -42,7 +53,7 @@ for server_round, budget, kill in rounds:
             os.kill(os.getpid(), signal.SIGKILL)
         site.pool.request = request_then_die
     print("ROUND", server_round, flush=True)
-    site.train(global_state(site), server_round=server_round, budget=budget)
+    site.train(global_state(site), TrainInstruction(server_round, budget))
 print("DONE", flush=True)
 """
 
@@ -101,9 +112,9 @@ def test_killed_right_after_requesting_a_round_is_not_asked_twice(tmp_path, kill
     assert labels_before == (0 if kill_round == 1 else cfg.initial_labels)
 
     # Flower re-delivers the round to a fresh process: it takes up the pending requests
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     try:
-        _, report = site.train(global_state(site), server_round=kill_round, budget=budget)
+        _, report = site.train(global_state(site), TrainInstruction(kill_round, budget))
     finally:
         site.close()
     n_requests = db_rows(db, "SELECT COUNT(*) FROM requests")[0][0]
@@ -142,7 +153,7 @@ def test_killed_while_waiting_for_people_keeps_their_answers(tmp_path):
     assert dict(db_rows(db, "SELECT sample_id, label FROM labels")) == answered
     assert db_rows(db, "SELECT COUNT(*) FROM requests WHERE status = 'pending'") == [(4,)]
 
-    site = ClientSite(cfg, {**node, "label-wait": 0})  # the round again, in a new process
+    site = ClientSite(cfg, NodeConfig.from_mapping({**node, "label-wait": 0}))  # the round again, in a new process
     fitted = {}
     original_fit = site.model.fit
 
@@ -152,7 +163,7 @@ def test_killed_while_waiting_for_people_keeps_their_answers(tmp_path):
 
     site.model.fit = capture_fit
     try:
-        _, report = site.train(global_state(site), server_round=1, budget=0)
+        _, report = site.train(global_state(site), TrainInstruction(1, 0))
     finally:
         site.close()
     assert report.num_examples == 2 and report.pending == 4
@@ -162,7 +173,7 @@ def test_killed_while_waiting_for_people_keeps_their_answers(tmp_path):
 
 def test_labeling_page_killed_after_acknowledging_loses_nothing(tmp_path):
     node = web_site_after_round1(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "fedal.cli", "label", "--state-dir", node["state-dir"],
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "label", "--state-dir", node["state-dir"],
                              "--client-id", "0", "--data-path", node["data-path"]], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
                             start_new_session=True)

@@ -11,10 +11,12 @@ import pytest
 from site_helpers import global_state, make_site, site_config
 
 from clients.exchange import ExchangeError, export_requests, import_answers
+from clients.node import NodeConfig
 from clients.site import ClientSite
-from fedal import cli
-from fedal.federation import LocalData
+from fedal.data import LocalData
+from fedal.messages import TrainInstruction
 from fedal.pool import Pool
+from simulations import cli
 
 
 def image_site(n: int = 12, n_classes: int = 4) -> LocalData:
@@ -139,9 +141,9 @@ def test_missing_columns_and_missing_file_are_clear(pool_with_requests, tmp_path
 def test_table_rows_are_exported_as_feature_columns(tmp_path):
     cfg = site_config(tmp_path)
     node = make_site(tmp_path, cfg, oracle="file")
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     try:
-        site.train(global_state(site), server_round=1, budget=0)
+        site.train(global_state(site), TrainInstruction(1, 0))
         rows = read_rows(Path(node["state-dir"]) / "exchange-0" / "requests.csv")
         assert len(rows) == cfg.initial_labels
         sid = int(rows[0]["sample_id"])
@@ -156,10 +158,10 @@ def test_file_oracle_imports_the_inbox_on_the_next_round(tmp_path):
     cfg = site_config(tmp_path)
     node = make_site(tmp_path, cfg, oracle="file")
     folder = Path(node["state-dir"]) / "exchange-0"
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     state = global_state(site)
     try:
-        _, report = site.train(state, server_round=1, budget=0)
+        _, report = site.train(state, TrainInstruction(1, 0))
         assert report.num_examples == 0 and report.pending == cfg.initial_labels
     finally:
         site.close()
@@ -172,10 +174,10 @@ def test_file_oracle_imports_the_inbox_on_the_next_round(tmp_path):
     old = time.time() - 60  # written a minute ago: settled
     for p in (folder / "inbox").iterdir():
         os.utime(p, (old, old))
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     try:
         with pytest.warns(UserWarning, match="answer file rejected"):
-            _, report = site.train(state, server_round=2, budget=3)
+            _, report = site.train(state, TrainInstruction(2, 3))
         assert report.num_examples == 4
         assert sorted(site.pool.labels()[1].tolist()) == [5, 5, 5, 5]
     finally:
@@ -189,8 +191,8 @@ def test_file_oracle_imports_the_inbox_on_the_next_round(tmp_path):
 def test_fedal_exchange_command(tmp_path, capsys):
     cfg = site_config(tmp_path)
     node = make_site(tmp_path, cfg, oracle="web")
-    site = ClientSite(cfg, node)
-    site.train(global_state(site), server_round=1, budget=0)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
+    site.train(global_state(site), TrainInstruction(1, 0))
     site.close()
     common = ["--state-dir", node["state-dir"], "--client-id", "0", "--data-path", node["data-path"]]
     assert cli.main(["exchange", "export", *common, "--folder", str(tmp_path / "x")]) == 0

@@ -13,11 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from site_helpers import global_state, http, make_site, serving, site_config, web_site_after_round1
+from site_helpers import (
+    global_state,
+    http,
+    make_site,
+    serving,
+    site_config,
+    web_site_after_round1,
+)
 
 from clients.labeling import LabelingServer, LabelingService, open_labeling
+from clients.node import NodeConfig
 from clients.site import ClientSite, open_site_pool
 from fedal.exceptions import ConfigError
+from fedal.messages import TrainInstruction
 from fedal.pool import Pool
 from fedal.sitedata import load_site
 
@@ -130,7 +139,7 @@ def test_unsure_hands_the_sample_back(page):
 
 def test_images_are_served_only_for_pending_samples(tmp_path):
     rng = np.random.default_rng(0)
-    from fedal.federation import LocalData
+    from fedal.data import LocalData
 
     X = rng.random((5, 1, 28, 28), dtype=np.float32)
     data = LocalData(0, X, np.full(5, -1), X[:0], np.zeros(0, np.int64), 2, ["normal", "pneumonia"], "image")
@@ -147,7 +156,7 @@ def test_images_are_served_only_for_pending_samples(tmp_path):
 
 def test_non_loopback_host_is_refused_unless_allowed(tmp_path):
     data_pool = Pool(2, size=3)
-    from fedal.federation import LocalData
+    from fedal.data import LocalData
 
     data = LocalData(0, np.zeros((3, 4), np.float32), np.full(3, -1), np.zeros((0, 4), np.float32),
                      np.zeros(0, np.int64), 2, ["a", "b"], "table")
@@ -163,7 +172,7 @@ def test_non_loopback_host_is_refused_unless_allowed(tmp_path):
 
 def test_fedal_label_command_prints_a_working_address(site):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedal.cli", "label", "--state-dir", site["state-dir"],
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "label", "--state-dir", site["state-dir"],
                              "--client-id", "0", "--data-path", site["data-path"], "--labeler", "bob"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
@@ -179,7 +188,7 @@ def test_fedal_label_command_prints_a_working_address(site):
         proc.stdout.close()
         proc.stderr.close()
     # a remote host without --allow-remote: a clear error and exit status 2
-    done = subprocess.run([sys.executable, "-m", "fedal.cli", "label", "--state-dir", site["state-dir"],
+    done = subprocess.run([sys.executable, "-m", "simulations.cli", "label", "--state-dir", site["state-dir"],
                            "--client-id", "0", "--data-path", site["data-path"], "--host", "0.0.0.0"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "--allow-remote" in done.stderr
@@ -190,10 +199,10 @@ def test_unanswered_requests_expire_and_their_samples_return(tmp_path):
     released; what they answered counts; the page refuses an answer to an expired request."""
     cfg = site_config(tmp_path, query_timeout=3600.0)
     node = make_site(tmp_path, cfg, oracle="web", **{"query-timeout": 1.0})
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     state = global_state(site)
     try:
-        site.train(state, server_round=1, budget=0)
+        site.train(state, TrainInstruction(1, 0))
         asked = site.pool.pending_ids().tolist()
         deadlines = {r["deadline"] - r["created_at"] for r in site.pool.requests()}
         assert len(asked) == 6 and all(abs(d - 1.0) < 1e-6 for d in deadlines)
@@ -204,9 +213,9 @@ def test_unanswered_requests_expire_and_their_samples_return(tmp_path):
         for sid in asked[:2]:
             assert http(base + "api/answer", token=server.token, body={"sample_id": sid, "label": 1})[0] == 200
         time.sleep(1.2)
-        site = ClientSite(cfg, node)
+        site = ClientSite(cfg, NodeConfig.from_mapping(node))
         try:
-            _, report = site.train(state, server_round=2, budget=3)
+            _, report = site.train(state, TrainInstruction(2, 3))
             expired = site.pool.requests("expired")
             assert sorted(r["sample_id"] for r in expired) == sorted(asked[2:])
             assert {r["note"] for r in expired} == {"deadline passed"}

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 from site_helpers import global_state, make_site, site_config
 
+from clients.node import NodeConfig
 from clients.site import ClientSite
-from fedal import cli
 from fedal.exceptions import ConfigError, DataFileError
 from fedal.federation import client_data
+from fedal.messages import TrainInstruction
 from fedal.sitedata import load_site, split_sites
+from simulations import cli
 
 
 def test_split_cuts_exactly_as_the_simulation(tmp_path):
@@ -34,9 +36,9 @@ def test_client_site_reads_only_its_file(tmp_path, monkeypatch):
         raise AssertionError("a deployed site must not load the whole data set")
 
     monkeypatch.setattr("clients.site.client_data", no_simulation)
-    site = ClientSite(cfg, node)
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
     try:
-        _, report = site.train(global_state(site), server_round=1, budget=0)
+        _, report = site.train(global_state(site), TrainInstruction(1, 0))
     finally:
         site.close()
     assert report.client_id == 1 and report.num_examples == cfg.initial_labels
@@ -47,9 +49,27 @@ def test_simulated_oracle_needs_labels_and_unknown_oracles_are_named(tmp_path):
     cfg = site_config(tmp_path)
     node = make_site(tmp_path, cfg, oracle="simulated", labels=False)
     with pytest.raises(ConfigError, match='set oracle="web" or oracle="file"'):
-        ClientSite(cfg, node)
+        ClientSite(cfg, NodeConfig.from_mapping(node))
     with pytest.raises(ConfigError, match="unknown oracle 'person' in the node config; choose one of simulated, web, file"):
-        ClientSite(cfg, {**node, "oracle": "person"})
+        ClientSite(cfg, NodeConfig.from_mapping({**node, "oracle": "person"}))
+
+
+def test_node_config_keys_are_checked_once_and_a_typo_names_the_known_keys():
+    from clients.node import NODE_KEYS, NodeConfig
+
+    node = NodeConfig.from_mapping({"client-id": 3, "data-path": "s.npz", "oracle": "web", "label-wait": 5,
+                                    "query-timeout": "60"})
+    assert (node.client_id, node.data_path, node.oracle, node.label_wait, node.query_timeout) == (3, "s.npz", "web",
+                                                                                                 5.0, 60.0)
+    assert NodeConfig.from_mapping({"partition-id": 1, "num-partitions": 4}).client_id == 1  # Flower's simulation
+    with pytest.raises(ConfigError) as err:
+        NodeConfig.from_mapping({"client-id": 0, "stat-dir": "/tmp/x"})
+    assert "'stat-dir'" in str(err.value) and all(key in str(err.value) for key in NODE_KEYS)
+    for bad, words in [({"client-id": "zero"}, "client-id must be an integer"), ({"client-id": -1}, ">= 0"),
+                       ({}, "neither client-id nor partition-id"), ({"client-id": 0, "label-wait": -2}, "label-wait"),
+                       ({"client-id": 0, "oracle": "person"}, "unknown oracle 'person'")]:
+        with pytest.raises(ConfigError, match=words):
+            NodeConfig.from_mapping(bad)
 
 
 def test_hand_made_site_files_in_every_image_layout(tmp_path):

@@ -1,0 +1,112 @@
+"""A SuperNode's own settings (its node config) and the durable pool they point at.
+
+The node config is what a site's operator types (``flower-supernode --node-config
+'client-id=0 data-path="site-0.npz" state-dir="state" oracle="web"'``); in a
+simulation Flower gives ``partition-id`` and ``num-partitions`` instead. Every key is
+checked here once: a typo is an error that lists the known keys, not a setting
+silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedal.data import LocalData
+from fedal.exceptions import ConfigError
+from fedal.pool import Pool
+
+ORACLE_KINDS = ("simulated", "web", "file")
+#: node config key -> what it sets (``partition-id`` / ``num-partitions``: Flower's simulation)
+NODE_KEYS = {
+    "client-id": "the site's client id (0, 1, ...), the one identity it has in the federation",
+    "partition-id": "the client id in a simulation (set by Flower)",
+    "num-partitions": "the number of simulated clients (set by Flower; not used)",
+    "data-path": "the site's own data file (fedal split); default: its share of the simulated data set",
+    "state-dir": "folder of the site's SQLite database (default: the run's state-dir)",
+    "oracle": f"who answers label requests: {', '.join(ORACLE_KINDS)}",
+    "query-timeout": "seconds a label request waits for an answer before it expires (overrides the run's)",
+    "label-wait": "web oracle: seconds to wait for answers before training",
+    "exchange-dir": "file oracle: the exchange folder (default <state-dir>/exchange-<client-id>)",
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A site's node config, parsed and checked.
+
+    Attributes
+    ----------
+    client_id : int
+        ``client-id`` (or the simulation's ``partition-id``).
+    data_path : str
+        ``data-path`` ("" = the simulated federation's share of this client).
+    state_dir : str
+        ``state-dir`` ("" = the run's client state folder).
+    oracle : str
+        ``oracle``: ``simulated``, ``web`` or ``file``.
+    query_timeout : float or None
+        ``query-timeout`` (None = the run's setting).
+    label_wait : float
+        ``label-wait`` (web oracle).
+    exchange_dir : str
+        ``exchange-dir`` (file oracle; "" = the default folder).
+    """
+
+    client_id: int
+    data_path: str = ""
+    state_dir: str = ""
+    oracle: str = "simulated"
+    query_timeout: float | None = None
+    label_wait: float = 0.0
+    exchange_dir: str = ""
+
+    @classmethod
+    def from_mapping(cls, node_config: dict[str, Any]) -> "NodeConfig":
+        """Parse Flower's ``context.node_config``; :class:`ConfigError` names a bad or unknown key."""
+        unknown = sorted(set(node_config) - set(NODE_KEYS))
+        if unknown:
+            known = "; ".join(f"{k} ({v})" for k, v in NODE_KEYS.items())
+            raise ConfigError(f"unknown node config key(s) {unknown}; known keys: {known}")
+        key = "client-id" if "client-id" in node_config else "partition-id" if "partition-id" in node_config else None
+        if key is None:
+            raise ConfigError('the node config has neither client-id nor partition-id; start the SuperNode with '
+                              '--node-config "client-id=0 ..."')
+        client_id = _number(node_config, key, int, low=0)
+        oracle = str(node_config.get("oracle", "simulated"))
+        if oracle not in ORACLE_KINDS:
+            raise ConfigError(f"unknown oracle {oracle!r} in the node config; choose one of {', '.join(ORACLE_KINDS)}")
+        timeout = _number(node_config, "query-timeout", float, low=0) if "query-timeout" in node_config else None
+        return cls(client_id=client_id, data_path=str(node_config.get("data-path", "")),
+                   state_dir=str(node_config.get("state-dir", "")), oracle=oracle, query_timeout=timeout,
+                   label_wait=_number(node_config, "label-wait", float, low=0) if "label-wait" in node_config else 0.0,
+                   exchange_dir=str(node_config.get("exchange-dir", "")))
+
+
+def _number(node_config: dict, key: str, kind: type, *, low: float):
+    value = node_config[key]
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key} must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {node_config[key]!r}") from None
+    if value < low:
+        raise ConfigError(f"node config {key} must be >= {low}, got {value!r}")
+    return value
+
+
+def open_site_pool(state_dir: str | Path, client_id: int, data: LocalData, *, create: bool = True) -> Pool:
+    """The durable pool of client ``client_id``: ``<state_dir>/client-<id>.db``, sized for its ``data``.
+
+    ``create=False`` (the labeling page, the file exchange) refuses to make a new, empty
+    database, which would mean a wrong ``state_dir`` or ``client_id``.
+    """
+    path = Path(state_dir) / f"client-{client_id}.db"
+    if not create and not path.is_file():
+        raise ConfigError(
+            f"there is no client database {path}; give the state-dir and client-id of the SuperNode's node config "
+            "(the file appears when the client handles its first round)"
+        )
+    return Pool(data.n_classes, size=len(data.y_pool), path=path)
