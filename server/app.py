@@ -3,23 +3,26 @@
 Each round the budget coordinator splits the label budget among the sampled clients
 (from the aggregate statistics they reported), a Flower strategy aggregates their
 updates, the global model is evaluated on the server's held-out test set, and the
-results and a checkpoint are written. ``resume = true`` continues from the last
-checkpoint (model, round, budget ledger).
+results and a checkpoint are written. Everything the server learns of the clients is
+in one :class:`~server.book.RoundBook`. ``resume = true`` continues from the last
+checkpoint (model, round, the book's state).
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedal.budget import BudgetCoordinator, ClientStats
+from fedal.budget import BudgetCoordinator
 from fedal.config import FederationConfig
 from fedal.federation import federation_dataset
 from fedal.flower import protocol
-from fedal.models import build_model
+from fedal.models import model_for
+from fedal.seeds import reinit_seed
+from server.book import RoundBook
+from server.privacy import PrivacySettings
 from server.results import RunRecorder
 from server.strategy import make_strategy
 
@@ -52,6 +55,10 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecorder:
     """Run every round of a federation on ``grid``; return the recorder with the results.
 
+    Each round has two phases, train (query within the budgets, local training,
+    aggregation) and evaluate (the global model on the clients' local test sets and on the
+    server's test set); then the round's row and the checkpoint are written.
+
     Parameters
     ----------
     grid : Grid
@@ -62,24 +69,19 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         Called with each round's result row (progress display).
     """
     dataset = federation_dataset(cfg)
-    model = build_model(dataset.input_shape, dataset.n_classes, seed=cfg.seed)
+    model = model_for(cfg, dataset.input_shape, dataset.n_classes, seed=cfg.seed)
     reference = {k: tuple(v.shape) for k, v in model.get_state().items()}
-    coordinator = BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap)
-    strategy = make_strategy(cfg, coordinator, reference)
+    book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap),
+                     PrivacySettings.from_config(cfg))
+    strategy = make_strategy(cfg, book, reference)
     recorder = RunRecorder(cfg.output_dir, cfg.to_run_config())
-    labeled: dict[int, int] = {}  # client id -> labeled count last reported
     state = model.get_state()
     start_round = 1
     if cfg.resume:
         ckpt = recorder.load_checkpoint()
         if ckpt is not None:
             last, state, saved = ckpt
-            coordinator.load_state_dict(saved["budget"])
-            strategy.stats = {int(n): ClientStats(s["unlabeled"], math.nan if s["uncertainty"] is None else s["uncertainty"])
-                              for n, s in saved.get("stats", {}).items()}
-            labeled = {int(c): n for c, n in saved.get("labeled", {}).items()}
-            if hasattr(strategy, "load_privacy_state"):  # differential privacy (server/dp.py)
-                strategy.load_privacy_state(saved.get("privacy"))
+            book.load_state_dict(saved)
             start_round = last + 1
             log.warning("resuming after round %d from %s", last, recorder.out)
     arrays = protocol.model_record(state)
@@ -90,44 +92,35 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                     cfg.clients, nodes, cfg.clients)
     for server_round in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
-        if cfg.reinit and cfg.is_query_round(server_round):
-            model.reset(seed=cfg.seed + server_round)
+        query = cfg.is_query_round(server_round)
+        if cfg.reinit and query:
+            model.reset(seed=reinit_seed(cfg.seed, server_round))
             arrays = protocol.model_record(model.get_state())
-        train_config = ConfigRecord({protocol.QUERY_ROUND: cfg.is_query_round(server_round)})
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
+        # train: budgets -> queries -> local training -> aggregation
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                                         timeout=cfg.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        rlog = strategy.rounds[server_round]
-        for node, reason in {**rlog.failed, **rlog.rejected}.items():
-            kind = "failed" if node in rlog.failed else "rejected"
-            recorder.add_event(server_round, kind, f"node {node} (client {strategy.client_of.get(node, '?')}): {reason}")
-        clients = {}
-        for node, report in rlog.reports.items():
-            labeled[report.client_id] = report.num_examples
-            clients[str(report.client_id)] = {"budget": int(strategy.sent.get(node, 0)),
-                                              "queried": int(report.queries_used),
-                                              "labeled": int(report.num_examples)}
+        # evaluate: the clients' local test sets, then the server's test set
         eval_replies = grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
         model.set_state(protocol.state_from_record(arrays))
         loss, acc = model.evaluate(dataset.X_test, dataset.y_test)
-        row = {"round": server_round, "labels": int(sum(labeled.values())), "accuracy": acc, "loss": loss,
+        rlog = book.rounds[server_round]
+        for event in rlog.events:
+            recorder.add_event(server_round, event.kind, event.describe())
+        row = {"round": server_round, "labels": int(sum(book.labeled.values())), "accuracy": acc, "loss": loss,
                "client_accuracy": float(client_eval["eval-acc"]) if client_eval else None,
-               "query_round": cfg.is_query_round(server_round), "clients": dict(sorted(clients.items())),
+               "query_round": query, "clients": book.clients_row(server_round),
+               "pending": int(train_metrics["pending"]) if train_metrics else 0,
                "seconds": round(time.perf_counter() - t0, 2)}
-        if hasattr(strategy, "privacy_report"):
-            row["privacy"] = strategy.privacy_report()
+        privacy = book.privacy_report()
+        if privacy is not None:
+            row["privacy"] = privacy
         recorder.add_round(row)
-        recorder.save_checkpoint(server_round, model.get_state(), {
-            "budget": coordinator.state_dict(),
-            "stats": {n: {"unlabeled": s.unlabeled, "uncertainty": None if math.isnan(s.uncertainty) else s.uncertainty}
-                      for n, s in strategy.stats.items()},
-            "labeled": labeled,
-            **({"privacy": strategy.privacy_state()} if hasattr(strategy, "privacy_state") else {}),
-        })
+        recorder.save_checkpoint(server_round, model.get_state(), book.state_dict())
         if on_round is not None:
             on_round(row)
         log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)

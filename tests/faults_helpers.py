@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
+from clients.node import NodeConfig
 
 PLAN_FILE, LOG_FILE, RECORD_FLAG = "faults.json", "faults-log.jsonl", "record-received"
 CORRUPTIONS = ("inf", "nan", "wrong-shapes", "wrong-keys", "extra-metric", "no-arrays")
@@ -164,13 +165,16 @@ def _corrupt(reply: Message, kind: str) -> Message:
 def _train_with_faulty_oracle(msg: Message, context: Context, kind: str, out: Path, client: int,
                               server_round: int) -> Message:
     """``clients.app.train`` with the site's oracle swapped for a :class:`FaultyOracle`."""
+    from clients.node import NodeConfig
     from clients.site import ClientSite
     from fedal.config import FederationConfig
     from fedal.flower import protocol
+    from fedal.messages import TrainInstruction
 
     cfg = FederationConfig.from_run_config(dict(context.run_config))
-    config = msg.content[protocol.CONFIG]
-    site = ClientSite(cfg, dict(context.node_config))
+    instruction = TrainInstruction.from_config(dict(msg.content[protocol.CONFIG]))
+    assert instruction.server_round == server_round
+    site = ClientSite(cfg, NodeConfig.from_mapping(dict(context.node_config)))
 
     def snapshot():
         ids, labels = site.pool.labels()
@@ -180,10 +184,7 @@ def _train_with_faulty_oracle(msg: Message, context: Context, kind: str, out: Pa
 
     site.learner.oracle = FaultyOracle(site.oracle, kind, on_crash=snapshot)
     try:
-        state, report = site.train(protocol.state_from_record(msg.content[protocol.ARRAYS]),
-                                   server_round=server_round,
-                                   budget=int(config.get(protocol.QUERY_BUDGET, 0)),
-                                   proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)))
+        state, report = site.train(protocol.state_from_record(msg.content[protocol.ARRAYS]), instruction)
     finally:
         site.close()
     return protocol.train_reply(msg, state, report)
@@ -191,14 +192,14 @@ def _train_with_faulty_oracle(msg: Message, context: Context, kind: str, out: Pa
 
 def fault_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower mod: inject the planned fault of this client and round (train messages only)."""
-    from clients.site import node_client_id
+    from clients.node import NodeConfig
     from fedal.config import FederationConfig
     from fedal.flower import protocol
 
     if msg.metadata.message_type != "train":
         return call_next(msg, context)
     cfg = FederationConfig.from_run_config(dict(context.run_config))
-    client = node_client_id(dict(context.node_config))
+    client = NodeConfig.from_mapping(dict(context.node_config)).client_id
     server_round = int(msg.content[protocol.CONFIG][protocol.SERVER_ROUND])
     out = Path(cfg.output_dir)
     if (out / RECORD_FLAG).exists():  # what model this client was sent (resume checks)
@@ -238,4 +239,5 @@ def fault_client_app():
     app = ClientApp(mods=[fault_mod])
     app.train(mods=[client_module.dp_clipping_mod])(client_module.train)
     app.evaluate()(client_module.evaluate)
+    app.query(client_module.protocol.IDENTIFY)(client_module.identify)
     return app

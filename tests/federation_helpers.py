@@ -86,6 +86,7 @@ def capturing_client_app():
     app = ClientApp(mods=[capture_mod])
     app.train()(client_module.train)
     app.evaluate()(client_module.evaluate)
+    app.query(client_module.protocol.IDENTIFY)(client_module.identify)
     return app
 
 
@@ -105,7 +106,8 @@ def audit_reply(desc: dict, model_shapes: dict[str, tuple], sample_sizes=SAMPLE_
     if desc.get("error"):
         return [f"{kind} reply is an error: {desc['error']}"]
     expected = {"train": {protocol.ARRAYS: "ArrayRecord", protocol.METRICS: "MetricRecord"},
-                "evaluate": {protocol.METRICS: "MetricRecord"}}.get(kind)
+                "evaluate": {protocol.METRICS: "MetricRecord"},
+                f"query.{protocol.IDENTIFY}": {protocol.METRICS: "MetricRecord"}}.get(kind)
     if expected is None:
         return [f"unexpected message type {kind!r}"]
     got = {name: rec["kind"] for name, rec in records.items()}
@@ -126,7 +128,8 @@ def audit_reply(desc: dict, model_shapes: dict[str, tuple], sample_sizes=SAMPLE_
                 if size in sample_sizes and not genuine:
                     problems.append(f"array {key!r} of shape {shape} has the size of a data sample")
         if rec["kind"] == "MetricRecord":
-            wanted = protocol.TRAIN_METRICS if kind == "train" else protocol.EVAL_METRICS
+            wanted = {"train": protocol.TRAIN_METRICS, "evaluate": protocol.EVAL_METRICS}.get(kind,
+                                                                                            protocol.IDENTIFY_METRICS)
             if list(rec["entries"]) != list(wanted):
                 problems.append(f"{kind} metrics {list(rec['entries'])}, expected exactly {list(wanted)}")
             for key, entry in rec["entries"].items():

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from faults_helpers import (
     RECORD_FLAG,
     FaultyOracle,
@@ -42,9 +40,12 @@ from faults_helpers import (
     snapshot_path,
     write_plan,
 )
+
+from clients.node import NodeConfig
 from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError
 from fedal.flower import protocol
+from fedal.messages import TrainInstruction
 
 pytestmark = pytest.mark.faults
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,12 +98,6 @@ def small_cfg(output_dir, **overrides) -> FederationConfig:
     return FederationConfig(**settings)
 
 
-def node_clients(events: list[dict]) -> dict[str, int]:
-    """Node id -> client id, from the ``node N (client C)`` of the run's events."""
-    return {m.group(1): int(m.group(2)) for e in events for m in [re.search(r"node (\d+) \(client (\d+)\)", e["detail"])]
-            if m}
-
-
 def db_rows(db_path, sql: str) -> list[tuple]:
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
@@ -152,20 +147,19 @@ def test_crashed_client_is_left_out_and_the_round_completes_with_the_others(chao
     r2 = chaos["rows"][2]
     assert set(r2["clients"]) == {"0", "2"}  # client 1 crashed before replying
     failed = [e for e in chaos["events"] if e["round"] == 2 and e["kind"] == "failed"]
-    assert len(failed) == 1 and "(client 1)" in failed[0]["detail"]
+    assert len(failed) == 1 and failed[0]["detail"].startswith("client 1 (node ")
     assert "injected: client 1 died in round 2" in failed[0]["detail"]  # the client's own error, short
     assert "Traceback" not in failed[0]["detail"]
 
 
 def test_failed_clients_budget_is_carried_to_the_next_round(chaos):
     cfg, ledger = chaos["cfg"], chaos["state"]["budget"]["ledger"]
-    nodes = node_clients(chaos["events"])
     by_round: dict[int, list[dict]] = {}
     for row in ledger:
         by_round.setdefault(row["round"], []).append(row)
     assert sorted(by_round) == [2, 3, 4, 5]  # round 1 labels the initial sets, no budget
     failed_r2 = [r for r in by_round[2] if r["status"] == "failed"]
-    assert [nodes[r["client"]] for r in failed_r2] == [1]
+    assert [r["client"] for r in failed_r2] == [1]  # the ledger names clients by their client id
     assert sum(r["assigned"] for r in by_round[2]) == cfg.round_budget
     for rnd in (3, 4, 5):
         carried = sum(r["assigned"] for r in by_round[rnd - 1] if r["status"] == "failed")
@@ -198,7 +192,7 @@ def test_straggler_is_left_out_of_its_round_and_not_waited_for(chaos):
     r4, r5 = chaos["rows"][4], chaos["rows"][5]
     assert "1" not in r4["clients"]
     failed = [e for e in chaos["events"] if e["round"] == 4 and e["kind"] == "failed"]
-    assert len(failed) == 1 and "(client 1)" in failed[0]["detail"]
+    assert len(failed) == 1 and failed[0]["detail"].startswith("client 1 (node ")
     assert "no reply before the round timeout" in failed[0]["detail"]
     # the server waited for the round timeout, not for the straggler's reply
     assert ROUND_TIMEOUT - 1 <= r4["seconds"] < STRAGGLE
@@ -232,7 +226,7 @@ def test_corrupted_updates_are_rejected_logged_with_the_client_and_not_aggregate
     expected = {1: "holds NaN or Inf", 2: "holds NaN or Inf", 3: "has shape", 4: "wrong keys", 5: "'sneaky'"}
     assert sorted(rejected) == sorted(expected)
     for rnd, fragment in expected.items():
-        assert "(client 2)" in rejected[rnd] and fragment in rejected[rnd], rejected[rnd]
+        assert rejected[rnd].startswith("client 2 (node ") and fragment in rejected[rnd], rejected[rnd]
     with np.load(chaos["out"] / "checkpoint" / "model.npz") as weights:
         assert all(np.isfinite(weights[k]).all() for k in weights.files)
     assert chaos["rows"][5]["accuracy"] > 0.5  # 10 classes: a poisoned model sits near 0.1
@@ -326,14 +320,10 @@ def test_resume_continues_the_client_databases_with_no_label_lost(restart):
 
 
 def test_resume_continues_the_privacy_accounting(restart):
-    from server.dp import GaussianAccountant
-
     cfg, rows = restart["cfg"], restart["after"]["results"]["rounds"]
     assert [r["privacy"]["releases"] for r in rows] == [1, 2, 3, 4]
-    accountant = GaussianAccountant()
-    for _ in range(4):
-        accountant.compose(cfg.dp_noise_multiplier)  # both clients aggregated every round
-    assert rows[-1]["privacy"]["epsilon"] == pytest.approx(accountant.epsilon(cfg.dp_delta), rel=1e-9)
+    accountant = _accountant([cfg.dp_noise_multiplier] * 4)  # both clients aggregated every round
+    assert rows[-1]["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(cfg.dp_delta), rel=1e-9)
     assert rows[-1]["privacy"]["delta"] == cfg.dp_delta
 
 
@@ -367,20 +357,27 @@ def _digits_reference():
 
 
 def _report(client: int, n: int = 20) -> protocol.TrainReport:
-    return protocol.TrainReport(num_examples=n, client_id=client, budget=0, queries_used=0, labels_added=0,
+    return protocol.TrainReport(num_examples=n, client_id=client, queries_used=0, labels_added=0,
                                 unlabeled_left=100, pending=0, mean_uncertainty=0.5, train_loss=1.0)
 
 
 def _strategy(tmp_path, **overrides):
     from fedal.budget import BudgetCoordinator
+    from server.book import RoundBook
+    from server.privacy import PrivacySettings
     from server.strategy import make_strategy
 
     cfg = FederationConfig(**{**dict(dataset="digits", clients=5, min_clients=2, output_dir=str(tmp_path)),
                               **overrides})
     reference = _digits_reference()
-    strategy = make_strategy(cfg, BudgetCoordinator(cfg.budget_policy, cfg.round_budget),
-                             {k: v.shape for k, v in reference.items()})
+    book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget), PrivacySettings.from_config(cfg))
+    strategy = make_strategy(cfg, book, {k: v.shape for k, v in reference.items()})
     return cfg, strategy, reference
+
+
+def _events(strategy, server_round: int, kind: str) -> dict[int, str]:
+    """node -> reason of the round's events of ``kind``."""
+    return {e.node: e.reason for e in strategy.book.rounds[server_round].events if e.kind == kind}
 
 
 def _round(strategy, reference, updates: dict[int, dict], server_round: int = 1) -> dict:
@@ -418,7 +415,7 @@ def test_robust_aggregations_construct_run_and_resist_a_poisoned_finite_update(f
     agg = _flat(protocol.state_from_record(arrays))
     honest_mean = np.mean([_flat(s) for s in honest.values()], axis=0)
     assert np.abs(agg - honest_mean).max() < 0.1  # fedavg would be 10 off (50 / 5)
-    assert set(strategy.rounds[1].reports) == {1, 2, 3, 4, 5}
+    assert set(strategy.book.rounds[1].reports) == {0, 1, 2, 3, 4}  # by client id (node n is client n - 1)
     TALLY.finished += 1
 
 
@@ -448,11 +445,11 @@ def test_malformed_replies_are_rejected_without_stopping_the_round(flower_task, 
                                                          "num-examples": 0})
     TALLY.injected += 4
     arrays, _ = strategy.aggregate_train(1, list(replies.values()))
-    log = strategy.rounds[1]
-    assert set(log.failed) == {1} and "client process died" in log.failed[1]
-    assert "records" in log.rejected[3] and "records" in log.rejected[4]
-    assert 5 in log.reports and 5 not in log.rejected  # no labels yet: reported, not aggregated
-    assert 2 not in log.rejected and arrays is not None  # Krum pairs arrays by position: order fixed
+    failed, rejected = _events(strategy, 1, "failed"), _events(strategy, 1, "rejected")
+    assert set(failed) == {1} and "client process died" in failed[1]
+    assert "records" in rejected[3] and "records" in rejected[4]
+    assert 4 in strategy.book.rounds[1].reports and 5 not in rejected  # no labels yet: reported, not aggregated
+    assert 2 not in rejected and arrays is not None  # Krum pairs arrays by position: order fixed
     assert np.allclose(_flat(protocol.state_from_record(arrays)), _flat(ref))
     TALLY.finished += 1
 
@@ -477,40 +474,57 @@ DP_REFERENCE = [
 ]
 
 
+def _accountant(multipliers, delta: float = 1e-5):
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    from server.privacy import GaussianAccountant, privacy_config
+
+    accountant = GaussianAccountant(privacy_config(delta, 10))
+    for sigma in multipliers:
+        accountant.compose(GaussianPrivacyEvent(sigma, 10, 10))
+    return accountant
+
+
 @pytest.mark.parametrize("multipliers, delta, epsilon", DP_REFERENCE)
 def test_accountant_matches_googles_dp_accounting(multipliers, delta, epsilon):
-    from server.dp import GaussianAccountant
+    from server.privacy import GaussianAccountant
 
-    accountant = GaussianAccountant()
-    for sigma in multipliers:
-        accountant.compose(sigma)
-    assert accountant.epsilon(delta) == pytest.approx(epsilon, rel=1e-9)
-    restored = GaussianAccountant()
+    accountant = _accountant(multipliers, delta)
+    assert accountant.get_epsilon(delta) == pytest.approx(epsilon, rel=1e-9)
+    spent = accountant.get_privacy_spent()  # Flower's result type, at the configured delta
+    assert (spent.epsilon, spent.delta, spent.num_releases) == (accountant.get_epsilon(delta), delta, len(multipliers))
+    assert accountant.get_delta(spent.epsilon) == pytest.approx(delta, rel=1e-6)  # the same conversion, inverted
+    restored = GaussianAccountant(accountant.config)
     restored.load_state_dict(json.loads(json.dumps(accountant.state_dict())))
-    assert restored.epsilon(delta) == accountant.epsilon(delta)
+    assert restored.get_epsilon(delta) == accountant.get_epsilon(delta)
 
 
-def test_accountant_refuses_a_noiseless_release():
-    from server.dp import GaussianAccountant
+def test_accountant_follows_flowers_protocol_and_refuses_a_noiseless_release():
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        PrivacyAccountant,
+    )
 
-    accountant = GaussianAccountant()
-    assert accountant.epsilon(1e-5) == 0.0
-    with pytest.raises(ValueError, match="noise multiplier > 0"):
-        accountant.compose(0.0)
+    accountant = _accountant([])
+    assert accountant.get_epsilon(1e-5) == 0.0 and accountant.num_releases == 0
+    for name in [n for n in vars(PrivacyAccountant) if not n.startswith("_")]:
+        assert callable(getattr(accountant, name)) or isinstance(getattr(type(accountant), name), property), name
+    with pytest.raises(ValueError, match="noise_multiplier must be positive"):
+        GaussianPrivacyEvent(0.0, 10, 10)
+    event = GaussianPrivacyEvent(1.0, 10, 10)
+    assert not accountant.would_exceed(event, max_epsilon=10.0) and accountant.would_exceed(event, max_epsilon=1.0)
 
 
-def test_dp_wrapper_forwards_the_budget_bookkeeping_and_evaluation(flower_task, tmp_path):
+def test_dp_is_a_wrapper_configured_in_its_constructor_and_evaluation_keeps_its_weights(flower_task, tmp_path):
     from flwr.app import ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
 
-    from server.dp import PrivateServerClipping
+    from server.dp import PrivateAggregation
+    from server.strategy import BudgetedStrategy
 
     _, strategy, ref = _strategy(tmp_path, dp_clipping_norm=1.0, dp_noise_multiplier=1.0)
-    assert isinstance(strategy, PrivateServerClipping)
-    inner = strategy.budgeted
-    assert strategy.rounds is inner.rounds and strategy.client_of is inner.client_of
-    strategy.stats = {7: "restored"}  # what server/app.py does on resume
-    assert inner.stats == {7: "restored"}
-    assert not hasattr(strategy, "no_such_thing")
+    assert isinstance(strategy, BudgetedStrategy) and isinstance(strategy.inner, PrivateAggregation)
+    assert isinstance(strategy.inner.inner, FedAvg) and strategy.inner.accountant is strategy.book.accountant
     # evaluation keeps its own weights (the number of test samples)
     messages = strategy.configure_evaluate(1, protocol.model_record(ref), ConfigRecord(), FakeGrid(range(1, 6)))
     replies = [protocol.eval_reply(m, num_examples=10 * (i + 1), client_id=i, loss=1.0, accuracy=0.1 * (i + 1))
@@ -521,7 +535,6 @@ def test_dp_wrapper_forwards_the_budget_bookkeeping_and_evaluation(flower_task, 
 
 
 def test_server_side_clipping_bounds_each_update_and_noise_has_the_calibrated_scale(flower_task, tmp_path):
-    from server.dp import GaussianAccountant
 
     clip, sigma = 0.5, 2.0
     rng = np.random.default_rng(1)
@@ -535,7 +548,7 @@ def test_server_side_clipping_bounds_each_update_and_noise_has_the_calibrated_sc
     expected = np.mean([(_flat(u) - _flat(ref)) * min(1, clip / np.linalg.norm(_flat(u) - _flat(ref)))
                         for u in updates.values()], axis=0)
     assert np.allclose(clipped_mean, expected, atol=1e-5)
-    assert strategy.privacy_report()["epsilon"] is None  # no noise, no guarantee
+    assert strategy.book.privacy_report()["epsilon"] is None  # no noise, no guarantee
     # with noise, one of the 5 sampled clients failing: std sigma*C/5, accounted as sigma*4/5
     _, strategy, _ = _strategy(tmp_path, dp_clipping_norm=clip, dp_noise_multiplier=sigma)
     replies = _round(strategy, ref, {**{n: {k: v.copy() for k, v in u.items()} for n, u in updates.items()},
@@ -546,17 +559,16 @@ def test_server_side_clipping_bounds_each_update_and_noise_has_the_calibrated_sc
                     axis=0)
     noise = _flat(protocol.state_from_record(arrays)) - _flat(ref) - clean
     assert noise.std() == pytest.approx(sigma * clip / 5, rel=0.05)
-    report = strategy.privacy_report()
-    accountant = GaussianAccountant()
-    accountant.compose(sigma * 4 / 5)
-    assert report["releases"] == 1 and report["epsilon"] == pytest.approx(accountant.epsilon(1e-5))
+    report = strategy.book.privacy_report()
+    accountant = _accountant([sigma * 4 / 5])
+    assert report["releases"] == 1 and report["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
 
 
 def test_dp_with_a_robust_aggregation_reports_no_epsilon(flower_task, tmp_path):
     _, strategy, ref = _strategy(tmp_path, aggregation="fedmedian", dp_clipping_norm=1.0, dp_noise_multiplier=1.0)
     replies = _round(strategy, ref, {n: {k: v.copy() for k, v in ref.items()} for n in range(1, 6)})
     assert strategy.aggregate_train(1, list(replies.values()))[0] is not None
-    report = strategy.privacy_report()
+    report = strategy.book.privacy_report()
     assert report["epsilon"] is None and "fedmedian" in report["note"]
 
 
@@ -588,7 +600,7 @@ def test_client_side_clipping_through_the_real_client_app(flower_task, tmp_path)
     TALLY.injected += 1
     arrays, _ = strategy.aggregate_train(1, replies)
     node = replies[1].metadata.src_node_id
-    assert "did not clip" in strategy.rounds[1].rejected[node]
+    assert "did not clip" in _events(strategy, 1, "rejected")[node]
     assert np.allclose(_flat(protocol.state_from_record(arrays)),
                        _flat(protocol.state_from_record(replies[0].content[protocol.ARRAYS])), atol=1e-6)
     TALLY.finished += 1
@@ -597,7 +609,7 @@ def test_client_side_clipping_through_the_real_client_app(flower_task, tmp_path)
 def _config_record():
     from flwr.app import ConfigRecord
 
-    return ConfigRecord({protocol.QUERY_ROUND: False})
+    return ConfigRecord()
 
 
 # ============================================================ 5. oracles at a site
@@ -607,7 +619,7 @@ def site(tmp_path):
 
     def make(**overrides):
         cfg = small_cfg(tmp_path, clients=3, **overrides)
-        return ClientSite(cfg, {"partition-id": 0, "state-dir": str(tmp_path / "clients")})
+        return ClientSite(cfg, NodeConfig.from_mapping({"partition-id": 0, "state-dir": str(tmp_path / "clients")}))
 
     return make
 
@@ -620,16 +632,16 @@ def _global_state():
 def test_an_oracle_that_fails_leaves_requests_pending_and_the_round_completes(site, kind):
     s = site()
     try:
-        s.train(_global_state(), server_round=1, budget=0)
+        s.train(_global_state(), TrainInstruction(1, 0))
         labels_before = dict(zip(*map(list, s.pool.labels())))
         s.learner.oracle = FaultyOracle(s.oracle, kind)
         TALLY.injected += 1
         with pytest.warns(UserWarning, match="did not answer"):
-            _, report = s.train(_global_state(), server_round=2, budget=5)
+            _, report = s.train(_global_state(), TrainInstruction(2, 5))
         assert (report.queries_used, report.labels_added, report.pending) == (5, 0, 5)
         TALLY.finished += 1
         s.learner.oracle = s.oracle  # the oracle is back: the pending requests are answered first
-        _, report = s.train(_global_state(), server_round=3, budget=3)
+        _, report = s.train(_global_state(), TrainInstruction(3, 3))
         assert (report.labels_added, report.pending) == (5 + 3, 0)
         after = dict(zip(*map(list, s.pool.labels())))
         lost = count_lost({"labels": {str(k): v for k, v in labels_before.items()}}, after)
@@ -642,12 +654,12 @@ def test_an_oracle_that_fails_leaves_requests_pending_and_the_round_completes(si
 def test_an_oracle_answering_garbage_records_only_valid_answers(site):
     s = site()
     try:
-        s.train(_global_state(), server_round=1, budget=0)
+        s.train(_global_state(), TrainInstruction(1, 0))
         s.learner.oracle = FaultyOracle(s.oracle, "oracle-noise")
         TALLY.injected += 1
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, report = s.train(_global_state(), server_round=2, budget=6)
+            _, report = s.train(_global_state(), TrainInstruction(2, 6))
         assert (report.labels_added, report.pending) == (1, 5)  # one true answer; the rest stay pending
         messages = " | ".join(str(w.message) for w in caught)
         for fragment in ("outside the", "not a class index", "no pending request"):
@@ -662,16 +674,16 @@ def test_an_oracle_answering_garbage_records_only_valid_answers(site):
 def test_requests_expire_after_the_query_timeout_and_go_back_to_the_pool(site):
     s = site(query_timeout=0.05)
     try:
-        s.train(_global_state(), server_round=1, budget=0)
+        s.train(_global_state(), TrainInstruction(1, 0))
         s.learner.oracle = FaultyOracle(s.oracle, "oracle-timeout")
         TALLY.injected += 1
         with pytest.warns(UserWarning):
-            s.train(_global_state(), server_round=2, budget=4)
+            s.train(_global_state(), TrainInstruction(2, 4))
         asked = {r["sample_id"] for r in s.pool.requests("pending")}
         assert len(asked) == 4 and all(r["deadline"] is not None for r in s.pool.requests("pending"))
         time.sleep(0.1)
         s.learner.oracle = s.oracle
-        _, report = s.train(_global_state(), server_round=3, budget=2)
+        _, report = s.train(_global_state(), TrainInstruction(3, 2))
         expired = {r["sample_id"] for r in s.pool.requests("expired")}
         assert expired == asked  # released at the start of round 3, not answered late
         assert (report.labels_added, report.pending) == (2, 0)
@@ -680,13 +692,15 @@ def test_requests_expire_after_the_query_timeout_and_go_back_to_the_pool(site):
         s.close()
 
 
-def test_a_negative_budget_from_the_server_is_refused_by_the_client(site):
-    s = site()
-    try:
-        with pytest.raises(ConfigError, match="negative query budget"):
-            s.train(_global_state(), server_round=2, budget=-3)
-    finally:
-        s.close()
+def test_a_negative_budget_from_the_server_is_refused_by_the_client():
+    from fedal.exceptions import ProtocolError
+
+    with pytest.raises(ProtocolError, match="negative query budget"):
+        TrainInstruction.from_config({protocol.SERVER_ROUND: 2, protocol.QUERY_BUDGET: -3})
+    with pytest.raises(ProtocolError, match="no 'query-budget'"):  # a missing budget is not a budget of 0
+        TrainInstruction.from_config({protocol.SERVER_ROUND: 2})
+    with pytest.raises(ProtocolError, match="not an integer"):
+        TrainInstruction.from_config({protocol.SERVER_ROUND: 2, protocol.QUERY_BUDGET: 2.5})
 
 
 # ============================================================== 6. bad input
@@ -768,7 +782,7 @@ BAD_CASES = (
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_refused_with_the_problem_and_fix_and_nothing_written(case, bad_input_dir, capsys):
-    from fedal.cli import main
+    from simulations.cli import main
 
     folder, cases = bad_input_dir
     args, fragment = cases[case]
@@ -782,7 +796,7 @@ def test_bad_input_is_refused_with_the_problem_and_fix_and_nothing_written(case,
     status = main(["simulate", *args, "--output-dir", str(out), "--rounds", "1"])
     err = capsys.readouterr().err
     assert status == 2
-    assert f"fedal simulate: error:" in err and fragment in err, err
+    assert "fedal simulate: error:" in err and fragment in err, err
     assert "Traceback" not in err
     assert _tree(out) == before
     TALLY.finished += 1
@@ -790,7 +804,7 @@ def test_bad_input_is_refused_with_the_problem_and_fix_and_nothing_written(case,
 
 def test_the_installed_command_exits_non_zero_on_bad_input(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "fedal.cli", "simulate", "--round-budget", "-1",
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--round-budget", "-1",
                            "--output-dir", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     TALLY.injected += 1
     assert proc.returncode == 2
@@ -809,8 +823,8 @@ def test_updates_are_aggregated_in_client_order_whatever_order_they_arrive(flowe
         updates = {n: {k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in ref.items()}
                    for n in range(1, 6)}
         replies = _round(strategy, ref, updates)
-        good = strategy.screen_replies(1, [replies[n] for n in order])
-        assert [strategy.client_of[m.metadata.src_node_id] for m in good] == [0, 1, 2, 3, 4]
+        good = strategy.screen(1, [replies[n] for n in order])
+        assert [strategy.book.client_of(m.metadata.src_node_id) for m in good] == [0, 1, 2, 3, 4]
         _, strategy, ref = _strategy(tmp_path / ("agg-" + "-".join(map(str, order))))
         replies = _round(strategy, ref, updates)
         arrays, _ = strategy.aggregate_train(1, [replies[n] for n in order])

@@ -44,12 +44,23 @@ def test_every_reply_of_a_real_simulation_passes_the_audit():
 def test_captured_replies_are_what_the_server_recorded():
     cfg, results, captures = audited_run()
     train = [c for c in captures if c["message_type"] == "train"]
-    reported = sorted((c["records"]["metrics"]["entries"]["client-id"]["value"],
-                       c["records"]["metrics"]["entries"]["queries-used"]["value"],
-                       c["records"]["metrics"]["entries"]["num-examples"]["value"]) for c in train)
-    recorded = sorted((int(cid), e["queried"], e["labeled"])
+    # every scalar a client sends is read by the server and kept in the results, under these names
+    kept_as = {"client-id": None, "queries-used": "queried", "num-examples": "labeled", "labels-added": "labels_added",
+               "pending": "pending", "unlabeled-left": "unlabeled", "mean-uncertainty": "mean_uncertainty",
+               "train-loss": "train_loss"}
+    assert sorted(kept_as) == sorted(protocol.TRAIN_METRICS)
+
+    def sent(entry):
+        value = entry["value"]
+        return None if value == -1.0 and entry["type"] == "float" else value  # -1 = not measured
+
+    reported = sorted(tuple(sent(c["records"]["metrics"]["entries"][k]) for k in kept_as) for c in train)
+    recorded = sorted((int(cid), *(e[name] for name in list(kept_as.values())[1:]))
                       for row in results["rounds"] for cid, e in row["clients"].items())
-    assert reported == recorded
+    assert len(reported) == len(recorded)
+    for got, kept in zip(reported, recorded):
+        assert [g is None for g in got] == [k is None for k in kept], (got, kept)
+        assert [g for g in got if g is not None] == pytest.approx([k for k in kept if k is not None]), (got, kept)
     for c in train:
         dtypes = {e["dtype"] for e in c["records"]["arrays"]["entries"].values()}
         assert dtypes == {"float32"}
@@ -63,9 +74,9 @@ def shapes():
 
 def honest_train_content(shapes, **extra_metrics) -> RecordDict:
     state = OrderedDict((k, np.zeros(s, np.float32)) for k, s in shapes.items())
-    report = protocol.TrainReport(num_examples=20, client_id=1, budget=10, queries_used=10, labels_added=10,
+    report = protocol.TrainReport(num_examples=20, client_id=1, queries_used=10, labels_added=10,
                                   unlabeled_left=300, pending=0, mean_uncertainty=0.4, train_loss=0.9)
-    metrics = report.to_record()
+    metrics = MetricRecord(report.to_metrics())
     for key, value in extra_metrics.items():
         metrics[key] = value
     return RecordDict({protocol.ARRAYS: protocol.model_record(state), protocol.METRICS: metrics})

@@ -1,0 +1,220 @@
+"""The server's round book: who each node is, what every client reported, budgets and privacy.
+
+One object owns everything the server learns while a federation runs, so the round
+loop, the results and the checkpoint read it in one place:
+
+* the identity of each node: Flower's node id -> the client id it reported (the one name
+  a client has everywhere else: ledger, results, checkpoint);
+* per round: the budget each client was sent, its report, and what went wrong (a failed
+  client, a rejected update) as :class:`RoundEvent` rows;
+* the budget coordinator (:class:`fedal.budget.BudgetCoordinator`: ledger and the
+  clients' last statistics) and each client's labeled count;
+* with differential privacy, the privacy accountant and its settings.
+
+:meth:`RoundBook.state_dict` is the server state a checkpoint holds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from fedal.budget import BudgetCoordinator
+from fedal.messages import TrainReport
+from server.privacy import GaussianAccountant, PrivacySettings, privacy_config
+
+log = logging.getLogger("fedal.server")
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """Something that went wrong with one node in one round.
+
+    Attributes: ``kind`` (``failed``: no usable reply; ``rejected``: a reply or update the
+    server refused; ``no-budget``: left out of a query round's budget), ``client`` (None while the node has not said which client it is),
+    ``node`` (Flower's node id) and ``reason``.
+    """
+
+    kind: str
+    client: int | None
+    node: int
+    reason: str
+
+    def describe(self) -> str:
+        who = f"client {self.client}" if self.client is not None else "a client not yet identified"
+        return f"{who} (node {self.node}): {self.reason}"
+
+
+@dataclass
+class RoundLog:
+    """What the server saw of the clients in one round (aggregate scalars only)."""
+
+    server_round: int
+    query: bool
+    nodes: list[int] = field(default_factory=list)  # the nodes it was sent to
+    assigned: dict[int, int] = field(default_factory=dict)  # client -> query budget sent
+    refused: set[int] = field(default_factory=set)  # nodes whose replies this round are not used
+    replied: set[int] = field(default_factory=set)  # nodes that sent a reply (usable or not)
+    reports: dict[int, TrainReport] = field(default_factory=dict)  # client -> its report
+    events: list[RoundEvent] = field(default_factory=list)
+
+    def problem_of(self, client: int) -> RoundEvent | None:
+        """The event recorded for ``client`` this round, if any."""
+        return next((e for e in self.events if e.client == client), None)
+
+
+class RoundBook:
+    """Everything the server keeps about the clients of one run (see the module docstring).
+
+    Parameters
+    ----------
+    coordinator : BudgetCoordinator
+        Splits query rounds' budgets; keeps the ledger and the clients' statistics.
+    privacy : PrivacySettings, optional
+        Differential privacy settings; with them the book holds the accountant.
+    """
+
+    def __init__(self, coordinator: BudgetCoordinator, privacy: PrivacySettings | None = None) -> None:
+        self.coordinator = coordinator
+        self.privacy = privacy
+        self.accountant = (GaussianAccountant(privacy_config(privacy.delta, privacy.population))
+                           if privacy is not None else None)
+        self.rounds: dict[int, RoundLog] = {}
+        self.labeled: dict[int, int] = {}  # client -> labeled samples last reported
+        self._client_of: dict[int, int] = {}  # node id -> client id (Flower's ids end here)
+
+    # ------------------------------------------------------------- identities
+    def client_of(self, node: int) -> int | None:
+        """The client id node ``node`` reported, None if it has not said yet."""
+        return self._client_of.get(int(node))
+
+    def unidentified(self, nodes) -> list[int]:
+        """Those of ``nodes`` that have not said which client they are."""
+        return [int(n) for n in nodes if int(n) not in self._client_of]
+
+    def identify(self, node: int, client: int) -> None:
+        """Node ``node`` is client ``client`` (a SuperNode that reconnected under a new node id
+        takes its client's name over)."""
+        self._client_of = {n: c for n, c in self._client_of.items() if c != client}
+        self._client_of[int(node)] = int(client)
+
+    # ------------------------------------------------------------- a round
+    def open_round(self, server_round: int, nodes, *, query: bool) -> dict[int, int]:
+        """Start ``server_round`` for ``nodes``; return each node's query budget.
+
+        In a query round the coordinator splits the budget among the identified clients;
+        a node that has not said which client it is, or that claims a client another node
+        of this round already is, gets nothing (and an event says why).
+        """
+        rlog = self.rounds[server_round] = RoundLog(server_round, query, nodes=[int(n) for n in nodes])
+        budgets = {int(n): 0 for n in nodes}
+        if not query:
+            return budgets
+        holder: dict[int, int] = {}
+        for node in sorted(budgets):
+            client = self.client_of(node)
+            if client is None:
+                rlog.events.append(RoundEvent("no-budget", None, node, "it did not say which client it is"))
+            elif client in holder:
+                rlog.refused.add(node)
+                rlog.events.append(RoundEvent("rejected", client, node, f"node {holder[client]} is client {client} "
+                                              "too: two SuperNodes share one client-id; its replies are not used"))
+            else:
+                holder[client] = node
+        rlog.assigned = self.coordinator.allocate_to(server_round, sorted(holder))
+        for client, node in holder.items():
+            budgets[node] = rlog.assigned[client]
+        return budgets
+
+    def record_report(self, server_round: int, node: int, report: TrainReport) -> str | None:
+        """Keep the report node ``node`` sent in ``server_round``; return why it is refused, or None.
+
+        The report names the client; its budget spend goes to the ledger (at most what was
+        assigned) and its statistics to the coordinator.
+        """
+        rlog = self.rounds[server_round]
+        rlog.replied.add(int(node))
+        known = self.client_of(node)
+        if int(node) in rlog.refused:
+            return f"node {node} shares client-id {known} with another node"
+        if known is not None and known != report.client_id:
+            reason = f"it reported client-id {report.client_id}, but it is client {known}"
+            rlog.events.append(RoundEvent("rejected", known, int(node), reason))
+            return reason
+        self.identify(node, report.client_id)
+        client = report.client_id
+        rlog.reports[client] = report
+        self.labeled[client] = report.num_examples
+        self.coordinator.report(client, report.unlabeled_left, report.mean_uncertainty)
+        if client in rlog.assigned:
+            self.coordinator.record_spent(server_round, client, min(report.queries_used, rlog.assigned[client]))
+        return None
+
+    def reject(self, server_round: int, node: int, reason: str, *, answered: bool) -> None:
+        """Node ``node``'s reply (``answered``: it had replied, its spend counts) or update was refused."""
+        rlog = self.rounds[server_round]
+        rlog.replied.add(int(node))
+        client = self.client_of(node)
+        rlog.events.append(RoundEvent("rejected", client, int(node), reason))
+        log.warning("round %d: reply of %s rejected: %s", server_round, _who(client, node), reason)
+        if answered and client is not None and client in rlog.assigned and client not in rlog.reports:
+            # it was asked and answered, but what it sent is unusable: count its budget as spent
+            self.coordinator.record_spent(server_round, client, rlog.assigned[client])
+
+    def fail(self, server_round: int, node: int, reason: str) -> None:
+        """Node ``node`` sent an error reply in ``server_round``."""
+        rlog = self.rounds[server_round]
+        rlog.replied.add(int(node))
+        rlog.events.append(RoundEvent("failed", self.client_of(node), int(node), reason))
+
+    def close_round(self, server_round: int) -> None:
+        """After the replies: a node that sent none failed; its unspent budget is carried over."""
+        rlog = self.rounds[server_round]
+        for node in rlog.nodes:
+            if node not in rlog.replied:
+                rlog.events.append(RoundEvent("failed", self.client_of(node), node, "no reply before the round timeout"))
+        for event in rlog.events:
+            if event.kind == "failed":
+                log.warning("round %d: %s left out: %s", server_round, _who(event.client, event.node), event.reason)
+                if event.client in rlog.assigned and event.client not in rlog.reports:
+                    self.coordinator.record_spent(server_round, event.client, None, failed=True)
+
+    # ------------------------------------------------------------- results
+    def clients_row(self, server_round: int) -> dict[str, dict]:
+        """Per client of ``server_round``, what it was sent and what it reported (``results.json``)."""
+        rlog = self.rounds[server_round]
+        out = {}
+        for client, r in sorted(rlog.reports.items()):
+            out[str(client)] = {"budget": int(rlog.assigned.get(client, 0)), "queried": r.queries_used,
+                                "labeled": r.num_examples, "labels_added": r.labels_added, "pending": r.pending,
+                                "unlabeled": r.unlabeled_left, "mean_uncertainty": _none_if_nan(r.mean_uncertainty),
+                                "train_loss": _none_if_nan(r.train_loss)}
+        return out
+
+    def privacy_report(self) -> dict | None:
+        """Privacy settings and what was spent so far; None without differential privacy."""
+        if self.privacy is None:
+            return None
+        return self.privacy.report(self.accountant)
+
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        """The server state a checkpoint keeps: budgets (ledger, statistics), labeled counts, privacy."""
+        return {"budget": self.coordinator.state_dict(),
+                "labeled": [{"client": c, "labeled": n} for c, n in sorted(self.labeled.items())],
+                "privacy": None if self.accountant is None else self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (node identities are not kept: node ids change between runs)."""
+        self.coordinator.load_state_dict(state["budget"])
+        self.labeled = {int(r["client"]): int(r["labeled"]) for r in state.get("labeled", [])}
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state.get("privacy"))
+
+
+def _who(client: int | None, node: int) -> str:
+    return f"client {client} (node {node})" if client is not None else f"node {node}"
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
