@@ -36,6 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedal.config import FederationConfig, parse_assignments
+from fedal.exceptions import ConfigError
+from fedal.fileio import toml_value
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedal-local"
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec
@@ -50,14 +54,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
 @dataclass
@@ -234,7 +230,7 @@ class LocalDeployment:
         """``flwr run`` the fedal app in this repository; return the run id."""
         overrides = {**self.fedal_settings(), "output-dir": str(self.workdir / "server")}
         path = self.workdir / "run-config.toml"
-        path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in overrides.items()))
+        path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in overrides.items()))
         out = self.run_cmd([BIN / "flwr", "run", REPO_ROOT, CONNECTION, "--run-config", path, "--format", "json"])
         reply = json.loads(out[out.index("{"):])
         if not reply.get("success"):
@@ -313,20 +309,6 @@ class LocalDeployment:
             self.start_supernode(site)
 
 
-def parse_setting(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
-    for cast in (int, float):
-        try:
-            return key.strip(), cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return key.strip(), value.lower() == "true"
-    return key.strip(), value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=2, help="number of SuperNodes (default 2)")
@@ -335,14 +317,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="", help="folder of .npz data sets")
     parser.add_argument("--oracle", default="simulated", choices=("simulated", "web", "file"),
                         help="who labels at the sites (web/file: use `fedal label` / `fedal exchange` meanwhile)")
-    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other fedal setting, e.g. --set round-budget=20 (repeatable)")
     parser.add_argument("--workdir", default=None, help="where everything is written (default: a new temp folder)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through `with`: stop every process
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedal-deploy-"))
-    settings = {"rounds": args.rounds, "dataset": args.dataset, "data-dir": args.data_dir, **dict(args.set)}
+    try:  # checked (and typed) as every fedal setting is, before anything starts
+        given = {"rounds": args.rounds, "dataset": args.dataset, "data-dir": args.data_dir,
+                 **parse_assignments(args.set)}
+        cfg = FederationConfig.from_mapping({"clients": args.sites, "min-clients": args.sites, **given})
+    except ConfigError as exc:
+        print(f"run_local_deployment: {exc}", file=sys.stderr)
+        return 2
+    typed = cfg.to_run_config()
+    settings = {key.replace("_", "-"): typed[key.replace("_", "-")] for key in given}
     print(f"working in {workdir}", flush=True)
     with LocalDeployment(workdir, sites=args.sites, run_config=settings, oracle=args.oracle) as dep:
         try:

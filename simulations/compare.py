@@ -31,16 +31,16 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedal.config import FederationConfig
+from fedal.config import FederationConfig, canonical_name, format_options, parse_assignments, parse_options
 from fedal.exceptions import ConfigError
+from fedal.fileio import read_toml
 
-COMPARE_KEYS = ("strategies", "seeds", "centralized")
+COMPARE_KEYS = ("strategies", "seeds", "centralized", "strategy-options")
 DEFAULT_STRATEGIES = ("random", "entropy")
 
 
@@ -169,7 +169,27 @@ def baseline_is_flat(row: dict) -> bool:
 
 
 # -------------------------------------------------------------- centralized
-def centralized_run(cfg: FederationConfig, strategy: str) -> list[dict]:
+def initial_labeled_ids(cfg: FederationConfig) -> list[np.ndarray]:
+    """The pool ids each client of the run ``cfg`` labels first, as its ClientSite picks them.
+
+    The same cold-start strategy and the same seed as the client's learner (its first
+    query, :mod:`fedal.seeds`), so the centralized reference starts where the federation does.
+    """
+    from fedal.federation import client_data
+    from fedal.seeds import client_seed, query_seed
+    from fedal.strategies import QueryContext
+
+    cold = cfg.cold_start_strategy()
+    picks = []
+    for c in range(cfg.clients):
+        part = client_data(cfg, c)
+        n = len(part.y_pool)
+        ctx = QueryContext(np.arange(n), part.X_pool, labeled_X=part.X_pool[:0])
+        picks.append(cold.query(ctx, min(cfg.initial_labels, n), seed=query_seed(client_seed(cfg.seed, c), 0)))
+    return picks
+
+
+def centralized_run(cfg: FederationConfig) -> list[dict]:
     """Active learning on the union of the clients' pools, no federation.
 
     Same initial labeled set as the federation (each client's initial pick reproduced
@@ -181,35 +201,29 @@ def centralized_run(cfg: FederationConfig, strategy: str) -> list[dict]:
 
     from fedal.federation import client_data, federation_dataset
     from fedal.learner import ActiveLearner
-    from fedal.models import build_model
+    from fedal.models import model_for
     from fedal.oracle import SimulatedOracle
     from fedal.pool import Pool
-    from fedal.strategies import QueryContext, get_strategy
+    from fedal.seeds import reinit_seed
 
     torch.set_num_threads(1)
     ds = federation_dataset(cfg)
     parts = [client_data(cfg, c) for c in range(cfg.clients)]
     X = np.concatenate([p.X_pool for p in parts])
     y = np.concatenate([p.y_pool for p in parts])
-    initial, offset = [], 0
-    cold = get_strategy(cfg.initial_strategy)
-    for c, part in enumerate(parts):  # the ids ClientSite's learner picks in round 1
-        n = len(part.y_pool)
-        ctx = QueryContext(np.arange(n), part.X_pool, labeled_X=part.X_pool[:0])
-        initial.append(offset + cold.query(ctx, min(cfg.initial_labels, n), seed=(cfg.seed * 1000 + c) * 100_003))
-        offset += n
+    offsets = np.cumsum([0] + [len(p.y_pool) for p in parts])
+    initial = [offset + ids for offset, ids in zip(offsets, initial_labeled_ids(cfg))]
     pool = Pool(ds.n_classes, size=len(y))
     oracle = SimulatedOracle(y, ds.n_classes, noise_rate=cfg.noise_rate, seed=cfg.seed)
-    model = build_model(ds.input_shape, ds.n_classes, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                        lr=cfg.lr, min_steps=cfg.min_local_steps, seed=cfg.seed)
-    learner = ActiveLearner(model, strategy, X, pool, oracle, cold_start=cfg.initial_strategy, seed=cfg.seed,
-                            X_eval=ds.X_test, y_eval=ds.y_test)
+    model = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
+    learner = ActiveLearner(model, cfg.query_strategy(), X, pool, oracle, cold_start=cfg.cold_start_strategy(),
+                            seed=cfg.seed, X_eval=ds.X_test, y_eval=ds.y_test)
     pool.request(np.concatenate(initial), round=0)
     rows = []
     for server_round in range(1, cfg.rounds + 1):
         if cfg.is_query_round(server_round) and cfg.round_budget > 0 and pool.counts()["unlabeled"] > 0:
             if cfg.reinit:
-                model.reset(seed=cfg.seed + server_round)
+                model.reset(seed=reinit_seed(cfg.seed, server_round))
             learner.query(min(cfg.round_budget, pool.counts()["unlabeled"]), round=server_round)
         learner.teach(round=server_round)
         learner.fit()
@@ -220,11 +234,27 @@ def centralized_run(cfg: FederationConfig, strategy: str) -> list[dict]:
 
 
 # -------------------------------------------------------------------- runs
-def run_config(base: FederationConfig, strategy: str, seed: int, out: Path) -> FederationConfig:
-    """The settings of one strategy x seed run."""
-    return FederationConfig.from_mapping(
-        {"strategy": strategy, "seed": seed, "output_dir": str(out / "runs" / f"{strategy}-seed{seed}"),
-         "state_dir": "", "resume": False}, base=base)
+def run_config(base: FederationConfig, strategy: str, seed: int, out: Path,
+               strategy_options: dict[str, str] | None = None) -> FederationConfig:
+    """The settings of one strategy x seed run.
+
+    Parameters
+    ----------
+    base : FederationConfig
+        The comparison's federation.
+    strategy : str
+        The run's query strategy.
+    seed : int
+        The run's seed.
+    out : Path
+        The comparison's folder (the run goes to ``runs/<strategy>-seed<seed>``).
+    strategy_options : dict, optional
+        Strategy name -> its options (``[compare.strategy-options]``); a strategy not named
+        there keeps the base's options if it is the base's strategy, else none.
+    """
+    options = (strategy_options or {}).get(strategy, base.strategy_options if strategy == base.strategy else "")
+    return base.replace(strategy=strategy, strategy_options=options, seed=seed,
+                        output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), state_dir="", resume=False)
 
 
 def finished_rounds(cfg: FederationConfig) -> list[dict] | None:
@@ -242,16 +272,14 @@ def finished_rounds(cfg: FederationConfig) -> list[dict] | None:
 
 
 def load_preset(path: str | None) -> tuple[FederationConfig, dict]:
-    """``(settings, compare options)`` from a preset TOML: a ``[fedal]`` table of
-    FederationConfig settings and a ``[compare]`` table (strategies, seeds, centralized)."""
+    """``(settings, compare options)`` from the preset TOML at ``path``: a ``[fedal]`` table of
+    FederationConfig settings and a ``[compare]`` table (strategies, seeds, centralized, and a
+    ``strategy-options`` table: strategy name -> its options)."""
     if path is None:
         return FederationConfig(), {}
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"preset {path} does not exist; see simulations/presets/ for the shipped ones") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None
+    if not Path(path).exists():
+        raise ConfigError(f"preset {path} does not exist; see simulations/presets/ for the shipped ones")
+    data = read_toml(path, what="preset")
     options = data.get("compare", {})
     unknown = sorted(set(options) - set(COMPARE_KEYS))
     if unknown:
@@ -296,13 +324,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from simulations.simulate import _prepare_output
 
     base, options = load_preset(args.preset)
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
-    base = FederationConfig.from_mapping(overrides, base=base)
+    base = FederationConfig.from_mapping(parse_assignments(args.overrides), base=base)
     given_data_dir = base.data_dir  # recorded as given: compare.json names no machine's folders
     if base.data_dir and not Path(base.data_dir).is_absolute():  # client processes may run elsewhere
         base = FederationConfig.from_mapping({"data_dir": str(Path(base.data_dir).resolve())}, base=base)
@@ -314,6 +336,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if "random" not in strategies:
         raise ConfigError("--strategies must include 'random': savings are measured against it")
     centralized = str(args.centralized or options.get("centralized", "best"))
+    per_strategy = {canonical_name(k): format_options(parse_options(v, f"strategy-options.{k}"))
+                    for k, v in options.get("strategy-options", {}).items()}
+    for name in strategies:  # a bad option fails here, not in every client process
+        run_config(base, name, 0, Path("."), per_strategy).query_strategy()
     from fedal.federation import client_parts, federation_dataset
 
     for seed in seeds:  # a partition that cannot be drawn fails here, not in every client process
@@ -334,7 +360,7 @@ def run_compare(args: argparse.Namespace) -> int:
     timings, failed = {}, []
     for seed in seeds:
         for name in strategies:
-            cfg = run_config(base, name, seed, out)
+            cfg = run_config(base, name, seed, out, per_strategy)
             rounds = None if args.rerun else finished_rounds(cfg)
             t0 = time.perf_counter()
             if rounds is None:
@@ -374,7 +400,7 @@ def run_compare(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         ref_runs = []
         for seed in seeds:
-            rows = centralized_run(run_config(base, centralized, seed, out), centralized)
+            rows = centralized_run(run_config(base, centralized, seed, out, per_strategy))
             ref_runs.append(([r["labels"] for r in rows], [r["accuracy"] for r in rows]))
         reference = (f"centralized-{centralized}", ref_runs)
         timings[reference[0]] = round(time.perf_counter() - t0, 1)
@@ -395,7 +421,8 @@ def run_compare(args: argparse.Namespace) -> int:
 def write_outputs(out: Path, base: FederationConfig, strategies, seeds, curves, reference, summary, table,
                   timings, failed) -> None:
     """compare.json, compare.md and compare.png."""
-    from server.results import atomic_write, plot_curves
+    from fedal.fileio import atomic_write
+    from server.results import plot_curves
 
     settings = base.to_run_config()
     settings.pop("output-dir", None)

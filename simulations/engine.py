@@ -14,18 +14,11 @@ import tempfile
 from pathlib import Path
 
 from fedal.config import FederationConfig
+from fedal.fileio import toml_value
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def app_pyproject(cfg: FederationConfig) -> str:
@@ -36,7 +29,7 @@ def app_pyproject(cfg: FederationConfig) -> str:
         "[tool.flwr.app.components]", 'serverapp = "server.app:app"', 'clientapp = "clients.app:app"', "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in cfg.to_run_config().items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in cfg.to_run_config().items()]
     return "\n".join(lines) + "\n"
 
 

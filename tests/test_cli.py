@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fedal.cli import COMMANDS, main
 from fedal.data import available_datasets
 from fedal.strategies import available_strategies
+from simulations.cli import COMMANDS, main
 
 FEDAL = Path(sys.executable).with_name("fedal")  # the console script installed next to this Python
 QUICK = ["--steps", "2", "--budget", "10", "--initial", "10", "--epochs", "5"]

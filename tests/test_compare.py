@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from fedal.cli import main
 from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError
-from simulations.compare import aulc, centralized_run, labels_to_reach, load_preset, markdown_table, summarize
+from simulations.cli import main
+from simulations.compare import (
+    aulc,
+    centralized_run,
+    labels_to_reach,
+    load_preset,
+    markdown_table,
+    summarize,
+)
 
 PRESETS = Path(__file__).resolve().parents[1] / "simulations" / "presets"
 
@@ -86,10 +93,40 @@ def test_bad_preset_and_flags_are_explained(tmp_path, capsys):
 
 def test_centralized_reference_starts_from_the_federation_initial_labels():
     cfg = FederationConfig(dataset="digits", clients=3, initial_labels=5, round_budget=20, rounds=3,
-                           local_epochs=1, min_local_steps=5)
-    rows = centralized_run(cfg, "entropy")
+                           local_epochs=1, min_local_steps=5, strategy="entropy")
+    rows = centralized_run(cfg)
     assert [r["labels"] for r in rows] == [15, 35, 55]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("initial_strategy", ["random", "typiclust"])
+def test_the_centralized_initial_set_is_what_each_client_site_labels_in_round_one(tmp_path, initial_strategy):
+    from clients.node import NodeConfig
+    from clients.site import ClientSite
+    from fedal.messages import TrainInstruction
+    from simulations.compare import initial_labeled_ids
+
+    cfg = FederationConfig(dataset="digits", clients=3, initial_labels=6, initial_strategy=initial_strategy,
+                           local_epochs=1, min_local_steps=1, output_dir=str(tmp_path), seed=4)
+    expected = initial_labeled_ids(cfg)
+    for client in range(cfg.clients):
+        site = ClientSite(cfg, NodeConfig.from_mapping({"partition-id": client}))
+        try:
+            state = site.model.get_state()
+            site.train(state, TrainInstruction(1, 0))
+            assert sorted(site.pool.labeled_ids().tolist()) == sorted(expected[client].tolist())
+        finally:
+            site.close()
+
+
+def test_compare_gives_each_strategy_its_own_options(tmp_path):
+    from simulations.compare import run_config
+
+    base = FederationConfig(dataset="digits", strategy="bald", strategy_options="n_samples=5")
+    options = {"typiclust": "k_neighbors=3"}
+    assert run_config(base, "bald", 0, tmp_path, options).query_strategy().n_samples == 5  # the base's own
+    assert run_config(base, "typiclust", 0, tmp_path, options).query_strategy().k_neighbors == 3
+    assert run_config(base, "random", 0, tmp_path, options).strategy_options == ""  # bald's are not random's
 
 
 def test_tiny_compare_end_to_end(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``flwr run`` runs the same app offline (``simulations/flwr_run_local.py``), and the
+"""``flwr run`` runs the same app offline (``deploy/flwr_run_local.py``), and the
 SuperLink it needs is gone afterwards."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "simulations" / "flwr_run_local.py"
+SCRIPT = REPO_ROOT / "deploy" / "flwr_run_local.py"
 
 
 def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

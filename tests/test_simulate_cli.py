@@ -48,7 +48,7 @@ def test_bad_values_exit_non_zero_naming_the_problem_and_write_nothing(tmp_path,
     (["--output-dir", ""], "output-dir must not be empty"),
 ])
 def test_more_bad_values_in_process(tmp_path, monkeypatch, capsys, flags, words):
-    from fedal.cli import main
+    from simulations.cli import main
 
     monkeypatch.chdir(tmp_path)  # a relative or empty output dir would land here
     flags = [f.format(tmp=tmp_path) for f in flags]
@@ -61,7 +61,7 @@ def test_more_bad_values_in_process(tmp_path, monkeypatch, capsys, flags, words)
 
 
 def test_unknown_flag_is_an_argparse_error(tmp_path, capsys):
-    from fedal.cli import main
+    from simulations.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["simulate", "--round-budgt", "5", "--output-dir", str(tmp_path / "out")])

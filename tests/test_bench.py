@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from simulations.benchutil import ROOT, SHARED_DATA_DIR, federation_settings, portable
+from simulations.bench.common import ROOT, SHARED_DATA_DIR, federation_settings, portable
 
 
 def test_portable_writes_paths_beside_the_repository_relative_to_it(tmp_path):
@@ -30,7 +30,7 @@ def test_federation_settings_overrides_defaults_and_refuses_a_set_without_equals
 
 
 def test_fl_gap_benchmark_trains_both_ways_on_the_same_labels(tmp_path):
-    from simulations.bench_fl_gap import main
+    from simulations.bench.fl_gap import main
 
     preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
     results = main(["--preset", str(preset), "--labels-per-client", "20", "--rounds", "2", "--seeds", "0",
@@ -44,7 +44,7 @@ def test_fl_gap_benchmark_trains_both_ways_on_the_same_labels(tmp_path):
 
 
 def test_fl_gap_benchmark_names_its_result_files(tmp_path):
-    from simulations.bench_fl_gap import main
+    from simulations.bench.fl_gap import main
 
     preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
     main(["--preset", str(preset), "--labels-per-client", "10", "--rounds", "1", "--seeds", "0",

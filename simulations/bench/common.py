@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 
 #: the repository's root folder
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: ``../shared/data`` beside the repository (where tests and benchmarks read real data)
 SHARED_DATA_DIR = ROOT.parent / "shared" / "data"
 

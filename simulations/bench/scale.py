@@ -7,7 +7,7 @@ memory: the largest sum of resident set sizes over this process and every descen
 counts shared pages once per process, so it is an upper bound. Writes
 ``simulations/results/bench_scale.{md,json}``.
 
-    .venv/bin/python -m simulations.bench_scale
+    .venv/bin/python -m simulations.bench.scale
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from simulations.benchutil import SHARED_DATA_DIR, federation_settings, portable
+from simulations.bench.common import SHARED_DATA_DIR, federation_settings, portable
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 

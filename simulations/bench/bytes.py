@@ -7,7 +7,7 @@ serde (what goes on the wire in deployment) and compares with the model's raw we
 bytes (sum of ``nbytes`` of its float32 arrays). Prints a markdown table and writes
 ``simulations/results/bench_bytes.{md,json}``.
 
-    .venv/bin/python -m simulations.bench_bytes
+    .venv/bin/python -m simulations.bench.bytes
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def measure(input_shape: tuple[int, ...], n_classes: int) -> dict:
     incoming = Message(RecordDict({protocol.ARRAYS: protocol.model_record(state),
                                    protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 3, protocol.QUERY_BUDGET: 10})}),
                        dst_node_id=1, message_type="train")
-    report = protocol.TrainReport(num_examples=120, client_id=7, budget=10, queries_used=10, labels_added=10,
+    report = protocol.TrainReport(num_examples=120, client_id=7, queries_used=10, labels_added=10,
                                   unlabeled_left=900, pending=0, mean_uncertainty=0.42, train_loss=0.8)
     reply = protocol.train_reply(incoming, state, report)
     arrays = reply.content[protocol.ARRAYS]

@@ -9,8 +9,8 @@ final accuracy and the privacy spent (epsilon at ``--delta``), and writes
 
 Usage::
 
-    python simulations/bench_dp.py                       # 5 clients, 3000 images, 6 rounds, noise 0.5 and 1.0
-    python simulations/bench_dp.py --noise 0.01 0.1 0.5 1.0 --clip 5
+    python simulations/bench/dp.py                       # 5 clients, 3000 images, 6 rounds, noise 0.5 and 1.0
+    python simulations/bench/dp.py --noise 0.01 0.1 0.5 1.0 --clip 5
 
 The noise in these runs is seeded (``numpy.random.seed(--seed)`` before each run) so the
 table can be reproduced; a real deployment must not seed it.
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.benchutil import machine_info, portable
+from simulations.bench.common import machine_info, portable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -15,7 +15,7 @@ The difference at equal labels is the part of the federated-vs-centralized gap t
 query strategy can close. Writes ``simulations/results/bench_fl_gap.{md,json}`` (``--name``
 changes the file name).
 
-    .venv/bin/python -m simulations.bench_fl_gap --preset simulations/presets/bloodmnist_a01.toml \\
+    .venv/bin/python -m simulations.bench.fl_gap --preset simulations/presets/bloodmnist_a01.toml \\
         --labels-per-client 35 --rounds 20 --seeds 0,1
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.benchutil import ROOT, machine_info, portable
+from simulations.bench.common import ROOT, machine_info, portable
 
 #: training variants: name -> federation settings that differ from the preset
 VARIANTS = {
@@ -74,12 +74,11 @@ def labeled_sets(cfg, per_client: int, seed: int) -> list[tuple[np.ndarray, np.n
 
 def federated_curve(cfg, sets, rounds: int, ds) -> list[float]:
     """Test accuracy of the FedAvg (FedProx with ``cfg.proximal_mu``) model after each round."""
-    from fedal.models import build_model
+    from fedal.models import model_for
+    from fedal.seeds import client_seed
 
-    kwargs = dict(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps)
-    server = build_model(ds.input_shape, ds.n_classes, seed=cfg.seed, **kwargs)
-    clients = [build_model(ds.input_shape, ds.n_classes, seed=cfg.seed * 1000 + c, **kwargs)
-               for c in range(len(sets))]
+    server = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
+    clients = [model_for(cfg, ds.input_shape, ds.n_classes, seed=client_seed(cfg.seed, c)) for c in range(len(sets))]
     curve = []
     for _ in range(rounds):
         state = server.get_state()
@@ -98,12 +97,11 @@ def federated_curve(cfg, sets, rounds: int, ds) -> list[float]:
 
 def centralized_curve(cfg, sets, rounds: int, ds) -> list[float]:
     """Test accuracy after each of ``rounds`` warm-started fits on the pooled labels."""
-    from fedal.models import build_model
+    from fedal.models import model_for
 
     X = np.concatenate([s[0] for s in sets])
     y = np.concatenate([s[1] for s in sets])
-    model = build_model(ds.input_shape, ds.n_classes, seed=cfg.seed, epochs=cfg.local_epochs,
-                        batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps)
+    model = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
     curve = []
     for _ in range(rounds):
         model.fit(X, y)
@@ -155,7 +153,7 @@ def main(argv=None) -> dict:
             seconds[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
             print(f"seed {seed} {name}: final {curves[name][-1][-1]:.4f} "
                   f"(centralized {curves['centralized'][-1][-1]:.4f}), {seconds[f'{name}-seed{seed}']:.0f} s", flush=True)
-    results = {"command": "python -m simulations.bench_fl_gap " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"command": "python -m simulations.bench.fl_gap " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": machine_info(), "args": portable({k: v for k, v in vars(args).items()}),
                "variants": {v: VARIANTS[v] for v in args.variants}, "seeds": args.seeds,
                "labels_per_client": args.labels_per_client, "total_labels": total_labels,

@@ -21,7 +21,7 @@ of this virtual environment. Exit status 0 only when the run finished successful
 
 Example::
 
-    .venv/bin/python simulations/flwr_run_local.py --run-config "rounds=3 clients=3 min-clients=3"
+    .venv/bin/python deploy/flwr_run_local.py --run-config "rounds=3 clients=3 min-clients=3"
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,14 +41,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-CONNECTION = "fedal-local"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from run_local_deployment import CONNECTION, free_port  # a sibling script: this folder is on sys.path
 
 
 def run_config_clients(app: Path, overrides: list[str]) -> int:

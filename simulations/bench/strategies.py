@@ -11,8 +11,8 @@
 
 Usage::
 
-    python simulations/bench_strategies.py            # full: 100,000 x 128, budget 1,000; 50,000 images
-    python simulations/bench_strategies.py --quick    # small, a few seconds
+    python simulations/bench/strategies.py            # full: 100,000 x 128, budget 1,000; 50,000 images
+    python simulations/bench/strategies.py --quick    # small, a few seconds
 
 Results go to ``simulations/results/bench_strategies.{json,md}`` (``--out`` to change).
 """
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.benchutil import machine_info, portable
+from simulations.bench.common import machine_info, portable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

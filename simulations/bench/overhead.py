@@ -14,7 +14,7 @@ Prints the wall times and the overhead ratio (simulation / loop) and writes
 ``simulations/results/bench_overhead.{md,json}``. Both paths label the same samples,
 so their final label counts must agree (checked).
 
-    .venv/bin/python -m simulations.bench_overhead
+    .venv/bin/python -m simulations.bench.overhead
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.benchutil import SHARED_DATA_DIR, federation_settings, portable
+from simulations.bench.common import SHARED_DATA_DIR, federation_settings, portable
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -41,38 +41,40 @@ def bare_loop(cfg) -> tuple[float, list[dict]]:
     """The federation's computation without Flower: returns (seconds, rows)."""
     import torch
 
+    from clients.node import NodeConfig
     from clients.site import ClientSite
-    from fedal.budget import BudgetCoordinator, ClientStats
+    from fedal.budget import BudgetCoordinator
     from fedal.federation import federation_dataset
-    from fedal.models import build_model
+    from fedal.messages import TrainInstruction
+    from fedal.models import model_for
 
     torch.set_num_threads(1)  # as each simulated client (clients/app.py)
     t0 = time.perf_counter()
     ds = federation_dataset(cfg)
-    server_model = build_model(ds.input_shape, ds.n_classes, seed=cfg.seed)
+    server_model = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
     state = server_model.get_state()
     coordinator = BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap)
-    stats = {str(c): ClientStats() for c in range(cfg.clients)}
+    nodes = [NodeConfig(client_id=c) for c in range(cfg.clients)]
     rows = []
     for server_round in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
-        budgets = (coordinator.allocate(server_round, stats) if cfg.is_query_round(server_round)
-                   else {str(c): 0 for c in range(cfg.clients)})
+        budgets = (coordinator.allocate_to(server_round, range(cfg.clients)) if cfg.is_query_round(server_round)
+                   else {c: 0 for c in range(cfg.clients)})
         states, weights, labels = [], [], 0
         for c in range(cfg.clients):
-            site = ClientSite(cfg, {"partition-id": c})
-            new_state, report = site.train(state, server_round, int(budgets.get(str(c), 0)))
+            site = ClientSite(cfg, nodes[c])
+            new_state, report = site.train(state, TrainInstruction(server_round, int(budgets[c])))
             site.close()
-            stats[str(c)] = ClientStats(report.unlabeled_left, report.mean_uncertainty)
+            coordinator.report(c, report.unlabeled_left, report.mean_uncertainty)
             if cfg.is_query_round(server_round):
-                coordinator.record_spent(server_round, str(c), report.queries_used)
+                coordinator.record_spent(server_round, c, report.queries_used)
             states.append(new_state)
             weights.append(report.num_examples)
             labels += report.num_examples
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
         state = {k: sum(wi * s[k] for wi, s in zip(w, states)).astype(states[0][k].dtype) for k in state}
         for c in range(cfg.clients):
-            site = ClientSite(cfg, {"partition-id": c})
+            site = ClientSite(cfg, nodes[c])
             site.evaluate(state)
             site.close()
         server_model.set_state(state)

@@ -1,0 +1,85 @@
+"""The ``fedal`` command: the front door, above every part it runs.
+
+Each subcommand is a pair of functions, one that adds its flags to a parser and one that
+runs it; the modules that define them import their heavy parts (torch, Flower, Ray)
+only when the command runs, so ``fedal --help`` is quick.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+from clients import exchange, labeling
+from fedal.exceptions import FedalError
+from simulations import commands, compare, simulate
+
+
+class Command(NamedTuple):
+    """A subcommand: its one-line help, its flags, what it does (returns the exit status)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "simulate": Command("run a federation on Flower's Simulation Engine",
+                        simulate.add_simulate_arguments, simulate.run_simulate),
+    "compare": Command("compare strategies on the same federation over seeds",
+                       compare.add_compare_arguments, compare.run_compare),
+    "local": Command("on-device active learning (no federation): a strategy next to random",
+                     commands.add_local_arguments, commands.run_local),
+    "label": Command("serve the labeling page for a client's pending queries",
+                     labeling.add_label_arguments, labeling.run_label),
+    "exchange": Command("export a client's pending queries to files / import the filled CSV",
+                        exchange.add_arguments, exchange.run),
+    "split": Command("write one data file per site (deployment: each site holds only its own data)",
+                     commands.add_split_arguments, commands.run_split),
+    "strategies": Command("list the registered query strategies",
+                          commands.add_strategies_arguments, commands.run_strategies),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedal", description="Federated and on-device active learning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.help, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``fedal`` command; return its exit status (2 for a bad command or input).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments after ``fedal``; default ``sys.argv[1:]``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = _parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"fedal: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name, command = argv[0], COMMANDS[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"fedal {name}", description=command.help)
+    command.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(command.run(args) or 0)
+    except FedalError as exc:
+        print(f"fedal {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedal {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The ``fedal`` subcommands that run the core on its own: ``local``, ``strategies``, ``split``.
+
+Flags and printing live here, above the library; the work is done by :mod:`fedal.local`,
+:mod:`fedal.strategies` and :mod:`fedal.sitedata`, imported when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
+
+
+# ------------------------------------------------------------------ fedal local
+def add_local_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``fedal local`` flags to the parser ``p``."""
+    from fedal.data import available_datasets
+
+    p.add_argument("--dataset", default="digits", help=f"one of {available_datasets()} or an .npz path (default digits)")
+    p.add_argument("--data-dir", default=None, help="folder with the .npz files (default $FEDAL_DATA_DIR or ./data)")
+    p.add_argument("--strategy", default="entropy", help="query strategy (see `fedal strategies`)")
+    p.add_argument("--baseline", default="random", help="strategy to compare against (default random)")
+    p.add_argument("--initial", type=int, default=20, help="initial labeled set size (default 20)")
+    p.add_argument("--budget", type=int, default=20, help="labels per query step (default 20)")
+    p.add_argument("--steps", type=int, default=10, help="query steps (default 10)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs per step (default 30)")
+    p.add_argument("--max-train", type=int, default=None, help="subsample the training pool")
+    p.add_argument("--noise", type=float, default=0.0, help="simulated oracle label-noise rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write results.json here")
+
+
+def run_local(args: argparse.Namespace) -> int:
+    """Run ``fedal local`` with the parsed ``args``; print the table, return 0."""
+    from fedal.data import load_dataset
+    from fedal.local import format_table, run_curve
+    from fedal.strategies import get_strategy
+
+    for flag in ("initial", "budget", "steps", "epochs"):
+        least = 0 if flag == "steps" else 1
+        if getattr(args, flag) < least:
+            raise ConfigError(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
+    for name in (args.strategy, args.baseline):  # fail on a typo before minutes of training
+        get_strategy(name)
+    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, max_train=args.max_train)
+    print(f"on-device active learning: {dataset.name}, {len(dataset.y_train)} pool samples, "
+          f"{dataset.n_classes} classes; initial {args.initial}, {args.steps} steps of {args.budget}")
+    curves = {}
+    for name in dict.fromkeys([args.strategy, args.baseline]):
+        start = time.perf_counter()
+        curves[name] = run_curve(dataset, name, initial=args.initial, budget=args.budget, steps=args.steps,
+                                 seed=args.seed, epochs=args.epochs, noise_rate=args.noise)
+        print(f"  {name}: {time.perf_counter() - start:.1f} s")
+    print(format_table(curves))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "local.json").write_text(json.dumps(
+            {"config": vars(args), "curves": {k: [asdict(r) for r in v] for k, v in curves.items()}}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ fedal strategies
+def add_strategies_arguments(p: argparse.ArgumentParser) -> None:
+    """``fedal strategies`` takes no flags; ``p`` is left as it is."""
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring ``doc``, its lines joined and its reST markup dropped.
+
+    A sentence ends at a full stop followed by a capital letter or the end of the first
+    paragraph (so "eq. 2" and "et al." inside parentheses do not cut it).
+    """
+    paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n", 1)[0].splitlines())
+    paragraph = re.sub(r":\w+:`~?([^`]+)`", r"\1", paragraph).replace("``", "")
+    match = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.(?=\s+[A-Z]|\s*$)", paragraph)
+    return paragraph[: match.start() + 1] if match else paragraph
+
+
+def run_strategies(args: argparse.Namespace) -> int:
+    """Print every registered strategy name with the first sentence of its docstring (``args`` unused)."""
+    from fedal.strategies import available_strategies, strategy_class
+
+    for name in available_strategies():
+        print(f"{name:20s} {first_sentence(strategy_class(name).__doc__ or '')}")
+    return 0
+
+
+# ------------------------------------------------------------------ fedal split
+SPLIT_FIELDS = ("dataset", "data_dir", "max_train", "clients", "partition", "alpha", "classes_per_client",
+                "local_test_fraction", "seed")
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``fedal split`` to ``parser``."""
+    defaults = FederationConfig()
+    for name in SPLIT_FIELDS:
+        value = getattr(defaults, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
+                            help=f"as in fedal simulate (default {value!r})")
+    parser.add_argument("--config", help="TOML file with settings (flags override it)")
+    parser.add_argument("--out", required=True, help="folder for site-<id>.npz")
+    parser.add_argument("--no-labels", action="store_true",
+                        help="leave the pool labels out (sites whose people label; no simulated oracle)")
+
+
+def run_split(args: argparse.Namespace) -> int:
+    """Write the site files for the parsed ``args`` and print what each holds."""
+    import numpy as np
+
+    from fedal.sitedata import load_site, split_sites
+
+    cfg = FederationConfig.from_toml(args.config) if args.config else FederationConfig()
+    given = {k: getattr(args, k) for k in SPLIT_FIELDS if getattr(args, k) is not None}
+    if given.get("clients", cfg.min_clients) < cfg.min_clients:
+        given["min_clients"] = given["clients"]  # the split does not care how many must answer a round
+    if given:
+        cfg = FederationConfig.from_mapping(given, base=cfg)
+    paths = split_sites(cfg, args.out, include_labels=not args.no_labels)
+    for cid, path in enumerate(paths):
+        site = load_site(path, cid)
+        counts = np.bincount(site.y_pool[site.y_pool >= 0], minlength=site.n_classes)
+        classes = "pool labels left out" if args.no_labels else f"pool classes {counts.tolist()}"
+        print(f"{path}: {len(site.y_pool)} pool samples, {len(site.y_test)} local test samples, {classes}")
+    return 0
