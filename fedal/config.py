@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from fedal.exceptions import ConfigError, UnknownStrategyError
+from fedal.features import FEATURES
 from fedal.fileio import read_toml
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 DP_MODES = ("server", "client")
+PIPELINES = ("head", "network")
 #: the one default of every cold start (the initial labeled set): runs, the on-device learner, comparisons
 DEFAULT_COLD_START = "random"
 
@@ -45,6 +47,18 @@ class FederationConfig:
         Classes per client for the pathological partition.
     local_test_fraction : float
         Share of each client's data kept out of its pool for local evaluation.
+    pipeline : str
+        ``head``: fixed features and a closed-form LDA head whose statistics the server sums (the same head as
+        pooled training, whatever the skew); ``network``: a network (SmallCNN or MLP) trained by the clients
+        and averaged by a Flower strategy.
+    features : str
+        ``auto`` (image descriptors for images with the head pipeline, the inputs as they are otherwise),
+        ``raw`` (the inputs flattened) or ``descriptors`` (HOG, LBP and intensity statistics of images).
+    pseudo_label_threshold : float
+        Head pipeline: pool samples the global head classifies with at least this confidence join a client's
+        statistics with that class (self-training, on the device; 0 = off).
+    head_shrinkage : float
+        Head pipeline: covariance shrinkage in [0, 1] (-1 = dim / (dim + labels)).
     strategy : str
         Query strategy name (see ``fedal strategies``).
     strategy_options : str
@@ -121,6 +135,10 @@ class FederationConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     local_test_fraction: float = 0.2
+    pipeline: str = "head"
+    features: str = "auto"
+    pseudo_label_threshold: float = 0.9
+    head_shrinkage: float = -1.0
     strategy: str = "entropy"
     strategy_options: str = ""
     initial_strategy: str = DEFAULT_COLD_START
@@ -172,6 +190,12 @@ class FederationConfig:
                 raise ConfigError(msg)
 
         need(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
+        need(self.pipeline in PIPELINES, f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        need(self.features in FEATURES, f"features must be one of {FEATURES}, got {self.features!r}")
+        need(0 <= self.pseudo_label_threshold <= 1,
+             f"pseudo-label-threshold must be in [0, 1] (0 = no self-training), got {self.pseudo_label_threshold}")
+        need(self.head_shrinkage == -1 or 0 <= self.head_shrinkage <= 1,
+             f"head-shrinkage must be in [0, 1], or -1 for dim / (dim + labels), got {self.head_shrinkage}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         need(self.alpha > 0, f"alpha must be > 0 (try 0.1 for strong skew, 100 for near-IID), got {self.alpha}")
         need(self.classes_per_client >= 1, f"classes-per-client must be >= 1, got {self.classes_per_client}")
@@ -213,6 +237,11 @@ class FederationConfig:
              "clipping norm); set e.g. --dp-clipping-norm 1.0")
         need(self.dp_mode in DP_MODES, f"dp-mode must be one of {DP_MODES}, got {self.dp_mode!r}")
         need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), e.g. 1e-5 (below 1 / clients), got {self.dp_delta}")
+        if self.pipeline == "head":
+            need(self.aggregation == "fedavg", f"aggregation {self.aggregation!r} averages networks; the head pipeline "
+                 "sums the clients' statistics instead: leave aggregation = fedavg, or set pipeline = network")
+            need(self.dp_clipping_norm == 0, "differential privacy clips and noises network updates: set "
+                 "pipeline = network to use dp-clipping-norm (the head pipeline sends statistics)")
         return self
 
     def query_strategy(self):

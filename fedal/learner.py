@@ -165,6 +165,8 @@ class ActiveLearner:
             return math.nan
         if self.reinit and hasattr(self.model, "reset"):
             self.model.reset()
+        if getattr(self.model, "uses_unlabeled", False):  # self-training heads also see the unlabeled pool
+            fit_kwargs.setdefault("unlabeled", self.X[self.rows(self.pool.unlabeled_ids())])
         loss = self.model.fit(X, y, **fit_kwargs)
         self.model_ready = True
         return loss

@@ -25,6 +25,8 @@ REPORT_KEYS = {
     "pending": "pending",                    # requests still waiting for an oracle answer
     "mean_uncertainty": "mean-uncertainty",  # mean normalised entropy of the pool (-1 = not measured)
     "train_loss": "train-loss",              # mean local training loss (-1 = not trained)
+    "auto_labeled": "auto-labeled",          # pool samples self-training labeled this round (head pipeline)
+    "auto_correct": "auto-labeled-correct",  # of those, right by the simulation's ground truth (-1 = unknown)
 }
 NOT_MEASURED = -1.0
 
@@ -80,7 +82,9 @@ class TrainReport:
     Attributes: ``num_examples`` (labeled samples trained on), ``client_id``,
     ``queries_used`` (labels requested this round), ``labels_added`` (answers recorded),
     ``unlabeled_left``, ``pending`` (requests waiting for an answer), ``mean_uncertainty``
-    (of the pool under the global model) and ``train_loss``. Means that could not be measured (no trained model yet, no label to train on) are
+    (of the pool under the global model), ``train_loss``, ``auto_labeled`` (pool samples
+    self-training labeled, head pipeline) and ``auto_correct`` (how many of those a simulation's
+    ground truth confirms; -1 where the site has no ground truth). Means that could not be measured (no trained model yet, no label to train on) are
     ``-1`` on the wire and ``NaN`` here.
     """
 
@@ -92,6 +96,8 @@ class TrainReport:
     pending: int
     mean_uncertainty: float
     train_loss: float
+    auto_labeled: int = 0
+    auto_correct: int = -1
 
     def to_metrics(self) -> dict[str, int | float]:
         """The report as wire metrics: ints for counts, finite floats for means (``-1`` = not measured)."""

@@ -19,6 +19,10 @@ BAD_VALUES = {
     "alpha": -1.0,
     "classes_per_client": 0,
     "local_test_fraction": 1.0,
+    "pipeline": "deep",
+    "features": "pixels",
+    "pseudo_label_threshold": 1.5,
+    "head_shrinkage": 2.0,
     "strategy": "nope",
     "strategy_options": "no_such_option=3",
     "initial_strategy": "entropy",
@@ -205,6 +209,16 @@ def test_bad_strategy_options_name_the_option_and_the_known_ones(options, words)
     with pytest.raises(ConfigError, match="strategy-options") as err:
         FederationConfig(strategy="bald", strategy_options=options)
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("aggregation", "krum", "the head pipeline sums the clients' statistics"),
+    ("dp_clipping_norm", 1.0, "set pipeline = network to use dp-clipping-norm"),
+])
+def test_network_only_settings_are_refused_with_the_head_pipeline(setting, value, words):
+    with pytest.raises(ConfigError, match=words):
+        FederationConfig(**{setting: value})
+    assert getattr(FederationConfig(pipeline="network", **{setting: value}), setting) == value
 
 
 def test_a_config_file_that_is_not_utf8_is_refused_with_the_fix(tmp_path):

@@ -1,9 +1,10 @@
 """Models and the adapters that let strategies and learners use them."""
+from fedal.models.head_adapter import HeadClassifier
 from fedal.models.nets import MLP, SmallCNN
 from fedal.models.sklearn_adapter import SklearnClassifier
 from fedal.models.torch_adapter import TorchClassifier
 
-__all__ = ["MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
+__all__ = ["HeadClassifier", "MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
 
 
 def build_model(input_shape: tuple[int, ...], n_classes: int, **kwargs) -> TorchClassifier:
@@ -27,8 +28,9 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, **kwargs) -> Torch
     return TorchClassifier(lambda: MLP(n_features, n_classes), n_classes, **kwargs)
 
 
-def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -> TorchClassifier:
-    """The model a run trains: :func:`build_model` with the run's training settings.
+def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -> TorchClassifier | HeadClassifier:
+    """The model a run trains: a :class:`HeadClassifier` (``pipeline = "head"``) or :func:`build_model`
+    with the run's training settings (``pipeline = "network"``).
 
     The one factory of a federation's models: every client's, the server's reference and
     the centralized learner ``fedal compare`` measures against.
@@ -36,13 +38,20 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -
     Parameters
     ----------
     cfg : fedal.config.FederationConfig
-        ``local_epochs``, ``batch_size``, ``lr``, ``min_local_steps``.
+        ``pipeline``; ``head_shrinkage``, ``pseudo_label_threshold`` (head) or ``local_epochs``,
+        ``batch_size``, ``lr``, ``min_local_steps`` (network).
     input_shape : tuple of int
-        Shape of one input.
+        Shape of one model input: the feature vector when a featurizer applies (:mod:`fedal.features`).
     n_classes : int
         Number of classes.
     seed : int
         Seed of the initial weights and of every fit (see :mod:`fedal.seeds`).
     """
+    if cfg.pipeline == "head":
+        dim = 1
+        for s in input_shape:
+            dim *= int(s)
+        return HeadClassifier(n_classes, dim, shrinkage=None if cfg.head_shrinkage < 0 else cfg.head_shrinkage,
+                              pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed)
     return build_model(input_shape, n_classes, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        min_steps=cfg.min_local_steps, seed=seed)

@@ -53,6 +53,9 @@ class TorchClassifier:
         Seed for initialisation, shuffling and dropout.
     """
 
+    #: the learner does not give :meth:`fit` the unlabeled pool (no self-training here)
+    uses_unlabeled = False
+
     def __init__(
         self,
         build: Callable[[], nn.Module],
