@@ -13,6 +13,16 @@ STRATEGIES = available_strategies()
 N_POOL, N_FEATURES = 40, 5
 
 
+def head_model(seed: int = 0):
+    """A closed-form LDA head trained on random labels of the same kind of features."""
+    from fedal.models import HeadClassifier
+
+    rng = np.random.default_rng(seed + 100)
+    model = HeadClassifier(3, N_FEATURES)
+    model.fit(rng.normal(size=(30, N_FEATURES)), rng.integers(0, 3, 30))
+    return model
+
+
 def make_context(model=None, n_pool=N_POOL, with_labeled=True, seed=0) -> QueryContext:
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n_pool, N_FEATURES)).astype(np.float32)
@@ -22,7 +32,10 @@ def make_context(model=None, n_pool=N_POOL, with_labeled=True, seed=0) -> QueryC
 
 
 def query(name, ctx, budget, seed=0):
-    return get_strategy(name).query(ctx, budget, seed=seed)
+    strategy = get_strategy(name)
+    if strategy.needs_closed_form and not getattr(ctx.model, "closed_form", False):
+        ctx = QueryContext(ids=ctx.ids, X=ctx.X, model=head_model(), labeled_X=ctx.labeled_X)
+    return strategy.query(ctx, budget, seed=seed)
 
 
 @pytest.mark.parametrize("with_labeled", [True, False], ids=["labeled", "cold"])
@@ -113,13 +126,16 @@ def test_scores_are_finite_per_candidate(name):
 models = pytest.importorskip("fedal.models")
 
 
-@pytest.fixture(scope="module", params=["mlp", "cnn", "sklearn"])
+@pytest.fixture(scope="module", params=["mlp", "cnn", "sklearn", "head"])
 def fitted_model(request):
     """A real adapter fitted once on 10 labeled samples, with 20 more as the pool."""
     rng = np.random.default_rng(1)
     if request.param == "cnn":
         X = rng.random((30, 3, 28, 28), dtype=np.float32)
         model = models.TorchClassifier(lambda: models.SmallCNN(3, 4), 4, epochs=1, seed=0)
+    elif request.param == "head":
+        X = rng.normal(size=(30, N_FEATURES)).astype(np.float32)
+        model = models.HeadClassifier(3, N_FEATURES)
     elif request.param == "mlp":
         X = rng.normal(size=(30, N_FEATURES)).astype(np.float32)
         model = models.TorchClassifier(lambda: models.MLP(N_FEATURES, 3), 3, epochs=2, seed=0)
@@ -138,8 +154,13 @@ def test_real_model_adapters(fitted_model, name):
     ids = np.random.default_rng(2).permutation(np.arange(500, 520))
 
     def run():
-        return query(name, QueryContext(ids=ids, X=X[10:], model=model, labeled_X=X[:10]), 6, seed=2)
+        ctx = QueryContext(ids=ids, X=X[10:], model=model, labeled_X=X[:10])
+        return get_strategy(name).query(ctx, 6, seed=2)
 
+    if get_strategy(name).needs_closed_form and not getattr(model, "closed_form", False):
+        with pytest.raises(ConfigError, match="closed-form LDA head"):  # said, not silently replaced
+            run()
+        return
     first, again = run(), run()
     assert len(set(first.tolist())) == 6 and set(first.tolist()) <= set(range(500, 520))
     np.testing.assert_array_equal(first, again)

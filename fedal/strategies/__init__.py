@@ -10,8 +10,10 @@ Families, one module each: :mod:`~fedal.strategies.random`,
 :mod:`~fedal.strategies.committee`, :mod:`~fedal.strategies.egl`,
 :mod:`~fedal.strategies.density`, :mod:`~fedal.strategies.coreset`,
 :mod:`~fedal.strategies.badge`, :mod:`~fedal.strategies.coldstart`,
-:mod:`~fedal.strategies.federated` (LoGo, KAFAL: local model next to the global one).
+:mod:`~fedal.strategies.federated` (LoGo, KAFAL: local model next to the global one),
+:mod:`~fedal.strategies.adaptive` (budget-aware switching, expected error reduction).
 """
+from fedal.strategies.adaptive import BudgetAware, ExpectedErrorReduction, expected_errors
 from fedal.strategies.badge import (
     BADGE,
     badge_select,
@@ -63,11 +65,11 @@ __all__ = [
     "ModelView", "PoolExhaustedWarning", "QueryContext", "QueryStrategy", "ScoreStrategy",
     "available_strategies", "check_budget", "get_strategy", "register", "strategy_class", "top_k",
     # strategies
-    "BADGE", "BALD", "CoreSet", "Entropy", "ExpectedGradientLength", "InformationDensity",
+    "BADGE", "BALD", "BudgetAware", "CoreSet", "ExpectedErrorReduction", "Entropy", "ExpectedGradientLength", "InformationDensity",
     "KLToConsensus", "KMeansColdStart", "LeastConfidence", "Margin", "RandomSampling",
     "TypiClust", "VoteEntropy", "KAFAL", "KAFALDiverse", "LoGo", "WithViews",
     # pure functions
-    "badge_select", "bald", "d2_seeding", "entropy", "expected_gradient_length",
+    "badge_select", "bald", "d2_seeding", "entropy", "expected_errors", "expected_gradient_length",
     "gradient_embedding", "gradient_embedding_factors", "gradient_sq_distances_to",
     "information_density", "kcenter_greedy", "kl_to_consensus", "kmeanspp", "least_confidence",
     "margin", "mean_cosine_similarity", "min_sq_distances", "top2_margin", "typicality",

@@ -139,6 +139,8 @@ class QueryStrategy(ABC):
     #: model fine-tuned on the local labels) or ``"scratch"`` (trained on the local labels only)
     needs_local_model: ClassVar[bool] = False
     local_model_init: ClassVar[str] = "global"
+    #: whether it needs a closed-form head it can update (``model.closed_form``; expected error reduction)
+    needs_closed_form: ClassVar[bool] = False
 
     def query(self, ctx: QueryContext, budget: int, seed: int | None = None) -> np.ndarray:
         """Return the ids of the ``min(budget, len(ctx))`` candidates to label.
