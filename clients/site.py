@@ -16,10 +16,12 @@ from clients.node import NodeConfig, open_site_pool
 from clients.oracles import FileOracle, make_oracle
 from fedal.config import FederationConfig
 from fedal.data import LocalData
+from fedal.features import featurizer_for, model_inputs
 from fedal.federation import client_data
 from fedal.learner import ActiveLearner, pool_uncertainty
 from fedal.messages import TrainInstruction, TrainReport
 from fedal.models import model_for
+from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS
 from fedal.pool import PENDING
 from fedal.seeds import client_seed, local_model_seed
 from fedal.sitedata import load_site
@@ -51,10 +53,14 @@ class ClientSite:
         timeout = cfg.query_timeout if node.query_timeout is None else node.query_timeout
         self.query_timeout = timeout if timeout > 0 else None
         seed = client_seed(cfg.seed, self.client_id)
-        self.model = model_for(cfg, data.input_shape, data.n_classes, seed=seed)
+        # what the model sees: the pool's features, computed once and kept beside the database
+        featurizer = featurizer_for(cfg.features, data.input_shape, cfg.pipeline)
+        self.X_pool = model_inputs(featurizer, data.X_pool, state_dir / f"client-{self.client_id}.features.npz")
+        self.X_test = model_inputs(featurizer, data.X_test, state_dir / f"client-{self.client_id}.test-features.npz")
+        self.model = model_for(cfg, self.X_pool.shape[1:], data.n_classes, seed=seed)
         self.oracle = make_oracle(node, pool=self.pool, data=data, state_dir=state_dir, noise_rate=cfg.noise_rate,
                                   seed=seed)
-        self.learner = ActiveLearner(self.model, cfg.query_strategy(), data.X_pool, self.pool, self.oracle,
+        self.learner = ActiveLearner(self.model, cfg.query_strategy(), self.X_pool, self.pool, self.oracle,
                                      cold_start=cfg.cold_start_strategy(), seed=seed)
 
     def close(self) -> None:
@@ -62,12 +68,15 @@ class ClientSite:
         self.pool.close()
 
     def train(self, global_state: dict, instruction: TrainInstruction) -> tuple[dict, TrainReport]:
-        """Label the initial set if needed, query within the round's budget, train; return (state, report).
+        """Label the initial set if needed, query within the round's budget, train; return (arrays, report).
+
+        The arrays are the locally trained network (``pipeline = "network"``) or the class
+        statistics of the labeled and self-trained samples (``pipeline = "head"``).
 
         Parameters
         ----------
         global_state : dict
-            The global model's weights.
+            The global model (network weights or head).
         instruction : TrainInstruction
             The round, its query budget (checked by the instruction itself) and FedProx's weight.
         """
@@ -101,17 +110,35 @@ class ClientSite:
         if math.isnan(mean_unc) and self.learner.model_ready:
             mean_unc = self._pool_uncertainty()
         X, y = self.learner.labeled_data()
-        # people may not have answered anything yet: then the global model goes back unchanged
-        # with weight 0 (num-examples) and the requests wait for the next round
-        loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu)
-                if len(y) else math.nan)
+        auto = auto_correct = 0
+        if self.cfg.pipeline == "head":
+            arrays, loss, auto, auto_correct = self._head_statistics(X, y)
+        else:
+            # people may not have answered anything yet: then the global model goes back unchanged
+            # with weight 0 (num-examples) and the requests wait for the next round
+            loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu)
+                    if len(y) else math.nan)
+            arrays = self.model.get_state()
         counts = self.pool.counts()
         report = TrainReport(
             num_examples=len(y), client_id=self.client_id, queries_used=spent_before + queried,
             labels_added=counts["labeled"] - labels_before, unlabeled_left=counts["unlabeled"],
-            pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss,
+            pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss, auto_labeled=auto,
+            auto_correct=auto_correct,
         )
-        return self.model.get_state(), report
+        return arrays, report
+
+    def _head_statistics(self, X: np.ndarray, y: np.ndarray) -> tuple[dict, float, int, int]:
+        """Class statistics of the labeled samples and, self-training, of the pool samples the global
+        head is confident about: ``(arrays, loss of the global head on the labels, auto-labeled, right)``."""
+        unlabeled_rows = self.learner.rows(self.pool.unlabeled_ids())
+        ready = self.learner.model_ready
+        labeled, pseudo, added = self.model.statistics(X, y, self.X_pool[unlabeled_rows] if ready else None)
+        loss = self.model.evaluate(X, y)[0] if ready and len(y) else math.nan
+        truth = self.data.y_pool[unlabeled_rows[added.positions]]
+        correct = int(np.sum(truth == added.labels)) if np.all(truth >= 0) else -1  # -1: no ground truth here
+        arrays = {**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)}
+        return arrays, loss, len(added), correct
 
     def _spent(self, server_round: int) -> int:
         """Labels requested in ``server_round`` and not given back (pending or answered)."""
@@ -126,7 +153,7 @@ class ClientSite:
         if not strategy.needs_local_model or not self.learner.model_ready:
             return
         X, y = self.learner.labeled_data()
-        local = model_for(self.cfg, self.data.input_shape, self.data.n_classes,
+        local = model_for(self.cfg, self.X_pool.shape[1:], self.data.n_classes,
                           seed=local_model_seed(self.cfg.seed, self.client_id))
         if strategy.local_model_init == "global":
             local.set_state(self.model.get_state())  # specialise the global model on local labels
@@ -137,7 +164,7 @@ class ClientSite:
         ids = self.pool.unlabeled_ids()
         if len(ids) == 0:
             return 0.0
-        probs, _ = self.model.forward(self.data.X_pool[self.learner.rows(ids)])
+        probs, _ = self.model.forward(self.X_pool[self.learner.rows(ids)])
         return pool_uncertainty(probs)[0]
 
     def evaluate(self, global_state: dict) -> tuple[int, float, float]:
@@ -145,7 +172,7 @@ class ClientSite:
         self.model.set_state(global_state)
         if len(self.data.y_test) == 0:
             return 0, math.nan, math.nan
-        loss, acc = self.model.evaluate(self.data.X_test, self.data.y_test)
+        loss, acc = self.model.evaluate(self.X_test, self.data.y_test)
         return len(self.data.y_test), loss, acc
 
     def labeled_class_counts(self) -> np.ndarray:

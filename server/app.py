@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedal.budget import BudgetCoordinator
 from fedal.config import FederationConfig
+from fedal.features import featurizer_for, model_inputs
 from fedal.federation import federation_dataset
 from fedal.flower import protocol
 from fedal.models import model_for
@@ -69,11 +70,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         Called with each round's result row (progress display).
     """
     dataset = federation_dataset(cfg)
-    model = model_for(cfg, dataset.input_shape, dataset.n_classes, seed=cfg.seed)
-    reference = {k: tuple(v.shape) for k, v in model.get_state().items()}
+    X_test = model_inputs(featurizer_for(cfg.features, dataset.input_shape, cfg.pipeline), dataset.X_test)
+    model = model_for(cfg, X_test.shape[1:], dataset.n_classes, seed=cfg.seed)
     book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap),
                      PrivacySettings.from_config(cfg))
-    strategy = make_strategy(cfg, book, reference)
+    strategy = make_strategy(cfg, book, model)
     recorder = RunRecorder(cfg.output_dir, cfg.to_run_config())
     state = model.get_state()
     start_round = 1
@@ -107,7 +108,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
         model.set_state(protocol.state_from_record(arrays))
-        loss, acc = model.evaluate(dataset.X_test, dataset.y_test)
+        loss, acc = model.evaluate(X_test, dataset.y_test)
         rlog = book.rounds[server_round]
         for event in rlog.events:
             recorder.add_event(server_round, event.kind, event.describe())

@@ -188,7 +188,8 @@ class RoundBook:
             out[str(client)] = {"budget": int(rlog.assigned.get(client, 0)), "queried": r.queries_used,
                                 "labeled": r.num_examples, "labels_added": r.labels_added, "pending": r.pending,
                                 "unlabeled": r.unlabeled_left, "mean_uncertainty": _none_if_nan(r.mean_uncertainty),
-                                "train_loss": _none_if_nan(r.train_loss)}
+                                "train_loss": _none_if_nan(r.train_loss), "auto_labeled": r.auto_labeled,
+                                "auto_correct": None if r.auto_correct < 0 else r.auto_correct}
         return out
 
     def privacy_report(self) -> dict | None:

@@ -11,9 +11,10 @@ as Flower's own DP wrappers do, and is configured in its constructor:
   in client order;
 * ``aggregate_evaluate`` drops unusable evaluation replies, the inner strategy averages.
 
-Aggregation itself is never re-implemented. :func:`make_strategy` builds the whole
-chain for a run: ``BudgetedStrategy(PrivateAggregation(FedAvg(...)))`` with
-differential privacy, ``BudgetedStrategy(FedAvg(...))`` without.
+Averaging is never re-implemented. :func:`make_strategy` builds the whole chain for a
+run: ``BudgetedStrategy(FedAvg(...))`` for a network, ``BudgetedStrategy(PrivateAggregation
+(FedAvg(...)))`` with differential privacy, ``BudgetedStrategy(StatisticsAggregation
+(FedAvg(...)))`` for the head pipeline (the sites' statistics are summed, not averaged).
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ from flwr.serverapp.strategy import (
 
 from fedal.config import FederationConfig
 from fedal.flower import protocol
+from fedal.models import HeadClassifier
 from server.book import RoundBook
 from server.dp import PrivateAggregation
+from server.head import StatisticsAggregation
 
 log = logging.getLogger("fedal.server")
 
@@ -206,7 +209,7 @@ def flower_strategy(cfg: FederationConfig) -> Strategy:
     return base(**kwargs)
 
 
-def make_strategy(cfg: FederationConfig, book: RoundBook, reference: dict[str, tuple[int, ...]]) -> BudgetedStrategy:
+def make_strategy(cfg: FederationConfig, book: RoundBook, model) -> BudgetedStrategy:
     """The server strategy of the run ``cfg``: budgets around (DP around) Flower's aggregation.
 
     Parameters
@@ -215,11 +218,18 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, reference: dict[str, t
         Run settings (aggregation, sampling, FedProx / server optimiser values, DP).
     book : RoundBook
         The run's round book (its ``privacy`` settings switch DP on).
-    reference : dict
-        Model keys -> shapes: updates that do not match are rejected.
+    model : TorchClassifier or HeadClassifier
+        The server's model of the run (``fedal.models.model_for``): a reply's arrays must have its
+        weights' shapes, or, for a head, the shapes of the statistics the heads are solved from.
     """
+    if isinstance(model, HeadClassifier):
+        reference = HeadClassifier.statistics_shapes(model.n_classes, model.dim)
+    else:
+        reference = {k: tuple(v.shape) for k, v in model.get_state().items()}
     inner = flower_strategy(cfg)
-    if book.privacy is not None:
+    if isinstance(model, HeadClassifier):
+        inner = StatisticsAggregation(inner, model)
+    elif book.privacy is not None:
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))
     return BudgetedStrategy(inner, book, reference, cfg.is_query_round)

@@ -175,18 +175,25 @@ def initial_labeled_ids(cfg: FederationConfig) -> list[np.ndarray]:
     The same cold-start strategy and the same seed as the client's learner (its first
     query, :mod:`fedal.seeds`), so the centralized reference starts where the federation does.
     """
-    from fedal.federation import client_data
     from fedal.seeds import client_seed, query_seed
     from fedal.strategies import QueryContext
 
     cold = cfg.cold_start_strategy()
     picks = []
-    for c in range(cfg.clients):
-        part = client_data(cfg, c)
-        n = len(part.y_pool)
-        ctx = QueryContext(np.arange(n), part.X_pool, labeled_X=part.X_pool[:0])
+    for c, X in enumerate(client_inputs(cfg)):
+        n = len(X)
+        ctx = QueryContext(np.arange(n), X, labeled_X=X[:0])
         picks.append(cold.query(ctx, min(cfg.initial_labels, n), seed=query_seed(client_seed(cfg.seed, c), 0)))
     return picks
+
+
+def client_inputs(cfg: FederationConfig) -> list[np.ndarray]:
+    """What each client's model sees of its pool (its features, or the inputs as they are)."""
+    from fedal.features import featurizer_for, model_inputs
+    from fedal.federation import client_data, federation_dataset
+
+    featurizer = featurizer_for(cfg.features, federation_dataset(cfg).input_shape, cfg.pipeline)
+    return [model_inputs(featurizer, client_data(cfg, c).X_pool) for c in range(cfg.clients)]
 
 
 def centralized_run(cfg: FederationConfig) -> list[dict]:
@@ -199,6 +206,7 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     """
     import torch
 
+    from fedal.features import featurizer_for, model_inputs
     from fedal.federation import client_data, federation_dataset
     from fedal.learner import ActiveLearner
     from fedal.models import model_for
@@ -209,15 +217,17 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     torch.set_num_threads(1)
     ds = federation_dataset(cfg)
     parts = [client_data(cfg, c) for c in range(cfg.clients)]
-    X = np.concatenate([p.X_pool for p in parts])
+    inputs = client_inputs(cfg)
+    X = np.concatenate(inputs)
     y = np.concatenate([p.y_pool for p in parts])
+    X_test = model_inputs(featurizer_for(cfg.features, ds.input_shape, cfg.pipeline), ds.X_test)
     offsets = np.cumsum([0] + [len(p.y_pool) for p in parts])
     initial = [offset + ids for offset, ids in zip(offsets, initial_labeled_ids(cfg))]
     pool = Pool(ds.n_classes, size=len(y))
     oracle = SimulatedOracle(y, ds.n_classes, noise_rate=cfg.noise_rate, seed=cfg.seed)
-    model = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
+    model = model_for(cfg, X.shape[1:], ds.n_classes, seed=cfg.seed)
     learner = ActiveLearner(model, cfg.query_strategy(), X, pool, oracle, cold_start=cfg.cold_start_strategy(),
-                            seed=cfg.seed, X_eval=ds.X_test, y_eval=ds.y_test)
+                            seed=cfg.seed, X_eval=X_test, y_eval=ds.y_test)
     pool.request(np.concatenate(initial), round=0)
     rows = []
     for server_round in range(1, cfg.rounds + 1):

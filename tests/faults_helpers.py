@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
-from clients.node import NodeConfig
+
 
 PLAN_FILE, LOG_FILE, RECORD_FLAG = "faults.json", "faults-log.jsonl", "record-received"
 CORRUPTIONS = ("inf", "nan", "wrong-shapes", "wrong-keys", "extra-metric", "no-arrays")

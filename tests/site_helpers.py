@@ -16,7 +16,7 @@ from pathlib import Path
 from clients.node import NodeConfig
 from fedal.config import FederationConfig
 from fedal.messages import TrainInstruction
-from fedal.models import build_model
+from fedal.models import model_for
 from fedal.sitedata import split_sites
 
 
@@ -37,8 +37,8 @@ def make_site(tmp_path: Path, cfg: FederationConfig, client_id: int = 0, *, orac
 
 
 def global_state(site) -> dict:
-    """An untrained global model of the site's shape (what round 1 sends)."""
-    return build_model(site.data.X_pool.shape[1:], site.data.n_classes, seed=0).get_state()
+    """An untrained global model of the site's run (what round 1 sends)."""
+    return model_for(site.cfg, site.X_pool.shape[1:], site.data.n_classes, seed=site.cfg.seed).get_state()
 
 
 def web_site_after_round1(tmp_path: Path) -> dict:

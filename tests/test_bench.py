@@ -34,12 +34,17 @@ def test_fl_gap_benchmark_trains_both_ways_on_the_same_labels(tmp_path):
 
     preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
     results = main(["--preset", str(preset), "--labels-per-client", "20", "--rounds", "2", "--seeds", "0",
-                    "--variants", "preset", "--report-rounds", "1,2", "--out", str(tmp_path)])
+                    "--variants", "network (SmallCNN + Adam),head + self-training", "--report-rounds", "1,2",
+                    "--out", str(tmp_path)])
     assert results["total_labels"] == [60]  # 3 clients x 20, one seed
-    assert set(results["curves"]) == {"centralized", "preset"}
+    assert set(results["curves"]) == {"network (SmallCNN + Adam)", "network (SmallCNN + Adam) | centralized",
+                                      "head + self-training", "head + self-training | centralized"}
     assert all(len(c) == 2 and all(0 <= a <= 1 for a in c) for curves in results["curves"].values() for c in curves)
+    # the summed statistics give the pooled head: the same probabilities, the same accuracy
+    assert results["max_probability_difference_federated_vs_pooled_head"]["head + self-training-seed0"] < 1e-6
+    assert results["curves"]["head + self-training"][0][-1] == results["curves"]["head + self-training | centralized"][0][-1]
     md = (tmp_path / "bench_fl_gap.md").read_text()
-    assert "| centralized |" in md and "gap to centralized at r=2" in md
+    assert "| head + self-training: federated |" in md and "gap to centralized at r=2" in md
     assert json.loads((tmp_path / "bench_fl_gap.json").read_text())["args"]["preset"] == "simulations/presets/digits_tiny.toml"
 
 

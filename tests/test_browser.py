@@ -158,13 +158,14 @@ def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
     # the next round's ClientApp trains on exactly these answers
     site = ClientSite(cfg, NodeConfig.from_mapping(node))
     fitted = {}
-    original_fit = site.model.fit
+    original = site.learner.labeled_data
 
-    def capture_fit(X, y, **kwargs):
+    def capture():  # what the round trains on (network) or sums up (head)
+        X, y = original()
         fitted["X"], fitted["y"] = X.copy(), y.copy()
-        return original_fit(X, y, **kwargs)
+        return X, y
 
-    site.model.fit = capture_fit
+    site.learner.labeled_data = capture
     try:
         _, report = site.train(state, TrainInstruction(2, 4))
     finally:
@@ -172,7 +173,7 @@ def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
     ids = sorted(records)
     assert report.num_examples == 4
     np.testing.assert_array_equal(fitted["y"], [records[i]["label"] for i in ids])
-    np.testing.assert_array_equal(fitted["X"], site.data.X_pool[ids])
+    np.testing.assert_array_equal(fitted["X"], site.X_pool[ids])  # the model's inputs of those samples
     assert report.queries_used == 4 and report.pending == 1 + 4  # the skipped one still waits, plus round 2's
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from site_helpers import (
     global_state,
@@ -155,19 +156,21 @@ def test_killed_while_waiting_for_people_keeps_their_answers(tmp_path):
 
     site = ClientSite(cfg, NodeConfig.from_mapping({**node, "label-wait": 0}))  # the round again, in a new process
     fitted = {}
-    original_fit = site.model.fit
+    original = site.learner.labeled_data
 
-    def capture_fit(X, y, **kwargs):
+    def capture():  # what the round trains on (network) or sums up (head)
+        X, y = original()
         fitted["y"] = y.copy()
-        return original_fit(X, y, **kwargs)
+        return X, y
 
-    site.model.fit = capture_fit
+    site.learner.labeled_data = capture
     try:
-        _, report = site.train(global_state(site), TrainInstruction(1, 0))
+        arrays, report = site.train(global_state(site), TrainInstruction(1, 0))
     finally:
         site.close()
     assert report.num_examples == 2 and report.pending == 4
     assert sorted(fitted["y"].tolist()) == [3, 8]
+    assert [int(c) for c in np.flatnonzero(arrays["stats.counts"])] == [3, 8]  # the head pipeline's statistics
     assert db_rows(db, "SELECT COUNT(*) FROM requests") == [(6,)]  # the initial set was not asked again
 
 

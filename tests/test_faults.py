@@ -43,7 +43,6 @@ from faults_helpers import (
 
 from clients.node import NodeConfig
 from fedal.config import FederationConfig
-from fedal.exceptions import ConfigError
 from fedal.flower import protocol
 from fedal.messages import TrainInstruction
 
@@ -244,7 +243,8 @@ def restart(tmp_path_factory):
     from simulations.engine import run_in_simulation
 
     out = tmp_path_factory.mktemp("restart")
-    cfg = small_cfg(out, clients=2, rounds=4, round_timeout=120.0, dp_clipping_norm=1.0, dp_noise_multiplier=1.0)
+    cfg = small_cfg(out, clients=2, rounds=4, round_timeout=120.0, dp_clipping_norm=1.0, dp_noise_multiplier=1.0,
+                    pipeline="network")
     (out / RECORD_FLAG).touch()
 
     def server_dies(row):
@@ -347,13 +347,16 @@ class FakeGrid:
         return list(self.nodes)
 
 
-def _digits_reference():
+def _digits_model():
     from fedal.federation import federation_dataset
     from fedal.models import build_model
 
-    cfg = FederationConfig(dataset="digits")
-    ds = federation_dataset(cfg)
-    return build_model(ds.input_shape, ds.n_classes, seed=0).get_state()
+    ds = federation_dataset(FederationConfig(dataset="digits"))
+    return build_model(ds.input_shape, ds.n_classes, seed=0)
+
+
+def _digits_reference():
+    return _digits_model().get_state()
 
 
 def _report(client: int, n: int = 20) -> protocol.TrainReport:
@@ -367,11 +370,11 @@ def _strategy(tmp_path, **overrides):
     from server.privacy import PrivacySettings
     from server.strategy import make_strategy
 
-    cfg = FederationConfig(**{**dict(dataset="digits", clients=5, min_clients=2, output_dir=str(tmp_path)),
-                              **overrides})
+    cfg = FederationConfig(**{**dict(dataset="digits", clients=5, min_clients=2, output_dir=str(tmp_path),
+                                     pipeline="network"), **overrides})
     reference = _digits_reference()
     book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget), PrivacySettings.from_config(cfg))
-    strategy = make_strategy(cfg, book, {k: v.shape for k, v in reference.items()})
+    strategy = make_strategy(cfg, book, _digits_model())
     return cfg, strategy, reference
 
 
@@ -624,24 +627,20 @@ def site(tmp_path):
     return make
 
 
-def _global_state():
-    return _digits_reference()
-
-
 @pytest.mark.parametrize("kind", ["oracle-error", "oracle-timeout"])
 def test_an_oracle_that_fails_leaves_requests_pending_and_the_round_completes(site, kind):
     s = site()
     try:
-        s.train(_global_state(), TrainInstruction(1, 0))
+        s.train(s.model.get_state(), TrainInstruction(1, 0))
         labels_before = dict(zip(*map(list, s.pool.labels())))
         s.learner.oracle = FaultyOracle(s.oracle, kind)
         TALLY.injected += 1
         with pytest.warns(UserWarning, match="did not answer"):
-            _, report = s.train(_global_state(), TrainInstruction(2, 5))
+            _, report = s.train(s.model.get_state(), TrainInstruction(2, 5))
         assert (report.queries_used, report.labels_added, report.pending) == (5, 0, 5)
         TALLY.finished += 1
         s.learner.oracle = s.oracle  # the oracle is back: the pending requests are answered first
-        _, report = s.train(_global_state(), TrainInstruction(3, 3))
+        _, report = s.train(s.model.get_state(), TrainInstruction(3, 3))
         assert (report.labels_added, report.pending) == (5 + 3, 0)
         after = dict(zip(*map(list, s.pool.labels())))
         lost = count_lost({"labels": {str(k): v for k, v in labels_before.items()}}, after)
@@ -654,12 +653,12 @@ def test_an_oracle_that_fails_leaves_requests_pending_and_the_round_completes(si
 def test_an_oracle_answering_garbage_records_only_valid_answers(site):
     s = site()
     try:
-        s.train(_global_state(), TrainInstruction(1, 0))
+        s.train(s.model.get_state(), TrainInstruction(1, 0))
         s.learner.oracle = FaultyOracle(s.oracle, "oracle-noise")
         TALLY.injected += 1
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, report = s.train(_global_state(), TrainInstruction(2, 6))
+            _, report = s.train(s.model.get_state(), TrainInstruction(2, 6))
         assert (report.labels_added, report.pending) == (1, 5)  # one true answer; the rest stay pending
         messages = " | ".join(str(w.message) for w in caught)
         for fragment in ("outside the", "not a class index", "no pending request"):
@@ -674,16 +673,16 @@ def test_an_oracle_answering_garbage_records_only_valid_answers(site):
 def test_requests_expire_after_the_query_timeout_and_go_back_to_the_pool(site):
     s = site(query_timeout=0.05)
     try:
-        s.train(_global_state(), TrainInstruction(1, 0))
+        s.train(s.model.get_state(), TrainInstruction(1, 0))
         s.learner.oracle = FaultyOracle(s.oracle, "oracle-timeout")
         TALLY.injected += 1
         with pytest.warns(UserWarning):
-            s.train(_global_state(), TrainInstruction(2, 4))
+            s.train(s.model.get_state(), TrainInstruction(2, 4))
         asked = {r["sample_id"] for r in s.pool.requests("pending")}
         assert len(asked) == 4 and all(r["deadline"] is not None for r in s.pool.requests("pending"))
         time.sleep(0.1)
         s.learner.oracle = s.oracle
-        _, report = s.train(_global_state(), TrainInstruction(3, 2))
+        _, report = s.train(s.model.get_state(), TrainInstruction(3, 2))
         expired = {r["sample_id"] for r in s.pool.requests("expired")}
         assert expired == asked  # released at the start of round 3, not answered late
         assert (report.labels_added, report.pending) == (2, 0)

@@ -152,7 +152,7 @@ def test_client_site_trains_and_passes_a_local_model(tmp_path, name, monkeypatch
     from fedal.strategies import federated
 
     cfg = FederationConfig(dataset="digits", clients=2, strategy=name, initial_labels=8, local_epochs=1,
-                           min_local_steps=3, local_model_epochs=2, output_dir=str(tmp_path))
+                           min_local_steps=3, local_model_epochs=2, output_dir=str(tmp_path), pipeline="network")
     site = ClientSite(cfg, NodeConfig.from_mapping({"partition-id": 0}))
     state, _ = site.train(site.model.get_state(), TrainInstruction(1, 0))
     site.close()

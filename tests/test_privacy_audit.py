@@ -19,8 +19,15 @@ from fedal.flower import protocol
 from fedal.models import build_model
 
 
-def model_shapes(cfg) -> dict[str, tuple]:
+def reply_shapes(cfg) -> dict[str, tuple]:
+    """What a train reply's arrays are: the network's weights, or the head pipeline's statistics."""
+    from fedal.features import featurizer_for
+    from fedal.models import HeadClassifier
+
     ds = federation_dataset(cfg)
+    if cfg.pipeline == "head":
+        featurizer = featurizer_for(cfg.features, ds.input_shape, cfg.pipeline)
+        return HeadClassifier.statistics_shapes(ds.n_classes, featurizer.dim(ds.input_shape))
     return {k: tuple(v.shape) for k, v in build_model(ds.input_shape, ds.n_classes, seed=0).get_state().items()}
 
 
@@ -28,7 +35,7 @@ def model_shapes(cfg) -> dict[str, tuple]:
 @pytest.mark.slow
 def test_every_reply_of_a_real_simulation_passes_the_audit():
     cfg, results, captures = audited_run()
-    shapes = model_shapes(cfg)
+    shapes = reply_shapes(cfg)
     train = [c for c in captures if c["message_type"] == "train"]
     evaluate = [c for c in captures if c["message_type"] == "evaluate"]
     # every client answered every train and evaluate message of every round, and each was seen
@@ -47,12 +54,11 @@ def test_captured_replies_are_what_the_server_recorded():
     # every scalar a client sends is read by the server and kept in the results, under these names
     kept_as = {"client-id": None, "queries-used": "queried", "num-examples": "labeled", "labels-added": "labels_added",
                "pending": "pending", "unlabeled-left": "unlabeled", "mean-uncertainty": "mean_uncertainty",
-               "train-loss": "train_loss"}
+               "train-loss": "train_loss", "auto-labeled": "auto_labeled", "auto-labeled-correct": "auto_correct"}
     assert sorted(kept_as) == sorted(protocol.TRAIN_METRICS)
 
     def sent(entry):
-        value = entry["value"]
-        return None if value == -1.0 and entry["type"] == "float" else value  # -1 = not measured
+        return None if entry["value"] == -1 else entry["value"]  # -1 = not measured / unknown
 
     reported = sorted(tuple(sent(c["records"]["metrics"]["entries"][k]) for k in kept_as) for c in train)
     recorded = sorted((int(cid), *(e[name] for name in list(kept_as.values())[1:]))
@@ -63,7 +69,7 @@ def test_captured_replies_are_what_the_server_recorded():
         assert [g for g in got if g is not None] == pytest.approx([k for k in kept if k is not None]), (got, kept)
     for c in train:
         dtypes = {e["dtype"] for e in c["records"]["arrays"]["entries"].values()}
-        assert dtypes == {"float32"}
+        assert dtypes == ({"float64"} if cfg.pipeline == "head" else {"float32"})
 
 
 # -------------------------------------------------- the audit itself can fail

@@ -95,8 +95,8 @@ def test_config_file_flags_pool_policy_and_fedprox(tmp_path):
 
     config = tmp_path / "fed.toml"
     config.write_text('[fedal]\ndataset = "digits"\nclients = 3\nmin-clients = 3\nrounds = 5\n'
-                      'round-budget = 30\nbudget-policy = "pool"\naggregation = "fedprox"\nproximal-mu = 0.1\n'
-                      'alpha = 0.3\nstrategy = "margin"\n')
+                      'round-budget = 30\nbudget-policy = "pool"\npipeline = "network"\naggregation = "fedprox"\n'
+                      'proximal-mu = 0.1\nalpha = 0.3\nstrategy = "margin"\n')
     out = tmp_path / "out"
     result = fedal("simulate", "--config", str(config), "--rounds", "2", "--round-budget", "40",
                    "--output-dir", str(out))
