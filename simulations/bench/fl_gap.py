@@ -11,6 +11,10 @@ gets the same number of random labels from its own pool, and the same model is t
   settings (what ``fedal compare``'s centralized reference does);
 
 and prints the test accuracy of both after each round, for one or more training variants.
+With ``pipeline = "head"`` (a preset's setting or a variant's) the clients send the class
+statistics of their labels (and, self-training, of their confident pool samples) and the
+server solves the LDA head of the sum; the centralized side fits the same head on the
+pooled labels and pools.
 The difference at equal labels is the part of the federated-vs-centralized gap that no
 query strategy can close. Writes ``simulations/results/bench_fl_gap.{md,json}`` (``--name``
 changes the file name).
@@ -35,6 +39,9 @@ VARIANTS = {
     "preset": {},
     "fewer local steps (min 10)": {"min-local-steps": 10},
     "fedprox mu 0.1": {"proximal-mu": 0.1},
+    "network (SmallCNN + Adam)": {"pipeline": "network"},
+    "head, no self-training": {"pipeline": "head", "pseudo-label-threshold": 0.0},
+    "head + self-training": {"pipeline": "head", "pseudo-label-threshold": 0.9},
 }
 
 
@@ -59,17 +66,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def labeled_sets(cfg, per_client: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each client's random labeled set (at most its pool)."""
+def labeled_sets(cfg, per_client: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each client's random labeled set (at most its pool) and the rest of its pool: ``(X, y, unlabeled X)``,
+    in what the run's model takes (features with the head pipeline)."""
     from fedal.federation import client_data
+    from simulations.compare import client_inputs
 
     rng = np.random.default_rng(seed)
     sets = []
-    for c in range(cfg.clients):
-        d = client_data(cfg, c)
-        pick = rng.choice(len(d.y_pool), min(per_client, len(d.y_pool)), replace=False)
-        sets.append((d.X_pool[pick], d.y_pool[pick]))
+    for c, X in enumerate(client_inputs(cfg)):
+        y = client_data(cfg, c).y_pool
+        pick = rng.choice(len(y), min(per_client, len(y)), replace=False)
+        rest = np.setdiff1d(np.arange(len(y)), pick)
+        sets.append((X[pick], y[pick], X[rest]))
     return sets
+
+
+def head_curves(cfg, sets, rounds: int, X_test, y_test) -> tuple[list[float], list[float], float]:
+    """Federated (summed statistics) and centralized (pooled) LDA heads on the same labels, and the largest
+    difference of their test probabilities; one value per round (the heads are solved, not iterated)."""
+    from fedal.heads import ClassStatistics
+    from fedal.models import model_for
+
+    n_classes = int(max(y.max() for _, y, _ in sets if len(y)) + 1)
+    n_classes = max(n_classes, int(y_test.max()) + 1)
+    dim = sets[0][0].shape[1]
+    server = model_for(cfg, (dim,), n_classes, seed=cfg.seed)
+    labeled, pseudo = ClassStatistics.empty(n_classes, dim), ClassStatistics.empty(n_classes, dim)
+    for X, y, _ in sets:  # round 1: the labels alone (no head yet to self-train with)
+        labeled = labeled + ClassStatistics.from_samples(X, y, n_classes)
+    server.fit_statistics(labeled)
+    fed = [server.evaluate(X_test, y_test)[1]]
+    for _ in range(1, rounds):  # every client pseudo-labels its pool with the server's labeled head
+        pseudo = ClassStatistics.empty(n_classes, dim)
+        for X, y, rest in sets:
+            _, p, _ = server.statistics(X, y, rest)
+            pseudo = pseudo + p
+        server.fit_statistics(labeled, pseudo)
+        fed.append(server.evaluate(X_test, y_test)[1])
+    central = model_for(cfg, (dim,), n_classes, seed=cfg.seed)
+    central.fit(np.concatenate([s[0] for s in sets]), np.concatenate([s[1] for s in sets]),
+                unlabeled=np.concatenate([s[2] for s in sets]))
+    acc = central.evaluate(X_test, y_test)[1]
+    return fed, [acc] * rounds, float(np.abs(server.predict_proba(X_test) - central.predict_proba(X_test)).max())
 
 
 def federated_curve(cfg, sets, rounds: int, ds) -> list[float]:
@@ -77,21 +116,22 @@ def federated_curve(cfg, sets, rounds: int, ds) -> list[float]:
     from fedal.models import model_for
     from fedal.seeds import client_seed
 
-    server = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
-    clients = [model_for(cfg, ds.input_shape, ds.n_classes, seed=client_seed(cfg.seed, c)) for c in range(len(sets))]
+    shape = sets[0][0].shape[1:]
+    server = model_for(cfg, shape, ds.n_classes, seed=cfg.seed)
+    clients = [model_for(cfg, shape, ds.n_classes, seed=client_seed(cfg.seed, c)) for c in range(len(sets))]
     curve = []
     for _ in range(rounds):
         state = server.get_state()
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in state.items()}
         n = 0
-        for model, (X, y) in zip(clients, sets):
+        for model, (X, y, _) in zip(clients, sets):
             model.set_state(state)
             model.fit(X, y, proximal_mu=cfg.proximal_mu)
             for k, v in model.get_state().items():
                 total[k] += v * len(y)
             n += len(y)
         server.set_state({k: (v / n).astype(state[k].dtype) for k, v in total.items()})
-        curve.append(server.evaluate(ds.X_test, ds.y_test)[1])
+        curve.append(server.evaluate(_test_inputs(cfg, ds), ds.y_test)[1])
     return curve
 
 
@@ -101,11 +141,11 @@ def centralized_curve(cfg, sets, rounds: int, ds) -> list[float]:
 
     X = np.concatenate([s[0] for s in sets])
     y = np.concatenate([s[1] for s in sets])
-    model = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
+    model = model_for(cfg, X.shape[1:], ds.n_classes, seed=cfg.seed)
     curve = []
     for _ in range(rounds):
         model.fit(X, y)
-        curve.append(model.evaluate(ds.X_test, ds.y_test)[1])
+        curve.append(model.evaluate(_test_inputs(cfg, ds), ds.y_test)[1])
     return curve
 
 
@@ -116,13 +156,22 @@ def table(results: dict) -> str:
              f"{', '.join(map(str, results['total_labels']))}).", "",
              "| training | " + " | ".join(f"r={r}" for r in shown) + " | gap to centralized at r=" + f"{shown[-1]} |",
              "|---|" + "---:|" * (len(shown) + 1)]
-    central = np.mean(results["curves"]["centralized"], axis=0)
     for name, curves in results["curves"].items():
         mean = np.mean(curves, axis=0)
+        if name.endswith(" | centralized"):
+            lines.append(f"| {name.replace(' | ', ': ')} (pooled labels) | "
+                         + " | ".join(f"{mean[r - 1]:.3f}" for r in shown) + " | - |")
+            continue
+        central = np.mean(results["curves"][f"{name} | centralized"], axis=0)
         gap = 100 * (mean[shown[-1] - 1] - central[shown[-1] - 1])
-        lines.append(f"| {name} | " + " | ".join(f"{mean[r - 1]:.3f}" for r in shown)
-                     + (" | - |" if name == "centralized" else f" | {gap:+.1f} pt |"))
+        lines.append(f"| {name}: federated | " + " | ".join(f"{mean[r - 1]:.3f}" for r in shown) + f" | {gap:+.1f} pt |")
     return "\n".join(lines)
+
+
+def _test_inputs(cfg, ds) -> np.ndarray:
+    from fedal.features import featurizer_for, model_inputs
+
+    return model_inputs(featurizer_for(cfg.features, ds.input_shape, cfg.pipeline), ds.X_test)
 
 
 def main(argv=None) -> dict:
@@ -135,29 +184,37 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     args = parse_args(argv)
     base, _ = load_preset(args.preset)
-    curves: dict[str, list[list[float]]] = {"centralized": []}
+    curves: dict[str, list[list[float]]] = {}
     seconds: dict[str, float] = {}
+    max_prob_difference: dict[str, float] = {}
     total_labels = []
     for seed in args.seeds:
         cfg = FederationConfig.from_mapping({"seed": seed}, base=base)
         ds = federation_dataset(cfg)
-        sets = labeled_sets(cfg, args.labels_per_client, seed)
-        total_labels.append(sum(len(s[1]) for s in sets))
-        t0 = time.perf_counter()
-        curves["centralized"].append(centralized_curve(cfg, sets, args.rounds, ds))
-        seconds[f"centralized-seed{seed}"] = round(time.perf_counter() - t0, 1)
         for name in args.variants:
             vcfg = FederationConfig.from_mapping(VARIANTS[name], base=cfg)
+            sets = labeled_sets(vcfg, args.labels_per_client, seed)  # the same samples in every variant
+            if name == args.variants[0]:
+                total_labels.append(sum(len(s[1]) for s in sets))
             t0 = time.perf_counter()
-            curves.setdefault(name, []).append(federated_curve(vcfg, sets, args.rounds, ds))
+            if vcfg.pipeline == "head":
+                X_test = _test_inputs(vcfg, ds)
+                fed, central, diff = head_curves(vcfg, sets, args.rounds, X_test, ds.y_test)
+                max_prob_difference[f"{name}-seed{seed}"] = diff
+            else:
+                fed = federated_curve(vcfg, sets, args.rounds, ds)
+                central = centralized_curve(vcfg, sets, args.rounds, ds)
+            curves.setdefault(name, []).append(fed)
+            curves.setdefault(f"{name} | centralized", []).append(central)
             seconds[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
-            print(f"seed {seed} {name}: final {curves[name][-1][-1]:.4f} "
-                  f"(centralized {curves['centralized'][-1][-1]:.4f}), {seconds[f'{name}-seed{seed}']:.0f} s", flush=True)
+            print(f"seed {seed} {name}: final {fed[-1]:.4f} (centralized {central[-1]:.4f}), "
+                  f"{seconds[f'{name}-seed{seed}']:.0f} s", flush=True)
     results = {"command": "python -m simulations.bench.fl_gap " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": machine_info(), "args": portable({k: v for k, v in vars(args).items()}),
                "variants": {v: VARIANTS[v] for v in args.variants}, "seeds": args.seeds,
                "labels_per_client": args.labels_per_client, "total_labels": total_labels,
-               "report_rounds": args.report_rounds, "curves": curves, "seconds": seconds}
+               "report_rounds": args.report_rounds, "curves": curves, "seconds": seconds,
+               "max_probability_difference_federated_vs_pooled_head": max_prob_difference}
     text = table(results)
     print(text)
     out = Path(args.out)
