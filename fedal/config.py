@@ -37,6 +37,8 @@ class FederationConfig:
         Folder with ``.npz`` files ("" = ``$FEDAL_DATA_DIR`` or ``./data``).
     max_train : int
         Subsample the training pool to this many samples before partitioning (0 = all).
+    n_classes : int
+        Number of classes of an .npz data set when some are absent from it on purpose (0 = from the labels).
     clients : int
         Number of clients (SuperNodes).
     partition : str
@@ -59,6 +61,12 @@ class FederationConfig:
         statistics with that class (self-training, on the device; 0 = off).
     head_shrinkage : float
         Head pipeline: covariance shrinkage in [0, 1] (-1 = dim / (dim + labels)).
+    head_clip_norm : float
+        Head pipeline: scale every feature vector to at most this L2 norm (0 = off); bounds one sample's share
+        of the statistics, needed by head-dp-noise.
+    head_dp_noise : float
+        Head pipeline: the server adds Gaussian noise of std head-dp-noise x sqrt(1 + C^2 + C^4) (C =
+        head-clip-norm) to every summed statistic before solving the heads (sample-level DP; 0 = none).
     strategy : str
         Query strategy name (see ``fedal strategies``).
     strategy_options : str
@@ -130,6 +138,7 @@ class FederationConfig:
     dataset: str = "digits"
     data_dir: str = ""
     max_train: int = 0
+    n_classes: int = 0
     clients: int = 5
     partition: str = "dirichlet"
     alpha: float = 0.5
@@ -139,6 +148,8 @@ class FederationConfig:
     features: str = "auto"
     pseudo_label_threshold: float = 0.9
     head_shrinkage: float = -1.0
+    head_clip_norm: float = 0.0
+    head_dp_noise: float = 0.0
     strategy: str = "entropy"
     strategy_options: str = ""
     initial_strategy: str = DEFAULT_COLD_START
@@ -225,6 +236,8 @@ class FederationConfig:
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(0 <= self.noise_rate <= 1, f"noise-rate must be in [0, 1], got {self.noise_rate}")
         need(self.max_train >= 0, f"max-train must be >= 0 (0 = all), got {self.max_train}")
+        need(self.n_classes == 0 or self.n_classes >= 2,
+             f"n-classes must be 0 (from the labels) or >= 2, got {self.n_classes}")
         need(self.seed >= 0, f"seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
         need(self.output_dir.strip() != "", "output-dir must not be empty (results, checkpoint and client "
              "databases go there); give a folder such as runs/latest")
@@ -237,6 +250,11 @@ class FederationConfig:
              "clipping norm); set e.g. --dp-clipping-norm 1.0")
         need(self.dp_mode in DP_MODES, f"dp-mode must be one of {DP_MODES}, got {self.dp_mode!r}")
         need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), e.g. 1e-5 (below 1 / clients), got {self.dp_delta}")
+        need(self.head_clip_norm >= 0, f"head-clip-norm must be >= 0 (0 = no clipping), got {self.head_clip_norm}")
+        need(self.head_dp_noise >= 0, f"head-dp-noise must be >= 0, got {self.head_dp_noise}")
+        need(self.head_dp_noise == 0 or (self.head_clip_norm > 0 and self.pipeline == "head"),
+             f"head-dp-noise {self.head_dp_noise} needs pipeline = head and head-clip-norm > 0 (the noise is scaled "
+             "by what one clipped sample can add); set e.g. --head-clip-norm 5")
         if self.pipeline == "head":
             need(self.aggregation == "fedavg", f"aggregation {self.aggregation!r} averages networks; the head pipeline "
                  "sums the clients' statistics instead: leave aggregation = fedavg, or set pipeline = network")

@@ -147,23 +147,38 @@ class PrivacySettings:
 
     @classmethod
     def from_config(cls, cfg) -> "PrivacySettings | None":
-        """The settings of the run ``cfg``; None when differential privacy is off."""
+        """The settings of the run ``cfg``; None when differential privacy is off.
+
+        ``mode`` ``server`` / ``client``: client-level DP of the network updates (``dp-*``);
+        ``statistics``: sample-level DP of the head pipeline's summed statistics (``head-dp-noise``).
+        """
+        sampled = max(int(cfg.clients * cfg.fraction_train), cfg.min_clients)  # as Flower's FedAvg samples
+        if cfg.pipeline == "head" and cfg.head_dp_noise > 0:
+            return cls("statistics", cfg.head_clip_norm, cfg.head_dp_noise, sampled, cfg.clients, cfg.dp_delta, "sum")
         if cfg.dp_clipping_norm <= 0:
             return None
-        sampled = max(int(cfg.clients * cfg.fraction_train), cfg.min_clients)  # as Flower's FedAvg samples
         return cls(cfg.dp_mode, cfg.dp_clipping_norm, cfg.dp_noise_multiplier, sampled, cfg.clients, cfg.dp_delta,
                    cfg.aggregation)
 
     def accounted(self) -> bool:
-        """Whether an epsilon holds: noise is added and the aggregate is a noisy mean."""
-        return self.noise_multiplier > 0 and self.aggregation in ACCOUNTABLE
+        """Whether an epsilon holds: noise is added and the aggregate is a noisy mean (or sum of statistics)."""
+        return self.noise_multiplier > 0 and (self.aggregation in ACCOUNTABLE or self.mode == "statistics")
+
+    def statistics_sensitivity(self) -> float:
+        """L2 change of the summed statistics (count, sums, scatter) when one sample of norm <= C joins:
+        ``sqrt(1 + C^2 + C^4)``."""
+        c = self.clipping_norm
+        return math.sqrt(1.0 + c * c + c ** 4)
 
     def release(self, aggregated: int) -> GaussianPrivacyEvent:
-        """The privacy event of a round that averaged ``aggregated`` of the sampled clients' updates.
+        """The privacy event of a round that aggregated ``aggregated`` of the sampled clients' replies.
 
-        The noise is calibrated for the sampled clients (std ``sigma C / n``), the mean of ``m``
-        updates has sensitivity ``C / m``: the effective multiplier is ``sigma m / n``.
+        Network updates: the noise is calibrated for the sampled clients (std ``sigma C / n``), the
+        mean of ``m`` updates has sensitivity ``C / m``: the effective multiplier is ``sigma m / n``.
+        Statistics: the noise is ``sigma`` times the sensitivity of one sample, whoever holds it.
         """
+        if self.mode == "statistics":
+            return GaussianPrivacyEvent(self.noise_multiplier, max(aggregated, 1), max(self.population, aggregated, 1))
         return GaussianPrivacyEvent(self.noise_multiplier * aggregated / self.sampled_clients, aggregated,
                                     max(self.population, aggregated))
 
@@ -174,6 +189,10 @@ class PrivacySettings:
                   "epsilon": None, "note": ""}
         if self.noise_multiplier <= 0:
             report["note"] = "clipping only, no noise: no differential privacy guarantee"
+        elif self.mode == "statistics":
+            report["epsilon"] = accountant.get_epsilon(self.delta)
+            report["note"] = ("sample-level (epsilon, delta)-DP of the released heads (one labeled or pool sample "
+                              "of any site), Renyi DP accounting")
         elif self.aggregation not in ACCOUNTABLE:
             report["note"] = (f"aggregation {self.aggregation!r} is not a noisy mean of the clipped updates; "
                               f"epsilon is computed for {', '.join(ACCOUNTABLE)} only")

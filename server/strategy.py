@@ -228,7 +228,7 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model) -> BudgetedStra
         reference = {k: tuple(v.shape) for k, v in model.get_state().items()}
     inner = flower_strategy(cfg)
     if isinstance(model, HeadClassifier):
-        inner = StatisticsAggregation(inner, model)
+        inner = StatisticsAggregation(inner, model, book.privacy, book.accountant, seed=cfg.seed)
     elif book.privacy is not None:
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))

@@ -52,6 +52,7 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -
         for s in input_shape:
             dim *= int(s)
         return HeadClassifier(n_classes, dim, shrinkage=None if cfg.head_shrinkage < 0 else cfg.head_shrinkage,
-                              pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed)
+                              pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed,
+                              clip_norm=cfg.head_clip_norm)
     return build_model(input_shape, n_classes, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        min_steps=cfg.min_local_steps, seed=seed)

@@ -60,6 +60,10 @@ class HeadClassifier:
         Self-training confidence threshold (0 = off).
     seed : int
         Seed of the posterior samples (:meth:`sample_probs`).
+    clip_norm : float
+        With > 0, every feature vector is scaled to an L2 norm of at most this before it enters the
+        statistics or is scored, which bounds what one sample adds to the statistics (differential
+        privacy of the summed statistics, :mod:`server.head`).
     """
 
     #: the learner gives :meth:`fit` the unlabeled pool too (self-training)
@@ -68,7 +72,7 @@ class HeadClassifier:
     closed_form: ClassVar[bool] = True
 
     def __init__(self, n_classes: int, dim: int, *, shrinkage: float | None = None,
-                 pseudo_label_threshold: float = 0.0, seed: int = 0) -> None:
+                 pseudo_label_threshold: float = 0.0, seed: int = 0, clip_norm: float = 0.0) -> None:
         if n_classes < 2:
             raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
         if dim < 1:
@@ -79,6 +83,9 @@ class HeadClassifier:
         self.shrinkage = shrinkage
         self.pseudo_label_threshold = float(pseudo_label_threshold)
         self.seed = int(seed)
+        if not clip_norm >= 0:
+            raise ConfigError(f"clip_norm must be >= 0 (0 = no clipping), got {clip_norm}")
+        self.clip_norm = float(clip_norm)
         self.head: LDAHead | None = None  # labels and pseudo-labels: predicts
         self.labeled_head: LDAHead | None = None  # labels only: chooses the pseudo-labels
 
@@ -87,14 +94,16 @@ class HeadClassifier:
                    ) -> tuple[ClassStatistics, ClassStatistics, SelfTraining]:
         """``(labeled, self-trained, what was added)``: statistics of the labeled features ``X`` with labels
         ``y``, and of the ``unlabeled`` rows the labeled head is confident about (self-training)."""
+        X = self._features(X) if len(X) else np.zeros((0, self.dim))
         stats = ClassStatistics.from_samples(X, y, self.n_classes)
         pseudo = ClassStatistics.empty(self.n_classes, self.dim)
         added = SelfTraining(np.zeros(0, np.int64), np.zeros(0, np.int64))
         if (self.pseudo_label_threshold > 0 and self.labeled_head is not None and unlabeled is not None
                 and len(unlabeled)):
+            unlabeled = self._features(unlabeled)
             positions, labels = pseudo_labels(self.labeled_head.probs(unlabeled), self.pseudo_label_threshold)
             if len(positions):
-                pseudo = ClassStatistics.from_samples(np.asarray(unlabeled)[positions], labels, self.n_classes)
+                pseudo = ClassStatistics.from_samples(unlabeled[positions], labels, self.n_classes)
                 added = SelfTraining(positions, labels)
         return stats, pseudo, added
 
@@ -110,11 +119,11 @@ class HeadClassifier:
         keyword arguments (epochs, ...) are ignored: the head is solved, not iterated."""
         if len(y) == 0:
             return float("nan")
-        labeled = ClassStatistics.from_samples(X, y, self.n_classes)
+        labeled = ClassStatistics.from_samples(self._features(X), y, self.n_classes)
         self.labeled_head = LDAHead.from_statistics(labeled, self.shrinkage)
         _, pseudo, _ = self.statistics(X, y, unlabeled)
         self.fit_statistics(labeled, pseudo)
-        return log_loss(self.head.probs(X), y)
+        return log_loss(self.head.probs(self._features(X)), y)
 
     def reset(self, seed: int | None = None) -> None:
         """Forget both heads (``seed``: new seed of the posterior samples)."""
@@ -157,6 +166,9 @@ class HeadClassifier:
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise ConfigError(f"the head takes feature vectors of {self.dim} values, got an array of shape {X.shape}; "
                               "transform the inputs with the run's featurizer (fedal.features)")
+        if self.clip_norm > 0:
+            norms = np.linalg.norm(X, axis=1, keepdims=True)
+            X = X * np.minimum(1.0, self.clip_norm / np.maximum(norms, 1e-300))
         return X
 
     def forward(self, X) -> tuple[np.ndarray, np.ndarray]:
