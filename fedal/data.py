@@ -102,7 +102,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
-                 max_train: int | None = None, max_test: int | None = None) -> Dataset:
+                 max_train: int | None = None, max_test: int | None = None,
+                 n_classes: int | None = None) -> Dataset:
     """Load a data set by name (see :func:`available_datasets`) or by ``.npz`` path.
 
     Parameters
@@ -116,13 +117,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: 
         Seed for the split of bundled sets and for subsampling.
     max_train, max_test : int, optional
         Keep a seeded, class-stratified subsample of at most this many samples.
+    n_classes : int, optional
+        Declared number of classes of an ``.npz`` file (see :func:`load_npz`).
     """
     key = name.strip().lower()
     if key in BUNDLED:
         ds = _load_bundled(key, seed)
     elif key in FILES or key.endswith(".npz"):
         path = _find_file(key, data_dir)
-        ds = load_npz(path, name=key if key in FILES else path.stem)
+        ds = load_npz(path, name=key if key in FILES else path.stem, n_classes=n_classes)
     else:
         raise ConfigError(
             f"unknown data set {name!r}; choose one of {available_datasets()} or pass a path to an .npz file"
@@ -154,9 +157,13 @@ def _find_file(key: str, data_dir) -> Path:
     )
 
 
-def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
+def load_npz(path: str | os.PathLike, name: str | None = None, *, n_classes: int | None = None) -> Dataset:
     """Load a MedMNIST-layout (``{train,val,test}_{images,labels}``) or mnist-layout
     (``x_train, y_train, x_test, y_test``) ``.npz`` file, validating every array.
+
+    Labels must be ``0 .. K-1`` with every class present in the training split (or below a
+    declared ``n_classes``), the test split must hold no class the training split lacks, and
+    images must be finite.
 
     Parameters
     ----------
@@ -164,6 +171,8 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
         The ``.npz`` file.
     name : str, optional
         Data set name (picks the class names); default the file's stem.
+    n_classes : int, optional
+        The number of classes, when some may be absent from the file (labels must be below it).
     """
     path = Path(path)
     arrays = read_npz(path, what="data file")
@@ -186,13 +195,55 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
             raise DataFileError(f"data file {path}: the {what} split is empty; the file is incomplete, download it again")
     if Xtr.shape[1:] != Xte.shape[1:]:
         raise DataFileError(f"data file {path}: train images {Xtr.shape[1:]} and test images {Xte.shape[1:]} differ")
-    n_classes = int(max(ytr.max(), yte.max())) + 1
+    n_classes = check_classes(ytr, yte, path, keys[1], keys[3], n_classes)
     name = name or path.stem
     base = name.replace("_balanced", "")
     names = MEDMNIST_CLASSES.get(base, [str(c) for c in range(n_classes)])
     if len(names) != n_classes:
         names = [str(c) for c in range(n_classes)]
     return Dataset(base, Xtr, ytr, Xte, yte, n_classes, names, kind="image")
+
+
+def check_classes(y_train: np.ndarray, y_test: np.ndarray, path, train_key: str, test_key: str,
+                  n_classes: int | None = None) -> int:
+    """The number of classes of a file's labels, after checking they can be classes.
+
+    Parameters
+    ----------
+    y_train, y_test : arrays of int
+        The labels of the two splits.
+    path : path
+        The file (for the messages).
+    train_key, test_key : str
+        The arrays' names in the file.
+    n_classes : int, optional
+        A declared number of classes (labels must lie below it; classes may be absent).
+
+    Raises
+    ------
+    DataFileError
+        Naming what is wrong and the fix.
+    """
+    present = np.unique(y_train)
+    if n_classes is not None:
+        too_big = np.unique(np.concatenate([y_train, y_test]))
+        too_big = too_big[too_big >= n_classes]
+        if len(too_big):
+            raise DataFileError(f"data file {path}: labels {too_big[:5].tolist()} are not below the declared "
+                                f"n-classes {n_classes}")
+        return int(n_classes)
+    count = int(present.max()) + 1
+    missing = np.setdiff1d(np.arange(count), present)
+    if len(missing):
+        raise DataFileError(
+            f"data file {path}: {train_key} uses class ids up to {count - 1} but {len(missing)} of them never occur "
+            f"(e.g. {missing[:5].tolist()}); labels must be 0..K-1 with every class present. Fix the labels, or "
+            "declare the number of classes with --n-classes if some are absent on purpose")
+    unseen = np.setdiff1d(np.unique(y_test), present)
+    if len(unseen):
+        raise DataFileError(f"data file {path}: {test_key} holds classes {unseen[:5].tolist()} that {train_key} lacks; "
+                            "no model can learn them. Remove them from the test split, or declare --n-classes")
+    return count
 
 
 def _images(a: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -209,6 +260,11 @@ def _images(a: np.ndarray, path: Path, key: str) -> np.ndarray:
             f"data file {path}: {key} images are {a.shape[-2]}x{a.shape[-1]}; fedal's CNN takes 28x28 "
             "(use the 28x28 MedMNIST release)"
         )
+    if np.issubdtype(a.dtype, np.floating):
+        bad = ~np.isfinite(a).reshape(len(a), -1).all(axis=1)
+        if bad.any():
+            raise DataFileError(f"data file {path}: {int(bad.sum())} image(s) of {key} hold NaN or Inf (the first is "
+                                f"image {int(np.argmax(bad))}); fix or drop them")
     scale = 255.0 if a.dtype == np.uint8 or a.max() > 1.0 else 1.0
     return np.ascontiguousarray(a, dtype=np.float32) / np.float32(scale)
 

@@ -18,25 +18,25 @@ from fedal.seeds import client_seed
 
 
 @lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str, seed: int, max_train: int) -> Dataset:
-    return load_dataset(name, data_dir or None, seed=seed, max_train=max_train or None)
+def _dataset(name: str, data_dir: str, seed: int, max_train: int, n_classes: int = 0) -> Dataset:
+    return load_dataset(name, data_dir or None, seed=seed, max_train=max_train or None, n_classes=n_classes or None)
 
 
 def federation_dataset(cfg: FederationConfig) -> Dataset:
     """The data set of the run ``cfg`` (cached per process)."""
-    return _dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train)
+    return _dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.n_classes)
 
 
 @lru_cache(maxsize=4)
-def _parts(name, data_dir, seed, max_train, clients, method, alpha, k) -> tuple[np.ndarray, ...]:
-    ds = _dataset(name, data_dir, seed, max_train)
+def _parts(name, data_dir, seed, max_train, clients, method, alpha, k, n_classes=0) -> tuple[np.ndarray, ...]:
+    ds = _dataset(name, data_dir, seed, max_train, n_classes)
     return tuple(partition(ds.y_train, clients, method, alpha=alpha, classes_per_client=k, seed=seed, min_size=4))
 
 
 def client_parts(cfg: FederationConfig) -> list[np.ndarray]:
     """Training-set indices of every client of the run ``cfg``."""
     return list(_parts(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.clients, cfg.partition,
-                       cfg.alpha, cfg.classes_per_client))
+                       cfg.alpha, cfg.classes_per_client, cfg.n_classes))
 
 
 def client_data(cfg: FederationConfig, client_id: int) -> LocalData:

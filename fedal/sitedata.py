@@ -116,6 +116,10 @@ def _inputs(a: np.ndarray, kind: str, path: Path, key: str) -> np.ndarray:
         raise DataFileError(f"site data file {path}: {key} has shape {a.shape}; table rows must be (N, features)")
     if not np.issubdtype(a.dtype, np.number):
         raise DataFileError(f"site data file {path}: {key} must be numeric, got {a.dtype}")
+    bad = ~np.isfinite(a).all(axis=1)
+    if bad.any():
+        raise DataFileError(f"site data file {path}: {int(bad.sum())} row(s) of {key} hold NaN or Inf (the first is "
+                            f"row {int(np.argmax(bad))}); fix or drop them")
     return np.ascontiguousarray(a, dtype=np.float32)
 
 

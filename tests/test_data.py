@@ -267,3 +267,19 @@ def test_data_dir_fixture_skips_locally_and_fails_under_ci(tmp_path, ci, outcome
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert outcome in proc.stdout, proc.stdout
     assert "bloodmnist.npz" in proc.stdout and DATA_DIR_ENV in proc.stdout  # the reason says what to do
+
+
+def test_class_ids_must_be_a_full_range_unless_a_class_count_is_declared(tmp_path):
+    from fedal.data import load_npz
+    from fedal.exceptions import DataFileError
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "gap.npz"
+    np.savez(path, train_images=rng.integers(0, 255, (30, 28, 28), dtype=np.uint8),
+             train_labels=np.array([0, 1, 3] * 10)[:, None],
+             test_images=rng.integers(0, 255, (6, 28, 28), dtype=np.uint8), test_labels=np.array([0, 1, 3] * 2)[:, None])
+    with pytest.raises(DataFileError, match=r"1 of them never occur \(e.g. \[2\]\).*--n-classes"):
+        load_npz(path)
+    assert load_npz(path, n_classes=4).n_classes == 4
+    with pytest.raises(DataFileError, match="not below the declared n-classes 3"):
+        load_npz(path, n_classes=3)

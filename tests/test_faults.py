@@ -735,6 +735,12 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
         "labels out of range": (["--dataset", str(_write_npz(folder / "neg.npz",
                                                              train_labels=np.full((60, 1), -1)))],
                                 "non-negative integer class labels"),
+        "one huge label": (["--dataset", str(_write_npz(folder / "huge.npz", train_labels=np.r_[
+            np.arange(59) % 3, [100000]][:, None]))], "99997 of them never occur"),
+        "test classes missing from training": (["--dataset", str(_write_npz(folder / "unseen.npz", train_labels=np.r_[
+            np.arange(60) % 2][:, None], test_labels=np.r_[np.arange(12) % 3][:, None]))], "classes [2] that"),
+        "a NaN pixel": (["--dataset", str(_write_npz(folder / "nan.npz", train_images=np.where(
+            np.arange(60 * 28 * 28).reshape(60, 28, 28) == 5 * 784 + 3, np.nan, 0.5)))], "image 5"),
         "non-integer labels": (["--dataset", str(_write_npz(folder / "float.npz",
                                                             train_labels=np.full((60, 1), 0.5)))],
                                "non-negative integer class labels"),
@@ -773,6 +779,7 @@ def bad_input_dir(tmp_path_factory):
 
 BAD_CASES = (
     "missing data file", "truncated data file", "malformed data file", "wrong image shape", "labels out of range",
+    "one huge label", "test classes missing from training", "a NaN pixel",
     "non-integer labels", "empty training split", "empty client pool", "initial labels larger than a pool",
     "budget larger than the pool", "negative budget", "unknown strategy", "wrong type", "out-of-range value",
     "noise without clipping", "unknown dp mode", "broken config file", "resume without checkpoint",
