@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from clients.images import to_png
-from fedal.exceptions import ConfigError, FedalError, InvalidLabelError, UnknownSampleError
+from fedal.exceptions import ConfigError, FedalError, InvalidLabelError, SampleStateError, UnknownSampleError
 from fedal.data import LocalData
 from fedal.pool import PENDING, Pool
 
@@ -143,7 +143,7 @@ class LabelingService:
 
     def answer(self, sample_id: object, label: object) -> dict:
         """Record ``label`` for the pending sample ``sample_id`` (committed before this returns)."""
-        sample_id = _int_field("sample_id", sample_id)
+        sample_id = _int_field("sample_id", sample_id, len(self.pool))
         if isinstance(label, bool) or not isinstance(label, int):
             raise LabelingError(HTTPStatus.BAD_REQUEST, f"label must be an integer class 0..{self.pool.n_classes - 1}, "
                                                         f"got {label!r}")
@@ -154,23 +154,34 @@ class LabelingService:
         with self.lock:
             self._check_known(sample_id)
             req = self._pending_request(sample_id)
-            self.pool.answer({sample_id: label}, source=self.source, round=req["round"])
+            try:
+                self.pool.answer({sample_id: label}, source=self.source, round=req["round"])
+            except SampleStateError:  # another page (a second `fedal label`) answered it first
+                raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} was answered a moment ago on another "
+                                                         "page; reload for the current requests") from None
         return {"recorded": True, "sample_id": sample_id, "label": label, "class": self.data.class_names[label],
                 "round": req["round"]}
 
     def unsure(self, sample_id: object) -> dict:
         """Close the pending request of ``sample_id`` as skipped ("unsure"): the sample goes back to the pool."""
-        sample_id = _int_field("sample_id", sample_id)
+        sample_id = _int_field("sample_id", sample_id, len(self.pool))
         with self.lock:
             self._check_known(sample_id)
             self._pending_request(sample_id)
-            self.pool.release([sample_id], status="skipped", note=f"unsure ({self.source})")
+            try:
+                self.pool.release([sample_id], status="skipped", note=f"unsure ({self.source})")
+            except SampleStateError:
+                raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} was answered a moment ago on another "
+                                                         "page; reload for the current requests") from None
         return {"released": True, "sample_id": sample_id}
 
 
-def _int_field(name: str, value: object) -> int:
+def _int_field(name: str, value: object, size: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise LabelingError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer, got {value!r}")
+        raise LabelingError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer, got {str(value)[:40]!r}")
+    if not 0 <= value < size:  # also keeps ids the database cannot hold (10**30) away from SQLite
+        raise LabelingError(HTTPStatus.BAD_REQUEST, f"{name} must be a sample of this site, 0..{size - 1}, "
+                                                    f"got {str(value)[:40]}")
     return value
 
 
@@ -248,7 +259,7 @@ def make_handler(service: LabelingService, token: str) -> type[BaseHTTPRequestHa
                 raise LabelingError(HTTPStatus.BAD_REQUEST, f"send a JSON body of at most {MAX_BODY} bytes")
             try:
                 body = json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # 4 kB of "[" nests too deep
                 raise LabelingError(HTTPStatus.BAD_REQUEST, "the body is not JSON; send {\"sample_id\": N, \"label\": C}") from None
             if not isinstance(body, dict):
                 raise LabelingError(HTTPStatus.BAD_REQUEST, "send a JSON object {\"sample_id\": N, \"label\": C}")
@@ -301,6 +312,8 @@ class LabelingServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    #: connections waiting to be accepted: a team answering at once must not be reset (the default is 5)
+    request_queue_size = 128
 
     def __init__(self, service: LabelingService, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  allow_remote: bool = False, certfile: str | None = None, keyfile: str | None = None) -> None:

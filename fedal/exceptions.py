@@ -21,6 +21,10 @@ class UnknownStrategyError(FedalError, KeyError):
         return str(self.args[0])
 
 
+class SampleStateError(ConfigError):
+    """A sample is not in the state an action needs (e.g. answered twice: someone else was first)."""
+
+
 class InvalidLabelError(FedalError, ValueError):
     """An oracle answered with a label outside the known classes."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedal.exceptions import ConfigError, InvalidLabelError, UnknownSampleError
+from fedal.exceptions import SampleStateError, ConfigError, InvalidLabelError, UnknownSampleError
 
 UNLABELED, PENDING, LABELED = "unlabeled", "pending", "labeled"
 
@@ -209,7 +209,7 @@ class Pool:
             raise UnknownSampleError(f"cannot {action}: sample ids {unknown[:10]} are not in this pool")
         wrong = [i for i in ids if rows[i] != state]
         if wrong:
-            raise ConfigError(
+            raise SampleStateError(
                 f"cannot {action}: samples {wrong[:10]} are {rows[wrong[0]]}, not {state}"
             )
 

@@ -102,7 +102,8 @@ def test_answer_is_in_the_database_when_the_reply_arrives(page, site):
     ({"sample_id": 0, "label": 2.5}, 400, "label must be an integer class 0..9"),
     ({"sample_id": 0, "label": True}, 400, "label must be an integer class 0..9"),
     ({"sample_id": 0, "label": "cat"}, 400, "label must be an integer class 0..9"),
-    ({"sample_id": 99999, "label": 1}, 400, "not in this pool"),
+    ({"sample_id": 99999, "label": 1}, 400, "must be a sample of this site"),
+    ({"sample_id": 10**30, "label": 1}, 400, "must be a sample of this site"),  # was an OverflowError in SQLite
 ])
 def test_invalid_answers_get_400_with_a_message(page, body, status, message):
     pending = http(base(page) + "api/state", token=page.token)[1]["pending"]
@@ -125,6 +126,47 @@ def test_malformed_bodies_and_stale_samples(page):
     unlabeled = next(i for i in range(100) if i not in {p["sample_id"] for p in pending})
     status, reply = http(base(page) + "api/answer", token=page.token, body={"sample_id": unlabeled, "label": 2})
     assert status == 409 and "not waiting for a label" in reply["error"]
+
+
+def test_deeply_nested_json_is_a_400_not_a_dropped_connection(page):
+    status, reply = http(base(page) + "api/answer", token=page.token, body=b"[" * 4000)
+    assert status == 400 and "not JSON" in reply["error"]
+
+
+def test_twenty_people_answering_one_sample_at_once_get_one_200_and_409s_no_reset(page):
+    import threading
+
+    sid = http(base(page) + "api/state", token=page.token)[1]["pending"][0]["sample_id"]
+    statuses, barrier = [], threading.Barrier(20)
+
+    def answer(label):
+        barrier.wait()
+        try:
+            statuses.append(http(base(page) + "api/answer", token=page.token, body={"sample_id": sid, "label": label})[0])
+        except OSError as exc:  # a reset connection
+            statuses.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=answer, args=(i % 10,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(statuses, key=str) == [200] + [409] * 19
+
+
+def test_two_pages_on_one_database_answer_a_sample_once_and_the_second_gets_409(site):
+    first = open_labeling(site["state-dir"], 0, site["data-path"], labeler="a")
+    second = open_labeling(site["state-dir"], 0, site["data-path"], labeler="b")
+    with serving(first), serving(second):
+        sid = http(base(first) + "api/state", token=first.token)[1]["pending"][0]["sample_id"]
+        # the second page checked the sample while it was pending, then the first page answered it
+        second.service._pending_request(sid)
+        assert http(base(first) + "api/answer", token=first.token, body={"sample_id": sid, "label": 1})[0] == 200
+        original = second.service._pending_request
+        second.service._pending_request = lambda s: {"round": 0}  # the race: its check passed before
+        status, reply = http(base(second) + "api/answer", token=second.token, body={"sample_id": sid, "label": 2})
+        second.service._pending_request = original
+        assert status == 409 and "another page" in reply["error"]
 
 
 def test_unsure_hands_the_sample_back(page):
