@@ -134,7 +134,7 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
         raise ExchangeError(f"answer file {path} does not exist") from None
     except UnicodeDecodeError:
         raise ExchangeError(f"answer file {path} is not UTF-8 text; save it as CSV (UTF-8)") from None
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in ("request_id", "sample_id", "label") if c not in columns]
     if missing:
@@ -218,6 +218,16 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
                             f"{listed}{more}")
     recorded = pool.answer(answers, source=source, round=rounds) if answers else 0
     return ImportResult(recorded, unanswered, repeated)
+
+
+def _delimiter(text: str) -> str:
+    """The CSV's separator: a comma, or the semicolon (or tab) some spreadsheet locales save with,
+    told by which one splits the header into the exported columns."""
+    header = text.splitlines()[0] if text else ""
+    for sep in (",", ";", "\t"):
+        if {"request_id", "sample_id", "label"} <= {c.strip() for c in header.split(sep)}:
+            return sep
+    return ","
 
 
 # --------------------------------------------------------------- fedal exchange

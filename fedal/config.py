@@ -7,6 +7,7 @@ field names written in kebab-case (``round-budget``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -121,6 +122,8 @@ class FederationConfig:
         Client databases ("" = ``<output_dir>/clients``); a node config may override it.
     resume : bool
         Continue from the checkpoint in ``output_dir`` (model, round, budget ledger).
+    overwrite : bool
+        Replace a previous run found in ``output_dir`` (without it, or resume, a run there is refused).
     local_model_epochs : int
         Epochs of the client's local model for federated-aware strategies (logo, kafal); 0 = local-epochs.
     query_timeout : float
@@ -177,6 +180,7 @@ class FederationConfig:
     output_dir: str = "runs/latest"
     state_dir: str = ""
     resume: bool = False
+    overwrite: bool = False
     local_model_epochs: int = 0
     query_timeout: float = 0.0
     dp_clipping_norm: float = 0.0
@@ -208,7 +212,11 @@ class FederationConfig:
         need(self.head_shrinkage == -1 or 0 <= self.head_shrinkage <= 1,
              f"head-shrinkage must be in [0, 1], or -1 for dim / (dim + labels), got {self.head_shrinkage}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
-        need(self.alpha > 0, f"alpha must be > 0 (try 0.1 for strong skew, 100 for near-IID), got {self.alpha}")
+        need(self.alpha > 0 and math.isfinite(self.alpha),
+             f"alpha must be a finite number > 0 (try 0.1 for strong skew, 100 for near-IID; partition = iid for "
+             f"identical clients), got {self.alpha}")
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other: continue the run in "
+             "output-dir, or replace it")
         need(self.classes_per_client >= 1, f"classes-per-client must be >= 1, got {self.classes_per_client}")
         need(0 <= self.local_test_fraction < 1, f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
         self.query_strategy()

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedal.budget import BudgetCoordinator
 from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError, FedalError
 from fedal.features import featurizer_for, model_inputs
 from fedal.federation import federation_dataset
 from fedal.flower import protocol
@@ -33,6 +34,10 @@ log = logging.getLogger("fedal.server")
 ROUND_HOOKS: list = []
 #: seconds to wait for the run's SuperNodes to register before checking their number
 NODE_WAIT_S = 15.0
+
+
+class FederationFailed(FedalError, RuntimeError):
+    """No client took part in any round: the run has no result (the reasons are in the message)."""
 
 
 def connected_nodes(grid: Grid, want: int, wait_s: float | None = None) -> int:
@@ -78,6 +83,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
     recorder = RunRecorder(cfg.output_dir, cfg.to_run_config())
     state = model.get_state()
     start_round = 1
+    if not cfg.resume and not cfg.overwrite and (recorder.out / "results.json").is_file():
+        raise ConfigError(f"output-dir {recorder.out} holds another run's results; set resume = true to continue it, "
+                          "overwrite = true to replace it, or another output-dir (e.g. --run-config "
+                          "\"output-dir='runs/flwr-1'\")")
     if cfg.resume:
         ckpt = recorder.load_checkpoint()
         if ckpt is not None:
@@ -91,6 +100,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         log.warning("the run config says clients=%d but %d SuperNodes are connected; with `flwr run`, pass "
                     "--federation-config \"num-supernodes=%d\" (the budget is split among the nodes present)",
                     cfg.clients, nodes, cfg.clients)
+    heard = False  # did any client reply with a usable report?
     for server_round in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
         query = cfg.is_query_round(server_round)
@@ -125,4 +135,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         if on_round is not None:
             on_round(row)
         log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)
+        if rlog.reports:
+            heard = True
+    if not heard and cfg.rounds >= start_round:
+        reasons = sorted({e.reason for r in book.rounds.values() for e in r.events})
+        raise FederationFailed(f"every client failed every round ({len(book.rounds)} rounds); the clients said: "
+                               + "; ".join(reasons[:3]))
     return recorder

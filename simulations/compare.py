@@ -264,7 +264,8 @@ def run_config(base: FederationConfig, strategy: str, seed: int, out: Path,
     """
     options = (strategy_options or {}).get(strategy, base.strategy_options if strategy == base.strategy else "")
     return base.replace(strategy=strategy, strategy_options=options, seed=seed,
-                        output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), state_dir="", resume=False)
+                        output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), state_dir="", resume=False,
+                        overwrite=True)  # its own run folder: an unfinished run there is redone
 
 
 def finished_rounds(cfg: FederationConfig) -> list[dict] | None:

@@ -51,12 +51,39 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
     return FederationConfig.from_mapping(flags, base=base)
 
 
+#: settings a resumed run may change (everything else must be what the checkpoint's run had)
+RESUMABLE = ("rounds", "resume", "overwrite", "round-timeout", "min-clients")
+
+
+def previous_run(cfg: FederationConfig) -> list[str]:
+    """What of another run is in ``cfg``'s output folder (results, checkpoint, client databases)."""
+    out = Path(cfg.output_dir)
+    found = [name for name in ("results.json", "checkpoint/state.json") if (out / name).is_file()]
+    if any(p.is_file() for p in cfg.client_state_dir.glob("client-*.db")):
+        found.append(f"client databases in {cfg.client_state_dir}")
+    return found
+
+
 def _prepare_output(cfg: FederationConfig) -> Path:
+    """Check that the run may use ``cfg.output_dir`` and clear a run it replaces; before Ray starts."""
     out = Path(cfg.output_dir)
     if cfg.resume:
-        if not (out / "checkpoint" / "state.json").is_file():
+        state = out / "checkpoint" / "state.json"
+        if not state.is_file():
             raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start a new run")
+        saved = json.loads(state.read_text())["results"]["config"]
+        now = json.loads(json.dumps(cfg.to_run_config()))
+        changed = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]]
+        if changed:
+            listed = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:6])
+            raise ConfigError(f"--resume continues the run in {out}, but these settings differ from it: {listed}; "
+                              "give the run's own settings (only rounds, round-timeout and min-clients may change), "
+                              "or start a new run without --resume")
         return out
+    found = previous_run(cfg)
+    if found and not cfg.overwrite:
+        raise ConfigError(f"{out} holds another run ({', '.join(found)}); pass --resume to continue it, "
+                          "--overwrite to replace it, or --output-dir for a new folder")
     for name in ("results.json", "results.csv", "curve.png"):
         if (out / name).is_file():
             (out / name).unlink()
@@ -94,7 +121,9 @@ def run_simulate(args: argparse.Namespace) -> int:
           f"{cfg.clients} clients, {cfg.partition}"
           + (f"(alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
           + f", strategy {cfg.strategy}, budget {cfg.round_budget}/round ({cfg.budget_policy}), "
-          f"{cfg.rounds} rounds, {cfg.aggregation}")
+          f"{cfg.rounds} rounds, "
+          + ("head pipeline (fixed features, summed LDA statistics)" if cfg.pipeline == "head"
+             else f"network pipeline ({cfg.aggregation})"))
     print("per-client class counts (training pool + local test):")
     print(table)
     start = time.perf_counter()

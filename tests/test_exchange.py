@@ -85,6 +85,20 @@ def test_import_records_filled_rows_and_leaves_blank_ones_pending(pool_with_requ
     assert sorted(p.name for p in (tmp_path / "x" / "images").iterdir()) == ["sample-5.png", "sample-7.png"]
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_semicolon_or_tab_separated_file_from_a_spreadsheet_is_read(pool_with_requests, tmp_path, sep):
+    pool, data = pool_with_requests
+    rows = read_rows(export_requests(pool, data, tmp_path / "x"))
+    rows[0]["label"] = "2"
+    path = tmp_path / "excel.csv"
+    with open(path, "w", newline="") as fh:  # as Excel writes CSV in locales with a decimal comma
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter=sep)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert import_answers(pool, path).recorded == 1
+    assert pool.label_records()[0]["label"] == 2
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda rows: rows[0].update(label="9"), "outside the 4 known classes"),
     (lambda rows: rows[0].update(label="two"), "is not an integer class"),

@@ -134,6 +134,46 @@ def chaos(tmp_path_factory):
                 rows={r["round"]: r for r in results["rounds"]}, events=results["events"])
 
 
+def test_a_run_in_which_every_client_failed_every_round_fails_and_says_why(tmp_path):
+    from simulations.engine import run_in_simulation
+
+    cfg = small_cfg(tmp_path / "out", clients=2, rounds=2, round_timeout=ROUND_TIMEOUT)
+    write_plan(cfg.output_dir, {c: {r: "crash" for r in (1, 2)} for c in range(2)})
+    TALLY.injected += 4
+    with pytest.raises(RuntimeError, match=r"every client failed every round.*died in round 1"):
+        run_in_simulation(cfg, cpus=2, client_app=fault_client_app())
+    TALLY.finished += 1
+
+
+def test_a_run_refuses_an_output_folder_holding_another_run(tmp_path, capsys):
+    from simulations.cli import main
+
+    out = tmp_path / "out"
+    (out / "clients").mkdir(parents=True)
+    (out / "results.json").write_text('{"rounds": []}')
+    (out / "clients" / "client-0.db").write_bytes(b"another run's labels")
+    before = _tree(out)
+    TALLY.injected += 1
+    assert main(["simulate", "--output-dir", str(out), "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "--resume" in err and "--overwrite" in err
+    assert _tree(out) == before  # nothing of the other run was touched
+    TALLY.finished += 1
+
+
+def test_resume_with_other_settings_is_refused_before_ray_starts(tmp_path, capsys):
+    from simulations.cli import main
+
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    cfg = small_cfg(out)
+    (out / "checkpoint" / "state.json").write_text(json.dumps({"round": 1, "results": {"config": cfg.to_run_config()}}))
+    start = time.perf_counter()
+    assert main(["simulate", "--output-dir", str(out), "--resume", "--alpha", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "alpha 0.5 -> 0.3" in err and time.perf_counter() - start < 20
+
+
 def test_every_planned_fault_fired_and_all_rounds_finished(chaos):
     fired = {(f["client"], f["round"], f["fault"]) for f in chaos["fired"]}
     planned = {(c, r, f) for c, rounds in CHAOS_PLAN.items() for r, f in rounds.items()}
@@ -761,6 +801,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
         "unknown dp mode": (["--dp-mode", "local"], "dp-mode must be one of"),
         "broken config file": (["--config", str(toml)], "is not valid TOML"),
         "resume without checkpoint": (["--resume"], "no checkpoint"),
+        "infinite alpha": (["--alpha", "inf"], "alpha must be a finite number > 0"),
     }
 
 
@@ -782,7 +823,7 @@ BAD_CASES = (
     "one huge label", "test classes missing from training", "a NaN pixel",
     "non-integer labels", "empty training split", "empty client pool", "initial labels larger than a pool",
     "budget larger than the pool", "negative budget", "unknown strategy", "wrong type", "out-of-range value",
-    "noise without clipping", "unknown dp mode", "broken config file", "resume without checkpoint",
+    "noise without clipping", "unknown dp mode", "broken config file", "resume without checkpoint", "infinite alpha",
 )
 
 
