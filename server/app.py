@@ -130,8 +130,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         privacy = book.privacy_report()
         if privacy is not None:
             row["privacy"] = privacy
-        recorder.add_round(row)
-        recorder.save_checkpoint(server_round, model.get_state(), book.state_dict())
+        recorder.add_round(row, checkpoint=(model.get_state(), book.state_dict()))
         if on_round is not None:
             on_round(row)
         log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)

@@ -47,9 +47,16 @@ class RunRecorder:
         self.rounds: list[dict] = []
         self.events: list[dict] = []
 
-    def add_round(self, row: dict) -> None:
-        """Append a round (``round``, ``labels``, ``accuracy``, ``clients`` ...) and rewrite the files."""
+    def add_round(self, row: dict, checkpoint: tuple[dict, dict] | None = None) -> None:
+        """Append a round (``round``, ``labels``, ``accuracy``, ``clients`` ...) and rewrite the files.
+
+        ``checkpoint = (model weights, server state)`` is saved first: a run killed between the two
+        writes has results that never claim a round its checkpoint lacks (resume takes the results
+        from the checkpoint).
+        """
         self.rounds.append(row)
+        if checkpoint is not None:
+            self.save_checkpoint(row["round"], *checkpoint)
         self.write()
 
     def add_event(self, server_round: int, kind: str, detail: str) -> None:

@@ -877,3 +877,57 @@ def test_updates_are_aggregated_in_client_order_whatever_order_they_arrive(flowe
         arrays, _ = strategy.aggregate_train(1, [replies[n] for n in order])
         results.append(_flat(protocol.state_from_record(arrays)))
     assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+# ============================================== 7. SIGKILL of the whole command, then --resume
+def _budget_rows(db_path) -> dict[int, tuple[int, int]]:
+    return {r: (a, s) for r, a, s in db_rows(db_path, "SELECT round, assigned, spent FROM budgets")}
+
+
+@pytest.mark.slow
+def test_a_killed_simulation_resumes_without_overspending_and_its_files_agree(tmp_path):
+    """SIGKILL of `fedal simulate` (and everything it started) mid-run, then --resume: results never
+    ahead of the checkpoint, no round asks more labels than its budget, every spend within its share."""
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "3", "--min-clients", "3",
+            "--rounds", "6", "--round-budget", "50", "--initial-labels", "10", "--output-dir", str(out)]
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["round"] >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        TALLY.injected += 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    checkpointed = json.loads(state.read_text())["round"]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rounds"]) <= checkpointed  # the results never claim a round the checkpoint lacks
+    resumed = subprocess.run(args + ["--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4, 5, 6]
+    ledger = json.loads(state.read_text())["budget"]["ledger"]
+    for row in ledger:
+        assert row["spent"] is None or row["spent"] <= row["assigned"], row
+    by_round: dict[int, int] = {}
+    for row in ledger:
+        by_round[row["round"]] = by_round.get(row["round"], 0) + row["assigned"]
+    assert all(total == 50 for total in by_round.values()), by_round  # no failure: no carry, exactly the budget
+    for r in results["rounds"]:
+        for c in r["clients"].values():
+            assert c["queried"] <= c["budget"], r  # the re-run round asked nothing twice
+    for client in range(3):
+        for server_round, (assigned, spent) in _budget_rows(out / "clients" / f"client-{client}.db").items():
+            assert spent is None or spent <= assigned, (client, server_round, assigned, spent)
+    TALLY.finished += 1

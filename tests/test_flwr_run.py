@@ -72,6 +72,21 @@ def test_flwr_run_completes_writes_results_and_stops_the_superlink(tmp_path):
     assert not Path(home).exists()
 
 
+@pytest.mark.slow
+def test_a_run_over_another_runs_folder_fails_and_leaves_it_alone(tmp_path):
+    """After `make demo`, flwr run with the default output-dir reused the demo's client databases, failed
+    on every client and still said `finished:completed` with exit 0, overwriting the demo's results."""
+    out = tmp_path / "latest"
+    out.mkdir()
+    (out / "results.json").write_text('{"demo": "results"}')
+    result = run_script("--run-config", f"rounds=2 clients=2 min-clients=2 output-dir='{out}'")
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log[-3000:]
+    assert "finished:completed" not in result.stdout
+    assert "holds another run's results" in log, log[-3000:]
+    assert (out / "results.json").read_text() == '{"demo": "results"}'
+
+
 def test_supernode_count_must_match_the_runs_clients():
     result = run_script("--num-supernodes", "2", "--run-config", "clients=3", timeout=120)
     assert result.returncode == 2
