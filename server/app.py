@@ -10,6 +10,7 @@ checkpoint (model, round, the book's state).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from flwr.app import ConfigRecord, Context
@@ -32,6 +33,9 @@ app = ServerApp()
 log = logging.getLogger("fedal.server")
 #: callables run with each round's result row (``fedal simulate`` shows progress with it)
 ROUND_HOOKS: list = []
+#: set (by ``fedal simulate``'s Ctrl-C) to stop after the last finished round: the round under way is
+#: abandoned, not recorded, so a resumed run does it again (the clients' side of a round is idempotent)
+STOP_REQUESTED = threading.Event()
 #: seconds to wait for the run's SuperNodes to register before checking their number
 NODE_WAIT_S = 15.0
 
@@ -102,6 +106,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                     cfg.clients, nodes, cfg.clients)
     heard = False  # did any client reply with a usable report?
     for server_round in range(start_round, cfg.rounds + 1):
+        if STOP_REQUESTED.is_set():
+            log.warning("stopped before round %d; the checkpoint holds round %d", server_round, server_round - 1)
+            break
         t0 = time.perf_counter()
         query = cfg.is_query_round(server_round)
         if cfg.reinit and query:
@@ -111,6 +118,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                                         timeout=cfg.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if STOP_REQUESTED.is_set():  # interrupted during the round: its replies may be cut short
+            log.warning("stopped during round %d; it is not recorded (resume does it again)", server_round)
+            break
         if new_arrays is not None:
             arrays = new_arrays
         # evaluate: the clients' local test sets, then the server's test set
@@ -136,7 +146,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)
         if rlog.reports:
             heard = True
-    if not heard and cfg.rounds >= start_round:
+    if not heard and cfg.rounds >= start_round and not STOP_REQUESTED.is_set():
         reasons = sorted({e.reason for r in book.rounds.values() for e in r.events})
         raise FederationFailed(f"every client failed every round ({len(book.rounds)} rounds); the clients said: "
                                + "; ".join(reasons[:3]))

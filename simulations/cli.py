@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"fedal {name}", description=command.help)
     command.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    args.argv = argv  # the command as typed (what to run again, e.g. with --resume)
     try:
         return int(command.run(args) or 0)
     except FedalError as exc:

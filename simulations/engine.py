@@ -33,6 +33,67 @@ def app_pyproject(cfg: FederationConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _in_session(proc: Path, tag: str) -> bool:
+    """Whether the process ``proc`` (a /proc entry) belongs to the Ray session whose name ends in ``tag``:
+    its command line names the session, or one of its open files lies in it (Ray's agents rename their
+    command line to ``ray::...`` but keep their logs open)."""
+    try:
+        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        if "/ray/session_" in cmd and tag in cmd:
+            return True
+        for fd in (proc / "fd").iterdir():
+            target = os.readlink(fd)
+            if "/ray/session_" in target and tag in target:
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def clean_orphaned_ray(registry: Path | None = None) -> list[int]:
+    """Stop the Ray processes a killed fedal run left behind; return their process ids.
+
+    Ray names its session after the process that started it (``session_<time>_<pid>``). Each
+    simulation records its own pid in ``registry`` (default ``<cache>/ray-drivers``) and removes
+    it when it ends; a pid still recorded but no longer running was killed (SIGKILL skips every
+    cleanup), and the processes of its Ray session (named on their command line or in their open
+    files) are stopped. Ray clusters that fedal did not start are never touched.
+    """
+    import signal
+
+    from fedal.features import cache_dir
+
+    registry = registry or cache_dir() / "ray-drivers"
+    if not registry.is_dir():
+        return []
+    stopped = []
+    for marker in registry.iterdir():
+        if not marker.name.isdigit() or _alive(int(marker.name)):
+            continue
+        tag = f"_{marker.name}/"
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _in_session(entry, tag):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    stopped.append(int(entry.name))
+                except OSError:
+                    pass
+        marker.unlink(missing_ok=True)
+    if stopped:
+        logging.getLogger("fedal").warning("stopped %d Ray processes a killed run left behind", len(stopped))
+    return stopped
+
+
 def backend_config(cpus: int | None = None) -> dict:
     """Ray resources: one CPU per client actor, as many actors as cores (2 on the reference machine)."""
     cpus = cpus or os.cpu_count() or 2
@@ -64,9 +125,6 @@ def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose
     RuntimeError
         If the ServerApp failed (the Simulation Engine's own error is chained).
     """
-    from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
 
     from server.app import app as server_app
 
@@ -75,6 +133,25 @@ def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    from fedal.features import cache_dir
+
+    clean_orphaned_ray()
+    marker = cache_dir() / "ray-drivers" / str(os.getpid())  # removed below; left only by a killed run
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    try:
+        result = _simulate(cfg, cpus, verbose, client_app, server_app)
+    finally:
+        marker.unlink(missing_ok=True)
+    if not getattr(result, "success", True):
+        raise RuntimeError("the federation failed; run again with --verbose to see Flower's log")
+
+
+def _simulate(cfg: FederationConfig, cpus, verbose: bool, client_app, server_app):
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
     with tempfile.TemporaryDirectory(prefix="fedal-app-") as app_dir:
         Path(app_dir, "pyproject.toml").write_text(app_pyproject(cfg))
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
@@ -90,5 +167,4 @@ def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose
             is_app=True,
             verbose_logging=verbose,
         )
-    if not getattr(result, "success", True):
-        raise RuntimeError("the federation failed; run again with --verbose to see Flower's log")
+    return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -127,10 +128,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     print("per-client class counts (training pool + local test):")
     print(table)
     start = time.perf_counter()
-    _run_with_progress(cfg, verbose=args.verbose)
+    stopped = _run_with_progress(cfg, verbose=args.verbose)
     elapsed = time.perf_counter() - start
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {"rounds": []}
     rounds = results["rounds"]
+    if stopped:
+        again = " ".join(shlex.quote(a) for a in getattr(args, "argv", ["simulate"]) if a not in ("--overwrite", "--resume"))
+        print(f"fedal simulate: interrupted after round {len(rounds)} of {cfg.rounds}; the checkpoint in {out} "
+              f"holds it. Continue with:\n  fedal {again} --resume", file=sys.stderr)
+        return 130
     if len(rounds) < cfg.rounds:
         print(f"fedal simulate: only {len(rounds)} of {cfg.rounds} rounds finished; see {out}", file=sys.stderr)
         return 1
@@ -144,11 +150,28 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> None:
+def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> bool:
+    """Run the federation with a progress bar; return True if Ctrl-C stopped it early.
+
+    The first Ctrl-C asks the server to stop after the round under way (that round is not
+    recorded; the checkpoint holds the last finished one); a second one stops at once.
+    """
+    import signal
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from server import app as server_app
     from simulations.engine import run_in_simulation
+
+    def interrupt(signum, frame):
+        if server_app.STOP_REQUESTED.is_set():
+            raise KeyboardInterrupt
+        server_app.STOP_REQUESTED.set()
+        print("\nfedal simulate: stopping after the round under way (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    server_app.STOP_REQUESTED.clear()
+    previous = signal.signal(signal.SIGINT, interrupt)
 
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
@@ -163,3 +186,5 @@ def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> None:
             run_in_simulation(cfg, verbose=verbose)
         finally:
             server_app.ROUND_HOOKS.remove(on_round)
+            signal.signal(signal.SIGINT, previous)
+    return server_app.STOP_REQUESTED.is_set()
