@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedal simulate --overwrite
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedal simulate --overwrite --baseline random
 
 test: $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest

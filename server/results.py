@@ -79,8 +79,7 @@ class RunRecorder:
         atomic_write(self.out / "results.csv", buf.getvalue())
         if len(self.rounds) >= 1:
             plot_curves({self.config.get("strategy", "fedal"): self.rounds}, self.out / "curve.png",
-                        title=f"{self.config.get('dataset')} - {self.config.get('clients')} clients, "
-                              f"{self.config.get('partition')}")
+                        title=run_title(self.config))
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, server_round: int, state: dict[str, np.ndarray], extra: dict) -> None:
@@ -103,6 +102,15 @@ class RunRecorder:
         self.rounds = state["results"]["rounds"]
         self.events = state["results"].get("events", [])
         return int(state["round"]), weights, state
+
+
+def run_title(config: dict) -> str:
+    """A plot title naming the data set, the clients, the partition (with its alpha) and the pipeline."""
+    partition = config.get("partition")
+    if partition == "dirichlet":
+        partition = f"dirichlet(alpha={config.get('alpha')})"
+    return (f"{config.get('dataset')} - {config.get('clients')} clients, {partition}, "
+            f"{config.get('pipeline', 'network')} pipeline")
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, *, title: str = "", bands: dict | None = None) -> None:

@@ -33,8 +33,6 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     helps = _field_help()
     p.add_argument("--config", default=None, help="TOML file of settings (flat keys or a [fedal] table)")
     for f in fields(FederationConfig):
-        if f.name == "extra":
-            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         text = f"{helps.get(f.name, '')} (default: {default!r})"
@@ -42,6 +40,8 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             p.add_argument(flag, dest=f.name, default=None, metavar=type(default).__name__.upper(), help=text)
+    p.add_argument("--baseline", default=None, metavar="STRATEGY",
+                   help="also run the same federation with this strategy (e.g. random) and plot both curves")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -146,7 +146,31 @@ def run_simulate(args: argparse.Namespace) -> int:
           f"in {elapsed:.1f} s")
     for event in results.get("events", []):
         print(f"  round {event['round']}: {event['kind']} {event['detail']}")
+    if args.baseline:
+        return _run_baseline(cfg, args.baseline, rounds, verbose=args.verbose)
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'curve.png'}")
+    return 0
+
+
+def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], *, verbose: bool) -> int:
+    """The same federation with the ``baseline`` strategy, in ``<output-dir>/baseline-<name>``; both
+    curves go to ``<output-dir>/curve.png``."""
+    from server.results import plot_curves, run_title
+
+    base = cfg.replace(strategy=baseline, strategy_options="", output_dir=str(Path(cfg.output_dir) /
+                       f"baseline-{baseline}"), state_dir="", resume=False, overwrite=True)
+    _prepare_output(base)
+    print(f"baseline: the same federation with strategy {base.strategy}")
+    if _run_with_progress(base, verbose=verbose):
+        return 130
+    other = json.loads((Path(base.output_dir) / "results.json").read_text())["rounds"]
+    if len(other) < base.rounds:
+        print(f"fedal simulate: the baseline finished only {len(other)} rounds; see {base.output_dir}", file=sys.stderr)
+        return 1
+    print(f"baseline {base.strategy}: {other[-1]['labels']} labels, accuracy {other[-1]['accuracy']:.4f}")
+    path = Path(cfg.output_dir) / "curve.png"
+    plot_curves({cfg.strategy: rounds, base.strategy: other}, path, title=run_title(cfg.to_run_config()))
+    print(f"wrote {path} ({cfg.strategy} next to {base.strategy})")
     return 0
 
 

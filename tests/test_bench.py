@@ -8,6 +8,15 @@ import pytest
 from simulations.bench.common import ROOT, SHARED_DATA_DIR, federation_settings, portable
 
 
+def test_portable_keeps_a_linked_shared_folder_relative(tmp_path):
+    # ../shared is often a link (the issue's `make test` failure): following it left an absolute path
+    repo, real = tmp_path / "work" / "repo", tmp_path / "elsewhere" / "shared"
+    (real / "data").mkdir(parents=True)
+    repo.mkdir(parents=True)
+    (tmp_path / "work" / "shared").symlink_to(real)
+    assert portable({"data": str(tmp_path / "work" / "shared" / "data")}, root=repo) == {"data": "../shared/data"}
+
+
 def test_portable_writes_paths_beside_the_repository_relative_to_it(tmp_path):
     record = {"data-dir": str(SHARED_DATA_DIR), "out": str(ROOT / "simulations" / "results"),
               "elsewhere": str(tmp_path), "relative": "../shared/data", "rounds": 3}
@@ -26,7 +35,7 @@ def test_federation_settings_overrides_defaults_and_refuses_a_set_without_equals
     assert settings == {"rounds": "4", "clients": 5} and out == str(tmp_path)
     with pytest.raises(SystemExit):
         federation_settings(["--set", "rounds"], "bench", {})
-    assert "--set takes KEY=VALUE, got 'rounds'" in capsys.readouterr().err
+    assert "--set needs KEY=VALUE, got 'rounds'" in capsys.readouterr().err
 
 
 def test_fl_gap_benchmark_trains_both_ways_on_the_same_labels(tmp_path):

@@ -15,13 +15,19 @@ Server -> client, one message per node and round:
 
 Client -> server:
 
-* to ``train``: ``arrays`` (the model weights, the global model's own keys and shapes)
-  and ``metrics`` with exactly the scalars of :class:`~fedal.messages.TrainReport`;
+* to ``train``: ``arrays`` and ``metrics`` with exactly the scalars of
+  :class:`~fedal.messages.TrainReport`. The arrays are the model weights (the global
+  model's own keys and shapes) with ``pipeline = "network"``, and with ``pipeline =
+  "head"`` the class statistics of the site's labeled samples (``stats.counts``,
+  ``stats.sums``, ``stats.scatter``) and of its self-trained pool samples (``pseudo.*``):
+  per-class counts, sums of feature vectors and the sum of their outer products
+  (:class:`fedal.heads.ClassStatistics`; what they reveal is in PRIVACY.md);
 * to ``evaluate``: ``metrics`` with :data:`EVAL_METRICS`;
 * to ``query.client_id``: ``metrics`` with ``client-id``.
 
 Every metric is an aggregate count or mean over the client's data. No raw input, no
-sample id and no per-sample label is ever put in a message: the builders below take only
+sample id and no per-sample label is ever put in a message (but a class statistic of a
+single sample is that sample's feature vector: see PRIVACY.md): the builders below take only
 scalars and a model state, and ``tests/test_privacy_audit.py`` checks every reply the
 ClientApp sends against these lists. The server reads every key it receives.
 """

@@ -11,16 +11,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA_DIR = ROOT.parent / "shared" / "data"
 
 
-def portable(record: dict) -> dict:
-    """``record`` with every absolute path inside the repository's parent folder written
-    relative to the repository (``/home/me/shared/data`` -> ``../shared/data``), so a
-    committed result names no machine's folders."""
+def portable(record: dict, root: Path = ROOT) -> dict:
+    """``record`` with every absolute path inside the parent folder of the repository ``root``
+    written relative to the repository (``/home/me/shared/data`` -> ``../shared/data``), so a
+    committed result names no machine's folders. Links are not followed: ``../shared`` may be a
+    link to a folder elsewhere."""
     out = {}
     for key, value in record.items():
         if isinstance(value, (str, Path)) and Path(value).is_absolute():
-            path = Path(value).resolve()
-            if path.is_relative_to(ROOT.parent):
-                value = Path(os.path.relpath(path, ROOT)).as_posix()
+            path = Path(os.path.abspath(value))
+            if path.is_relative_to(Path(os.path.abspath(root)).parent):
+                value = Path(os.path.relpath(path, os.path.abspath(root))).as_posix()
         out[key] = value
     return out
 
@@ -45,12 +46,16 @@ def federation_settings(argv: list[str] | None, description: str, defaults: dict
     """
     import argparse
 
+    from fedal.config import parse_assignments
+    from fedal.exceptions import ConfigError
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"federation setting (defaults: {defaults})")
-    p.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--output-dir", default=str(ROOT / "simulations" / "results"))
     args = p.parse_args(argv)
-    bad = [item for item in args.overrides if "=" not in item]
-    if bad:
-        p.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
-    return {**defaults, **dict(item.split("=", 1) for item in args.overrides)}, args.output_dir
+    try:
+        overrides = parse_assignments(args.overrides)
+    except ConfigError as exc:
+        p.error(str(exc))
+    return {**defaults, **overrides}, args.output_dir
