@@ -97,7 +97,12 @@ class FederationConfig:
     batch_size : int
         Local training batch size.
     lr : float
-        Local learning rate (Adam).
+        Local learning rate.
+    local_optimizer : str
+        Network pipeline: ``adam`` (a fresh Adam per round) or ``sgd`` (with batch-size >= the labels and
+        min-local-steps 1: FedAvg is centralized gradient descent).
+    restricted_softmax : float
+        Network pipeline: FedRS factor in (0, 1] for the logits of classes a client has no label of (1 = off).
     aggregation : str
         Flower strategy: fedavg, fedprox, fedadam, fedavgm, fedmedian, fedtrimmedavg, krum.
     proximal_mu : float
@@ -168,6 +173,8 @@ class FederationConfig:
     min_local_steps: int = 50
     batch_size: int = 32
     lr: float = 0.003
+    local_optimizer: str = "adam"
+    restricted_softmax: float = 1.0
     aggregation: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
@@ -234,6 +241,9 @@ class FederationConfig:
         need(self.min_local_steps >= 0, f"min-local-steps must be >= 0, got {self.min_local_steps}")
         need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.local_optimizer in ("adam", "sgd"), f"local-optimizer must be adam or sgd, got {self.local_optimizer!r}")
+        need(0 < self.restricted_softmax <= 1,
+             f"restricted-softmax must be in (0, 1] (1 = off), got {self.restricted_softmax}")
         need(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         need(self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}")
         need(self.server_lr > 0, f"server-lr must be > 0, got {self.server_lr}")

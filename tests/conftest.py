@@ -35,3 +35,13 @@ def data_dir() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return folder
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly at the end when the browser tests could not run (no Chromium on this machine)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if any("test_browser" in getattr(report, "nodeid", "") for report in skipped):
+        terminalreporter.write_line(
+            "NOTE: the labeling page's browser tests were skipped: install Chromium and its driver "
+            "(Debian: sudo apt-get install chromium chromium-driver, or bash .ci/install-system.sh) and run make test again",
+            yellow=True, bold=True)

@@ -39,6 +39,8 @@ BAD_VALUES = {
     "min_local_steps": -1,
     "batch_size": 0,
     "lr": 0.0,
+    "local_optimizer": "lbfgs",
+    "restricted_softmax": 0.0,
     "aggregation": "fedsgd",
     "proximal_mu": -0.1,
     "server_lr": 0.0,
@@ -61,7 +63,7 @@ BAD_VALUES = {
 # second bad values for settings with two bounds
 MORE_BAD_VALUES = [("dp_mode", "local"), ("dp_delta", 1.0)]
 # settings any value of their type is fine for (checked where they are used: data loading)
-FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume"}
+FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite"}
 
 
 def test_defaults_validate():

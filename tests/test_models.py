@@ -299,3 +299,50 @@ def test_sklearn_evaluate(digits):
     loss, acc = model.evaluate(Xte, yte)
     assert acc == pytest.approx((model.predict(Xte) == yte).mean()) and acc > 0.85
     assert 0 < loss < 1
+
+
+def test_one_full_batch_sgd_step_per_client_averaged_is_centralized_gradient_descent():
+    """Why the SGD option converges under skew: FedAvg of one full-batch step each is one step on the union."""
+    from fedal.models import MLP, TorchClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 6)).astype(np.float32)
+    y = np.r_[np.zeros(10), np.ones(12), np.full(8, 2)].astype(np.int64)  # skewed: client A holds 0 and 1
+    parts = [np.arange(0, 16), np.arange(16, 30)]
+
+    def model():
+        return TorchClassifier(lambda: MLP(6, 3, hidden=(8,), dropout=0.0), 3, epochs=1, batch_size=1000, lr=0.1,
+                               min_steps=1, seed=0, optimizer="sgd")
+
+    start = model().get_state()
+    states, sizes = [], []
+    for p in parts:
+        m = model()
+        m.set_state(start)
+        m.fit(X[p], y[p])
+        states.append(m.get_state())
+        sizes.append(len(p))
+    fedavg = {k: sum(n * s[k] for n, s in zip(sizes, states)) / sum(sizes) for k in start}
+    central = model()
+    central.set_state(start)
+    central.fit(X, y)
+    for k, v in central.get_state().items():
+        np.testing.assert_allclose(fedavg[k], v, atol=1e-6)
+
+
+def test_restricted_softmax_damps_the_classes_a_client_lacks():
+    from fedal.models import MLP, TorchClassifier
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)  # classes 0 and 1 only; class 2 absent at this client
+    moved = {}
+    for factor in (1.0, 0.5):
+        m = TorchClassifier(lambda: MLP(5, 3, hidden=(8,), dropout=0.0), 3, epochs=1, lr=0.01, seed=0,
+                            optimizer="sgd", restricted_softmax=factor)
+        before = m.get_state()["head.weight"][2].copy()
+        m.fit(X, y)
+        moved[factor] = np.linalg.norm(m.get_state()["head.weight"][2] - before)
+    assert moved[0.5] < 0.6 * moved[1.0]  # the absent class's output weights move about half as much
+    with pytest.raises(ConfigError, match="restricted_softmax"):
+        TorchClassifier(lambda: MLP(5, 3), 3, restricted_softmax=0.0)

@@ -55,4 +55,5 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -
                               pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed,
                               clip_norm=cfg.head_clip_norm)
     return build_model(input_shape, n_classes, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       min_steps=cfg.min_local_steps, seed=seed)
+                       min_steps=cfg.min_local_steps, seed=seed, optimizer=cfg.local_optimizer,
+                       restricted_softmax=cfg.restricted_softmax)

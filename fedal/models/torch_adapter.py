@@ -41,7 +41,7 @@ class TorchClassifier:
     batch_size : int
         Training batch size.
     lr : float
-        Learning rate (Adam).
+        Learning rate.
     weight_decay : float
         L2 regularisation.
     predict_batch_size : int
@@ -51,6 +51,14 @@ class TorchClassifier:
         the labeled set is small, so 10 labels are not one gradient step).
     seed : int
         Seed for initialisation, shuffling and dropout.
+    optimizer : {"adam", "sgd"}
+        A fresh Adam per fit (the default), or plain SGD: with ``batch_size`` at least the
+        labeled set and few steps, FedAvg of one step per client is centralized gradient
+        descent, free of the client drift local Adam keeps (Woodworth et al., NeurIPS 2020;
+        Wang et al., 2021).
+    restricted_softmax : float
+        FedRS (Li & Zhan, KDD 2021): during a fit, the logits of classes absent from the labels
+        are scaled by this factor in (0, 1] (1 = off), so a client does not push them down.
     """
 
     #: the learner does not give :meth:`fit` the unlabeled pool (no self-training here)
@@ -68,12 +76,20 @@ class TorchClassifier:
         predict_batch_size: int = 1024,
         min_steps: int = 0,
         seed: int = 0,
+        optimizer: str = "adam",
+        restricted_softmax: float = 1.0,
     ) -> None:
         if n_classes < 2:
             raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("predict_batch_size", predict_batch_size)):
             if int(value) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if not 0 < restricted_softmax <= 1:
+            raise ConfigError(f"restricted_softmax must be in (0, 1] (1 = off), got {restricted_softmax}")
+        self.optimizer = optimizer
+        self.restricted_softmax = float(restricted_softmax)
         self.build = build
         self.n_classes = int(n_classes)
         self.epochs = int(epochs)
@@ -155,7 +171,14 @@ class TorchClassifier:
         module = self.module
         module.train()
         anchor = [p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else None
-        opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            opt = torch.optim.SGD(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scale = None
+        if self.restricted_softmax < 1:  # FedRS: classes this client has no label of are damped
+            scale = torch.full((self.n_classes,), self.restricted_softmax)
+            scale[torch.as_tensor(np.unique(y))] = 1.0
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         seed = fit_seed(self.seed, self._fits)
         gen = torch.Generator().manual_seed(seed)
@@ -171,7 +194,10 @@ class TorchClassifier:
                 for start in range(0, len(yt), self.batch_size):
                     idx = order[start : start + self.batch_size]
                     opt.zero_grad()
-                    loss = F.cross_entropy(module(Xt[idx]), yt[idx], weight=weight)
+                    logits = module(Xt[idx])
+                    if scale is not None:
+                        logits = logits * scale
+                    loss = F.cross_entropy(logits, yt[idx], weight=weight)
                     if anchor is not None:
                         prox = sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
                         loss = loss + 0.5 * proximal_mu * prox

@@ -34,14 +34,24 @@ import numpy as np
 
 from simulations.bench.common import ROOT, machine_info, portable
 
+#: not a federation setting: evaluate the network with an LDA head solved from the summed class
+#: statistics of its penultimate embeddings (Fed3R-style; exact, like the head pipeline's)
+LDA_HEAD = "+lda-head"
 #: training variants: name -> federation settings that differ from the preset
 VARIANTS = {
     "preset": {},
     "fewer local steps (min 10)": {"min-local-steps": 10},
     "fedprox mu 0.1": {"proximal-mu": 0.1},
     "network (SmallCNN + Adam)": {"pipeline": "network"},
-    "head, no self-training": {"pipeline": "head", "pseudo-label-threshold": 0.0},
+    "head without self-training": {"pipeline": "head", "pseudo-label-threshold": 0.0},
     "head + self-training": {"pipeline": "head", "pseudo-label-threshold": 0.9},
+    # the SmallCNN's own protocol: one full-batch SGD step per client per round is centralized gradient descent
+    "SmallCNN + SGD (1 full-batch step)": {"pipeline": "network", "local-optimizer": "sgd", "lr": 0.05,
+                                         "batch-size": 100000, "local-epochs": 1, "min-local-steps": 1},
+    "SmallCNN + SGD (1 full-batch step) + FedRS 0.5": {"pipeline": "network", "local-optimizer": "sgd", "lr": 0.05,
+                                                      "batch-size": 100000, "local-epochs": 1, "min-local-steps": 1,
+                                                      "restricted-softmax": 0.5},
+    "SmallCNN + Adam + exact LDA head on its embeddings": {"pipeline": "network", LDA_HEAD: True},
 }
 
 
@@ -111,8 +121,23 @@ def head_curves(cfg, sets, rounds: int, X_test, y_test) -> tuple[list[float], li
     return fed, [acc] * rounds, float(np.abs(server.predict_proba(X_test) - central.predict_proba(X_test)).max())
 
 
-def federated_curve(cfg, sets, rounds: int, ds) -> list[float]:
-    """Test accuracy of the FedAvg (FedProx with ``cfg.proximal_mu``) model after each round."""
+def _accuracy(model, cfg, ds, sets, lda_head: bool) -> float:
+    """Test accuracy of a network, or (``lda_head``) of the LDA head of its embeddings of the labels."""
+    X_test = _test_inputs(cfg, ds)
+    if not lda_head:
+        return model.evaluate(X_test, ds.y_test)[1]
+    from fedal.heads import ClassStatistics, LDAHead
+
+    total = ClassStatistics.empty(ds.n_classes, model.module.head.in_features)
+    for X, y, _ in sets:  # what each client would send: the statistics of its labels' embeddings
+        total = total + ClassStatistics.from_samples(model.forward(X)[1], y, ds.n_classes)
+    head = LDAHead.from_statistics(total)
+    return float((head.probs(model.forward(X_test)[1]).argmax(axis=1) == ds.y_test).mean())
+
+
+def federated_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool = False) -> list[float]:
+    """Test accuracy of the FedAvg (FedProx with ``cfg.proximal_mu``) model after each round (NaN on rounds
+    not in ``evaluate_at``; default every round)."""
     from fedal.models import model_for
     from fedal.seeds import client_seed
 
@@ -131,12 +156,15 @@ def federated_curve(cfg, sets, rounds: int, ds) -> list[float]:
                 total[k] += v * len(y)
             n += len(y)
         server.set_state({k: (v / n).astype(state[k].dtype) for k, v in total.items()})
-        curve.append(server.evaluate(_test_inputs(cfg, ds), ds.y_test)[1])
+        if evaluate_at is None or len(curve) + 1 in evaluate_at:
+            curve.append(_accuracy(server, cfg, ds, sets, lda_head))
+        else:
+            curve.append(float("nan"))
     return curve
 
 
-def centralized_curve(cfg, sets, rounds: int, ds) -> list[float]:
-    """Test accuracy after each of ``rounds`` warm-started fits on the pooled labels."""
+def centralized_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool = False) -> list[float]:
+    """Test accuracy after each of ``rounds`` warm-started fits on the pooled labels (NaN off ``evaluate_at``)."""
     from fedal.models import model_for
 
     X = np.concatenate([s[0] for s in sets])
@@ -145,7 +173,10 @@ def centralized_curve(cfg, sets, rounds: int, ds) -> list[float]:
     curve = []
     for _ in range(rounds):
         model.fit(X, y)
-        curve.append(model.evaluate(_test_inputs(cfg, ds), ds.y_test)[1])
+        if evaluate_at is None or len(curve) + 1 in evaluate_at:
+            curve.append(_accuracy(model, cfg, ds, sets, lda_head))
+        else:
+            curve.append(float("nan"))
     return curve
 
 
@@ -192,7 +223,9 @@ def main(argv=None) -> dict:
         cfg = FederationConfig.from_mapping({"seed": seed}, base=base)
         ds = federation_dataset(cfg)
         for name in args.variants:
-            vcfg = FederationConfig.from_mapping(VARIANTS[name], base=cfg)
+            settings = {k: v for k, v in VARIANTS[name].items() if k != LDA_HEAD}
+            lda_head = bool(VARIANTS[name].get(LDA_HEAD))
+            vcfg = FederationConfig.from_mapping(settings, base=cfg)
             sets = labeled_sets(vcfg, args.labels_per_client, seed)  # the same samples in every variant
             if name == args.variants[0]:
                 total_labels.append(sum(len(s[1]) for s in sets))
@@ -202,8 +235,8 @@ def main(argv=None) -> dict:
                 fed, central, diff = head_curves(vcfg, sets, args.rounds, X_test, ds.y_test)
                 max_prob_difference[f"{name}-seed{seed}"] = diff
             else:
-                fed = federated_curve(vcfg, sets, args.rounds, ds)
-                central = centralized_curve(vcfg, sets, args.rounds, ds)
+                fed = federated_curve(vcfg, sets, args.rounds, ds, args.report_rounds, lda_head)
+                central = centralized_curve(vcfg, sets, args.rounds, ds, args.report_rounds, lda_head)
             curves.setdefault(name, []).append(fed)
             curves.setdefault(f"{name} | centralized", []).append(central)
             seconds[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
@@ -219,7 +252,9 @@ def main(argv=None) -> dict:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    finite = {**results, "curves": {k: [[None if v != v else v for v in c] for c in cs]  # NaN: not evaluated
+                                     for k, cs in results["curves"].items()}}
+    (out / f"{args.name}.json").write_text(json.dumps(finite, indent=2) + "\n")
     (out / f"{args.name}.md").write_text(f"Command: `{results['command']}`\n\n{text}\n")
     print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.md')}")
     return results
