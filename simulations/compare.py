@@ -135,6 +135,26 @@ def summarize(curves: dict[str, list[tuple[list, list]]], baseline: str = "rando
         row["seeds_aulc_above_random"] = sum(d > 0 for d in diffs)
         if reference is not None and reference[0] in out:
             row["gap_to_reference"] = row["final_mean"] - out[reference[0]]["final_mean"]
+        row["savings_by_budget"] = savings_by_budget(row["labels"], row["mean"], base["labels"], base["mean"])
+    return out
+
+
+def savings_by_budget(labels, accuracy, base_labels, base_accuracy) -> list[dict]:
+    """At every label count ``b`` of the baseline's (mean) curve: the labels this curve needs to reach the
+    baseline's accuracy at ``b``, and the saving ``1 - need / b`` in % (None where it never does).
+
+    Parameters
+    ----------
+    labels, accuracy : sequences of float
+        The strategy's mean curve.
+    base_labels, base_accuracy : sequences of float
+        The baseline's (random's) mean curve.
+    """
+    out = []
+    for b, target in zip(base_labels, base_accuracy):
+        need = labels_to_reach(labels, accuracy, target)
+        out.append({"budget": float(b), "target": float(target), "labels": need,
+                    "saving_pct": None if need is None or b <= 0 else 100.0 * (1.0 - need / b)})
     return out
 
 
@@ -154,6 +174,14 @@ def markdown_table(summary: dict[str, dict], baseline: str = "random") -> str:
             f"{r['aulc_mean']:.4f} +- {r['aulc_std']:.4f} | {100 * r['aulc_vs_random_mean']:+.1f} +- "
             f"{100 * r['aulc_vs_random_std']:.1f} pt ({r['seeds_aulc_above_random']}/{r['seeds']} above) | {need} | {saving} | {r['seeds_reaching']}/{r['seeds']} | "
             + ("-" if gap is None else f"{100 * gap:+.1f} pt") + " |")
+    budgets = [s["budget"] for s in summary[baseline]["savings_by_budget"]]
+    lines += ["", "Saving at every budget: labels each curve needs to reach random's mean accuracy at that budget, as a "
+              "saving against the budget (negative: more labels; - : never reached). Random's own row is not 0 where "
+              "its curve dips or flattens: what a strategy saves is what it saves beyond that row.", "",
+              "| strategy | " + " | ".join(f"{b:.0f}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["aulc_mean"]):
+        cells = ["-" if s["saving_pct"] is None else f"{s['saving_pct']:+.0f}%" for s in r["savings_by_budget"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if baseline_is_flat(summary[baseline]):
         lines += ["", f"Random's mean curve starts at or above its final accuracy ({target:.4f}): every strategy "
                   "'reaches' the target at the first label count, so labels to target and the saving say "
