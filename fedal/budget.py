@@ -90,10 +90,11 @@ class BudgetCoordinator:
         """Keep what ``client`` reported: ``unlabeled`` samples left, mean pool ``uncertainty`` (NaN = unknown)."""
         self.stats[client] = ClientStats(int(unlabeled), float(uncertainty))
 
-    def allocate_to(self, round: int, clients) -> dict:
+    def allocate_to(self, round: int, clients, limit: int | None = None) -> dict:
         """Budgets for ``round`` among ``clients`` (the ones taking part), from what each last
-        reported (a client never heard of weighs the average, with no capacity limit)."""
-        return self.allocate(round, {c: self.stats.get(c, ClientStats()) for c in clients})
+        reported (a client never heard of weighs the average, with no capacity limit); at most
+        ``limit`` labels in all (what is left of a whole run's budget)."""
+        return self.allocate(round, {c: self.stats.get(c, ClientStats()) for c in clients}, limit=limit)
 
     # ------------------------------------------------------------- allocation
     def weights(self, stats: dict[str, ClientStats]) -> dict[str, float]:
@@ -120,13 +121,15 @@ class BudgetCoordinator:
         out = min(cap, left)
         return int(out) if out != math.inf else 1 << 40
 
-    def allocate(self, round: int, stats: dict[str, ClientStats]) -> dict[str, int]:
+    def allocate(self, round: int, stats: dict[str, ClientStats], limit: int | None = None) -> dict[str, int]:
         """Budgets for ``round`` from ``stats`` (client -> ClientStats): shares by policy,
         limited by capacity, the excess redistributed.
 
-        The budgets sum to ``min(round_budget + carried, total capacity)``.
+        The budgets sum to ``min(round_budget + carried, limit, total capacity)``.
         """
         total = self.round_budget + (self.carry if self.carry_over else 0)
+        if limit is not None:
+            total = max(min(total, int(limit)), 0)
         self.carry = 0
         weights = self.weights(stats)
         caps = {c: self.capacity(s) for c, s in stats.items()}

@@ -133,6 +133,19 @@ class FederationConfig:
         Epochs of the client's local model for federated-aware strategies (logo, kafal); 0 = local-epochs.
     query_timeout : float
         Seconds a label request may wait for its oracle before it is released to the pool again (0 = never).
+    stop_when : str
+        Stop asking for labels when one of these criteria holds (comma-separated): plateau (global accuracy),
+        uncertainty (mean pool uncertainty the clients report), budget (total-budget spent); "" = never.
+    stop_patience : int
+        Query rounds without an accuracy gain of stop-min-delta before plateau fires.
+    stop_min_delta : float
+        The accuracy gain that counts as progress for plateau.
+    stop_uncertainty : float
+        Mean pool uncertainty (normalised entropy, 0..1) below which uncertainty fires.
+    total_budget : int
+        Labels the whole run may ask for, over all query rounds (0 = no cap); the last round gets what is left.
+    after_stop : str
+        What a run does once a criterion fired: continue (rounds go on without queries) or end.
     dp_clipping_norm : float
         Differential privacy: clip each client's model update to this L2 norm (0 = off).
     dp_noise_multiplier : float
@@ -190,6 +203,12 @@ class FederationConfig:
     overwrite: bool = False
     local_model_epochs: int = 0
     query_timeout: float = 0.0
+    stop_when: str = ""
+    stop_patience: int = 3
+    stop_min_delta: float = 0.005
+    stop_uncertainty: float = 0.1
+    total_budget: int = 0
+    after_stop: str = "continue"
     dp_clipping_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_mode: str = "server"
@@ -260,6 +279,15 @@ class FederationConfig:
         need(self.output_dir.strip() != "", "output-dir must not be empty (results, checkpoint and client "
              "databases go there); give a folder such as runs/latest")
         need(self.local_model_epochs >= 0, f"local-model-epochs must be >= 0 (0 = local-epochs), got {self.local_model_epochs}")
+        need(self.total_budget >= 0, f"total-budget must be >= 0 (0 = no cap), got {self.total_budget}")
+        need(self.stop_min_delta >= 0, f"stop-min-delta must be >= 0, got {self.stop_min_delta}")
+        need(self.stop_patience >= 1, f"stop-patience must be >= 1 query round, got {self.stop_patience}")
+        need(0 < self.stop_uncertainty <= 1, f"stop-uncertainty must be in (0, 1], got {self.stop_uncertainty}")
+        need(self.after_stop in ("continue", "end"), f"after-stop must be continue or end, got {self.after_stop!r}")
+        try:
+            self.stopping_criteria()
+        except ConfigError as exc:
+            raise ConfigError(f"stop-when / stop-* settings: {exc}") from None
         need(self.query_timeout >= 0, f"query-timeout must be >= 0 seconds (0 = requests never expire), got {self.query_timeout}")
         need(self.dp_clipping_norm >= 0, f"dp-clipping-norm must be >= 0 (0 = no differential privacy), got {self.dp_clipping_norm}")
         need(self.dp_noise_multiplier >= 0, f"dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
@@ -287,6 +315,13 @@ class FederationConfig:
     def cold_start_strategy(self):
         """The strategy that picks each client's initial labeled set, built with its options."""
         return _build_strategy(self.initial_strategy, self.initial_strategy_options, "initial-strategy")
+
+    def stopping_criteria(self):
+        """The run's stopping criteria (:func:`fedal.stopping.criteria_from`)."""
+        from fedal.stopping import criteria_from
+
+        return criteria_from(self.stop_when, patience=self.stop_patience, min_delta=self.stop_min_delta,
+                             uncertainty=self.stop_uncertainty, total_budget=self.total_budget)
 
     def is_query_round(self, server_round: int) -> bool:
         """Whether ``server_round`` queries: round 1 labels the initial sets; then every

@@ -7,17 +7,21 @@ a baseline) and prints accuracy against the number of labels (:func:`format_tabl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from fedal.learner import ActiveLearner
 from fedal.models import build_model
 from fedal.oracle import SimulatedOracle
 from fedal.pool import Pool
-from fedal.stopping import StepRecord
+from fedal.stopping import BudgetExhausted, StepRecord, StoppingCriterion
 
 
 def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, seed: int,
-              epochs: int, noise_rate: float = 0.0, cold_start: str = "random") -> list[StepRecord]:
-    """Learning curve of one strategy on one device; the first record is the initial set.
+              epochs: int, noise_rate: float = 0.0, cold_start: str = "random",
+              stopping: Sequence[StoppingCriterion] = ()) -> tuple[list[StepRecord], str | None]:
+    """Learning curve of one strategy on one device, and why it stopped early (None: all ``steps`` ran).
+
+    The first record is the initial set.
 
     Parameters
     ----------
@@ -39,6 +43,8 @@ def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, 
         Label-noise rate of the simulated oracle.
     cold_start : str
         Strategy that picks the initial set.
+    stopping : sequence of StoppingCriterion
+        Checked after every step (``fedal.stopping.criteria_from``); the curve ends when one fires.
     """
     model = build_model(dataset.input_shape, dataset.n_classes, epochs=epochs, seed=seed)
     pool = Pool(dataset.n_classes, size=len(dataset.y_train))
@@ -46,12 +52,21 @@ def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, 
     learner = ActiveLearner(model, strategy, dataset.X_train, pool, oracle, cold_start=cold_start,
                             X_eval=dataset.X_test, y_eval=dataset.y_test, seed=seed)
     learner.step(initial)  # nothing labeled yet: the cold-start strategy picks the initial set
+    stop_reason = None
+    caps = [c.total_labels for c in stopping if isinstance(c, BudgetExhausted)]
     for _ in range(steps):
         if pool.counts()["unlabeled"] == 0:
             break
-        learner.step(budget)
+        left = min([budget] + [cap - pool.counts()["labeled"] for cap in caps])  # a label budget is a hard cap
+        if left <= 0:
+            stop_reason = f"label budget of {min(caps)} spent"
+            break
+        learner.step(left)
+        if reason := next((r for c in stopping if (r := c.check(learner.history))), None):
+            stop_reason = reason
+            break
     pool.close()
-    return learner.history
+    return learner.history, stop_reason
 
 
 def format_table(curves: dict[str, list[StepRecord]]) -> str:

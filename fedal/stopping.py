@@ -135,3 +135,36 @@ class UncertaintyBelow(StoppingCriterion):
         if not math.isnan(value) and value < self.threshold:
             return f"{self.statistic} pool uncertainty {value:.3f} below {self.threshold}"
         return None
+
+
+#: the criteria a run's ``stop-when`` may name
+CRITERIA = ("plateau", "uncertainty", "budget")
+
+
+def criteria_from(names: str, *, patience: int = 3, min_delta: float = 0.005, uncertainty: float = 0.1,
+                  total_budget: int = 0) -> list[StoppingCriterion]:
+    """The criteria named in ``names`` (comma-separated, from :data:`CRITERIA`), one factory for the
+    federation (``stop-when``) and ``fedal local`` (``--stop-when``).
+
+    Parameters
+    ----------
+    names : str
+        ``"plateau"``: :class:`AccuracyPlateau` (``patience``, ``min_delta``); ``"uncertainty"``:
+        :class:`UncertaintyBelow` on the mean pool uncertainty (``uncertainty``); ``"budget"``:
+        :class:`BudgetExhausted` (``total_budget`` labels, > 0). "" = none.
+    patience, min_delta, uncertainty, total_budget
+        The criteria's settings.
+    """
+    out: list[StoppingCriterion] = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name == "plateau":
+            out.append(AccuracyPlateau(patience, min_delta))
+        elif name == "uncertainty":
+            out.append(UncertaintyBelow(uncertainty, statistic="mean"))
+        elif name == "budget":
+            if total_budget < 1:
+                raise ConfigError("stop-when budget needs total-budget > 0 (the labels of the whole run)")
+            out.append(BudgetExhausted(total_budget))
+        else:
+            raise ConfigError(f"unknown stopping criterion {name!r} in stop-when; choose from {', '.join(CRITERIA)}")
+    return out

@@ -10,6 +10,7 @@ checkpoint (model, round, the book's state).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -55,6 +56,34 @@ def connected_nodes(grid: Grid, want: int, wait_s: float | None = None) -> int:
     return count
 
 
+def check_stopping(cfg: FederationConfig, book: RoundBook, criteria, row: dict, server_round: int) -> dict | None:
+    """After a query round: add it to the book's history and ask the criteria; when one fires, record in
+    the book (and return) which, when, at how many labels, and the labels the rest of the schedule
+    would have asked for."""
+    from fedal.stopping import StepRecord
+
+    clients = row["clients"].values()
+    weights = [(c["mean_uncertainty"], c["unlabeled"]) for c in clients if c["mean_uncertainty"] is not None]
+    total = sum(w for _, w in weights)
+    book.history.append(StepRecord(
+        step=len(book.history), queried=sum(c["queried"] for c in clients), labeled=row["labels"],
+        unlabeled=sum(c["unlabeled"] for c in clients), accuracy=row["accuracy"], loss=row["loss"],
+        mean_uncertainty=sum(u * w for u, w in weights) / total if total else math.nan))
+    for criterion in criteria:
+        reason = criterion.check(book.history)
+        if reason:
+            left = sum(cfg.is_query_round(r) for r in range(server_round + 1, cfg.rounds + 1))
+            saved = left * cfg.round_budget
+            if cfg.total_budget:
+                saved = min(saved, max(cfg.total_budget - row["labels"], 0))
+            book.stopped = {"criterion": reason, "round": server_round, "labels": row["labels"],
+                            "query_rounds_skipped": left, "labels_saved": saved}
+            log.warning("round %d: stopped asking for labels: %s (%d labels; %d not asked)", server_round, reason,
+                        row["labels"], saved)
+            return book.stopped
+    return None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls (simulation or deployment)."""
@@ -83,7 +112,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
     model = model_for(cfg, X_test.shape[1:], dataset.n_classes, seed=cfg.seed)
     book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap),
                      PrivacySettings.from_config(cfg))
-    strategy = make_strategy(cfg, book, model)
+    strategy = make_strategy(cfg, book, model, is_query_round=lambda r: cfg.is_query_round(r) and book.stopped is None)
+    criteria = cfg.stopping_criteria()
     recorder = RunRecorder(cfg.output_dir, cfg.to_run_config())
     state = model.get_state()
     start_round = 1
@@ -110,7 +140,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             log.warning("stopped before round %d; the checkpoint holds round %d", server_round, server_round - 1)
             break
         t0 = time.perf_counter()
-        query = cfg.is_query_round(server_round)
+        query = cfg.is_query_round(server_round) and book.stopped is None
+        if query and cfg.total_budget:  # the last query round gets what is left of the run's budget
+            pending = sum(r.pending for r in book.rounds[max(book.rounds)].reports.values()) if book.rounds else 0
+            book.label_limit = max(cfg.total_budget - sum(book.labeled.values()) - pending, 0)
         if cfg.reinit and query:
             model.reset(seed=reinit_seed(cfg.seed, server_round))
             arrays = protocol.model_record(model.get_state())
@@ -140,12 +173,16 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         privacy = book.privacy_report()
         if privacy is not None:
             row["privacy"] = privacy
+        if query and criteria and (fired := check_stopping(cfg, book, criteria, row, server_round)):
+            row["stopped"] = fired
         recorder.add_round(row, checkpoint=(model.get_state(), book.state_dict()))
         if on_round is not None:
             on_round(row)
         log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)
         if rlog.reports:
             heard = True
+        if row.get("stopped") and cfg.after_stop == "end":
+            break
     if not heard and cfg.rounds >= start_round and not STOP_REQUESTED.is_set():
         reasons = sorted({e.reason for r in book.rounds.values() for e in r.events})
         raise FederationFailed(f"every client failed every round ({len(book.rounds)} rounds); the clients said: "

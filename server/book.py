@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from fedal.budget import BudgetCoordinator
 from fedal.messages import TrainReport
+from fedal.stopping import StepRecord
 from server.privacy import GaussianAccountant, PrivacySettings, privacy_config
 
 log = logging.getLogger("fedal.server")
@@ -81,6 +82,9 @@ class RoundBook:
                            if privacy is not None else None)
         self.rounds: dict[int, RoundLog] = {}
         self.labeled: dict[int, int] = {}  # client -> labeled samples last reported
+        self.history: list[StepRecord] = []  # one record per query round (stopping criteria)
+        self.stopped: dict | None = None  # which stopping criterion fired, when, and what it saved
+        self.label_limit: int | None = None  # labels the query rounds may still add (total-budget)
         self._client_of: dict[int, int] = {}  # node id -> client id (Flower's ids end here)
 
     # ------------------------------------------------------------- identities
@@ -121,7 +125,7 @@ class RoundBook:
                                               "too: two SuperNodes share one client-id; its replies are not used"))
             else:
                 holder[client] = node
-        rlog.assigned = self.coordinator.allocate_to(server_round, sorted(holder))
+        rlog.assigned = self.coordinator.allocate_to(server_round, sorted(holder), limit=self.label_limit)
         for client, node in holder.items():
             budgets[node] = rlog.assigned[client]
         return budgets
@@ -203,12 +207,16 @@ class RoundBook:
         """The server state a checkpoint keeps: budgets (ledger, statistics), labeled counts, privacy."""
         return {"budget": self.coordinator.state_dict(),
                 "labeled": [{"client": c, "labeled": n} for c, n in sorted(self.labeled.items())],
-                "privacy": None if self.accountant is None else self.accountant.state_dict()}
+                "privacy": None if self.accountant is None else self.accountant.state_dict(),
+                "history": [asdict(h) for h in self.history], "stopped": self.stopped}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` (node identities are not kept: node ids change between runs)."""
         self.coordinator.load_state_dict(state["budget"])
         self.labeled = {int(r["client"]): int(r["labeled"]) for r in state.get("labeled", [])}
+        self.history = [StepRecord(**{k: math.nan if v is None else v for k, v in h.items()})
+                        for h in state.get("history", [])]
+        self.stopped = state.get("stopped")
         if self.accountant is not None:
             self.accountant.load_state_dict(state.get("privacy"))
 

@@ -209,7 +209,7 @@ def flower_strategy(cfg: FederationConfig) -> Strategy:
     return base(**kwargs)
 
 
-def make_strategy(cfg: FederationConfig, book: RoundBook, model) -> BudgetedStrategy:
+def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=None) -> BudgetedStrategy:
     """The server strategy of the run ``cfg``: budgets around (DP around) Flower's aggregation.
 
     Parameters
@@ -221,6 +221,9 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model) -> BudgetedStra
     model : TorchClassifier or HeadClassifier
         The server's model of the run (``fedal.models.model_for``): a reply's arrays must have its
         weights' shapes, or, for a head, the shapes of the statistics the heads are solved from.
+    is_query_round : callable, optional
+        ``server_round -> bool`` (default ``cfg.is_query_round``; the server's loop passes one that
+        also says no once a stopping criterion fired).
     """
     if isinstance(model, HeadClassifier):
         reference = HeadClassifier.statistics_shapes(model.n_classes, model.dim)
@@ -232,4 +235,4 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model) -> BudgetedStra
     elif book.privacy is not None:
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))
-    return BudgetedStrategy(inner, book, reference, cfg.is_query_round)
+    return BudgetedStrategy(inner, book, reference, is_query_round or cfg.is_query_round)

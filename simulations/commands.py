@@ -32,6 +32,11 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train", type=int, default=None, help="subsample the training pool")
     p.add_argument("--noise", type=float, default=0.0, help="simulated oracle label-noise rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-when", default="", help="stop early when one of these holds: plateau, uncertainty, budget")
+    p.add_argument("--stop-patience", type=int, default=3, help="steps without gain before plateau fires (default 3)")
+    p.add_argument("--stop-min-delta", type=float, default=0.005, help="accuracy gain that counts for plateau")
+    p.add_argument("--stop-uncertainty", type=float, default=0.1, help="mean pool uncertainty below which it stops")
+    p.add_argument("--total-budget", type=int, default=0, help="labels in all, initial set included (budget)")
     p.add_argument("--out", default=None, help="write results.json here")
 
 
@@ -39,6 +44,7 @@ def run_local(args: argparse.Namespace) -> int:
     """Run ``fedal local`` with the parsed ``args``; print the table, return 0."""
     from fedal.data import load_dataset
     from fedal.local import format_table, run_curve
+    from fedal.stopping import criteria_from
     from fedal.strategies import get_strategy
 
     for flag in ("initial", "budget", "steps", "epochs"):
@@ -47,16 +53,19 @@ def run_local(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     for name in (args.strategy, args.baseline):  # fail on a typo before minutes of training
         get_strategy(name)
+    stopping = criteria_from(args.stop_when, patience=args.stop_patience, min_delta=args.stop_min_delta,
+                             uncertainty=args.stop_uncertainty, total_budget=args.total_budget)
     dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, max_train=args.max_train)
     print(f"on-device active learning: {dataset.name}, {len(dataset.y_train)} pool samples, "
           f"{dataset.n_classes} classes; initial {args.initial}, {args.steps} steps of {args.budget}")
     curves = {}
     for name in dict.fromkeys([args.strategy, args.baseline]):
         start = time.perf_counter()
-        curves[name] = run_curve(dataset, name, initial=args.initial, budget=args.budget, steps=args.steps,
-                                 seed=args.seed, epochs=args.epochs, noise_rate=args.noise)
-        print(f"  {name}: {time.perf_counter() - start:.1f} s")
-    print(format_table(curves))
+        curves[name], reason = run_curve(dataset, name, initial=args.initial, budget=args.budget, steps=args.steps,
+                                         seed=args.seed, epochs=args.epochs, noise_rate=args.noise, stopping=stopping)
+        print(f"  {name}: {time.perf_counter() - start:.1f} s" + (f"; stopped early: {reason}" if reason else ""))
+    shortest = min(len(c) for c in curves.values())  # a criterion may stop one curve before the other
+    print(format_table({name: c[:shortest] for name, c in curves.items()}))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

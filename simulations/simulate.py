@@ -137,7 +137,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"fedal simulate: interrupted after round {len(rounds)} of {cfg.rounds}; the checkpoint in {out} "
               f"holds it. Continue with:\n  fedal {again} --resume", file=sys.stderr)
         return 130
-    if len(rounds) < cfg.rounds:
+    ended = bool(rounds) and bool(rounds[-1].get("stopped")) and cfg.after_stop == "end"
+    if len(rounds) < cfg.rounds and not ended:
         print(f"fedal simulate: only {len(rounds)} of {cfg.rounds} rounds finished; see {out}", file=sys.stderr)
         return 1
     print(summary_table(rounds))
@@ -146,6 +147,12 @@ def run_simulate(args: argparse.Namespace) -> int:
           f"in {elapsed:.1f} s")
     for event in results.get("events", []):
         print(f"  round {event['round']}: {event['kind']} {event['detail']}")
+    for r in rounds:
+        if r.get("stopped"):
+            s = r["stopped"]
+            print(f"stopped asking for labels after round {s['round']}: {s['criterion']} ({s['labels']} labels; "
+                  f"{s['labels_saved']} labels of {s['query_rounds_skipped']} more query rounds not asked"
+                  + ("; the run ended there)" if cfg.after_stop == "end" else ")"))
     if args.baseline:
         return _run_baseline(cfg, args.baseline, rounds, verbose=args.verbose)
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'curve.png'}")

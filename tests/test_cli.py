@@ -109,3 +109,14 @@ def test_unknown_command_lists_the_commands(capsys):
 def test_help(capsys):
     code, out, _ = run_main(capsys)
     assert code == 0 and "local" in out and "strategies" in out
+
+
+def test_local_stops_when_a_criterion_fires(capsys):
+    code, out, err = run_main(capsys, "local", *QUICK[:2], "--steps", "6", "--budget", "10", "--initial", "10",
+                              "--epochs", "2", "--total-budget", "30", "--stop-when", "budget")
+    assert code == 0, err
+    assert out.count("stopped early: label budget of 30 spent") == 2
+    rows = [line for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r.split("|")[1]) for r in rows] == [10, 20, 30]
+    code, _, err = run_main(capsys, "local", "--stop-when", "never")
+    assert code == 2 and "unknown stopping criterion 'never'" in err

@@ -21,7 +21,7 @@ def fedal(*args: str, cwd: Path = REPO_ROOT, timeout: float = 240) -> subprocess
 
 @pytest.mark.parametrize("flags, words", [
     (["--clients", "0"], "clients must be >= 1, got 0"),
-    (["--alpha", "-1"], "alpha must be > 0"),
+    (["--alpha", "-1"], "alpha must be a finite number > 0"),
     (["--strategy", "nope"], "unknown strategy 'nope'; choose one of"),
     (["--round-budget", "-5"], "round-budget must be >= 0"),
     (["--dataset", "nope"], "unknown data set 'nope'"),
@@ -71,7 +71,7 @@ def test_unknown_flag_is_an_argparse_error(tmp_path, capsys):
 
 
 def test_a_new_run_removes_only_the_previous_runs_files(tmp_path):
-    """Clearing the output folder must never touch files fedal did not write there."""
+    """Clearing the output folder (--overwrite) must never touch files fedal did not write there."""
     from fedal.config import FederationConfig
     from simulations.simulate import _prepare_output
 
@@ -81,7 +81,7 @@ def test_a_new_run_removes_only_the_previous_runs_files(tmp_path):
     for name in ("results.json", "results.csv", "curve.png", "notes.txt", "clients/client-0.db",
                  "clients/client-0.db-wal", "clients/keep.py", "checkpoint/state.json", "checkpoint/model.npz"):
         (out / name).write_text("x")
-    _prepare_output(FederationConfig(output_dir=str(out)))
+    _prepare_output(FederationConfig(output_dir=str(out), overwrite=True))
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert left == ["clients/keep.py", "notes.txt"]
 
@@ -126,3 +126,31 @@ def test_config_file_flags_pool_policy_and_fedprox(tmp_path):
     assert "final:" in result.stdout and str(out / "results.json") in result.stdout
     assert sorted(p.name for p in (out / "clients").iterdir() if p.suffix == ".db") == [
         "client-0.db", "client-1.db", "client-2.db"]
+
+
+@pytest.mark.slow
+def test_federated_stopping_on_a_plateau_keeps_training_without_queries(tmp_path):
+    out = tmp_path / "out"
+    result = fedal("simulate", "--clients", "3", "--min-clients", "3", "--rounds", "6", "--round-budget", "30",
+                   "--stop-when", "plateau", "--stop-patience", "1", "--stop-min-delta", "0.5", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]  # after_stop = continue
+    stopped = [r for r in rounds if r.get("stopped")]
+    assert len(stopped) == 1 and stopped[0]["round"] == 3  # the second query round cannot gain 50 points
+    assert "accuracy plateaued" in stopped[0]["stopped"]["criterion"]
+    assert stopped[0]["stopped"]["labels_saved"] == 3 * 30 and stopped[0]["stopped"]["query_rounds_skipped"] == 3
+    assert all(sum(c["budget"] for c in r["clients"].values()) == 0 for r in rounds[3:])
+    assert rounds[-1]["labels"] == rounds[2]["labels"]
+
+
+@pytest.mark.slow
+def test_a_total_budget_caps_the_last_round_and_ends_the_run(tmp_path):
+    out = tmp_path / "out"
+    result = fedal("simulate", "--clients", "3", "--min-clients", "3", "--rounds", "8", "--round-budget", "30",
+                   "--initial-labels", "10", "--total-budget", "80", "--stop-when", "budget", "--after-stop", "end",
+                   "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["labels"] for r in rounds] == [30, 60, 80]  # the third round gets the 20 left, then the run ends
+    assert rounds[-1]["stopped"]["criterion"] == "label budget of 80 spent"
