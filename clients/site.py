@@ -17,6 +17,7 @@ from clients.oracles import FileOracle, make_oracle
 from fedal.config import FederationConfig
 from fedal.data import LocalData
 from fedal.features import featurizer_for, model_inputs
+from fedal.kpi import label_entropy, oracle_use
 from fedal.federation import client_data
 from fedal.learner import ActiveLearner, pool_uncertainty
 from fedal.messages import TrainInstruction, TrainReport
@@ -120,11 +121,14 @@ class ClientSite:
                     if len(y) else math.nan)
             arrays = self.model.get_state()
         counts = self.pool.counts()
+        made, answered, wait = oracle_use(self.pool.requests())
         report = TrainReport(
             num_examples=len(y), client_id=self.client_id, queries_used=spent_before + queried,
             labels_added=counts["labeled"] - labels_before, unlabeled_left=counts["unlabeled"],
             pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss, auto_labeled=auto,
-            auto_correct=auto_correct,
+            auto_correct=auto_correct, requests_made=made, requests_answered=answered, answer_seconds=wait,
+            batch_diversity=self.learner.last_batch_diversity if queried >= 2 else math.nan,
+            label_entropy=label_entropy(y, self.data.n_classes),
         )
         return arrays, report
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from fedal.config import DEFAULT_COLD_START
 from fedal.exceptions import ConfigError, InvalidLabelError, OracleError
+from fedal.kpi import batch_diversity
 from fedal.oracle import Oracle
 from fedal.pool import Pool
 from fedal.seeds import query_seed
@@ -75,6 +76,7 @@ class ActiveLearner:
         self._row = {int(i): r for r, i in enumerate(pool.ids)}
         self.model_ready = False  # True once the model was trained (locally or a received global model)
         self.last_uncertainty = (math.nan, math.nan)
+        self.last_batch_diversity = math.nan  # of the last queried batch (fedal.kpi.batch_diversity)
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
         """Rows of ``X`` that hold the given sample ids."""
@@ -111,6 +113,13 @@ class ActiveLearner:
         ids = strategy.query(ctx, budget, seed=step_seed)
         if self.model_ready and len(candidates) and ctx.model is not None:  # nothing labeled yet: no model to ask
             self.last_uncertainty = pool_uncertainty(ctx.probs())
+            # how spread out the batch is in the model's embedding, against random batches (a KPI)
+            chosen = np.searchsorted(ctx.ids, ids) if np.all(np.diff(ctx.ids) > 0) else \
+                np.fromiter((int(np.flatnonzero(ctx.ids == i)[0]) for i in ids), np.int64, len(ids))
+            emb = ctx.embeddings()
+            self.last_batch_diversity = batch_diversity(emb[chosen], emb, np.random.default_rng(step_seed))
+        else:
+            self.last_batch_diversity = math.nan
         self.pool.request(ids, round=round, timeout_s=timeout_s)
         return ids
 

@@ -27,6 +27,11 @@ REPORT_KEYS = {
     "train_loss": "train-loss",              # mean local training loss (-1 = not trained)
     "auto_labeled": "auto-labeled",          # pool samples self-training labeled this round (head pipeline)
     "auto_correct": "auto-labeled-correct",  # of those, right by the simulation's ground truth (-1 = unknown)
+    "requests_made": "requests-made",        # label requests made so far (all rounds)
+    "requests_answered": "requests-answered",  # of those, answered by the oracle
+    "answer_seconds": "answer-seconds",      # median seconds from request to answer (-1 = none answered)
+    "batch_diversity": "batch-diversity",    # this round's batch spread / a random batch's (-1 = not measured)
+    "label_entropy": "label-entropy",        # class balance of the site's labels, 0..1 (-1 = no label)
 }
 NOT_MEASURED = -1.0
 
@@ -84,7 +89,10 @@ class TrainReport:
     ``unlabeled_left``, ``pending`` (requests waiting for an answer), ``mean_uncertainty``
     (of the pool under the global model), ``train_loss``, ``auto_labeled`` (pool samples
     self-training labeled, head pipeline) and ``auto_correct`` (how many of those a simulation's
-    ground truth confirms; -1 where the site has no ground truth). Means that could not be measured (no trained model yet, no label to train on) are
+    ground truth confirms; -1 where the site has no ground truth), and the KPIs of
+    :mod:`fedal.kpi`: ``requests_made`` and ``requests_answered`` (so far), ``answer_seconds``
+    (median wait for an answer), ``batch_diversity`` (this round's batch against a random one)
+    and ``label_entropy`` (class balance of the site's labels). Means that could not be measured (no trained model yet, no label to train on) are
     ``-1`` on the wire and ``NaN`` here.
     """
 
@@ -98,6 +106,11 @@ class TrainReport:
     train_loss: float
     auto_labeled: int = 0
     auto_correct: int = -1
+    requests_made: int = 0
+    requests_answered: int = 0
+    answer_seconds: float = float("nan")
+    batch_diversity: float = float("nan")
+    label_entropy: float = float("nan")
 
     def to_metrics(self) -> dict[str, int | float]:
         """The report as wire metrics: ints for counts, finite floats for means (``-1`` = not measured)."""

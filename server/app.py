@@ -56,6 +56,31 @@ def connected_nodes(grid: Grid, want: int, wait_s: float | None = None) -> int:
     return count
 
 
+def round_kpis(first: dict, row: dict) -> dict:
+    """The KPIs of a round from what the clients reported (:mod:`fedal.kpi`; the clients' own scalars
+    combined): labels per accuracy point gained since round 1, the oracles' answered / asked share and
+    median wait, the queried batches' diversity (against random batches) and the labels' class balance."""
+    import statistics
+
+    from fedal.kpi import queries_per_point
+
+    clients = list(row["clients"].values())
+
+    def weighted(key: str, weight: str):
+        pairs = [(c[key], c[weight]) for c in clients if c[key] is not None and c[weight] > 0]
+        total = sum(w for _, w in pairs)
+        return round(sum(v * w for v, w in pairs) / total, 4) if total else None
+
+    made = sum(c["requests_made"] for c in clients)
+    waits = [c["answer_seconds"] for c in clients if c["answer_seconds"] is not None]
+    qpp = queries_per_point(first["labels"], first["accuracy"], row["labels"], row["accuracy"])
+    return {"queries_per_point": None if qpp is None else round(qpp, 2),
+            "oracle_answered": round(sum(c["requests_answered"] for c in clients) / made, 4) if made else None,
+            "median_answer_seconds": round(statistics.median(waits), 3) if waits else None,
+            "batch_diversity": weighted("batch_diversity", "queried"),
+            "label_entropy": weighted("label_entropy", "labeled")}
+
+
 def check_stopping(cfg: FederationConfig, book: RoundBook, criteria, row: dict, server_round: int) -> dict | None:
     """After a query round: add it to the book's history and ask the criteria; when one fires, record in
     the book (and return) which, when, at how many labels, and the labels the rest of the schedule
@@ -170,6 +195,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                "query_round": query, "clients": book.clients_row(server_round),
                "pending": int(train_metrics["pending"]) if train_metrics else 0,
                "seconds": round(time.perf_counter() - t0, 2)}
+        row["kpi"] = round_kpis(recorder.rounds[0] if recorder.rounds else row, row)
         privacy = book.privacy_report()
         if privacy is not None:
             row["privacy"] = privacy

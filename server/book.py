@@ -193,7 +193,11 @@ class RoundBook:
                                 "labeled": r.num_examples, "labels_added": r.labels_added, "pending": r.pending,
                                 "unlabeled": r.unlabeled_left, "mean_uncertainty": _none_if_nan(r.mean_uncertainty),
                                 "train_loss": _none_if_nan(r.train_loss), "auto_labeled": r.auto_labeled,
-                                "auto_correct": None if r.auto_correct < 0 else r.auto_correct}
+                                "auto_correct": None if r.auto_correct < 0 else r.auto_correct,
+                                "requests_made": r.requests_made, "requests_answered": r.requests_answered,
+                                "answer_seconds": _none_if_nan(r.answer_seconds),
+                                "batch_diversity": _none_if_nan(r.batch_diversity),
+                                "label_entropy": _none_if_nan(r.label_entropy)}
         return out
 
     def privacy_report(self) -> dict | None:

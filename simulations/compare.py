@@ -196,6 +196,43 @@ def baseline_is_flat(row: dict) -> bool:
     return need is not None and need <= row["labels"][0]
 
 
+# -------------------------------------------------------------- KPIs
+KPI_NAMES = ("queries_per_point", "oracle_answered", "batch_diversity", "label_entropy")
+
+
+def run_kpis(rounds: list[dict]) -> dict:
+    """One run's KPIs: its last round's (labels per point, answered share, label balance) and the mean batch
+    diversity over its query rounds."""
+    last = rounds[-1].get("kpi", {})
+    diversity = [r["kpi"]["batch_diversity"] for r in rounds if r.get("kpi", {}).get("batch_diversity") is not None]
+    return {**{k: last.get(k) for k in KPI_NAMES}, "batch_diversity": float(np.mean(diversity)) if diversity else None}
+
+
+def mean_kpis(runs: list[dict]) -> dict:
+    """The mean over runs of each KPI (None where no run measured it)."""
+    out = {}
+    for key in KPI_NAMES:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def kpi_table(summary: dict[str, dict]) -> str:
+    """The KPIs per strategy (mean over seeds) as a markdown table."""
+    lines = ["KPIs (mean over seeds): labels per accuracy point gained since round 1 (final round), share of requests "
+             "answered, diversity of the queried batches against random batches of the same size (mean over query "
+             "rounds; 1 = random), class balance of the labels (normalised entropy of each site's labels).", "",
+             "| strategy | labels / point | answered | batch diversity | class balance |", "|---|---:|---:|---:|---:|"]
+    for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["aulc_mean"]):
+        if "kpi" not in r:
+            continue
+        k = r["kpi"]
+        fmt = {key: "-" if k[key] is None else f"{k[key]:.2f}" for key in KPI_NAMES}
+        lines.append(f"| {name} | {fmt['queries_per_point']} | {fmt['oracle_answered']} | {fmt['batch_diversity']} | "
+                     f"{fmt['label_entropy']} |")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------- centralized
 def initial_labeled_ids(cfg: FederationConfig) -> list[np.ndarray]:
     """The pool ids each client of the run ``cfg`` labels first, as its ClientSite picks them.
@@ -396,6 +433,7 @@ def run_compare(args: argparse.Namespace) -> int:
           + f", {base.rounds} rounds, budget {base.round_budget}/round; strategies {', '.join(strategies)}; "
           f"seeds {seeds}; {len(strategies) * len(seeds)} runs -> {out}")
     by_seed: dict[str, dict[int, tuple[list, list]]] = {s: {} for s in strategies}
+    kpis: dict[str, dict[int, dict]] = {s: {} for s in strategies}  # each run's last-round KPIs
     timings, failed = {}, []
     for seed in seeds:
         for name in strategies:
@@ -417,6 +455,7 @@ def run_compare(args: argparse.Namespace) -> int:
                 status = "reused"
             timings[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
             by_seed[name][seed] = ([r["labels"] for r in rounds], [r["accuracy"] for r in rounds])
+            kpis[name][seed] = run_kpis(rounds)
             print(f"  {name:>14s} seed {seed}: {rounds[-1]['labels']} labels, accuracy {rounds[-1]['accuracy']:.4f} "
                   f"({status}, {timings[f'{name}-seed{seed}']:.0f} s)", flush=True)
     # per-seed comparisons pair runs by seed: keep the seeds every strategy finished
@@ -447,7 +486,9 @@ def run_compare(args: argparse.Namespace) -> int:
               f"({timings[reference[0]]:.0f} s)")
 
     summary = summarize({k: v for k, v in curves.items() if v}, reference=reference)
-    table = markdown_table(summary)
+    for name in strategies:  # mean over the compared seeds of each run's KPIs
+        summary[name]["kpi"] = mean_kpis([kpis[name][seed] for seed in seeds])
+    table = markdown_table(summary) + "\n\n" + kpi_table(summary)
     record = FederationConfig.from_mapping({"data_dir": given_data_dir}, base=base)
     write_outputs(out, record, strategies, seeds, curves, reference, summary, table, timings, failed)
     print(table)

@@ -101,11 +101,22 @@ def _prepare_output(cfg: FederationConfig) -> Path:
 
 
 def summary_table(rounds: list[dict]) -> str:
-    """Markdown table of the run, one line per round."""
-    lines = ["| round | labels | queried | accuracy | clients |", "|---:|---:|---:|---:|---:|"]
+    """Markdown table of the run, one line per round, with its KPIs (:func:`server.app.round_kpis`):
+    labels per accuracy point since round 1, the batch's diversity against random, the labels' class
+    balance and the self-trained pool samples."""
+    lines = ["| round | labels | queried | accuracy | labels/pt | batch diversity | class balance | self-trained | "
+             "clients |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
     for r in rounds:
         queried = sum(c["queried"] for c in r["clients"].values())
-        lines.append(f"| {r['round']} | {r['labels']} | {queried} | {r['accuracy']:.4f} | {len(r['clients'])} |")
+        kpi = r.get("kpi", {})
+        auto = sum(c.get("auto_labeled", 0) for c in r["clients"].values())
+        lines.append(f"| {r['round']} | {r['labels']} | {queried} | {r['accuracy']:.4f} | "
+                     f"{cell(kpi.get('queries_per_point'), '.1f')} | {cell(kpi.get('batch_diversity'), '.2f')} | "
+                     f"{cell(kpi.get('label_entropy'), '.2f')} | {auto} | {len(r['clients'])} |")
     return "\n".join(lines)
 
 

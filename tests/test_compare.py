@@ -148,6 +148,9 @@ def test_tiny_compare_end_to_end(tmp_path, capsys):
     assert set(result["summary"]) == {"random", "entropy", "centralized-entropy"}
     md = (out / "compare.md").read_text()
     assert "saving vs random" in md and "centralized-entropy" in md
+    assert "Saving at every budget" in md and "| strategy | labels / point | answered |" in md
+    kpi = result["summary"]["entropy"]["kpi"]
+    assert kpi["oracle_answered"] == 1.0 and 0 < kpi["label_entropy"] <= 1  # a simulated oracle answers all
     png = (out / "compare.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) < 200_000
     # a second call reuses the finished runs

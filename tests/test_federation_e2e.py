@@ -34,8 +34,10 @@ def test_results_json_has_config_and_one_row_per_round(run):
         assert 0.0 <= row["accuracy"] <= 1.0
         assert set(row["clients"]) == {"0", "1", "2"}
         for entry in row["clients"].values():
-            counts = {"budget", "queried", "labeled", "labels_added", "pending", "unlabeled", "auto_labeled"}
-            assert set(entry) == counts | {"mean_uncertainty", "train_loss", "auto_labeled", "auto_correct"}
+            counts = {"budget", "queried", "labeled", "labels_added", "pending", "unlabeled", "auto_labeled",
+                      "requests_made", "requests_answered"}
+            assert set(entry) == counts | {"mean_uncertainty", "train_loss", "auto_correct", "answer_seconds",
+                                           "batch_diversity", "label_entropy"}
             assert all(isinstance(entry[k], int) for k in counts)
             assert entry["train_loss"] is None or entry["train_loss"] >= 0
             assert entry["mean_uncertainty"] is None or 0 <= entry["mean_uncertainty"] <= 1

@@ -54,7 +54,9 @@ def test_captured_replies_are_what_the_server_recorded():
     # every scalar a client sends is read by the server and kept in the results, under these names
     kept_as = {"client-id": None, "queries-used": "queried", "num-examples": "labeled", "labels-added": "labels_added",
                "pending": "pending", "unlabeled-left": "unlabeled", "mean-uncertainty": "mean_uncertainty",
-               "train-loss": "train_loss", "auto-labeled": "auto_labeled", "auto-labeled-correct": "auto_correct"}
+               "train-loss": "train_loss", "auto-labeled": "auto_labeled", "auto-labeled-correct": "auto_correct",
+               "requests-made": "requests_made", "requests-answered": "requests_answered",
+               "answer-seconds": "answer_seconds", "batch-diversity": "batch_diversity", "label-entropy": "label_entropy"}
     assert sorted(kept_as) == sorted(protocol.TRAIN_METRICS)
 
     def sent(entry):
