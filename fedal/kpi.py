@@ -74,8 +74,8 @@ def oracle_use(requests: Sequence[dict]) -> tuple[int, int, float]:
 
 
 def queries_per_point(labels_start: int, accuracy_start: float, labels: int, accuracy: float) -> float | None:
-    """Labels spent per accuracy point (percent) gained since ``(labels_start, accuracy_start)``; None when
-    nothing was gained (the ratio would be meaningless)."""
+    """Labels spent per accuracy point (percent) gained from ``(labels_start, accuracy_start)`` to
+    ``(labels, accuracy)``; None when nothing was gained (the ratio would be meaningless)."""
     gain = 100.0 * (accuracy - accuracy_start)
     if not gain > 0:
         return None
