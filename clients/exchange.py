@@ -17,7 +17,6 @@ steps itself each round (see :class:`clients.oracles.FileOracle`).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.images import to_png
-from clients.node import open_site_pool
 from fedal.data import LocalData
 from fedal.exceptions import FedalError, InvalidLabelError
 from fedal.fileio import atomic_write
@@ -142,6 +140,32 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
             f"{path}: the header {columns or '(empty file)'} lacks the column(s) {missing}; "
             f"keep the header of the exported {REQUESTS_CSV}"
         )
+    rows = ((reader.line_num, row) for row in reader)
+    return record_rows(pool, rows, path, source)
+
+
+def record_rows(pool: Pool, rows, path: Path, source: str, *, where: str = "line") -> ImportResult:
+    """Check every ``(position, {request_id, sample_id, label})`` of ``rows`` (texts, as a CSV holds them),
+    then record all labels in one transaction, or none: the one rule of every answer file.
+
+    Parameters
+    ----------
+    pool : Pool
+        The client's pool.
+    rows : iterable of (int, dict)
+        Each answer and where it sits in its file (a line, a task).
+    path : Path
+        The file (for the messages).
+    source : str
+        Stored with every label.
+    where : str
+        What a position is called in the messages ("line", "task").
+
+    Raises
+    ------
+    ExchangeError
+        Listing every problem; nothing was recorded.
+    """
     requests = {int(r["request_id"]): r for r in pool.requests()}
     labels = {r["id"]: r for r in pool.label_records()}
     problems: list[str] = []
@@ -150,37 +174,36 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
     seen_request: dict[int, int] = {}
     seen_sample: dict[int, int] = {}
     unanswered = repeated = 0
-    for row in reader:
-        line = reader.line_num
+    for line, row in rows:
         row = {(k or "").strip(): (v or "") for k, v in row.items()}
         raw_label = row.get("label", "").strip()
         try:
             request_id = _int(row.get("request_id", ""))
         except ValueError:
-            problems.append(f"line {line}: request_id {row.get('request_id')!r} is not an integer")
+            problems.append(f"{where} {line}: request_id {row.get('request_id')!r} is not an integer")
             continue
         try:
             sample_id = _int(row.get("sample_id", ""))
         except ValueError:
-            problems.append(f"line {line}: sample_id {row.get('sample_id')!r} is not an integer")
+            problems.append(f"{where} {line}: sample_id {row.get('sample_id')!r} is not an integer")
             continue
         if request_id in seen_request:
-            problems.append(f"line {line}: request {request_id} appears again (first on line {seen_request[request_id]}); "
+            problems.append(f"{where} {line}: request {request_id} appears again (first on {where} {seen_request[request_id]}); "
                             "keep one row per request")
             continue
         seen_request[request_id] = line
         if sample_id in seen_sample:
-            problems.append(f"line {line}: sample {sample_id} appears again (first on line {seen_sample[sample_id]}); "
+            problems.append(f"{where} {line}: sample {sample_id} appears again (first on {where} {seen_sample[sample_id]}); "
                             "keep one row per sample")
             continue
         seen_sample[sample_id] = line
         req = requests.get(request_id)
         if req is None:
-            problems.append(f"line {line}: request {request_id} is not a request of this client; "
+            problems.append(f"{where} {line}: request {request_id} is not a request of this client; "
                             "was the file exported from another site or state directory?")
             continue
         if int(req["sample_id"]) != sample_id:
-            problems.append(f"line {line}: request {request_id} asked about sample {req['sample_id']}, "
+            problems.append(f"{where} {line}: request {request_id} asked about sample {req['sample_id']}, "
                             f"not {sample_id}; do not edit the id columns")
             continue
         if not raw_label:
@@ -189,10 +212,10 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
         try:
             label = pool.check_label(_int(raw_label))
         except InvalidLabelError as exc:  # (a ValueError too: catch it first)
-            problems.append(f"line {line}: {exc}")
+            problems.append(f"{where} {line}: {exc}")
             continue
         except ValueError:
-            problems.append(f"line {line}: label {raw_label!r} is not an integer class; "
+            problems.append(f"{where} {line}: label {raw_label!r} is not an integer class; "
                             f"write a number 0..{pool.n_classes - 1} (see {CLASSES_CSV})")
             continue
         status = req["status"]
@@ -201,12 +224,12 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
             if given is not None and given["label"] == label:
                 repeated += 1  # the same file imported again
                 continue
-            problems.append(f"line {line}: request {request_id} was already answered "
+            problems.append(f"{where} {line}: request {request_id} was already answered "
                             f"(class {None if given is None else given['label']} from {given and given['source']}); "
                             "a recorded label is not overwritten")
             continue
         if status != "pending":
-            problems.append(f"line {line}: request {request_id} was {status} ({req['note'] or 'closed'}) and its sample "
+            problems.append(f"{where} {line}: request {request_id} was {status} ({req['note'] or 'closed'}) and its sample "
                             "went back to the pool; export again to get the current requests")
             continue
         answers[sample_id] = label
@@ -228,36 +251,3 @@ def _delimiter(text: str) -> str:
         if {"request_id", "sample_id", "label"} <= {c.strip() for c in header.split(sep)}:
             return sep
     return ","
-
-
-# --------------------------------------------------------------- fedal exchange
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags of ``fedal exchange`` to ``parser``."""
-    parser.add_argument("action", choices=("export", "import"), help="export pending queries, or import answers")
-    parser.add_argument("--state-dir", required=True, help="the SuperNode's state-dir (holds client-<id>.db)")
-    parser.add_argument("--client-id", type=int, required=True, help="the SuperNode's client-id")
-    parser.add_argument("--data-path", required=True, help="the site's data file (as in the node config)")
-    parser.add_argument("--folder", help="export: folder to write requests.csv, classes.csv and images/ into")
-    parser.add_argument("--csv", help="import: the filled requests CSV")
-    parser.add_argument("--labeler", default="", help="import: name recorded with the labels (default the file name)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Export or import as the parsed ``args`` say; print what happened."""
-    from fedal.sitedata import load_site
-
-    data = load_site(args.data_path, args.client_id)
-    with open_site_pool(args.state_dir, args.client_id, data, create=False) as pool:
-        if args.action == "export":
-            if not args.folder:
-                raise ExchangeError("export needs --folder (where to write requests.csv and the images)")
-            path = export_requests(pool, data, args.folder)
-            print(f"{len(pool.requests('pending'))} pending request(s) written to {path}; "
-                  f"fill the label column (classes in {Path(args.folder) / CLASSES_CSV}) and import it")
-        else:
-            if not args.csv:
-                raise ExchangeError("import needs --csv (the filled requests CSV)")
-            result = import_answers(pool, args.csv, source=f"file:{args.labeler}" if args.labeler else None)
-            print(f"recorded {result.recorded} label(s); {result.unanswered} row(s) left blank stay pending; "
-                  f"{result.repeated} already recorded")
-    return 0

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-from clients import exchange, labeling
+from clients import exchange_command, labeling
 from fedal.exceptions import FedalError
 from simulations import commands, compare, simulate
 
@@ -34,7 +34,7 @@ COMMANDS: dict[str, Command] = {
     "label": Command("serve the labeling page for a client's pending queries",
                      labeling.add_label_arguments, labeling.run_label),
     "exchange": Command("export a client's pending queries to files / import the filled CSV",
-                        exchange.add_arguments, exchange.run),
+                        exchange_command.add_arguments, exchange_command.run),
     "split": Command("write one data file per site (deployment: each site holds only its own data)",
                      commands.add_split_arguments, commands.run_split),
     "strategies": Command("list the registered query strategies",
