@@ -122,7 +122,8 @@ def test_config_file_flags_pool_policy_and_fedprox(tmp_path):
         assert results["rounds"][1]["clients"][cid]["queried"] <= budget
     # what the user sees
     assert "per-client class counts" in result.stdout
-    assert "| round | labels | queried | accuracy | clients |" in result.stdout
+    assert ("| round | labels | queried | accuracy | labels/pt | batch diversity | class balance | self-trained | "
+            "clients |") in result.stdout
     assert "final:" in result.stdout and str(out / "results.json") in result.stdout
     assert sorted(p.name for p in (out / "clients").iterdir() if p.suffix == ".db") == [
         "client-0.db", "client-1.db", "client-2.db"]
