@@ -25,9 +25,11 @@ import numpy as np
 
 from clients.exchange import ExchangeError, export_requests, import_answers
 from clients.node import NodeConfig
+from fedal.config import FederationConfig
 from fedal.data import LocalData
 from fedal.exceptions import ConfigError
-from fedal.oracle import Oracle, SimulatedOracle
+from fedal.federation import simulated_oracle
+from fedal.oracle import Oracle, VerifyingOracle
 from fedal.pool import PENDING, Pool
 
 
@@ -121,8 +123,8 @@ class FileOracle(Oracle):
         return {}
 
 
-def make_oracle(node: NodeConfig, *, pool: Pool, data: LocalData, state_dir: Path, noise_rate: float = 0.0,
-                seed: int = 0) -> Oracle:
+def make_oracle(node: NodeConfig, *, pool: Pool, data: LocalData, state_dir: Path, cfg: FederationConfig,
+                predict=None) -> Oracle:
     """The oracle a site's node config asks for (``node.oracle``).
 
     Parameters
@@ -138,10 +140,12 @@ def make_oracle(node: NodeConfig, *, pool: Pool, data: LocalData, state_dir: Pat
         The site's data.
     state_dir : Path
         The site's state directory.
-    noise_rate : float
-        Label noise of the simulated oracle.
-    seed : int
-        Seed of the simulated oracle's noise.
+    cfg : FederationConfig
+        The run: the simulated oracle's noise (``noise-rate``, ``client-noise``, ``noise-kind``,
+        ``unsure-rate``) and its second reader (``verify-threshold``).
+    predict : callable, optional
+        ``predict(ids) -> (classes, confidences)`` of the site's current model, or ``None`` before it is
+        trained; needed for ``verify-threshold``.
     """
     if node.oracle == "simulated":
         if np.any(data.y_pool < 0):
@@ -149,7 +153,17 @@ def make_oracle(node: NodeConfig, *, pool: Pool, data: LocalData, state_dir: Pat
                 f"oracle 'simulated' needs the ground truth of every pool sample, but the data of client "
                 f"{node.client_id} has unknown labels (-1); set oracle=\"web\" or oracle=\"file\" in the node config"
             )
-        return SimulatedOracle(data.y_pool, data.n_classes, noise_rate=noise_rate, seed=seed)
+        oracle = simulated_oracle(cfg, node.client_id, data.y_pool, data.n_classes)
+        if cfg.verify_threshold > 0:
+            if predict is None:
+                raise ConfigError("verify-threshold needs the site's model to compare answers with")
+            second = simulated_oracle(cfg, node.client_id, data.y_pool, data.n_classes, reviewer=True)
+            oracle = VerifyingOracle(oracle, second, predict, cfg.verify_threshold)
+        return oracle
+    if cfg.verify_threshold > 0:
+        raise ConfigError(f"verify-threshold is a simulation of second readings and needs oracle=\"simulated\"; "
+                          f"client {node.client_id} has oracle={node.oracle!r}: set verify-threshold = 0 (a site with "
+                          "people at the page reviews answers there)")
     if node.oracle == "web":
         return HumanOracle(pool, wait_s=node.label_wait)
     return FileOracle(pool, data, node.exchange_dir or state_dir / f"exchange-{node.client_id}")

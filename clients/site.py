@@ -23,6 +23,7 @@ from fedal.learner import ActiveLearner, pool_uncertainty
 from fedal.messages import TrainInstruction, TrainReport
 from fedal.models import model_for
 from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS
+from fedal.oracle import VerifyingOracle
 from fedal.pool import PENDING
 from fedal.seeds import client_seed, local_model_seed
 from fedal.sitedata import load_site
@@ -59,8 +60,8 @@ class ClientSite:
         self.X_pool = model_inputs(featurizer, data.X_pool, state_dir / f"client-{self.client_id}.features.npz")
         self.X_test = model_inputs(featurizer, data.X_test, state_dir / f"client-{self.client_id}.test-features.npz")
         self.model = model_for(cfg, self.X_pool.shape[1:], data.n_classes, seed=seed)
-        self.oracle = make_oracle(node, pool=self.pool, data=data, state_dir=state_dir, noise_rate=cfg.noise_rate,
-                                  seed=seed)
+        self.oracle = make_oracle(node, pool=self.pool, data=data, state_dir=state_dir, cfg=cfg,
+                                  predict=self._confident_view)
         self.learner = ActiveLearner(self.model, cfg.query_strategy(), self.X_pool, self.pool, self.oracle,
                                      cold_start=cfg.cold_start_strategy(), seed=seed)
 
@@ -108,6 +109,7 @@ class ClientSite:
             self.pool.spend_budget(server_round, spent_before + queried)
             mean_unc = self.learner.last_uncertainty[0]
         self.learner.teach(round=server_round)
+        reviewed = self._count_reviews()
         if math.isnan(mean_unc) and self.learner.model_ready:
             mean_unc = self._pool_uncertainty()
         X, y = self.learner.labeled_data()
@@ -128,7 +130,7 @@ class ClientSite:
             pending=counts["pending"], mean_uncertainty=mean_unc, train_loss=loss, auto_labeled=auto,
             auto_correct=auto_correct, requests_made=made, requests_answered=answered, answer_seconds=wait,
             batch_diversity=self.learner.last_batch_diversity if queried >= 2 else math.nan,
-            label_entropy=label_entropy(y, self.data.n_classes),
+            label_entropy=label_entropy(y, self.data.n_classes), labels_reviewed=reviewed,
         )
         return arrays, report
 
@@ -145,8 +147,27 @@ class ClientSite:
         return arrays, loss, len(added), correct
 
     def _spent(self, server_round: int) -> int:
-        """Labels requested in ``server_round`` and not given back (pending or answered)."""
-        return sum(1 for r in self.pool.requests() if r["round"] == server_round and r["status"] in ("pending", "answered"))
+        """Labels requested in ``server_round`` and not given back: pending, answered, or answered "unsure"
+        (skipped: the reader's time was spent; only an expired request gives its budget back)."""
+        return sum(1 for r in self.pool.requests()
+                   if r["round"] == server_round and r["status"] in ("pending", "answered", "skipped"))
+
+    def _confident_view(self, ids) -> tuple[np.ndarray, np.ndarray] | None:
+        """The current global model's class and confidence for pool samples ``ids`` (None while untrained):
+        what a second reading (``verify-threshold``) is decided on."""
+        if not self.learner.model_ready:
+            return None
+        probs, _ = self.model.forward(self.X_pool[self.learner.rows(ids)])
+        return probs.argmax(axis=1), probs.max(axis=1)
+
+    def _count_reviews(self) -> int:
+        """Second readings of this site so far (kept in the pool database: each message is a new process)."""
+        total = int(self.pool.get_meta("labels-reviewed", "0"))
+        if isinstance(self.oracle, VerifyingOracle) and self.oracle.verifications:
+            total += self.oracle.verifications
+            self.oracle.verifications = 0
+            self.pool.set_meta("labels-reviewed", total)
+        return total
 
     def _give_local_views(self) -> None:
         """Federated-aware strategies (LoGo, KAFAL) also score with a local model and the local

@@ -16,6 +16,7 @@ from typing import Any
 from fedal.exceptions import ConfigError, UnknownStrategyError
 from fedal.features import FEATURES
 from fedal.fileio import read_toml
+from fedal.oracle import NOISE_KINDS
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
@@ -118,7 +119,18 @@ class FederationConfig:
     round_timeout : float
         Seconds the server waits for replies in a round.
     noise_rate : float
-        Simulated oracle label-noise rate.
+        Simulated oracle label-noise rate (every client; see client-noise).
+    noise_kind : str
+        Simulated oracle noise: ``uniform`` (any wrong class) or ``neighbour`` (class y - 1 or y + 1).
+    client_noise : str
+        Per-client noise rates, comma-separated, one per client ("0,0,0.6"; "" = noise-rate for all): sites
+        whose readers differ in reliability.
+    unsure_rate : float
+        Share of samples the simulated oracle answers "unsure" (the request closes, the sample is not asked again).
+    verify_threshold : float
+        A noise-robust measure: where an answer disagrees with a global model at least this confident, a second
+        simulated reader of the site labels the sample and its answer is kept (0 = off; the second readings are
+        counted and reported).
     seed : int
         Seed of partitioning, initial sets, queries and training.
     output_dir : str
@@ -196,6 +208,10 @@ class FederationConfig:
     min_clients: int = 2
     round_timeout: float = 600.0
     noise_rate: float = 0.0
+    noise_kind: str = "uniform"
+    client_noise: str = ""
+    unsure_rate: float = 0.0
+    verify_threshold: float = 0.0
     seed: int = 0
     output_dir: str = "runs/latest"
     state_dir: str = ""
@@ -272,6 +288,11 @@ class FederationConfig:
              f"min-clients must be between 1 and clients ({self.clients}), got {self.min_clients}")
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(0 <= self.noise_rate <= 1, f"noise-rate must be in [0, 1], got {self.noise_rate}")
+        need(self.noise_kind in NOISE_KINDS, f"noise-kind must be one of {', '.join(NOISE_KINDS)}, got {self.noise_kind!r}")
+        self.client_noise_rates()  # raises naming the bad entry
+        need(0 <= self.unsure_rate < 1, f"unsure-rate must be in [0, 1) (1 would never answer), got {self.unsure_rate}")
+        need(0 <= self.verify_threshold <= 1,
+             f"verify-threshold must be in [0, 1] (0 = no second readings), got {self.verify_threshold}")
         need(self.max_train >= 0, f"max-train must be >= 0 (0 = all), got {self.max_train}")
         need(self.n_classes == 0 or self.n_classes >= 2,
              f"n-classes must be 0 (from the labels) or >= 2, got {self.n_classes}")
@@ -322,6 +343,25 @@ class FederationConfig:
 
         return criteria_from(self.stop_when, patience=self.stop_patience, min_delta=self.stop_min_delta,
                              uncertainty=self.stop_uncertainty, total_budget=self.total_budget)
+
+    def client_noise_rates(self) -> list[float]:
+        """The simulated oracle's noise rate of each client: ``client-noise`` when given, else ``noise-rate``."""
+        if not self.client_noise.strip():
+            return [self.noise_rate] * self.clients
+        rates = []
+        for entry in self.client_noise.split(","):
+            try:
+                rate = float(entry)
+            except ValueError:
+                raise ConfigError(f"client-noise must be comma-separated rates in [0, 1], one per client, got "
+                                  f"{entry.strip()!r} in {self.client_noise!r}") from None
+            if not 0 <= rate <= 1:
+                raise ConfigError(f"client-noise rates must be in [0, 1], got {rate:g} in {self.client_noise!r}")
+            rates.append(rate)
+        if len(rates) != self.clients:
+            raise ConfigError(f"client-noise gives {len(rates)} rates for {self.clients} clients: give one per client "
+                              f"(e.g. \"{','.join(['0'] * self.clients)}\") or leave it empty to use noise-rate")
+        return rates
 
     def is_query_round(self, server_round: int) -> bool:
         """Whether ``server_round`` queries: round 1 labels the initial sets; then every

@@ -13,8 +13,9 @@ import numpy as np
 from fedal.config import FederationConfig
 from fedal.data import Dataset, LocalData, load_dataset
 from fedal.exceptions import ConfigError
+from fedal.oracle import SimulatedOracle
 from fedal.partition import class_counts, partition
-from fedal.seeds import client_seed
+from fedal.seeds import client_seed, reviewer_seed
 
 
 @lru_cache(maxsize=4)
@@ -51,6 +52,21 @@ def client_data(cfg: FederationConfig, client_id: int) -> LocalData:
     test, pool = np.sort(idx[:n_test]), np.sort(idx[n_test:])
     return LocalData(client_id, ds.X_train[pool], ds.y_train[pool], ds.X_train[test], ds.y_train[test],
                      ds.n_classes, ds.class_names, ds.kind)
+
+
+def simulated_oracle(cfg: FederationConfig, client_id: int, labels: np.ndarray, n_classes: int, *,
+                     reviewer: bool = False) -> SimulatedOracle:
+    """The simulated reader of client ``client_id`` of the run ``cfg`` (its noise rate from ``client-noise`` /
+    ``noise-rate``, the run's noise kind and unsure rate), answering with ground truth ``labels`` (one per pool
+    sample) among ``n_classes`` classes; with ``reviewer`` its second reader (same reliability, its own
+    noise). The site and the centralized reference of ``fedal compare`` both build it here, so they agree."""
+    rates = cfg.client_noise_rates()
+    if cfg.client_noise.strip() and not 0 <= client_id < len(rates):
+        raise ConfigError(f"client-noise gives rates for clients 0..{len(rates) - 1}, not client {client_id}")
+    rate = rates[client_id] if 0 <= client_id < len(rates) else cfg.noise_rate
+    seed = reviewer_seed(cfg.seed, client_id) if reviewer else client_seed(cfg.seed, client_id)
+    return SimulatedOracle(labels, n_classes, noise_rate=rate, seed=seed, noise_kind=cfg.noise_kind,
+                           unsure_rate=cfg.unsure_rate)
 
 
 def check_label_budgets(cfg: FederationConfig) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from fedal.config import DEFAULT_COLD_START
 from fedal.exceptions import ConfigError, InvalidLabelError, OracleError
 from fedal.kpi import batch_diversity
-from fedal.oracle import Oracle
+from fedal.oracle import UNSURE, Oracle
 from fedal.pool import Pool
 from fedal.seeds import query_seed
 from fedal.stopping import BudgetExhausted, StepRecord, StoppingCriterion
@@ -101,6 +101,12 @@ class ActiveLearner:
             Seconds after which an unanswered request may be expired.
         """
         candidates = self.pool.unlabeled_ids()
+        skipped = self.pool.skipped_ids()
+        if len(skipped):  # "unsure" once: asking again would spend budget on the same doubt
+            candidates = np.setdiff1d(candidates, skipped, assume_unique=True)
+        if len(candidates) == 0 or budget <= 0:
+            self.last_batch_diversity = math.nan
+            return np.zeros(0, np.int64)
         labeled = self.pool.labeled_ids()
         if len(labeled) and not self.model_ready:  # e.g. a reopened pool: score with a trained model
             self.fit()
@@ -130,7 +136,9 @@ class ActiveLearner:
         (with a warning each): an invalid label leaves its request pending; an answer
         for a sample that has no pending request is ignored; an oracle that raises
         :class:`~fedal.exceptions.OracleError` or ``TimeoutError`` leaves every request
-        pending (they expire only by their deadline, see :meth:`Pool.expire_overdue`).
+        pending (they expire only by their deadline, see :meth:`Pool.expire_overdue`). An
+        :data:`~fedal.oracle.UNSURE` answer closes its request as skipped: the sample is
+        unlabeled again and :meth:`query` does not ask for it again.
 
         Parameters
         ----------
@@ -149,7 +157,7 @@ class ActiveLearner:
                       f"{len(pending)} requests stay pending")
             warnings.warn(reason, stacklevel=2)
             return 0, [reason]
-        valid, rejected = {}, []
+        valid, rejected, unsure = {}, [], []
         asked = set(pending.tolist())
         for sample_id, label in answers.items():
             try:
@@ -159,12 +167,17 @@ class ActiveLearner:
             if not known:  # one stray answer must not void the valid ones
                 rejected.append(f"sample {sample_id!r} has no pending request; answer ignored")
                 continue
+            if label is UNSURE:
+                unsure.append(int(sample_id))
+                continue
             try:
                 valid[sample_id] = self.pool.check_label(label)
             except InvalidLabelError as exc:
                 rejected.append(f"sample {sample_id} stays pending: {exc}")
         for reason in rejected:
             warnings.warn(f"oracle answer rejected: {reason}", stacklevel=2)
+        if unsure:  # the request closes; the sample is back in the pool but not asked again
+            self.pool.release(unsure, status="skipped", note=f"unsure ({self.oracle.name})")
         return self.pool.answer(valid, source=self.oracle.name, round=round), rejected
 
     def fit(self, **fit_kwargs: Any) -> float:

@@ -17,7 +17,8 @@ from fedal.stopping import BudgetExhausted, StepRecord, StoppingCriterion
 
 
 def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, seed: int,
-              epochs: int, noise_rate: float = 0.0, cold_start: str = "random",
+              epochs: int, noise_rate: float = 0.0, noise_kind: str = "uniform", unsure_rate: float = 0.0,
+              cold_start: str = "random",
               stopping: Sequence[StoppingCriterion] = ()) -> tuple[list[StepRecord], str | None]:
     """Learning curve of one strategy on one device, and why it stopped early (None: all ``steps`` ran).
 
@@ -41,6 +42,10 @@ def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, 
         Training epochs per step.
     noise_rate : float
         Label-noise rate of the simulated oracle.
+    noise_kind : {"uniform", "neighbour"}
+        Which wrong class a noisy answer gives (:data:`fedal.oracle.NOISE_KINDS`).
+    unsure_rate : float
+        Share of samples the oracle answers "unsure" (not labeled, not asked again).
     cold_start : str
         Strategy that picks the initial set.
     stopping : sequence of StoppingCriterion
@@ -48,7 +53,8 @@ def run_curve(dataset, strategy: str, *, initial: int, budget: int, steps: int, 
     """
     model = build_model(dataset.input_shape, dataset.n_classes, epochs=epochs, seed=seed)
     pool = Pool(dataset.n_classes, size=len(dataset.y_train))
-    oracle = SimulatedOracle(dataset.y_train, dataset.n_classes, noise_rate=noise_rate, seed=seed)
+    oracle = SimulatedOracle(dataset.y_train, dataset.n_classes, noise_rate=noise_rate, seed=seed,
+                             noise_kind=noise_kind, unsure_rate=unsure_rate)
     learner = ActiveLearner(model, strategy, dataset.X_train, pool, oracle, cold_start=cold_start,
                             X_eval=dataset.X_test, y_eval=dataset.y_test, seed=seed)
     learner.step(initial)  # nothing labeled yet: the cold-start strategy picks the initial set

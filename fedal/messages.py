@@ -32,6 +32,7 @@ REPORT_KEYS = {
     "answer_seconds": "answer-seconds",      # median seconds from request to answer (-1 = none answered)
     "batch_diversity": "batch-diversity",    # this round's batch spread / a random batch's (-1 = not measured)
     "label_entropy": "label-entropy",        # class balance of the site's labels, 0..1 (-1 = no label)
+    "labels_reviewed": "labels-reviewed",    # second readings so far (verify-threshold; 0 = none)
 }
 NOT_MEASURED = -1.0
 
@@ -92,7 +93,8 @@ class TrainReport:
     ground truth confirms; -1 where the site has no ground truth), and the KPIs of
     :mod:`fedal.kpi`: ``requests_made`` and ``requests_answered`` (so far), ``answer_seconds``
     (median wait for an answer), ``batch_diversity`` (this round's batch against a random one)
-    and ``label_entropy`` (class balance of the site's labels). Means that could not be measured (no trained model yet, no label to train on) are
+    and ``label_entropy`` (class balance of the site's labels), and ``labels_reviewed`` (second
+    readings of answers a confident model disagreed with, so far). Means that could not be measured (no trained model yet, no label to train on) are
     ``-1`` on the wire and ``NaN`` here.
     """
 
@@ -111,6 +113,7 @@ class TrainReport:
     answer_seconds: float = float("nan")
     batch_diversity: float = float("nan")
     label_entropy: float = float("nan")
+    labels_reviewed: int = 0
 
     def to_metrics(self) -> dict[str, int | float]:
         """The report as wire metrics: ints for counts, finite floats for means (``-1`` = not measured)."""

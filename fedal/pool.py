@@ -157,6 +157,13 @@ class Pool:
         """Ids asked of an oracle and not yet answered."""
         return self._ids_where(PENDING)
 
+    def skipped_ids(self) -> np.ndarray:
+        """Unlabeled ids whose oracle answered "unsure" (a request closed as skipped): not asked again."""
+        rows = self._db.execute(
+            "SELECT DISTINCT r.sample_id FROM requests r JOIN samples s ON s.id = r.sample_id "
+            "WHERE r.status = 'skipped' AND s.state = ? ORDER BY r.sample_id", (UNLABELED,)).fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
     def labeled_ids(self) -> np.ndarray:
         """Ids with a label."""
         return self._ids_where(LABELED)

@@ -14,6 +14,12 @@ def client_seed(run_seed: int, client_id: int) -> int:
     return int(run_seed) * 1000 + int(client_id)
 
 
+def reviewer_seed(run_seed: int, client_id: int) -> int:
+    """Seed of the noise of the second (simulated) reader of client ``client_id`` of a run seeded ``run_seed``
+    (``verify-threshold``)."""
+    return client_seed(run_seed, client_id) + 13
+
+
 def local_model_seed(run_seed: int, client_id: int) -> int:
     """Seed of the local model client ``client_id`` of a run seeded ``run_seed`` trains next to the global
     one for a federated-aware strategy (LoGo, KAFAL)."""

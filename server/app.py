@@ -59,7 +59,8 @@ def connected_nodes(grid: Grid, want: int, wait_s: float | None = None) -> int:
 def round_kpis(first: dict, row: dict) -> dict:
     """The KPIs of a round from what the clients reported (:mod:`fedal.kpi`; the clients' own scalars
     combined): labels per accuracy point gained since round 1, the oracles' answered / asked share and
-    median wait, the queried batches' diversity (against random batches) and the labels' class balance."""
+    median wait, the queried batches' diversity (against random batches), the labels' class balance and the
+    second readings asked so far."""
     import statistics
 
     from fedal.kpi import queries_per_point
@@ -78,7 +79,8 @@ def round_kpis(first: dict, row: dict) -> dict:
             "oracle_answered": round(sum(c["requests_answered"] for c in clients) / made, 4) if made else None,
             "median_answer_seconds": round(statistics.median(waits), 3) if waits else None,
             "batch_diversity": weighted("batch_diversity", "queried"),
-            "label_entropy": weighted("label_entropy", "labeled")}
+            "label_entropy": weighted("label_entropy", "labeled"),
+            "labels_reviewed": sum(c.get("labels_reviewed", 0) for c in clients)}
 
 
 def check_stopping(cfg: FederationConfig, book: RoundBook, criteria, row: dict, server_round: int) -> dict | None:

@@ -197,7 +197,8 @@ class RoundBook:
                                 "requests_made": r.requests_made, "requests_answered": r.requests_answered,
                                 "answer_seconds": _none_if_nan(r.answer_seconds),
                                 "batch_diversity": _none_if_nan(r.batch_diversity),
-                                "label_entropy": _none_if_nan(r.label_entropy)}
+                                "label_entropy": _none_if_nan(r.label_entropy),
+                                "labels_reviewed": r.labels_reviewed}
         return out
 
     def privacy_report(self) -> dict | None:

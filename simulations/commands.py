@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError
+from fedal.oracle import NOISE_KINDS
 
 
 # ------------------------------------------------------------------ fedal local
@@ -31,6 +32,10 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30, help="training epochs per step (default 30)")
     p.add_argument("--max-train", type=int, default=None, help="subsample the training pool")
     p.add_argument("--noise", type=float, default=0.0, help="simulated oracle label-noise rate")
+    p.add_argument("--noise-kind", default="uniform", choices=NOISE_KINDS,
+                   help="uniform: any wrong class; neighbour: class y-1 or y+1 (default uniform)")
+    p.add_argument("--unsure", type=float, default=0.0,
+                   help="share of samples the simulated oracle answers 'unsure' (not asked again)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-when", default="", help="stop early when one of these holds: plateau, uncertainty, budget")
     p.add_argument("--stop-patience", type=int, default=3, help="steps without gain before plateau fires (default 3)")
@@ -62,7 +67,8 @@ def run_local(args: argparse.Namespace) -> int:
     for name in dict.fromkeys([args.strategy, args.baseline]):
         start = time.perf_counter()
         curves[name], reason = run_curve(dataset, name, initial=args.initial, budget=args.budget, steps=args.steps,
-                                         seed=args.seed, epochs=args.epochs, noise_rate=args.noise, stopping=stopping)
+                                         seed=args.seed, epochs=args.epochs, noise_rate=args.noise, noise_kind=args.noise_kind,
+                                         unsure_rate=args.unsure, stopping=stopping)
         print(f"  {name}: {time.perf_counter() - start:.1f} s" + (f"; stopped early: {reason}" if reason else ""))
     shortest = min(len(c) for c in curves.values())  # a criterion may stop one curve before the other
     print(format_table({name: c[:shortest] for name, c in curves.items()}))

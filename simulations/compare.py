@@ -197,7 +197,7 @@ def baseline_is_flat(row: dict) -> bool:
 
 
 # -------------------------------------------------------------- KPIs
-KPI_NAMES = ("queries_per_point", "oracle_answered", "batch_diversity", "label_entropy")
+KPI_NAMES = ("queries_per_point", "oracle_answered", "batch_diversity", "label_entropy", "labels_reviewed")
 
 
 def run_kpis(rounds: list[dict]) -> dict:
@@ -219,17 +219,23 @@ def mean_kpis(runs: list[dict]) -> dict:
 
 def kpi_table(summary: dict[str, dict]) -> str:
     """The KPIs per strategy (mean over seeds) as a markdown table."""
+    reviews = any((r.get("kpi", {}).get("labels_reviewed") or 0) > 0 for r in summary.values())
     lines = ["KPIs (mean over seeds): labels per accuracy point gained since round 1 (final round), share of requests "
              "answered, diversity of the queried batches against random batches of the same size (mean over query "
-             "rounds; 1 = random), class balance of the labels (normalised entropy of each site's labels).", "",
-             "| strategy | labels / point | answered | batch diversity | class balance |", "|---|---:|---:|---:|---:|"]
+             "rounds; 1 = random), class balance of the labels (normalised entropy of each site's labels)"
+             + (", second readings asked over the run (each one more answer of a reader)." if reviews else "."), "",
+             "| strategy | labels / point | answered | batch diversity | class balance |"
+             + (" second readings |" if reviews else ""), "|---|---:|---:|---:|---:|" + ("---:|" if reviews else "")]
     for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["aulc_mean"]):
         if "kpi" not in r:
             continue
         k = r["kpi"]
-        fmt = {key: "-" if k[key] is None else f"{k[key]:.2f}" for key in KPI_NAMES}
-        lines.append(f"| {name} | {fmt['queries_per_point']} | {fmt['oracle_answered']} | {fmt['batch_diversity']} | "
-                     f"{fmt['label_entropy']} |")
+        fmt = {key: "-" if k.get(key) is None else f"{k[key]:.2f}" for key in KPI_NAMES}
+        row = (f"| {name} | {fmt['queries_per_point']} | {fmt['oracle_answered']} | {fmt['batch_diversity']} | "
+               f"{fmt['label_entropy']} |")
+        if reviews:
+            row += " - |" if k.get("labels_reviewed") is None else f" {k['labels_reviewed']:.1f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -261,6 +267,17 @@ def client_inputs(cfg: FederationConfig) -> list[np.ndarray]:
     return [model_inputs(featurizer, client_data(cfg, c).X_pool) for c in range(cfg.clients)]
 
 
+def pooled_oracle(cfg: FederationConfig, parts: list, *, reviewer: bool = False):
+    """The oracle of the pooled clients' samples (client 0's pool first, then client 1's, ...): each sample is
+    answered by its own site's simulated reader (``reviewer``: its second reader), with the noise it has in
+    the federation, so the centralized reference gets the same answers the sites get."""
+    from fedal.federation import simulated_oracle
+    from fedal.oracle import ShardedOracle
+
+    return ShardedOracle([simulated_oracle(cfg, c, p.y_pool, p.n_classes, reviewer=reviewer)
+                          for c, p in enumerate(parts)], [len(p.y_pool) for p in parts])
+
+
 def centralized_run(cfg: FederationConfig) -> list[dict]:
     """Active learning on the union of the clients' pools, no federation.
 
@@ -275,7 +292,7 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     from fedal.federation import client_data, federation_dataset
     from fedal.learner import ActiveLearner
     from fedal.models import model_for
-    from fedal.oracle import SimulatedOracle
+    from fedal.oracle import VerifyingOracle
     from fedal.pool import Pool
     from fedal.seeds import reinit_seed
 
@@ -289,8 +306,18 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     offsets = np.cumsum([0] + [len(p.y_pool) for p in parts])
     initial = [offset + ids for offset, ids in zip(offsets, initial_labeled_ids(cfg))]
     pool = Pool(ds.n_classes, size=len(y))
-    oracle = SimulatedOracle(y, ds.n_classes, noise_rate=cfg.noise_rate, seed=cfg.seed)
+    oracle = pooled_oracle(cfg, parts)
     model = model_for(cfg, X.shape[1:], ds.n_classes, seed=cfg.seed)
+    if cfg.verify_threshold > 0:
+        second = pooled_oracle(cfg, parts, reviewer=True)
+
+        def confident(ids):
+            if not learner.model_ready:
+                return None
+            probs, _ = model.forward(X[np.asarray(ids, dtype=np.int64)])
+            return probs.argmax(axis=1), probs.max(axis=1)
+
+        oracle = VerifyingOracle(oracle, second, confident, cfg.verify_threshold)
     learner = ActiveLearner(model, cfg.query_strategy(), X, pool, oracle, cold_start=cfg.cold_start_strategy(),
                             seed=cfg.seed, X_eval=X_test, y_eval=ds.y_test)
     pool.request(np.concatenate(initial), round=0)

@@ -64,3 +64,22 @@ def test_fl_gap_benchmark_names_its_result_files(tmp_path):
     main(["--preset", str(preset), "--labels-per-client", "10", "--rounds", "1", "--seeds", "0",
           "--variants", "preset", "--report-rounds", "1", "--out", str(tmp_path), "--name", "bench_fl_gap_digits"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_fl_gap_digits.json", "bench_fl_gap_digits.md"]
+
+
+@pytest.mark.slow
+def test_noise_benchmark_runs_compare_per_oracle_setting(tmp_path):
+    from simulations.bench.noise import main, setting_overrides
+
+    assert setting_overrides("mixed-sites", 4, 0.9) == ["client-noise=0,0,0.6,0.6"]
+    preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
+    results = main(["--preset", str(preset), "--settings", "clean,uniform-30-review", "--strategies", "random,margin",
+                    "--seeds", "0", "--verify-threshold", "0.5", "--runs", str(tmp_path / "runs"),
+                    "--out", str(tmp_path)])
+    clean, noisy = (results["settings"][s]["summary"] for s in ("clean", "uniform-30-review"))
+    assert set(clean) == set(noisy) == {"random", "margin"}
+    # 30% wrong answers cost accuracy; the second readings were asked and counted
+    assert noisy["random"]["final_mean"] < clean["random"]["final_mean"]
+    assert noisy["random"]["kpi"]["labels_reviewed"] > 0 and not clean["random"]["kpi"]["labels_reviewed"]
+    md = (tmp_path / "bench_noise.md").read_text()
+    assert "| uniform noise 30% + second readings | random |" in md
+    assert (tmp_path / "runs" / "clean" / "compare.json").exists()

@@ -49,6 +49,10 @@ BAD_VALUES = {
     "min_clients": 99,
     "round_timeout": 0.0,
     "noise_rate": 1.5,
+    "noise_kind": "gaussian",
+    "client_noise": "0.1,oops",
+    "unsure_rate": 1.0,
+    "verify_threshold": 1.5,
     "seed": -1,
     "max_train": -10,
     "n_classes": 1,
@@ -67,7 +71,8 @@ BAD_VALUES = {
     "dp_delta": 0.0,
 }
 # second bad values for settings with two bounds
-MORE_BAD_VALUES = [("dp_mode", "local"), ("dp_delta", 1.0)]
+MORE_BAD_VALUES = [("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
+                   ("unsure_rate", -0.1), ("verify_threshold", -0.1)]
 # settings any value of their type is fine for (checked where they are used: data loading)
 FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite"}
 

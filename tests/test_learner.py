@@ -11,7 +11,7 @@ from fedal.data import load_dataset
 from fedal.exceptions import ConfigError
 from fedal.learner import ActiveLearner
 from fedal.models import MLP, SklearnClassifier, TorchClassifier
-from fedal.oracle import Oracle, SimulatedOracle
+from fedal.oracle import UNSURE, Oracle, SimulatedOracle
 from fedal.pool import Pool
 from fedal.stopping import AccuracyPlateau, BudgetExhausted, UncertaintyBelow
 from fedal.strategies import QueryStrategy
@@ -176,6 +176,23 @@ def test_answer_for_a_sample_not_asked_is_ignored(digits):
         record = learner.step(10)
     assert record.labeled == 11  # the valid answers were all recorded
     assert labels_of(learner.pool)[stray] == digits.y_train[stray]  # and the stray one relabeled nothing
+
+
+def test_an_unsure_answer_closes_the_request_and_the_sample_is_not_asked_again(digits):
+    oracle = SimulatedOracle(digits.y_train, N_CLASSES, unsure_rate=0.3, seed=5)
+    learner = make_learner(digits, oracle=oracle)
+    learner.step(40)
+    unsure = [i for i, a in oracle.label(range(len(digits.y_train))).items() if a is UNSURE]
+    asked = [r["sample_id"] for r in learner.pool.requests()]
+    skipped = [r["sample_id"] for r in learner.pool.requests("skipped")]
+    assert skipped and set(skipped) == set(asked) & set(unsure)
+    assert all(learner.pool.state_of(i) == "unlabeled" for i in skipped)
+    assert learner.pool.counts()["labeled"] == 40 - len(skipped) and learner.pool.counts()["pending"] == 0
+    for _ in range(4):
+        learner.step(40)
+    asked = [r["sample_id"] for r in learner.pool.requests()]
+    assert len(asked) == len(set(asked)) == 200  # no sample asked twice, the unsure ones included
+    assert set(learner.pool.skipped_ids().tolist()) == set(asked) & set(unsure)
 
 
 # --------------------------------------------------------------------- stopping

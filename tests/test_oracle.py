@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
 from fedal.exceptions import ConfigError, UnknownSampleError
-from fedal.oracle import Oracle, SimulatedOracle
+from fedal.oracle import UNSURE, Oracle, ShardedOracle, SimulatedOracle, VerifyingOracle
 
 N = 10_000
 
@@ -97,3 +98,66 @@ def test_bad_noise_rate_raises(rate):
 def test_ids_must_align_with_labels():
     with pytest.raises(ConfigError, match="2 ids for 3 labels"):
         SimulatedOracle([0, 1, 1], 2, ids=[5, 6])
+
+
+def test_neighbour_noise_flips_only_to_an_adjacent_class():
+    labels = truth(6)
+    oracle = SimulatedOracle(labels, 6, noise_rate=0.3, seed=4, noise_kind="neighbour")
+    got = answers(oracle, range(N))
+    wrong = got != labels
+    assert 0.27 < wrong.mean() < 0.33
+    step = (got[wrong] - labels[wrong]) % 6
+    assert set(step.tolist()) == {1, 5}  # y + 1 or y - 1, modulo the classes
+    assert 0.45 < np.mean(step == 1) < 0.55
+    assert "neighbour" in oracle.name
+
+
+def test_unsure_answers_are_seeded_and_do_not_change_the_noise():
+    labels = truth(4)
+    noisy = SimulatedOracle(labels, 4, noise_rate=0.2, seed=9)
+    unsure = SimulatedOracle(labels, 4, noise_rate=0.2, seed=9, unsure_rate=0.25)
+    a, b = noisy.label(range(N)), unsure.label(range(N))
+    skipped = [i for i in range(N) if b[i] is UNSURE]
+    assert 0.22 < len(skipped) / N < 0.28
+    assert all(b[i] == a[i] for i in range(N) if b[i] is not UNSURE)  # the same wrong answers
+    assert SimulatedOracle(labels, 4, noise_rate=0.2, seed=9, unsure_rate=0.25).label(range(N)) == b
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"noise_kind": "gaussian"}, "noise_kind must be one of uniform, neighbour"),
+    ({"unsure_rate": 1.0}, "unsure_rate must be in [0, 1)"),
+])
+def test_bad_noise_settings_are_refused(kwargs, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        SimulatedOracle(truth(3, n=10), 3, **kwargs)
+
+
+def test_sharded_oracle_asks_each_sample_of_its_own_shard():
+    first, second = truth(3, n=5, seed=1), truth(3, n=7, seed=2)
+    oracle = ShardedOracle([SimulatedOracle(first, 3), SimulatedOracle(second, 3, noise_rate=1.0, seed=0)], [5, 7])
+    got = oracle.label([0, 4, 5, 11])
+    assert got[0] == first[0] and got[4] == first[4]
+    assert got[5] != second[0] and got[11] != second[6]  # the second shard's reader is always wrong
+    assert "noise=1" in oracle.name
+    with pytest.raises(UnknownSampleError, match="outside the 12 samples"):
+        oracle.label([12])
+
+
+def test_verifying_oracle_asks_the_second_reader_only_where_a_confident_model_disagrees():
+    labels = np.array([0, 1, 2, 0, 1])
+    wrong = SimulatedOracle(labels, 3, noise_rate=1.0, seed=0)  # every first answer wrong
+    right = SimulatedOracle(labels, 3)
+    model_says = {0: (0, 0.99), 1: (1, 0.5), 2: (2, 0.95), 3: (0, 0.97), 4: (1, 0.99)}
+
+    def predict(ids):
+        return [model_says[i][0] for i in ids], [model_says[i][1] for i in ids]
+
+    oracle = VerifyingOracle(wrong, right, predict, threshold=0.9)
+    got = oracle.label(range(5))
+    assert got == {0: 0, 1: wrong.label([1])[1], 2: 2, 3: 0, 4: 1}  # sample 1: model not confident, no review
+    assert oracle.verifications == 4
+    # no trained model yet: no review
+    untrained = VerifyingOracle(wrong, right, lambda ids: None, threshold=0.9)
+    assert untrained.label(range(5)) == wrong.label(range(5)) and untrained.verifications == 0
+    with pytest.raises(ConfigError, match="verify threshold"):
+        VerifyingOracle(wrong, right, predict, threshold=0.0)
