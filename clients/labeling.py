@@ -19,6 +19,10 @@ Routes (``?token=`` or the ``X-Fedal-Token`` header; POSTs need the header):
 ``GET /api/image/<id>.png``    a pending sample as a PNG
 ``POST /api/answer``           ``{"sample_id": 12, "label": 3}`` -> recorded
 ``POST /api/unsure``           ``{"sample_id": 12}`` -> request closed as skipped, sample back in the pool
+``GET /api/recent``            the last answers given on the page (newest first), to check or change
+``POST /api/undo``             ``{"sample_id": 12}`` -> a page answer taken back: the sample waits again
+``POST /api/change``           ``{"sample_id": 12, "label": 1}`` -> a label corrected
+``GET /api/examples``          a few labeled samples of each class from the site's own labeled set
 """
 from __future__ import annotations
 
@@ -109,11 +113,7 @@ class LabelingService:
         for r in pending:
             item = {"sample_id": r["sample_id"], "request_id": r["request_id"], "round": r["round"],
                     "deadline": r["deadline"]}
-            if self.data.kind == "image":
-                item["image"] = f"api/image/{r['sample_id']}.png"
-            else:
-                item["features"] = [round(float(v), 4) for v in self.data.X_pool[r["sample_id"]]]
-            items.append(item)
+            items.append({**item, **self._view(r["sample_id"])})
         progress = None
         rounds = [r["round"] for r in requests if r["round"] is not None]
         if rounds:
@@ -126,14 +126,75 @@ class LabelingService:
                 "pending": items, "progress": progress, "counts": counts}
 
     def image(self, sample_id: int) -> bytes:
-        """PNG of the pending image sample ``sample_id``."""
+        """PNG of the image sample ``sample_id``: pending (asked about) or labeled (an answer to check, a
+        reference example); the rest of the pool is not shown."""
         if self.data.kind != "image":
             raise LabelingError(HTTPStatus.NOT_FOUND, "this site's samples are table rows, not images")
         with self.lock:
             self._check_known(sample_id, HTTPStatus.NOT_FOUND)
-            if self.pool.state_of(sample_id) != PENDING:  # show only what people are asked about
-                raise LabelingError(HTTPStatus.NOT_FOUND, f"sample {sample_id} is not waiting for a label")
+            if self.pool.state_of(sample_id) == "unlabeled":
+                raise LabelingError(HTTPStatus.NOT_FOUND, f"sample {sample_id} is neither asked about nor labeled")
         return to_png(self.data.X_pool[sample_id], scale=4)
+
+    def _view(self, sample_id: int) -> dict:
+        """How the page shows a sample: its image address or its feature row."""
+        if self.data.kind == "image":
+            return {"image": f"api/image/{sample_id}.png"}
+        return {"features": [round(float(v), 4) for v in self.data.X_pool[sample_id]]}
+
+    def recent(self, limit: int = 10) -> dict:
+        """The last ``limit`` answers given on a labeling page, newest first (to check, undo or change)."""
+        with self.lock:
+            records = [r for r in self.pool.label_records() if str(r["source"]).startswith("web")]
+        records.sort(key=lambda r: -r["labeled_at"])
+        return {"recent": [{"sample_id": r["id"], "label": r["label"], "class": self.data.class_names[r["label"]],
+                            "source": r["source"], "round": r["round"], **self._view(r["id"])}
+                           for r in records[:limit]]}
+
+    def examples(self, per_class: int = 3) -> dict:
+        """Up to ``per_class`` labeled samples of each class (the earliest labeled), as references."""
+        with self.lock:
+            records = sorted(self.pool.label_records(), key=lambda r: (r["labeled_at"], r["id"]))
+        out: dict[int, list] = {c: [] for c in range(len(self.data.class_names))}
+        for r in records:
+            if len(out[r["label"]]) < per_class:
+                out[r["label"]].append({"sample_id": r["id"], **self._view(r["id"])})
+        return {"examples": [{"label": c, "class": self.data.class_names[c], "samples": s} for c, s in out.items()]}
+
+    def _page_answer(self, sample_id: object, action: str) -> int:
+        sample_id = _int_field("sample_id", sample_id, len(self.pool))
+        self._check_known(sample_id)
+        if self.pool.state_of(sample_id) != "labeled":
+            raise LabelingError(HTTPStatus.CONFLICT, f"cannot {action} sample {sample_id}: it has no label; "
+                                                     "reload the page for the current requests")
+        source = next(r["source"] for r in self.pool.label_records() if r["id"] == sample_id)
+        if action == "take back" and not str(source).startswith("web"):
+            raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} was labeled by {source!r}, not on this "
+                                                     "page: it cannot be taken back here (change it instead)")
+        return sample_id
+
+    def undo(self, sample_id: object) -> dict:
+        """Take back an answer given on the page: the label is removed and the sample waits again (no new
+        budget is spent; the next round trains without it until it is answered again)."""
+        with self.lock:
+            sample_id = self._page_answer(sample_id, "take back")
+            self.pool.reopen(sample_id)
+        return {"reopened": True, "sample_id": sample_id}
+
+    def change(self, sample_id: object, label: object) -> dict:
+        """Correct the label of a labeled sample (the next round trains on the new one)."""
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise LabelingError(HTTPStatus.BAD_REQUEST, f"label must be an integer class 0..{self.pool.n_classes - 1}, "
+                                                        f"got {label!r}")
+        try:
+            label = self.pool.check_label(label)
+        except InvalidLabelError as exc:
+            raise LabelingError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        with self.lock:
+            sample_id = self._page_answer(sample_id, "change")
+            before = self.pool.change_label(sample_id, label, source=self.source)
+        return {"changed": True, "sample_id": sample_id, "label": label, "class": self.data.class_names[label],
+                "before": self.data.class_names[before]}
 
     def _check_known(self, sample_id: int, status: int = HTTPStatus.BAD_REQUEST) -> None:
         try:
@@ -247,6 +308,10 @@ def make_handler(service: LabelingService, token: str) -> type[BaseHTTPRequestHa
                 self._send(HTTPStatus.OK, _static(name), STATIC_FILES[name])
             elif path == "/api/state":
                 self._json(HTTPStatus.OK, service.state())
+            elif path == "/api/recent":
+                self._json(HTTPStatus.OK, service.recent())
+            elif path == "/api/examples":
+                self._json(HTTPStatus.OK, service.examples())
             elif m := re.fullmatch(r"/api/image/(\d{1,12})\.png", path):
                 self._send(HTTPStatus.OK, service.image(int(m.group(1))), "image/png")
             else:
@@ -267,6 +332,10 @@ def make_handler(service: LabelingService, token: str) -> type[BaseHTTPRequestHa
                 self._json(HTTPStatus.OK, service.answer(body.get("sample_id"), body.get("label")))
             elif path == "/api/unsure":
                 self._json(HTTPStatus.OK, service.unsure(body.get("sample_id")))
+            elif path == "/api/undo":
+                self._json(HTTPStatus.OK, service.undo(body.get("sample_id")))
+            elif path == "/api/change":
+                self._json(HTTPStatus.OK, service.change(body.get("sample_id"), body.get("label")))
             else:
                 raise LabelingError(HTTPStatus.NOT_FOUND, f"no action {path}")
 

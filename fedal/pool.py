@@ -305,6 +305,49 @@ class Pool:
             )
         return len(items)
 
+    def change_label(self, sample_id: int, label: object, *, source: str) -> int:
+        """Replace the label of a labeled sample (a person corrects an answer); return the previous label.
+
+        The next round trains on the new label: every round uses the whole labeled set.
+
+        Parameters
+        ----------
+        sample_id : int
+            A labeled sample.
+        label : int
+            Its new class (validated like an answer).
+        source : str
+            Who changed it (stored with the label).
+        """
+        sample_id, label = int(sample_id), self.check_label(label)
+        with self._tx() as db:
+            self._check_state(db, [sample_id], LABELED, "change a label")
+            old = db.execute("SELECT label FROM labels WHERE sample_id = ?", (sample_id,)).fetchone()[0]
+            db.execute("UPDATE labels SET label = ?, source = ?, labeled_at = ? WHERE sample_id = ?",
+                       (label, source, time.time(), sample_id))
+        return int(old)
+
+    def reopen(self, sample_id: int) -> None:
+        """Take back the answer of a sample labeled through a request (undo): its label is removed and the
+        request waits again, so the sample is asked again without spending more budget.
+
+        Parameters
+        ----------
+        sample_id : int
+            A labeled sample whose label answered a request.
+        """
+        sample_id = int(sample_id)
+        with self._tx() as db:
+            self._check_state(db, [sample_id], LABELED, "take back an answer")
+            row = db.execute("SELECT id FROM requests WHERE sample_id = ? AND status = 'answered' ORDER BY id DESC "
+                             "LIMIT 1", (sample_id,)).fetchone()
+            if row is None:
+                raise SampleStateError(f"cannot take back the label of sample {sample_id}: it answered no request; "
+                                       "change it instead")
+            db.execute("DELETE FROM labels WHERE sample_id = ?", (sample_id,))
+            db.execute("UPDATE samples SET state = ? WHERE id = ?", (PENDING, sample_id))
+            db.execute("UPDATE requests SET status = 'pending', closed_at = NULL WHERE id = ?", (row[0],))
+
     def release(self, ids: Iterable[int], *, status: str = "expired", note: str | None = None) -> int:
         """Return pending samples to the unlabeled pool (request expired or skipped).
 

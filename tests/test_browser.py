@@ -137,7 +137,7 @@ def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
         page.keyboard.press("8")
         saved(page, third)
         wait_until(page, "() => document.getElementById('progress').textContent.startsWith("
-                         "'Round 0: 3 of 6 answered, 1 unsure')")
+                         "'First labels: 3 of 6 answered, 1 unsure')")
         # 6: someone else answered the sample on screen meanwhile: the page says so instead of overwriting
         fourth = shown(page, third)
         server.service.answer(fourth, 6)
@@ -200,3 +200,55 @@ def test_table_rows_and_the_zero_key(tmp_path, page):
         response = bad.goto(server.url.split("?")[0] + "?token=" + "A" * 32)
         assert response.status == 403
         bad.close()
+
+
+def test_undo_change_zoom_and_reference_examples(tmp_path, data_dir, page):
+    """A person who labels all day: takes back the last answer (Backspace), corrects an earlier one in the
+    list of last answers, zooms (Z), and compares with examples of each class from the site's own labels."""
+    cfg = site_config(tmp_path, dataset="bloodmnist", data_dir=str(data_dir), max_train=300, batch_size=16)
+    node = make_site(tmp_path, cfg, oracle="web")
+    site = ClientSite(cfg, NodeConfig.from_mapping(node))
+    try:
+        site.train(global_state(site), TrainInstruction(1, 0))
+    finally:
+        site.close()
+    shot = os.environ.get("FEDAL_SCREENSHOT")  # where to save a picture of the page (the README's)
+    with serving(open_labeling(node["state-dir"], 0, node["data-path"], labeler="tester")) as server:
+        pool = server.service.pool
+        page.set_viewport_size({"width": 900, "height": 1100})
+        page.goto(server.url)
+        page.wait_for_selector("#class-7")
+        first = shown(page)
+        page.keyboard.press("3")
+        saved(page, first)
+        second = shown(page, first)
+        page.keyboard.press("5")
+        saved(page, second)
+        wait_until(page, "(sid) => document.querySelector('#recent li')?.dataset.sampleId === String(sid)", second)
+        # the examples show each class the site has labels of, the others say they have none yet
+        wait_until(page, "() => document.querySelectorAll('#examples img.thumb').length === 2")
+        assert "no label yet" in page.inner_text("#examples figure[data-label='0']")
+        # Backspace takes the last answer back: the same sample is on screen again, pending, no new request
+        requests_before = len(pool.requests())
+        page.keyboard.press("Backspace")
+        wait_until(page, "() => document.getElementById('message').textContent.includes('taken back')")
+        assert shown(page) == second and pool.state_of(second) == "pending"
+        assert len(pool.requests()) == requests_before
+        page.keyboard.press("6")
+        saved(page, second)
+        # correct the first answer from the list: class index 2 -> 1
+        wait_until(page, "(sid) => document.querySelectorAll('#recent li').length === 2", None)
+        page.select_option(f"#recent li[data-sample-id='{first}'] select", "1")
+        wait_until(page, "() => document.getElementById('message').textContent.startsWith('Changed:')")
+        # Z zooms the image to twice its size and back
+        page.keyboard.press("z")
+        assert page.evaluate("() => document.getElementById('sample-image').getBoundingClientRect().width") > 400
+        if shot:
+            page.screenshot(path=shot, full_page=True)
+        page.keyboard.press("z")
+        assert page.evaluate("() => document.getElementById('sample-image').getBoundingClientRect().width") < 300
+        assert "First labels" in page.inner_text("#progress") and "one of the first labels" in page.inner_text(
+            "#sample-info")
+        assert page.problems == []
+        labels = {r["id"]: r["label"] for r in pool.label_records()}
+        assert labels == {first: 1, second: 5}

@@ -179,7 +179,7 @@ def test_unsure_hands_the_sample_back(page):
     assert req["status"] == "skipped" and req["note"] == "unsure (web:alice)"
 
 
-def test_images_are_served_only_for_pending_samples(tmp_path):
+def test_images_are_served_only_for_pending_and_labeled_samples(tmp_path):
     rng = np.random.default_rng(0)
     from fedal.data import LocalData
 
@@ -192,6 +192,8 @@ def test_images_are_served_only_for_pending_samples(tmp_path):
         assert status == 200 and png.startswith(b"\x89PNG")
         assert http(base(server) + "api/image/3.png", token=server.token)[0] == 404  # not asked about
         assert http(base(server) + "api/image/77.png", token=server.token)[0] == 404
+        pool.add_labeled({4: 1}, source="initial")  # a labeled one: a reference example, an answer to check
+        assert http(base(server) + "api/image/4.png", token=server.token)[0] == 200
         state = http(base(server) + "api/state", token=server.token)[1]
         assert state["pending"][0]["image"] == "api/image/2.png"
 
@@ -270,3 +272,36 @@ def test_unanswered_requests_expire_and_their_samples_return(tmp_path):
         gone = next(s for s in asked[2:] if s not in still_pending)  # 4 expired, 3 new queries
         status, reply = http(base + "api/answer", token=server.token, body={"sample_id": gone, "label": 1})
         assert status == 409 and "expired" in reply["error"]
+
+
+def test_answers_given_on_the_page_can_be_checked_taken_back_and_changed(page, site):
+    url, token = base(page), page.token
+    pending = [p["sample_id"] for p in http(url + "api/state", token=token)[1]["pending"]]
+    first, second = pending[:2]
+    http(url + "api/answer", token=token, body={"sample_id": first, "label": 3})
+    http(url + "api/answer", token=token, body={"sample_id": second, "label": 5})
+    recent = http(url + "api/recent", token=token)[1]["recent"]
+    assert [(r["sample_id"], r["label"], r["source"]) for r in recent] == [(second, 5, "web:alice"),
+                                                                        (first, 3, "web:alice")]
+    assert recent[0]["features"]  # digits are table rows: the page shows the row
+    # undo: the sample waits again, without a new request
+    status, body = http(url + "api/undo", token=token, body={"sample_id": second})
+    assert status == 200 and body == {"reopened": True, "sample_id": second}
+    state = http(url + "api/state", token=token)[1]
+    assert second in [p["sample_id"] for p in state["pending"]] and state["progress"]["asked"] == 6
+    assert http(url + "api/undo", token=token, body={"sample_id": second})[0] == 409  # nothing to take back
+    # change: the label is corrected in place
+    status, body = http(url + "api/change", token=token, body={"sample_id": first, "label": 4})
+    assert status == 200 and body["label"] == 4 and body["before"] == "3"
+    assert http(url + "api/change", token=token, body={"sample_id": first, "label": 99})[0] == 400
+    assert http(url + "api/change", token=token, body={"sample_id": second, "label": 1})[0] == 409
+    pool = open_site_pool(site["state-dir"], 0, load_site(site["data-path"], 0))
+    assert dict(zip(*map(list, pool.labels()))) == {first: 4} and pool.state_of(second) == "pending"
+    other = int(pool.unlabeled_ids()[0])
+    pool.add_labeled({other: 2}, source="initial")
+    pool.close()
+    assert http(url + "api/undo", token=token, body={"sample_id": other})[0] == 409  # not given on the page
+    examples = http(url + "api/examples", token=token)[1]["examples"]
+    assert len(examples) == 10
+    assert [s["sample_id"] for s in examples[4]["samples"]] == [first]
+    assert [s["sample_id"] for s in examples[2]["samples"]] == [other]

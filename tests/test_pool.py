@@ -322,3 +322,27 @@ def test_acknowledged_label_survives_sigkill(tmp_path):
         assert dict(zip(ids.tolist(), labels.tolist())) == {4: 2, 5: 0}
         assert p.pending_ids().tolist() == [6]
         assert {r["sample_id"]: r["status"] for r in p.requests()} == {4: "answered", 5: "answered", 6: "pending"}
+
+
+def test_a_label_can_be_changed_and_an_answer_taken_back_without_new_budget(tmp_path):
+    from fedal.exceptions import SampleStateError
+
+    pool = Pool(3, size=6, path=tmp_path / "p.db")
+    pool.add_labeled({0: 1}, source="initial")
+    pool.request([2, 3], round=1)
+    pool.answer({2: 0, 3: 2}, source="web:ann", round=1)
+    assert pool.change_label(2, 1, source="web:bob") == 0
+    assert dict(zip(*map(list, pool.labels())))[2] == 1
+    assert next(r for r in pool.label_records() if r["id"] == 2)["source"] == "web:bob"
+    with pytest.raises(InvalidLabelError):
+        pool.change_label(2, 7, source="web")
+    pool.reopen(3)  # undo: the request waits again, the label is gone, nothing new was asked
+    assert pool.state_of(3) == "pending" and 3 not in pool.labels()[0].tolist()
+    asked = [(r["sample_id"], r["status"]) for r in pool.requests() if r["round"] == 1]
+    assert asked == [(2, "answered"), (3, "pending")]
+    before = len(pool.requests())
+    pool.answer({3: 0}, source="web:ann", round=1)
+    assert pool.state_of(3) == "labeled" and len(pool.requests()) == before
+    with pytest.raises(SampleStateError, match="not labeled"):
+        pool.change_label(4, 0, source="web")
+    pool.close()

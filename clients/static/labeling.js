@@ -7,6 +7,7 @@ let state = null;        // last /api/state
 let current = null;      // the request on screen
 let skipped = [];        // sample ids put back to the end of the queue (this page only)
 let busy = false;
+let lastAnswered = null;  // newest answer given on the page (what Undo takes back)
 
 const $ = (id) => document.getElementById(id);
 
@@ -44,6 +45,67 @@ function pickNext() {
   return null;
 }
 
+function roundName(round) {  // plain words: the first labels, then query rounds
+  if (round === null || round === undefined) return "an earlier request";
+  return round === 0 ? "First labels" : `Query round ${round}`;
+}
+
+function thumb(item, alt) {  // a small picture of a labeled sample, or its row for table data
+  if (item.image) {
+    const img = document.createElement("img");
+    img.src = `${item.image}?token=${encodeURIComponent(token)}`;
+    img.alt = alt;
+    img.className = "thumb";
+    return img;
+  }
+  const span = document.createElement("span");
+  span.className = "row";
+  span.textContent = item.features.slice(0, 8).join(" ") + (item.features.length > 8 ? " ..." : "");
+  return span;
+}
+
+async function renderRecent() {
+  const { recent } = await call("GET", "api/recent");
+  const list = $("recent");
+  list.replaceChildren();
+  $("recent-box").hidden = recent.length === 0;
+  $("undo").disabled = recent.length === 0;
+  recent.forEach((r) => {
+    const li = document.createElement("li");
+    li.dataset.sampleId = String(r.sample_id);
+    const select = document.createElement("select");
+    select.setAttribute("aria-label", `class of sample ${r.sample_id}`);
+    state.classes.forEach((name, index) => {
+      const option = document.createElement("option");
+      option.value = String(index);
+      option.textContent = name;
+      option.selected = index === r.label;
+      select.append(option);
+    });
+    select.addEventListener("change", () => change(r.sample_id, Number(select.value)));
+    li.append(thumb(r, `sample ${r.sample_id}`), ` sample ${r.sample_id}: `, select);
+    list.append(li);
+  });
+  lastAnswered = recent.length ? recent[0].sample_id : null;
+}
+
+async function renderExamples() {
+  const { examples } = await call("GET", "api/examples");
+  const box = $("examples");
+  box.replaceChildren();
+  const any = examples.some((e) => e.samples.length);
+  $("examples-box").hidden = !any || state.kind !== "image";
+  examples.forEach((e) => {
+    const figure = document.createElement("figure");
+    figure.dataset.label = String(e.label);
+    const caption = document.createElement("figcaption");
+    caption.textContent = e.samples.length ? e.class : `${e.class} (no label yet)`;
+    e.samples.forEach((item) => figure.append(thumb(item, `${e.class} example`)));
+    figure.append(caption);
+    box.append(figure);
+  });
+}
+
 function renderProgress() {
   const p = state.progress;
   const c = state.counts;
@@ -51,7 +113,7 @@ function renderProgress() {
   let share = 0;
   if (p) {
     const done = p.answered + p.skipped;
-    text = `Round ${p.round}: ${p.answered} of ${p.budget} answered` +
+    text = `${roundName(p.round)}: ${p.answered} of ${p.budget} answered` +
       (p.skipped ? `, ${p.skipped} unsure` : "") + (p.expired ? `, ${p.expired} expired` : "") + " · " + text;
     share = p.budget > 0 ? Math.min(1, done / p.budget) : 0;
   }
@@ -83,11 +145,15 @@ function renderButtons() {
 
 function renderSample() {
   current = pickNext();
+  showCurrent();
+}
+
+function showCurrent() {
   const img = $("sample-image");
   const table = $("sample-features");
   const none = current === null;
   $("empty").hidden = !none;
-  document.querySelectorAll("#answers button").forEach((b) => { b.disabled = none; });
+  document.querySelectorAll("#class-buttons button, #skip, #unsure, #zoom").forEach((b) => { b.disabled = none; });
   $("sample").dataset.sampleId = none ? "" : String(current.sample_id);
   if (none) {
     img.hidden = true;
@@ -96,7 +162,8 @@ function renderSample() {
     return;
   }
   const due = current.deadline ? ` · answer by ${new Date(current.deadline * 1000).toLocaleString()}` : "";
-  $("sample-info").textContent = `Sample ${current.sample_id} (asked in round ${current.round ?? "?"})${due}`;
+  const asked = current.round === 0 ? "one of the first labels" : `asked in ${roundName(current.round).toLowerCase()}`;
+  $("sample-info").textContent = `Sample ${current.sample_id} (${asked})${due}`;
   if (current.image) {
     img.src = `${current.image}?token=${encodeURIComponent(token)}`;
     img.alt = `sample ${current.sample_id}`;
@@ -127,6 +194,8 @@ async function refresh() {
   renderProgress();
   const shown = current ? current.sample_id : null;
   if (shown === null || !state.pending.some((p) => p.sample_id === shown)) renderSample();
+  // the lists below the sample must not hold up the next answer
+  renderRecent().then(renderExamples).catch((err) => say(err.message, "error"));
 }
 
 async function submit(path, body, done) {
@@ -148,13 +217,46 @@ async function submit(path, body, done) {
 function answer(label) {
   if (!current) return;
   submit("api/answer", { sample_id: current.sample_id, label },
-    (r) => `Saved: sample ${r.sample_id} is ${r.class}.`);
+    (r) => { lastAnswered = r.sample_id; return `Saved: sample ${r.sample_id} is ${r.class}.`; });
 }
 
 function unsure() {
   if (!current) return;
   submit("api/unsure", { sample_id: current.sample_id },
     (r) => `Sample ${r.sample_id} handed back as unsure.`);
+}
+
+async function undo() {
+  if (busy || lastAnswered === null) return;
+  busy = true;
+  try {
+    const r = await call("POST", "api/undo", { sample_id: lastAnswered });
+    lastAnswered = null;  // the list of last answers says which one is next
+    say(`Answer for sample ${r.sample_id} taken back: it is shown again.`, "ok");
+    skipped = skipped.filter((id) => id !== r.sample_id);
+    await refresh();
+    const again = state.pending.find((p) => p.sample_id === r.sample_id);
+    if (again) { current = again; showCurrent(); }
+  } catch (err) {
+    say(err.message, "error");
+  } finally {
+    busy = false;
+  }
+}
+
+async function change(sampleId, label) {
+  try {
+    const r = await call("POST", "api/change", { sample_id: sampleId, label });
+    say(`Changed: sample ${r.sample_id} is ${r.class} (was ${r.before}).`, "ok");
+    await renderRecent();
+    await renderExamples();
+  } catch (err) {
+    say(err.message, "error");
+  }
+}
+
+function zoom() {
+  $("sample-image").classList.toggle("zoomed");
 }
 
 function skip() {
@@ -169,6 +271,8 @@ document.addEventListener("keydown", (event) => {
   const key = event.key.toLowerCase();
   if (key === "s") { skip(); event.preventDefault(); return; }
   if (key === "u") { unsure(); event.preventDefault(); return; }
+  if (key === "z") { zoom(); event.preventDefault(); return; }
+  if (key === "backspace") { undo(); event.preventDefault(); return; }
   const index = state.classes.findIndex((_, i) => keyOf(i) === key);
   if (index >= 0) { answer(index); event.preventDefault(); }
 });
@@ -176,6 +280,9 @@ document.addEventListener("keydown", (event) => {
 document.addEventListener("DOMContentLoaded", () => {
   $("skip").addEventListener("click", skip);
   $("unsure").addEventListener("click", unsure);
+  $("undo").addEventListener("click", undo);
+  $("zoom").addEventListener("click", zoom);
+  $("sample-image").addEventListener("click", zoom);
   refresh().catch((err) => say(err.message, "error"));
   setInterval(() => { if (!busy) refresh().catch((err) => say(err.message, "error")); }, 10000);
 });
