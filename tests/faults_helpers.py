@@ -133,9 +133,10 @@ class FaultyOracle:
                 self.on_crash()
             raise InjectedCrash("injected: the client process died while waiting for its oracle")
         # noise: out-of-range classes, non-integers, ids nobody asked for; one valid answer
+        # (None is not garbage: it is fedal.oracle.UNSURE, "I cannot tell")
         ids = [int(i) for i in ids]
         truth = self.inner.label(ids[:1])
-        garbage = {i: v for i, v in zip(ids[1:], (99, -1, "cat", 2.5, None, True) * len(ids))}
+        garbage = {i: v for i, v in zip(ids[1:], (99, -1, "cat", 2.5, "", True) * len(ids))}
         return {**truth, **garbage, 10 ** 9: 0, "x": 1}
 
 
