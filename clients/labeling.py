@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 from clients.images import to_png
 from fedal.exceptions import ConfigError, FedalError, InvalidLabelError, SampleStateError, UnknownSampleError
 from fedal.data import LocalData
-from fedal.pool import PENDING, Pool
+from fedal.pool import LABELED, PENDING, UNLABELED, Pool
 
 TOKEN_HEADER = "X-Fedal-Token"
 STATIC_FILES = {"labeling.js": "text/javascript; charset=utf-8", "labeling.css": "text/css; charset=utf-8"}
@@ -132,7 +132,7 @@ class LabelingService:
             raise LabelingError(HTTPStatus.NOT_FOUND, "this site's samples are table rows, not images")
         with self.lock:
             self._check_known(sample_id, HTTPStatus.NOT_FOUND)
-            if self.pool.state_of(sample_id) == "unlabeled":
+            if self.pool.state_of(sample_id) == UNLABELED:
                 raise LabelingError(HTTPStatus.NOT_FOUND, f"sample {sample_id} is neither asked about nor labeled")
         return to_png(self.data.X_pool[sample_id], scale=4)
 
@@ -164,7 +164,7 @@ class LabelingService:
     def _page_answer(self, sample_id: object, action: str) -> int:
         sample_id = _int_field("sample_id", sample_id, len(self.pool))
         self._check_known(sample_id)
-        if self.pool.state_of(sample_id) != "labeled":
+        if self.pool.state_of(sample_id) != LABELED:
             raise LabelingError(HTTPStatus.CONFLICT, f"cannot {action} sample {sample_id}: it has no label; "
                                                      "reload the page for the current requests")
         source = next(r["source"] for r in self.pool.label_records() if r["id"] == sample_id)
@@ -183,18 +183,22 @@ class LabelingService:
 
     def change(self, sample_id: object, label: object) -> dict:
         """Correct the label of a labeled sample (the next round trains on the new one)."""
-        if isinstance(label, bool) or not isinstance(label, int):
-            raise LabelingError(HTTPStatus.BAD_REQUEST, f"label must be an integer class 0..{self.pool.n_classes - 1}, "
-                                                        f"got {label!r}")
-        try:
-            label = self.pool.check_label(label)
-        except InvalidLabelError as exc:
-            raise LabelingError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        label = self._label_field(label)
         with self.lock:
             sample_id = self._page_answer(sample_id, "change")
             before = self.pool.change_label(sample_id, label, source=self.source)
         return {"changed": True, "sample_id": sample_id, "label": label, "class": self.data.class_names[label],
                 "before": self.data.class_names[before]}
+
+    def _label_field(self, label: object) -> int:
+        """``label`` checked as a class of this site (a 400 naming the range otherwise)."""
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise LabelingError(HTTPStatus.BAD_REQUEST, f"label must be an integer class 0..{self.pool.n_classes - 1}, "
+                                                        f"got {label!r}")
+        try:
+            return self.pool.check_label(label)
+        except InvalidLabelError as exc:
+            raise LabelingError(HTTPStatus.BAD_REQUEST, str(exc)) from None
 
     def _check_known(self, sample_id: int, status: int = HTTPStatus.BAD_REQUEST) -> None:
         try:
@@ -205,13 +209,7 @@ class LabelingService:
     def answer(self, sample_id: object, label: object) -> dict:
         """Record ``label`` for the pending sample ``sample_id`` (committed before this returns)."""
         sample_id = _int_field("sample_id", sample_id, len(self.pool))
-        if isinstance(label, bool) or not isinstance(label, int):
-            raise LabelingError(HTTPStatus.BAD_REQUEST, f"label must be an integer class 0..{self.pool.n_classes - 1}, "
-                                                        f"got {label!r}")
-        try:
-            label = self.pool.check_label(label)
-        except InvalidLabelError as exc:
-            raise LabelingError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        label = self._label_field(label)
         with self.lock:
             self._check_known(sample_id)
             req = self._pending_request(sample_id)

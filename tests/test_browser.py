@@ -97,15 +97,23 @@ def saved(tab, sample_id: int) -> None:
                sample_id)
 
 
-def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
-    cfg = site_config(tmp_path, dataset="bloodmnist", data_dir=str(data_dir), max_train=300, batch_size=16)
+def site_asking_first_labels(tmp_path, **settings):
+    """A web-oracle site whose round 1 asked people for its initial set: ``(cfg, node, site, model, report)``
+    (``model``: the untrained global state round 1 was sent; the site is closed again)."""
+    cfg = site_config(tmp_path, **settings)
     node = make_site(tmp_path, cfg, oracle="web")  # a real site's file: no pool labels in it
     site = ClientSite(cfg, NodeConfig.from_mapping(node))
-    state = global_state(site)
+    model = global_state(site)
     try:
-        _, report = site.train(state, TrainInstruction(1, 0))  # asks people for the initial set
+        _, report = site.train(model, TrainInstruction(1, 0))
     finally:
         site.close()
+    return cfg, node, site, model, report
+
+
+def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
+    cfg, node, site, state, report = site_asking_first_labels(tmp_path, dataset="bloodmnist",
+                                                              data_dir=str(data_dir), max_train=300, batch_size=16)
     assert report.num_examples == 0 and report.pending == 6
     names = site.data.class_names
 
@@ -179,13 +187,7 @@ def test_label_by_click_and_keyboard_then_train_on_it(tmp_path, data_dir, page):
 
 def test_table_rows_and_the_zero_key(tmp_path, page):
     """A table site (digits, 10 classes): the sample shows as a feature row; "0" answers class 10."""
-    cfg = site_config(tmp_path)
-    node = make_site(tmp_path, cfg, oracle="web")
-    site = ClientSite(cfg, NodeConfig.from_mapping(node))
-    try:
-        site.train(global_state(site), TrainInstruction(1, 0))
-    finally:
-        site.close()
+    _, node, site, _, _ = site_asking_first_labels(tmp_path)
     with serving(open_labeling(node["state-dir"], 0, node["data-path"])) as server:
         page.goto(server.url)
         sample = shown(page)
@@ -205,13 +207,8 @@ def test_table_rows_and_the_zero_key(tmp_path, page):
 def test_undo_change_zoom_and_reference_examples(tmp_path, data_dir, page):
     """A person who labels all day: takes back the last answer (Backspace), corrects an earlier one in the
     list of last answers, zooms (Z), and compares with examples of each class from the site's own labels."""
-    cfg = site_config(tmp_path, dataset="bloodmnist", data_dir=str(data_dir), max_train=300, batch_size=16)
-    node = make_site(tmp_path, cfg, oracle="web")
-    site = ClientSite(cfg, NodeConfig.from_mapping(node))
-    try:
-        site.train(global_state(site), TrainInstruction(1, 0))
-    finally:
-        site.close()
+    _, node, _, _, _ = site_asking_first_labels(tmp_path, dataset="bloodmnist", data_dir=str(data_dir),
+                                                max_train=300, batch_size=16)
     shot = os.environ.get("FEDAL_SCREENSHOT")  # where to save a picture of the page (the README's)
     with serving(open_labeling(node["state-dir"], 0, node["data-path"], labeler="tester")) as server:
         pool = server.service.pool
