@@ -68,17 +68,103 @@ def export_tasks(pool: Pool, data: LocalData, folder: str | os.PathLike) -> Path
     return atomic_write(folder / TASKS_JSON, json.dumps(tasks, indent=1))
 
 
+CONTROL = f'<Choices name="{FROM_NAME}" toName="image" choice="single">'
+_FLAGS = {True: True, False: False, "true": True, "false": False}  # 1 and 0 are True and False here
+
+
+class _Malformed(Exception):
+    """One thing in a task that is not what Label Studio's Export -> JSON writes (the message names it)."""
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _items(holder: dict, key: str, what: str) -> list:
+    """``holder[key]`` as a list (absent or null: empty), or _Malformed naming what it is."""
+    value = holder.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Malformed(f"{what}'{key}' is a {_kind(value)}, not a list")
+    return value
+
+
+def _flag(annotation: dict, key: str, where: str) -> bool:
+    """A yes/no field (``was_cancelled``, ``ground_truth``): a boolean, or "true"/"false" as some tools write it."""
+    value = annotation.get(key)
+    if value is None:
+        return False
+    if isinstance(value, str):
+        value = value.strip().lower()
+    if isinstance(value, (bool, int, str)) and value in _FLAGS:
+        return _FLAGS[value]
+    raise _Malformed(f"{where}: '{key}' is {annotation[key]!r}; Label Studio writes true or false")
+
+
+def _picks(annotation: dict, where: str) -> list[str]:
+    """The class names one annotation chose, from the results of fedal's Choices control."""
+    picks = []
+    for n, result in enumerate(_items(annotation, "result", f"{where}: "), start=1):
+        if not isinstance(result, dict):
+            raise _Malformed(f"{where}: result {n} is a {_kind(result)}, not an object")
+        name, kind = result.get("from_name"), result.get("type")
+        if name != FROM_NAME or kind != "choices":
+            raise _Malformed(
+                f"{where}: a result of control {name!r} (type {kind!r}); fedal reads only the control "
+                f"{CONTROL} of the label_config.xml it wrote: create the project with that file "
+                "(Settings -> Labeling Interface -> Code) and annotate again")
+        value = result.get("value")
+        if not isinstance(value, dict):
+            raise _Malformed(f"{where}: 'value' is {'null' if value is None else 'a ' + _kind(value)}, not an object "
+                             "with 'choices'")
+        choices = value.get("choices")
+        if isinstance(choices, str):
+            raise _Malformed(f"{where}: 'choices' is the string {choices!r}, not a list of class names "
+                             f"(Label Studio writes [{choices!r}]); export with Export -> JSON, do not edit the file")
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise _Malformed(f"{where}: 'choices' must be a list of class names, got {choices!r:.80}")
+        picks.extend(choices)
+    return picks
+
+
 def _choice(task: dict, position: int) -> tuple[str, str | None]:
     """``(label text, problem)`` of a task: "" when unanswered."""
-    kept = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-    picks = set()
-    for annotation in kept:
-        for result in annotation.get("result") or []:
-            if result.get("from_name") == FROM_NAME and result.get("type") == "choices":
-                picks.update(result.get("value", {}).get("choices") or [])
+    where = f"task {position}"
+    try:
+        picks = set()
+        for n, annotation in enumerate(_items(task, "annotations", f"{where}: "), start=1):
+            if not isinstance(annotation, dict):
+                raise _Malformed(f"{where}: annotation {n} is a {_kind(annotation)}, not an object")
+            if not _flag(annotation, "was_cancelled", f"{where}, annotation {n}"):
+                picks.update(_picks(annotation, f"{where}, annotation {n}"))
+    except _Malformed as exc:
+        return "", f"{exc} (not what Label Studio's Export -> JSON writes)"
     if len(picks) > 1:
-        return "", f"task {position}: annotators chose {sorted(picks)}; settle on one class in Label Studio"
+        return "", f"{where}: annotators chose {sorted(picks)}; settle on one class in Label Studio"
     return (next(iter(picks)) if picks else ""), None
+
+
+def _read_export(path: Path) -> object:
+    """The parsed JSON of ``path``, or ExchangeError saying why it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ExchangeError(f"Label Studio export {path} does not exist") from None
+    except IsADirectoryError:
+        raise ExchangeError(f"Label Studio export {path} is a folder, not a file; give the .json file that "
+                            "Export -> JSON downloaded") from None
+    except UnicodeDecodeError:
+        raise ExchangeError(f"{path} is not a Label Studio JSON export (not UTF-8 text); use Export -> JSON") from None
+    except OSError as exc:
+        raise ExchangeError(f"cannot read the Label Studio export {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ExchangeError(f"{path} is not a Label Studio JSON export: its JSON is nested too deeply; "
+                            "use the file Export -> JSON downloaded") from None
+    except ValueError as exc:  # JSONDecodeError, and ints longer than Python converts
+        raise ExchangeError(f"{path} is not a Label Studio JSON export ({exc}); use Export -> JSON") from None
 
 
 def import_export(pool: Pool, data: LocalData, json_path: str | os.PathLike, *,
@@ -102,12 +188,7 @@ def import_export(pool: Pool, data: LocalData, json_path: str | os.PathLike, *,
         Listing every problem; nothing was recorded.
     """
     path = Path(json_path)
-    try:
-        tasks = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise ExchangeError(f"Label Studio export {path} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExchangeError(f"{path} is not a Label Studio JSON export ({exc}); use Export -> JSON") from None
+    tasks = _read_export(path)
     if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("data"), dict) for t in tasks):
         raise ExchangeError(f"{path} is not a Label Studio JSON export: expected a list of tasks with 'data' "
                             "(Export -> JSON, not JSON-MIN or CSV)")

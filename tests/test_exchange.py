@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import time
@@ -227,71 +226,3 @@ def test_fedal_exchange_command(tmp_path, capsys):
     assert cli.main(["exchange", "export", "--state-dir", str(tmp_path / "elsewhere"), "--client-id", "0",
                      "--data-path", node["data-path"], "--folder", str(tmp_path / "y")]) == 2
     assert "there is no client database" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------- Label Studio
-def label_studio_export(tasks_json, choices: dict[int, object]) -> list[dict]:
-    """What Label Studio's Export -> JSON gives for imported ``tasks_json`` annotated with ``choices``
-    ({request_id: class name, a list of names for disagreeing annotators, or "cancelled"}), written from
-    its documented format (https://labelstud.io/guide/export#Label-Studio-JSON-format-of-annotated-tasks)."""
-    out = []
-    for task_id, task in enumerate(json.loads(tasks_json.read_text()), start=1):
-        data = task["data"]
-        pick = choices.get(data["request_id"])
-        annotations = []
-        for n, name in enumerate(pick if isinstance(pick, list) else [] if pick is None else [pick], start=1):
-            cancelled = name == "cancelled"
-            annotations.append({"id": 100 * task_id + n, "completed_by": 1, "was_cancelled": cancelled,
-                                "ground_truth": False, "created_at": "2026-12-01T10:00:00.000000Z",
-                                "lead_time": 4.2, "task": task_id,
-                                "result": [] if cancelled else [{
-                                    "id": f"r{task_id}{n}", "type": "choices", "from_name": "label",
-                                    "to_name": "image", "origin": "manual", "value": {"choices": [name]}}]})
-        out.append({"id": task_id, "annotations": annotations, "predictions": [], "data": data,
-                    "meta": {}, "created_at": "2026-12-01T09:00:00.000000Z", "inner_id": task_id,
-                    "total_annotations": len(annotations), "cancelled_annotations": 0, "project": 1})
-    return out
-
-
-def test_label_studio_round_trip(pool_with_requests, tmp_path):
-    from clients.labelstudio import export_tasks, import_export
-
-    pool, data = pool_with_requests
-    tasks = export_tasks(pool, data, tmp_path / "ls")
-    exported = json.loads(tasks.read_text())
-    assert [t["data"]["sample_id"] for t in exported] == [3, 5, 7, 1]
-    assert exported[0]["data"]["image"] == "/data/local-files/?d=images/sample-3.png"
-    assert (tmp_path / "ls" / "images" / "sample-3.png").is_file()
-    config = (tmp_path / "ls" / "label_config.xml").read_text()
-    assert '<Choice value="class 2"/>' in config and 'name="label"' in config
-    ids = {t["data"]["sample_id"]: t["data"]["request_id"] for t in exported}
-    answers = {ids[3]: "class 2", ids[1]: "class 0", ids[5]: "cancelled"}  # 7: not annotated yet
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps(label_studio_export(tasks, answers)))
-    result = import_export(pool, data, path)
-    assert (result.recorded, result.unanswered, result.repeated) == (2, 2, 0)
-    records = {r["id"]: r for r in pool.label_records()}
-    assert records[3]["label"] == 2 and records[1]["label"] == 0 and records[3]["source"] == "label-studio:export.json"
-    assert sorted(pool.pending_ids().tolist()) == [5, 7]
-    assert import_export(pool, data, path).repeated == 2  # the same export again records nothing new
-
-
-@pytest.mark.parametrize("answers, message", [
-    ({"first": "class 9"}, "class 'class 9' is not one of this site's classes"),
-    ({"first": ["class 1", "class 2"]}, "annotators chose ['class 1', 'class 2']"),
-])
-def test_a_bad_label_studio_export_records_nothing(pool_with_requests, tmp_path, answers, message):
-    from clients.labelstudio import export_tasks, import_export
-
-    pool, data = pool_with_requests
-    tasks = export_tasks(pool, data, tmp_path / "ls")
-    first = json.loads(tasks.read_text())[0]["data"]["request_id"]
-    second = json.loads(tasks.read_text())[1]["data"]["request_id"]
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps(label_studio_export(tasks, {first: answers["first"], second: "class 1"})))
-    with pytest.raises(ExchangeError, match=re.escape(message)):
-        import_export(pool, data, path)
-    assert pool.counts()["labeled"] == 0  # all or nothing: the good task was not recorded either
-    path.write_text('{"not": "a list"}')
-    with pytest.raises(ExchangeError, match="expected a list of tasks"):
-        import_export(pool, data, path)
