@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -59,6 +60,18 @@ CREATE TABLE IF NOT EXISTS label_history (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS label_history_sample ON label_history (sample_id);
+-- where a label given in another tool came from (who, when, the tool's own ids): a hospital's audit
+CREATE TABLE IF NOT EXISTS label_origins (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_id INTEGER NOT NULL REFERENCES samples (id),
+    label INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    given_by TEXT NOT NULL,
+    given_at TEXT,
+    reference TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS label_origins_sample ON label_origins (sample_id);
 CREATE TABLE IF NOT EXISTS budgets (
     round INTEGER PRIMARY KEY,
     assigned INTEGER NOT NULL,
@@ -107,6 +120,9 @@ class Pool:
     # ----------------------------------------------------------------- plumbing
     @contextmanager
     def _tx(self):
+        if getattr(self, "_tx_thread", None) == threading.get_ident():  # inside transaction(): join it
+            yield self._db
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
@@ -484,6 +500,56 @@ class Pool:
                 ((i, lab, source, now, round) for i, lab in items.items()),
             )
         return len(ids)
+
+    @contextmanager
+    def transaction(self):
+        """Several writes (answers, changes, origins) as one transaction: all of them are kept, or none.
+
+        Every write method called inside ``with pool.transaction():`` joins it; an exception rolls all back.
+        """
+        if getattr(self, "_tx_thread", None) == threading.get_ident():
+            raise ConfigError("Pool.transaction() is already open in this thread")
+        with self._tx():
+            self._tx_thread = threading.get_ident()
+            try:
+                yield self
+            finally:
+                self._tx_thread = None
+
+    def add_label_origins(self, origins: Iterable[Mapping]) -> int:
+        """Record where labels given in another tool came from (append only, next to the label and its history).
+
+        Parameters
+        ----------
+        origins : iterable of mapping
+            Each with ``sample_id``, ``label`` (the class that tool gave), ``source`` (as stored with the label or
+            its change), ``given_by`` (the person in that tool), ``given_at`` (its time, as it wrote it; optional)
+            and ``reference`` (its own ids, e.g. a Label Studio task and annotation).
+        """
+        rows = [(int(o["sample_id"]), self.check_label(o["label"]), str(o["source"]), str(o["given_by"]),
+                 None if o.get("given_at") is None else str(o["given_at"]), str(o["reference"])) for o in origins]
+        if not rows:
+            return 0
+        now, ids = time.time(), sorted({r[0] for r in rows})
+        with self._tx() as db:
+            for start in range(0, len(ids), 900):
+                self._check_state(db, ids[start : start + 900], LABELED, "record label origins")
+            db.executemany("INSERT INTO label_origins (sample_id, label, source, given_by, given_at, reference, "
+                           "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (r + (now,) for r in rows))
+        return len(rows)
+
+    def label_origins(self, sample_id: int | None = None) -> list[dict]:
+        """Where labels given in another tool came from (of the sample ``sample_id``, or all), oldest first.
+
+        Each entry: ``sample_id``, ``label``, ``source``, ``given_by``, ``given_at``, ``reference`` and
+        ``recorded_at`` (``time.time()`` seconds); see :meth:`add_label_origins`.
+        """
+        sql = "SELECT id, sample_id, label, source, given_by, given_at, reference, recorded_at FROM label_origins"
+        args: tuple = ()
+        if sample_id is not None:
+            sql, args = sql + " WHERE sample_id = ?", (int(sample_id),)
+        keys = ("entry", "sample_id", "label", "source", "given_by", "given_at", "reference", "recorded_at")
+        return [dict(zip(keys, r)) for r in self._db.execute(sql + " ORDER BY id", args)]
 
     # ----------------------------------------------------------------- budgets
     def set_budget(self, round: int, assigned: int) -> None:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from fedal.exceptions import ConfigError, InvalidLabelError, UnknownSampleError
+from fedal.exceptions import ConfigError, InvalidLabelError, SampleStateError, UnknownSampleError
 from fedal.pool import Pool
 
 
@@ -355,4 +355,48 @@ def test_a_label_can_be_changed_and_an_answer_taken_back_without_new_budget(tmp_
     assert pool.state_of(3) == "labeled" and len(pool.requests()) == before
     with pytest.raises(SampleStateError, match="not labeled"):
         pool.change_label(4, 0, source="web")
+    pool.close()
+
+
+def test_a_transaction_keeps_answers_changes_and_origins_together_or_none(tmp_path):
+    path = tmp_path / "pool.db"
+    pool = Pool(3, size=6, path=path)
+    pool.request([0, 1, 2])
+    pool.answer({0: 1}, source="web:ana")
+    with pytest.raises(InvalidLabelError):
+        with pool.transaction():
+            pool.answer({1: 2}, source="label-studio:user 2")
+            pool.change_label(0, 2, source="label-studio:user 3")
+            pool.add_label_origins([{"sample_id": 1, "label": 5, "source": "x", "given_by": "y", "reference": "z"}])
+    assert pool.pending_ids().tolist() == [1, 2] and pool.labels()[1].tolist() == [1]  # all rolled back
+    assert pool.label_history() == [] and pool.label_origins() == []
+    with pool.transaction():
+        pool.answer({1: 2}, source="label-studio:user 2")
+        pool.change_label(0, 2, source="label-studio:user 3")
+        pool.add_label_origins([{"sample_id": 1, "label": 2, "source": "label-studio:user 2", "given_by": "user 2",
+                                 "given_at": "2026-12-01T10:00:00Z", "reference": "task 4, annotation 7"}])
+    pool.close()
+    reopened = Pool(3, size=6, path=path)  # committed: a second connection sees all of it
+    assert reopened.labels()[1].tolist() == [2, 2]
+    assert [(h["before"], h["label"], h["given_by"], h["by"]) for h in reopened.label_history()] == [
+        (1, 2, "web:ana", "label-studio:user 3")]
+    origin, = reopened.label_origins(1)
+    assert (origin["given_by"], origin["given_at"], origin["reference"]) == ("user 2", "2026-12-01T10:00:00Z",
+                                                                             "task 4, annotation 7")
+    with pytest.raises(SampleStateError):  # an origin belongs to a labeled sample
+        reopened.add_label_origins([{"sample_id": 2, "label": 0, "source": "x", "given_by": "y", "reference": "z"}])
+    reopened.close()
+
+
+def test_a_database_from_before_label_origins_opens_and_gains_the_table(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    Pool(3, size=4, path=path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE label_origins")
+    pool = Pool(3, size=4, path=path)
+    pool.add_labeled({0: 1}, source="seed")
+    pool.add_label_origins([{"sample_id": 0, "label": 1, "source": "seed", "given_by": "x", "reference": "y"}])
+    assert len(pool.label_origins()) == 1
     pool.close()
