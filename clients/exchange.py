@@ -134,6 +134,12 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
         raise ExchangeError(f"answer file {path} is not UTF-8 text; save it as CSV (UTF-8)") from None
     reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
+    label_studio = sorted({"annotation_id", "annotator", "lead_time"} & set(columns))
+    if label_studio:
+        raise ExchangeError(
+            f"{path} is a Label Studio CSV export (it has the column(s) {label_studio}); fedal reads Label Studio's "
+            "JSON: Export -> JSON, then import it with --json"
+        )
     missing = [c for c in ("request_id", "sample_id", "label") if c not in columns]
     if missing:
         raise ExchangeError(

@@ -50,3 +50,33 @@ def ls_task(task_id: int, data: dict, annotations: list[dict], drafts: list[dict
             "cancelled_annotations": sum(bool(a["was_cancelled"]) for a in annotations),
             "total_predictions": 0, "comment_count": 0, "unresolved_comment_count": 0,
             "last_comment_updated_at": None, "project": 1, "updated_by": None, "comment_authors": []}
+
+
+def served_file(url: str, document_root: Path, storage_paths: list[Path]) -> Path | None:
+    """The file Label Studio 1.23 serves for an image ``url``, or None where it answers 404 or 403.
+
+    Its rules (``io_storages/localfiles``): the URL is ``/data/local-files/?d=<path>``; the path is normalised,
+    stripped of a leading ``/`` and joined to ``LOCAL_FILES_DOCUMENT_ROOT``, refusing what leaves the root; the
+    folder holding the file must start with the path of a Local Files storage of the project; a storage path must
+    be an existing folder inside the root and not the root itself.
+    """
+    import os
+    import posixpath
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.path != "/data/local-files/" or "d" not in parse_qs(parts.query):
+        return None
+    root = os.path.realpath(document_root)
+    for storage in storage_paths:  # what Label Studio checks when the storage is added
+        storage = os.path.realpath(storage)
+        assert storage != root, "Label Studio refuses a storage at the document root itself"
+        assert storage.startswith(root + os.sep) and os.path.isdir(storage), "a storage must be a folder under the root"
+    relative = posixpath.normpath(parse_qs(parts.query)["d"][0]).lstrip("/")
+    full = os.path.realpath(os.path.join(root, relative))
+    if not full.startswith(root + os.sep):
+        return None  # safe_join refuses it
+    folder = os.path.normpath(os.path.dirname(full))
+    if not any(folder.startswith(os.path.normpath(os.path.realpath(s))) for s in storage_paths):
+        return None
+    return Path(full) if os.path.isfile(full) else None
