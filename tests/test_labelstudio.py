@@ -474,3 +474,19 @@ def test_an_older_export_does_not_revert_a_correction(site, tmp_path):
     result = import_export(pool, data, write(tmp_path, before))  # yesterday's file, imported by mistake
     assert result.corrected == 0 and "is older than the one recorded" in result.skipped[0]
     assert pool.labels()[1].tolist() == [3]
+
+
+def test_the_readme_label_studio_section_names_only_flags_that_exist(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Label Studio at a site"):readme.index("## Active learning on one device")]
+    helps = ""
+    for action in ("export", "import"):
+        with pytest.raises(SystemExit):
+            cli.main(["exchange", action, "--help"])
+        helps += capsys.readouterr().out
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", section)) - {"--no-browser", "--internal-host", "--port"}
+    assert flags and {f for f in flags if f not in helps} == set()
+    for line in ("recorded 2 label(s), corrected 0", "absolute local path", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="):
+        assert line in section
