@@ -414,7 +414,8 @@ def import_export(pool: Pool, data: LocalData, json_path: str | os.PathLike, *,
         try:
             annotations = _annotations(task, name)
         except _Malformed as exc:
-            problems.append(f"{exc} (not what Label Studio's Export -> JSON writes)")
+            problems.append(str(exc) if "label_config.xml" in str(exc) or "Export -> JSON" in str(exc)
+                            else f"{exc} (not what Label Studio's Export -> JSON writes)")
             continue
         if request_id in by_request:  # tasks.json imported twice: the same request in two tasks
             first_sample, names, earlier = by_request[request_id]
