@@ -110,7 +110,8 @@ class ClientSite:
             mean_unc = self.learner.last_uncertainty[0]
         self.learner.teach(round=server_round)
         reviewed = self._count_reviews()
-        if math.isnan(mean_unc) and self.learner.model_ready:
+        # the coordinator splits the next query round's budget by it: a pass over the pool only before a query round
+        if math.isnan(mean_unc) and self.learner.model_ready and self.cfg.is_query_round(server_round + 1):
             mean_unc = self._pool_uncertainty()
         X, y = self.learner.labeled_data()
         auto = auto_correct = 0
@@ -119,7 +120,8 @@ class ClientSite:
         else:
             # people may not have answered anything yet: then the global model goes back unchanged
             # with weight 0 (num-examples) and the requests wait for the next round
-            loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu)
+            loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu,
+                                   lr=self.cfg.lr * instruction.lr_factor)
                     if len(y) else math.nan)
             arrays = self.model.get_state()
         counts = self.pool.counts()

@@ -16,6 +16,8 @@ from typing import Any
 from fedal.exceptions import ConfigError, UnknownStrategyError
 from fedal.features import FEATURES
 from fedal.fileio import read_toml
+from fedal.models.nets import NORMS
+from fedal.models.torch_adapter import AUGMENTATIONS, OPTIMIZERS
 from fedal.oracle import NOISE_KINDS
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -23,6 +25,10 @@ BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 DP_MODES = ("server", "client")
 PIPELINES = ("head", "network")
+NETWORKS = ("smallcnn", "convnet")
+LR_SCHEDULES = ("constant", "cosine")
+#: warm-up share of the rounds of ``lr-schedule = cosine``
+WARMUP_SHARE = 0.1
 #: the one default of every cold start (the initial labeled set): runs, the on-device learner, comparisons
 DEFAULT_COLD_START = "random"
 
@@ -104,6 +110,32 @@ class FederationConfig:
         min-local-steps 1: FedAvg is centralized gradient descent).
     restricted_softmax : float
         Network pipeline: FedRS factor in (0, 1] for the logits of classes a client has no label of (1 = off).
+    network : str
+        Network pipeline, images: ``smallcnn`` (two convolutions and a dense layer) or ``convnet`` (five
+        convolutions, global average pooling; see norm). Tabular inputs always get an MLP.
+    norm : str
+        ``convnet``'s normalisation: ``group`` (GroupNorm on weight-standardised convolutions), ``none``
+        (scaled weight standardisation) or ``batch`` (BatchNorm, whose batch statistics suffer under label skew).
+    augment : str
+        Network pipeline: training-time augmentation of images: ``auto`` (shifts of up to 2 px, and horizontal
+        flips for data sets that do not change under them, such as blood cells), ``none``, ``shift``,
+        ``shift-flip``.
+    local_steps : int
+        Network pipeline: exactly this many local optimizer steps per round (0 = local-epochs and
+        min-local-steps); 1 step of SGD per round with a server optimiser (fedadam) is pooled training of a
+        network without batch statistics.
+    momentum : float
+        Network pipeline: local SGD momentum (Nesterov; 0 = plain SGD).
+    weight_decay : float
+        Network pipeline: L2 weight decay of the local optimizer.
+    lr_schedule : str
+        Network pipeline: ``constant``, or ``cosine``: the server scales the learning rate of each round
+        (server-lr with fedadam, the clients' lr otherwise) by a linear warm-up over the first tenth of the rounds and a cosine decay to 0
+        over the run's rounds.
+    eval_every : int
+        Evaluate the global model (and record a result row and a checkpoint) every k rounds, before each
+        query round and after the last round (1 = every round); hundreds of short rounds need not pay a test
+        pass each.
     aggregation : str
         Flower strategy: fedavg, fedprox, fedadam, fedavgm, fedmedian, fedtrimmedavg, krum.
     proximal_mu : float
@@ -200,6 +232,14 @@ class FederationConfig:
     lr: float = 0.003
     local_optimizer: str = "adam"
     restricted_softmax: float = 1.0
+    network: str = "smallcnn"
+    norm: str = "group"
+    augment: str = "auto"
+    local_steps: int = 0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    eval_every: int = 1
     aggregation: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
@@ -276,7 +316,18 @@ class FederationConfig:
         need(self.min_local_steps >= 0, f"min-local-steps must be >= 0, got {self.min_local_steps}")
         need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.local_optimizer in ("adam", "sgd"), f"local-optimizer must be adam or sgd, got {self.local_optimizer!r}")
+        need(self.local_optimizer in OPTIMIZERS,
+             f"local-optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.local_optimizer!r}")
+        need(self.network in NETWORKS, f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        need(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        need(self.augment in ("auto", *AUGMENTATIONS),
+             f"augment must be one of auto, {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        need(self.local_steps >= 0, f"local-steps must be >= 0 (0 = local-epochs), got {self.local_steps}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        need(self.eval_every >= 1, f"eval-every must be >= 1 round, got {self.eval_every}")
         need(0 < self.restricted_softmax <= 1,
              f"restricted-softmax must be in (0, 1] (1 = off), got {self.restricted_softmax}")
         need(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
@@ -328,6 +379,23 @@ class FederationConfig:
             need(self.dp_clipping_norm == 0, "differential privacy clips and noises network updates: set "
                  "pipeline = network to use dp-clipping-norm (the head pipeline sends statistics)")
         return self
+
+    def round_lr_factor(self, server_round: int) -> float:
+        """The factor ``lr-schedule`` gives round ``server_round``'s learning rate (1 with ``constant``):
+        a linear warm-up over the first :data:`WARMUP_SHARE` of the rounds, then a cosine decay to 0."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        warm = max(1, round(WARMUP_SHARE * self.rounds))
+        if server_round <= warm:
+            return server_round / warm
+        t = (server_round - warm) / max(self.rounds - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    def is_eval_round(self, server_round: int) -> bool:
+        """Whether ``server_round`` evaluates and records a row: every ``eval-every``-th round, round 1, the
+        query round, the round before each (the model that scores the pools) and the last round."""
+        return (self.eval_every == 1 or server_round in (1, self.rounds) or server_round % self.eval_every == 0
+                or self.is_query_round(server_round) or self.is_query_round(server_round + 1))
 
     def query_strategy(self):
         """The run's query strategy, built with its options (ConfigError naming a bad name or option)."""

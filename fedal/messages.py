@@ -13,7 +13,10 @@ from dataclasses import dataclass, fields
 from fedal.exceptions import ProtocolError
 
 #: the config key of each instruction field
-INSTRUCTION_KEYS = {"server_round": "server-round", "query_budget": "query-budget", "proximal_mu": "proximal-mu"}
+INSTRUCTION_KEYS = {"server_round": "server-round", "query_budget": "query-budget", "proximal_mu": "proximal-mu",
+                    "lr_factor": "lr-factor"}
+#: keys a train message may leave out (their defaults apply)
+OPTIONAL_INSTRUCTION_KEYS = ("proximal_mu", "lr_factor")
 
 #: the reply metric of each field (kebab-case, as Flower metrics are named)
 REPORT_KEYS = {
@@ -51,11 +54,14 @@ class TrainInstruction:
         Labels the site may ask its oracle for in this round (>= 0; 0 outside query rounds).
     proximal_mu : float
         FedProx's proximal weight (0 = plain local training).
+    lr_factor : float
+        This round's factor of the local learning rate (the server's ``lr-schedule``; 1 = the run's ``lr``).
     """
 
     server_round: int
     query_budget: int
     proximal_mu: float = 0.0
+    lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
         for name, low in (("server_round", 1), ("query_budget", 0)):
@@ -68,17 +74,22 @@ class TrainInstruction:
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
             raise ProtocolError(f"the instruction's proximal-mu is {mu!r}, not a number >= 0")
         object.__setattr__(self, "proximal_mu", float(mu))
+        f = self.lr_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 <= f <= 1:
+            raise ProtocolError(f"the instruction's lr-factor is {f!r}, not a number in [0, 1]")
+        object.__setattr__(self, "lr_factor", float(f))
 
     @classmethod
     def from_config(cls, config: dict) -> "TrainInstruction":
         """Parse a train message's config (extra keys, such as a DP clipping norm, are left to
         whoever reads them); :class:`ProtocolError` names a missing key."""
-        missing = [key for name, key in INSTRUCTION_KEYS.items() if key not in config and name != "proximal_mu"]
+        missing = [key for name, key in INSTRUCTION_KEYS.items()
+                   if key not in config and name not in OPTIONAL_INSTRUCTION_KEYS]
         if missing:
             raise ProtocolError(f"the train message has no {', '.join(map(repr, missing))} in its config "
                                 f"(keys: {sorted(config)}); the server and this client run different fedal versions")
         return cls(config[INSTRUCTION_KEYS["server_round"]], config[INSTRUCTION_KEYS["query_budget"]],
-                   config.get(INSTRUCTION_KEYS["proximal_mu"], 0.0))
+                   config.get(INSTRUCTION_KEYS["proximal_mu"], 0.0), config.get(INSTRUCTION_KEYS["lr_factor"], 1.0))
 
 
 @dataclass(frozen=True)

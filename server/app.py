@@ -123,7 +123,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
 
     Each round has two phases, train (query within the budgets, local training,
     aggregation) and evaluate (the global model on the clients' local test sets and on the
-    server's test set); then the round's row and the checkpoint are written.
+    server's test set); then the round's row and the checkpoint are written. With
+    ``eval-every`` > 1 the rounds between evaluations only train (:meth:`FederationConfig.is_eval_round`).
 
     Parameters
     ----------
@@ -162,11 +163,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                     "--federation-config \"num-supernodes=%d\" (the budget is split among the nodes present)",
                     cfg.clients, nodes, cfg.clients)
     heard = False  # did any client reply with a usable report?
+    t0 = time.perf_counter()  # a row's seconds: since the last row (eval-every > 1 trains rounds between rows)
     for server_round in range(start_round, cfg.rounds + 1):
         if STOP_REQUESTED.is_set():
             log.warning("stopped before round %d; the checkpoint holds round %d", server_round, server_round - 1)
             break
-        t0 = time.perf_counter()
         query = cfg.is_query_round(server_round) and book.stopped is None
         if query and cfg.total_budget:  # the last query round gets what is left of the run's budget
             pending = sum(r.pending for r in book.rounds[max(book.rounds)].reports.values()) if book.rounds else 0
@@ -183,13 +184,19 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             break
         if new_arrays is not None:
             arrays = new_arrays
+        rlog = book.rounds[server_round]
+        if rlog.reports:
+            heard = True
+        if not cfg.is_eval_round(server_round):  # a training round between evaluations (eval-every)
+            for event in rlog.events:
+                recorder.add_event(server_round, event.kind, event.describe())
+            continue
         # evaluate: the clients' local test sets, then the server's test set
         eval_replies = grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
         model.set_state(protocol.state_from_record(arrays))
         loss, acc = model.evaluate(X_test, dataset.y_test)
-        rlog = book.rounds[server_round]
         for event in rlog.events:
             recorder.add_event(server_round, event.kind, event.describe())
         row = {"round": server_round, "labels": int(sum(book.labeled.values())), "accuracy": acc, "loss": loss,
@@ -204,11 +211,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         if query and criteria and (fired := check_stopping(cfg, book, criteria, row, server_round)):
             row["stopped"] = fired
         recorder.add_round(row, checkpoint=(model.get_state(), book.state_dict()))
+        t0 = time.perf_counter()
         if on_round is not None:
             on_round(row)
         log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)
-        if rlog.reports:
-            heard = True
         if row.get("stopped") and cfg.after_stop == "end":
             break
     if not heard and cfg.rounds >= start_round and not STOP_REQUESTED.is_set():

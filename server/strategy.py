@@ -76,16 +76,29 @@ class BudgetedStrategy(Strategy):
         ``server_round -> bool``: whether the round asks for labels.
     identify_timeout : float
         Seconds a node has to say which client it is.
+    buffers : iterable of str
+        Model keys that are statistics, not weights (BatchNorm's running statistics, a network's input
+        statistics): the inner strategy never sees them (a server optimiser would step on them); they are
+        the clients' example-weighted mean.
+    lr_factor : callable, optional
+        ``server_round -> factor`` of the learning rate (``lr-schedule``): it scales the step of the inner
+        strategy's server optimiser (FedAdam's ``eta``) where it has one, else it goes to the clients with
+        their instruction.
     """
 
     def __init__(self, inner: Strategy, book: RoundBook, reference: dict[str, tuple[int, ...]],
-                 is_query_round: Callable[[int], bool], *, identify_timeout: float = IDENTIFY_TIMEOUT_S) -> None:
+                 is_query_round: Callable[[int], bool], *, identify_timeout: float = IDENTIFY_TIMEOUT_S,
+                 buffers: Iterable[str] = (), lr_factor: Callable[[int], float] | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.book = book
         self.reference = {k: tuple(v) for k, v in reference.items()}
         self.is_query_round = is_query_round
         self.identify_timeout = float(identify_timeout)
+        self.buffers = tuple(k for k in buffers if k in self.reference)
+        self.lr_factor = lr_factor
+        self._optimiser = _server_optimiser(inner)
+        self._base_eta = getattr(self._optimiser, "eta", None)
 
     def summary(self) -> None:
         log.info("\t├──> per-client query budgets (fedal)")
@@ -94,13 +107,23 @@ class BudgetedStrategy(Strategy):
     # ------------------------------------------------------------- training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        factor = 1.0 if self.lr_factor is None else float(self.lr_factor(server_round))
+        client_factor = factor
+        if self._base_eta is not None and self.lr_factor is not None:  # the server optimiser takes the schedule
+            self._optimiser.eta = self._base_eta * factor
+            client_factor = 1.0
+        weights = ArrayRecord({k: arrays[k] for k in arrays if k not in self.buffers}) if self.buffers else arrays
+        messages = list(self.inner.configure_train(server_round, weights, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
         query = self.is_query_round(server_round)
         if query and (unknown := self.book.unidentified(nodes)):
             self._identify(grid, unknown)
         budgets = self.book.open_round(server_round, nodes, query=query)
-        return [protocol.with_budget(m, budgets[m.metadata.dst_node_id]) for m in messages]
+        out = [protocol.with_budget(m, budgets[m.metadata.dst_node_id], client_factor) for m in messages]
+        if self.buffers:  # the clients get the whole model, statistics included
+            for m in out:
+                m.content[protocol.ARRAYS] = arrays
+        return out
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask ``nodes`` which client each is (``query.client_id``); the book keeps the answers."""
@@ -118,8 +141,31 @@ class BudgetedStrategy(Strategy):
         good = self.screen(server_round, replies)
         if not good:
             return None, None
+        statistics = self._mean_buffers(good)
         arrays, _ = self.inner.aggregate_train(server_round, good)
+        if arrays is not None and statistics:
+            arrays = ArrayRecord({k: arrays[k] if k in arrays else statistics[k] for k in self.reference})
         return arrays, self.train_metrics(server_round)
+
+    def _mean_buffers(self, good: list[Message]) -> dict:
+        """The example-weighted mean of the :attr:`buffers` of the replies ``good``, which are taken out of them."""
+        if not self.buffers:
+            return {}
+        import numpy as np
+        from flwr.app import Array
+
+        weights = np.array([protocol.report_of(m).num_examples for m in good], dtype=np.float64)
+        weights = weights / weights.sum()
+        means = {}
+        for key in self.buffers:
+            values = [m.content[protocol.ARRAYS][key].numpy() for m in good]
+            mean = sum(w * v.astype(np.float64) for w, v in zip(weights, values))
+            dtype = values[0].dtype
+            means[key] = Array(np.asarray(np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype))
+        for m in good:
+            arrays = m.content[protocol.ARRAYS]
+            m.content[protocol.ARRAYS] = ArrayRecord({k: arrays[k] for k in arrays if k not in self.buffers})
+        return means
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Record every reply of ``server_round`` in the book; return the updates fit to aggregate,
@@ -192,6 +238,16 @@ class BudgetedStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round, good) if good else None
 
 
+def _server_optimiser(strategy: Strategy):
+    """The Flower strategy with a server learning rate ``eta`` (FedAdam) in a chain of wrappers, or None."""
+    seen = 0
+    while strategy is not None and seen < 10:
+        if isinstance(strategy, FedAdam):
+            return strategy
+        strategy, seen = getattr(strategy, "inner", None), seen + 1
+    return None
+
+
 def flower_strategy(cfg: FederationConfig) -> Strategy:
     """Flower's own strategy named by ``cfg.aggregation``, set up from the run's settings."""
     kwargs: dict = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=cfg.min_clients,
@@ -199,8 +255,8 @@ def flower_strategy(cfg: FederationConfig) -> Strategy:
     base = AGGREGATIONS[cfg.aggregation]
     if base is FedProx:
         kwargs["proximal_mu"] = cfg.proximal_mu
-    elif base is FedAdam:
-        kwargs["eta"] = cfg.server_lr
+    elif base is FedAdam:  # Adam's own moments and epsilon (Kingma & Ba): one local SGD step per round makes
+        kwargs.update(eta=cfg.server_lr, beta_1=0.9, beta_2=0.999, tau=1e-8)  # it pooled Adam
     elif base is FedAvgM:
         kwargs["server_learning_rate"] = 1.0
         kwargs["server_momentum"] = cfg.server_momentum
@@ -225,14 +281,19 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
         ``server_round -> bool`` (default ``cfg.is_query_round``; the server's loop passes one that
         also says no once a stopping criterion fired).
     """
+    buffers: list[str] = []
     if isinstance(model, HeadClassifier):
         reference = HeadClassifier.statistics_shapes(model.n_classes, model.dim)
     else:
         reference = {k: tuple(v.shape) for k, v in model.get_state().items()}
+        if book.privacy is None:  # with DP every array goes through clipping and noise, statistics too
+            buffers = model.buffer_keys()
     inner = flower_strategy(cfg)
     if isinstance(model, HeadClassifier):
         inner = StatisticsAggregation(inner, model, book.privacy, book.accountant, seed=cfg.seed)
     elif book.privacy is not None:
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))
-    return BudgetedStrategy(inner, book, reference, is_query_round or cfg.is_query_round)
+    schedule = cfg.round_lr_factor if cfg.lr_schedule != "constant" else None
+    return BudgetedStrategy(inner, book, reference, is_query_round or cfg.is_query_round, buffers=buffers,
+                            lr_factor=schedule)

@@ -369,8 +369,9 @@ def finished_rounds(cfg: FederationConfig) -> list[dict] | None:
         results = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if results.get("config") != json.loads(json.dumps(cfg.to_run_config())) or len(results["rounds"]) != cfg.rounds:
-        return None
+    rows = results.get("rounds") or []
+    if results.get("config") != json.loads(json.dumps(cfg.to_run_config())) or not rows or rows[-1]["round"] != cfg.rounds:
+        return None  # another run's settings, or unfinished (with eval-every > 1 not every round has a row)
     return results["rounds"]
 
 

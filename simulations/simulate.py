@@ -149,12 +149,13 @@ def run_simulate(args: argparse.Namespace) -> int:
               f"holds it. Continue with:\n  fedal {again} --resume", file=sys.stderr)
         return 130
     ended = bool(rounds) and bool(rounds[-1].get("stopped")) and cfg.after_stop == "end"
-    if len(rounds) < cfg.rounds and not ended:
-        print(f"fedal simulate: only {len(rounds)} of {cfg.rounds} rounds finished; see {out}", file=sys.stderr)
+    done = rounds[-1]["round"] if rounds else 0  # with eval-every > 1 not every round has a row
+    if done < cfg.rounds and not ended:
+        print(f"fedal simulate: only {done} of {cfg.rounds} rounds finished; see {out}", file=sys.stderr)
         return 1
     print(summary_table(rounds))
     last = rounds[-1]
-    print(f"final: {last['labels']} labels, accuracy {last['accuracy']:.4f} after {len(rounds)} rounds "
+    print(f"final: {last['labels']} labels, accuracy {last['accuracy']:.4f} after {last['round']} rounds "
           f"in {elapsed:.1f} s")
     for event in results.get("events", []):
         print(f"  round {event['round']}: {event['kind']} {event['detail']}")

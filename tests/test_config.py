@@ -41,6 +41,14 @@ BAD_VALUES = {
     "lr": 0.0,
     "local_optimizer": "lbfgs",
     "restricted_softmax": 0.0,
+    "network": "resnet152",
+    "norm": "layer",
+    "augment": "rotate",
+    "local_steps": -1,
+    "momentum": 1.0,
+    "weight_decay": -0.1,
+    "lr_schedule": "step",
+    "eval_every": 0,
     "aggregation": "fedsgd",
     "proximal_mu": -0.1,
     "server_lr": 0.0,
@@ -72,7 +80,8 @@ BAD_VALUES = {
 }
 # second bad values for settings with two bounds
 MORE_BAD_VALUES = [("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
-                   ("unsure_rate", -0.1), ("verify_threshold", -0.1)]
+                   ("unsure_rate", -0.1), ("verify_threshold", -0.1),
+                   ("momentum", -0.5)]
 # settings any value of their type is fine for (checked where they are used: data loading)
 FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite"}
 

@@ -49,7 +49,8 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 WEIGHT_KEY = "num-examples"  # Flower strategies weight updates by this metric
 
 # server -> client (the fields of fedal.messages.TrainInstruction)
-SERVER_ROUND, QUERY_BUDGET, PROXIMAL_MU = (INSTRUCTION_KEYS[k] for k in ("server_round", "query_budget", "proximal_mu"))
+SERVER_ROUND, QUERY_BUDGET, PROXIMAL_MU, LR_FACTOR = (INSTRUCTION_KEYS[k] for k in
+                                                      ("server_round", "query_budget", "proximal_mu", "lr_factor"))
 # client-side DP: the norm each client clips its update to (Flower's own key, set by fedal's DP wrapper)
 DP_CLIPPING_NORM = KEY_CLIPPING_NORM
 #: the query a node answers with its client id (message type ``query.client_id``)
@@ -103,8 +104,9 @@ def identify_reply(msg: Message, client_id: int) -> Message:
     return Message(RecordDict({METRICS: MetricRecord({CLIENT_ID: int(client_id)})}), reply_to=msg)
 
 
-def with_budget(msg: Message, query_budget: int) -> Message:
-    """A copy of a Flower strategy's train message ``msg`` that gives its node ``query_budget`` labels.
+def with_budget(msg: Message, query_budget: int, lr_factor: float = 1.0) -> Message:
+    """A copy of a Flower strategy's train message ``msg`` that gives its node ``query_budget`` labels (and the
+    round's ``lr_factor`` of the local learning rate).
 
     Flower strategies send one shared ``RecordDict`` to every node; a per-node budget
     needs a fresh ``ConfigRecord`` per message. The strategy's own config keys are kept
@@ -113,6 +115,8 @@ def with_budget(msg: Message, query_budget: int) -> Message:
     """
     content = msg.content
     config = {**(dict(content[CONFIG]) if CONFIG in content else {}), QUERY_BUDGET: int(query_budget)}
+    if lr_factor != 1.0:  # the round's share of the learning rate (lr-schedule); absent = 1
+        config[LR_FACTOR] = float(lr_factor)
     records = {key: content[key] for key in content if key != CONFIG}
     records[CONFIG] = ConfigRecord(config)
     return Message(RecordDict(records), message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)

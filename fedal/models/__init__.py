@@ -1,14 +1,20 @@
 """Models and the adapters that let strategies and learners use them."""
 from fedal.models.head_adapter import HeadClassifier
-from fedal.models.nets import MLP, SmallCNN
+from fedal.models.nets import MLP, ConvNet, SmallCNN
 from fedal.models.sklearn_adapter import SklearnClassifier
 from fedal.models.torch_adapter import TorchClassifier
 
-__all__ = ["HeadClassifier", "MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
+__all__ = ["ConvNet", "HeadClassifier", "MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
 
 
-def build_model(input_shape: tuple[int, ...], n_classes: int, **kwargs) -> TorchClassifier:
-    """The default torch model for an input shape: a SmallCNN for (C, 28, 28), else an MLP.
+#: image data sets whose classes do not change under a horizontal flip (cells, tissue, skin)
+FLIP_INVARIANT = ("bloodmnist", "pathmnist", "dermamnist")
+
+
+def build_model(input_shape: tuple[int, ...], n_classes: int, *, network: str = "smallcnn", norm: str = "group",
+                **kwargs) -> TorchClassifier:
+    """The torch model for an input shape: ``network`` (a SmallCNN or a ConvNet) for (C, 28, 28) images, else
+    an MLP.
 
     Parameters
     ----------
@@ -16,12 +22,19 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, **kwargs) -> Torch
         Shape of one input (``Dataset.input_shape``).
     n_classes : int
         Number of classes.
+    network : {"smallcnn", "convnet"}
+        The network for images.
+    norm : str
+        ConvNet's normalisation (:data:`fedal.models.nets.NORMS`).
     **kwargs
         Go to :class:`TorchClassifier` (epochs, lr, batch_size, seed, ...).
     """
     if len(input_shape) == 3 and input_shape[1:] == (28, 28):
         channels = input_shape[0]
+        if network == "convnet":
+            return TorchClassifier(lambda: ConvNet(channels, n_classes, norm=norm), n_classes, **kwargs)
         return TorchClassifier(lambda: SmallCNN(channels, n_classes), n_classes, **kwargs)
+    kwargs["augment"] = "none"
     n_features = 1
     for s in input_shape:
         n_features *= int(s)
@@ -39,7 +52,8 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -
     ----------
     cfg : fedal.config.FederationConfig
         ``pipeline``; ``head_shrinkage``, ``pseudo_label_threshold`` (head) or ``local_epochs``,
-        ``batch_size``, ``lr``, ``min_local_steps`` (network).
+        ``batch_size``, ``lr``, ``min_local_steps``, ``network``, ``norm``, ``augment``, ``local_steps``,
+        ``momentum``, ``weight_decay`` (network).
     input_shape : tuple of int
         Shape of one model input: the feature vector when a featurizer applies (:mod:`fedal.features`).
     n_classes : int
@@ -54,6 +68,20 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -
         return HeadClassifier(n_classes, dim, shrinkage=None if cfg.head_shrinkage < 0 else cfg.head_shrinkage,
                               pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed,
                               clip_norm=cfg.head_clip_norm)
-    return build_model(input_shape, n_classes, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       min_steps=cfg.min_local_steps, seed=seed, optimizer=cfg.local_optimizer,
-                       restricted_softmax=cfg.restricted_softmax)
+    return build_model(input_shape, n_classes, network=cfg.network, norm=cfg.norm, epochs=cfg.local_epochs,
+                       batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps, seed=seed,
+                       optimizer=cfg.local_optimizer, restricted_softmax=cfg.restricted_softmax,
+                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
+                       augment=augmentation_for(cfg.augment, cfg.dataset, input_shape))
+
+
+def augmentation_for(augment: str, dataset: str, input_shape: tuple[int, ...]) -> str:
+    """What ``augment = auto`` means for a data set: shifts for images, and flips too for the
+    :data:`FLIP_INVARIANT` ones; nothing for other inputs. Other values are kept."""
+    if augment != "auto":
+        return augment
+    if len(input_shape) != 3:
+        return "none"
+    from pathlib import Path
+
+    return "shift-flip" if Path(str(dataset)).stem.lower() in FLIP_INVARIANT else "shift"

@@ -19,6 +19,35 @@ from fedal.exceptions import ConfigError
 from fedal.seeds import fit_seed
 
 
+#: optimizers a fit can use
+OPTIMIZERS = ("adam", "adamw", "sgd")
+#: learning-rate schedules within one fit
+SCHEDULES = ("constant", "onecycle")
+#: training-time augmentations of images
+AUGMENTATIONS = ("none", "shift", "shift-flip")
+#: pixels of the random shifts
+SHIFT = 2
+
+
+def augment_images(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Randomly shifted (up to :data:`SHIFT` pixels, reflect padding) and, with ``shift-flip``, horizontally
+    flipped copies of images ``x`` (n, C, H, W); inputs that are not images come back unchanged."""
+    if kind == "none" or x.dim() != 4 or min(x.shape[-2:]) <= 2 * SHIFT:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (SHIFT,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * SHIFT + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * SHIFT + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * SHIFT)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    if kind == "shift-flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
 def _check_module(module: nn.Module) -> None:
     if not (hasattr(module, "embed") and isinstance(getattr(module, "head", None), nn.Linear)):
         raise ConfigError(
@@ -51,11 +80,26 @@ class TorchClassifier:
         the labeled set is small, so 10 labels are not one gradient step).
     seed : int
         Seed for initialisation, shuffling and dropout.
-    optimizer : {"adam", "sgd"}
-        A fresh Adam per fit (the default), or plain SGD: with ``batch_size`` at least the
-        labeled set and few steps, FedAvg of one step per client is centralized gradient
-        descent, free of the client drift local Adam keeps (Woodworth et al., NeurIPS 2020;
-        Wang et al., 2021).
+    optimizer : {"adam", "adamw", "sgd"}
+        A fresh Adam per fit (the default), AdamW (decoupled weight decay), or SGD (Nesterov
+        when ``momentum > 0``): with few steps per round, FedAvg of one SGD step per client is
+        centralized gradient descent, free of the client drift local Adam keeps (Woodworth et
+        al., NeurIPS 2020; Wang et al., 2021), and a server optimiser (FedAdam, FedAvgM) adds
+        the adaptivity or momentum back on the server.
+    momentum : float
+        SGD's momentum (Nesterov); 0 = plain SGD.
+    local_steps : int
+        ``> 0``: every :meth:`fit` takes exactly this many optimizer steps on batches of
+        ``batch_size`` drawn from the labels (epochs and ``min_steps`` are then ignored);
+        one step per round with a server optimiser is pooled training of the same network
+        when the network has no batch statistics.
+    schedule : {"constant", "onecycle"}
+        The learning rate within a fit: constant, or one-cycle (warm up to ``lr`` over the
+        first 30 % of the fit's steps, then cosine down to 0): for pooled and local training.
+        In a federation the server sets each round's rate (``fit(lr=...)``).
+    augment : {"none", "shift", "shift-flip"}
+        Training-time augmentation of images: random shifts of up to 2 pixels (reflect
+        padding), and horizontal flips with ``shift-flip``.
     restricted_softmax : float
         FedRS (Li & Zhan, KDD 2021): during a fit, the logits of classes absent from the labels
         are scaled by this factor in (0, 1] (1 = off), so a client does not push them down.
@@ -78,14 +122,30 @@ class TorchClassifier:
         seed: int = 0,
         optimizer: str = "adam",
         restricted_softmax: float = 1.0,
+        momentum: float = 0.0,
+        local_steps: int = 0,
+        schedule: str = "constant",
+        augment: str = "none",
     ) -> None:
         if n_classes < 2:
             raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("predict_batch_size", predict_batch_size)):
             if int(value) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        if optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+        if int(local_steps) < 0:
+            raise ConfigError(f"local_steps must be >= 0 (0 = epochs), got {local_steps}")
+        self.momentum = float(momentum)
+        self.local_steps = int(local_steps)
+        self.schedule = schedule
+        self.augment = augment
         if not 0 < restricted_softmax <= 1:
             raise ConfigError(f"restricted_softmax must be in (0, 1] (1 = off), got {restricted_softmax}")
         self.optimizer = optimizer
@@ -142,6 +202,7 @@ class TorchClassifier:
         epochs: int | None = None,
         proximal_mu: float = 0.0,
         class_weight: np.ndarray | None = None,
+        lr: float | None = None,
     ) -> float:
         """Train on ``(X, y)`` for ``epochs`` epochs; return the mean training loss.
 
@@ -156,6 +217,8 @@ class TorchClassifier:
             held when ``fit`` was called (Li et al., MLSys 2020).
         class_weight : array of float, optional
             Per-class weight of the cross-entropy (imbalanced data).
+        lr : float, optional
+            The learning rate of this fit (a federation's round schedule); default the classifier's ``lr``.
         """
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64).reshape(-1)
@@ -168,13 +231,15 @@ class TorchClassifier:
         epochs = self.epochs if epochs is None else int(epochs)
         batches = -(-len(y) // self.batch_size)
         epochs = max(epochs, -(-self.min_steps // batches))
+        total_steps = self.local_steps or epochs * batches
         module = self.module
         module.train()
         anchor = [p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else None
-        if self.optimizer == "sgd":
-            opt = torch.optim.SGD(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = self._optimizer(self.lr if lr is None else float(lr))
+        sched = None
+        if self.schedule == "onecycle" and total_steps > 1:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
+                                                        total_steps=total_steps, pct_start=0.3)
         scale = None
         if self.restricted_softmax < 1:  # FedRS: classes this client has no label of are damped
             scale = torch.full((self.n_classes,), self.restricted_softmax)
@@ -184,29 +249,59 @@ class TorchClassifier:
         gen = torch.Generator().manual_seed(seed)
         self._fits += 1
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+        if hasattr(module, "observe_inputs"):  # input standardisation from the first labels (ConvNet)
+            module.observe_inputs(Xt)
         total, count = 0.0, 0
         # training-time dropout draws from torch's global generator: seed it for this fit only,
         # so the same seed gives the same weights whatever else used torch's RNG in between
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for _ in range(epochs):
-                order = torch.randperm(len(yt), generator=gen)
-                for start in range(0, len(yt), self.batch_size):
-                    idx = order[start : start + self.batch_size]
-                    opt.zero_grad()
-                    logits = module(Xt[idx])
-                    if scale is not None:
-                        logits = logits * scale
-                    loss = F.cross_entropy(logits, yt[idx], weight=weight)
-                    if anchor is not None:
-                        prox = sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
-                        loss = loss + 0.5 * proximal_mu * prox
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(idx)
-                    count += len(idx)
+            for idx in self._batch_indices(len(yt), epochs, gen):
+                opt.zero_grad()
+                logits = module(augment_images(Xt[idx], self.augment, gen))
+                if scale is not None:
+                    logits = logits * scale
+                loss = F.cross_entropy(logits, yt[idx], weight=weight)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
+                    loss = loss + 0.5 * proximal_mu * prox
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
         module.eval()
         return total / max(count, 1)
+
+    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+        params = self.module.parameters()
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.momentum, nesterov=self.momentum > 0,
+                                   weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
+
+    def _batch_indices(self, n: int, epochs: int, gen: torch.Generator):
+        """Index batches of one fit: ``epochs`` shuffled passes, or ``local_steps`` batches from shuffled passes."""
+        if not self.local_steps:
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=gen)
+                for start in range(0, n, self.batch_size):
+                    yield order[start : start + self.batch_size]
+            return
+        order, pos = torch.randperm(n, generator=gen), 0
+        for _ in range(self.local_steps):
+            if pos >= n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            yield order[pos : pos + self.batch_size]
+            pos += self.batch_size
+
+    def buffer_keys(self) -> list[str]:
+        """Names of the state's buffers (BatchNorm statistics): a federation averages them, no server
+        optimiser steps on them."""
+        return [name for name, _ in self.module.named_buffers()]
 
     # --------------------------------------------------------------- inference
     def _batches(self, X: np.ndarray):

@@ -37,6 +37,12 @@ from simulations.bench.common import ROOT, machine_info, portable
 #: not a federation setting: evaluate the network with an LDA head solved from the summed class
 #: statistics of its penultimate embeddings (Fed3R-style; exact, like the head pipeline's)
 LDA_HEAD = "+lda-head"
+#: the network recipe's federation settings (see the ConvNet variants)
+RECIPE = {"pipeline": "network", "network": "convnet", "norm": "group", "local-optimizer": "sgd", "lr": 1.0,
+          "local-steps": 1, "batch-size": 32, "weight-decay": 5e-4, "aggregation": "fedadam", "server-lr": 0.003,
+          "lr-schedule": "cosine"}
+#: the pooled reference of a ConvNet variant: AdamW, one-cycle schedule, batch 128 (a network trained well)
+POOLED = {"optimizer": "adamw", "lr": 0.003, "batch_size": 128, "schedule": "onecycle"}
 #: training variants: name -> federation settings that differ from the preset
 VARIANTS = {
     "preset": {},
@@ -52,6 +58,14 @@ VARIANTS = {
                                                       "batch-size": 100000, "local-epochs": 1, "min-local-steps": 1,
                                                       "restricted-softmax": 0.5},
     "SmallCNN + Adam + exact LDA head on its embeddings": {"pipeline": "network", LDA_HEAD: True},
+    # the recipe for small images: a ConvNet without batch statistics, one local SGD step per round, Adam on the
+    # server (FedAdam): the federation takes the step pooled Adam takes on the union of the clients' batches
+    "ConvNet GroupNorm + FedAdam (1 step)": {**RECIPE, "norm": "group"},
+    "ConvNet no norm + FedAdam (1 step)": {**RECIPE, "norm": "none"},
+    # BatchNorm needs mixed batches: a client's batch of one or two classes gives it other statistics
+    "ConvNet BatchNorm + FedAdam (1 step)": {**RECIPE, "norm": "batch"},
+    "ConvNet BatchNorm + FedAvgM (1 step)": {**RECIPE, "norm": "batch", "aggregation": "fedavgm", "lr": 0.1,
+                                             "server-momentum": 0.9},
 }
 
 
@@ -59,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=str(ROOT / "simulations" / "presets" / "bloodmnist_a01.toml"))
     p.add_argument("--labels-per-client", type=int, default=35, help="random labels each client holds")
+    p.add_argument("--total-labels", type=int, default=0,
+                   help="instead: this many random labels drawn from the union of the pools (a client holds its "
+                        "pool's share)")
+    p.add_argument("--pooled-epochs", type=int, default=40,
+                   help="epochs of the pooled reference of the ConvNet variants (one fit, one-cycle schedule)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a federation setting for every variant (e.g. max-train=0 for all training images)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -76,17 +97,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def labeled_sets(cfg, per_client: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Each client's random labeled set (at most its pool) and the rest of its pool: ``(X, y, unlabeled X)``,
-    in what the run's model takes (features with the head pipeline)."""
+def labeled_sets(cfg, per_client: int, seed: int, total: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each client's random labeled set (``per_client``, at most its pool; or its share of ``total`` random
+    labels of the union of the pools) and the rest of its pool: ``(X, y, unlabeled X)``, in what the run's
+    model takes (features with the head pipeline)."""
     from fedal.federation import client_data
     from simulations.compare import client_inputs
 
     rng = np.random.default_rng(seed)
+    inputs = client_inputs(cfg)
+    sizes = [len(X) for X in inputs]
+    if total:
+        if total > sum(sizes):
+            raise SystemExit(f"--total-labels {total} is more than the {sum(sizes)} pool samples; set a larger "
+                             "max-train (--set max-train=0 for all) or ask for fewer labels")
+        chosen = rng.choice(sum(sizes), total, replace=False)
+        owner = np.searchsorted(np.cumsum(sizes), chosen, side="right")
+        counts = np.bincount(owner, minlength=len(sizes))
     sets = []
-    for c, X in enumerate(client_inputs(cfg)):
+    for c, X in enumerate(inputs):
         y = client_data(cfg, c).y_pool
-        pick = rng.choice(len(y), min(per_client, len(y)), replace=False)
+        n = int(counts[c]) if total else min(per_client, len(y))
+        pick = rng.choice(len(y), n, replace=False)
         rest = np.setdiff1d(np.arange(len(y)), pick)
         sets.append((X[pick], y[pick], X[rest]))
     return sets
@@ -135,32 +167,81 @@ def _accuracy(model, cfg, ds, sets, lda_head: bool) -> float:
     return float((head.probs(model.forward(X_test)[1]).argmax(axis=1) == ds.y_test).mean())
 
 
+def server_step(cfg, state: dict, mean: dict, memory: dict, server_round: int, buffers: set) -> dict:
+    """The new global weights from the current ``state`` and the clients' example-weighted ``mean``, as the
+    run's Flower strategy computes them (FedAvg; FedAvgM with server learning rate 1; FedAdam with its
+    bias-corrected step), with the statistics in ``buffers`` averaged, not stepped on; ``memory`` keeps the
+    optimiser's moments between rounds."""
+    if cfg.aggregation not in ("fedavgm", "fedadam"):
+        return mean
+    new = {}
+    for k, x in state.items():
+        if k in buffers:
+            new[k] = mean[k]
+            continue
+        x64, delta = x.astype(np.float64), mean[k].astype(np.float64) - x.astype(np.float64)
+        if cfg.aggregation == "fedavgm":  # Flower's FedAvgM: momentum on the pseudo-gradient old - new
+            grad = -delta
+            memory[k] = grad if k not in memory else cfg.server_momentum * memory[k] + grad
+            new[k] = (x64 - memory[k]).astype(x.dtype)
+        else:  # Flower's FedAdam (beta_1 0.9, beta_2 0.999, tau 1e-8 as fedal sets them)
+            m, v = memory.get(k, (np.zeros_like(x64), np.zeros_like(x64)))
+            m = 0.9 * m + 0.1 * delta
+            v = 0.999 * v + 0.001 * delta ** 2
+            memory[k] = (m, v)
+            eta = cfg.server_lr * cfg.round_lr_factor(server_round)
+            eta_norm = eta * np.sqrt(1 - 0.999 ** (server_round + 1.0)) / (1 - 0.9 ** (server_round + 1.0))
+            new[k] = (x64 + eta_norm * m / (np.sqrt(v) + 1e-8)).astype(x.dtype)
+    return new
+
+
 def federated_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool = False) -> list[float]:
-    """Test accuracy of the FedAvg (FedProx with ``cfg.proximal_mu``) model after each round (NaN on rounds
-    not in ``evaluate_at``; default every round)."""
+    """Test accuracy of the federated model after each round (NaN on rounds not in ``evaluate_at``; default
+    every round): FedAvg (FedProx with ``cfg.proximal_mu``), or the server optimiser of ``cfg.aggregation``
+    (:func:`server_step`), with the learning-rate schedule of ``cfg.lr_schedule``."""
     from fedal.models import model_for
     from fedal.seeds import client_seed
 
     shape = sets[0][0].shape[1:]
     server = model_for(cfg, shape, ds.n_classes, seed=cfg.seed)
     clients = [model_for(cfg, shape, ds.n_classes, seed=client_seed(cfg.seed, c)) for c in range(len(sets))]
+    buffers = set(server.buffer_keys())
+    memory: dict = {}
     curve = []
-    for _ in range(rounds):
+    for r in range(1, rounds + 1):
         state = server.get_state()
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in state.items()}
         n = 0
+        lr = cfg.lr * (1.0 if cfg.aggregation == "fedadam" else cfg.round_lr_factor(r))
         for model, (X, y, _) in zip(clients, sets):
+            if len(y) == 0:
+                continue
             model.set_state(state)
-            model.fit(X, y, proximal_mu=cfg.proximal_mu)
+            model.fit(X, y, proximal_mu=cfg.proximal_mu, lr=lr)
             for k, v in model.get_state().items():
                 total[k] += v * len(y)
             n += len(y)
-        server.set_state({k: (v / n).astype(state[k].dtype) for k, v in total.items()})
-        if evaluate_at is None or len(curve) + 1 in evaluate_at:
+        mean = {k: (v / n).astype(state[k].dtype) for k, v in total.items()}
+        server.set_state(server_step(cfg, state, mean, memory, r, buffers))
+        if evaluate_at is None or r in evaluate_at:
             curve.append(_accuracy(server, cfg, ds, sets, lda_head))
         else:
             curve.append(float("nan"))
     return curve
+
+
+def pooled_reference(cfg, sets, ds, epochs: int) -> float:
+    """Test accuracy of the same network trained well on the pooled labels: one fit of ``epochs`` with
+    :data:`POOLED` (AdamW, one-cycle) and the run's augmentation and weight decay."""
+    from fedal.models import augmentation_for, build_model
+
+    X = np.concatenate([s[0] for s in sets])
+    y = np.concatenate([s[1] for s in sets])
+    model = build_model(X.shape[1:], ds.n_classes, network=cfg.network, norm=cfg.norm, epochs=epochs,
+                        weight_decay=cfg.weight_decay, seed=cfg.seed,
+                        augment=augmentation_for(cfg.augment, cfg.dataset, X.shape[1:]), **POOLED)
+    model.fit(X, y)
+    return model.evaluate(_test_inputs(cfg, ds), ds.y_test)[1]
 
 
 def centralized_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool = False) -> list[float]:
@@ -183,8 +264,10 @@ def centralized_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bo
 def table(results: dict) -> str:
     shown = results["report_rounds"]
     lines = [f"Mean test accuracy over seeds {results['seeds']} after round r "
-             f"(up to {results['labels_per_client']} random labels per client; labels in all, per seed: "
-             f"{', '.join(map(str, results['total_labels']))}).", "",
+             + (f"({results['args']['total_labels']} random labels of the union of the pools; per seed: "
+                if results["args"].get("total_labels") else
+                f"(up to {results['labels_per_client']} random labels per client; labels in all, per seed: ")
+             + f"{', '.join(map(str, results['total_labels']))}).", "",
              "| training | " + " | ".join(f"r={r}" for r in shown) + " | gap to centralized at r=" + f"{shown[-1]} |",
              "|---|" + "---:|" * (len(shown) + 1)]
     for name, curves in results["curves"].items():
@@ -214,7 +297,11 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     args = parse_args(argv)
+    from fedal.config import parse_assignments
+
     base, _ = load_preset(args.preset)
+    if args.overrides:
+        base = FederationConfig.from_mapping(parse_assignments(args.overrides), base=base)
     curves: dict[str, list[list[float]]] = {}
     seconds: dict[str, float] = {}
     max_prob_difference: dict[str, float] = {}
@@ -226,7 +313,7 @@ def main(argv=None) -> dict:
             settings = {k: v for k, v in VARIANTS[name].items() if k != LDA_HEAD}
             lda_head = bool(VARIANTS[name].get(LDA_HEAD))
             vcfg = FederationConfig.from_mapping(settings, base=cfg)
-            sets = labeled_sets(vcfg, args.labels_per_client, seed)  # the same samples in every variant
+            sets = labeled_sets(vcfg, args.labels_per_client, seed, args.total_labels)  # the same in every variant
             if name == args.variants[0]:
                 total_labels.append(sum(len(s[1]) for s in sets))
             t0 = time.perf_counter()
@@ -236,7 +323,10 @@ def main(argv=None) -> dict:
                 max_prob_difference[f"{name}-seed{seed}"] = diff
             else:
                 fed = federated_curve(vcfg, sets, args.rounds, ds, args.report_rounds, lda_head)
-                central = centralized_curve(vcfg, sets, args.rounds, ds, args.report_rounds, lda_head)
+                if vcfg.network == "convnet":  # trained well once on the pooled labels: the same value every round
+                    central = [pooled_reference(vcfg, sets, ds, args.pooled_epochs)] * args.rounds
+                else:
+                    central = centralized_curve(vcfg, sets, args.rounds, ds, args.report_rounds, lda_head)
             curves.setdefault(name, []).append(fed)
             curves.setdefault(f"{name} | centralized", []).append(central)
             seconds[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
