@@ -47,6 +47,18 @@ CREATE TABLE IF NOT EXISTS requests (
     note TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status, sample_id);
+-- every correction and every taken-back answer, so no label a person gave is lost
+CREATE TABLE IF NOT EXISTS label_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_id INTEGER NOT NULL REFERENCES samples (id),
+    action TEXT NOT NULL CHECK (action IN ('change', 'undo')),
+    before INTEGER NOT NULL,
+    label INTEGER,
+    given_by TEXT NOT NULL,
+    by TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS label_history_sample ON label_history (sample_id);
 CREATE TABLE IF NOT EXISTS budgets (
     round INTEGER PRIMARY KEY,
     assigned INTEGER NOT NULL,
@@ -190,6 +202,21 @@ class Pool:
         cur = self._db.execute("SELECT sample_id, label, source, labeled_at, round FROM labels ORDER BY sample_id")
         return [dict(zip(("id", "label", "source", "labeled_at", "round"), r)) for r in cur]
 
+    def label_history(self, sample_id: int | None = None) -> list[dict]:
+        """Every change and taken-back answer (of the sample ``sample_id``, or all), oldest first.
+
+        Each entry: ``action`` (``"change"`` or ``"undo"``), ``before`` (the label replaced or taken back),
+        ``label`` (the new label; None for an undo), ``given_by`` (who gave the label first), ``by`` (who
+        changed or took it back) and ``at`` (``time.time()`` seconds).
+        """
+        sql = "SELECT id, sample_id, action, before, label, given_by, by, at FROM label_history"
+        args: tuple = ()
+        if sample_id is not None:
+            sql, args = sql + " WHERE sample_id = ?", (int(sample_id),)
+        cur = self._db.execute(sql + " ORDER BY id", args)
+        keys = ("entry", "sample_id", "action", "before", "label", "given_by", "by", "at")
+        return [dict(zip(keys, r)) for r in cur]
+
     def state_of(self, sample_id: int) -> str:
         """The state (``"unlabeled"``, ``"pending"`` or ``"labeled"``) of the sample ``sample_id``."""
         row = self._db.execute("SELECT state FROM samples WHERE id = ?", (int(sample_id),)).fetchone()
@@ -248,8 +275,12 @@ class Pool:
                 ((i, round, now, deadline) for i in ids),
             )
 
-    def check_label(self, label: object) -> int:
-        """Return ``label`` as an int class, or raise InvalidLabelError naming the valid range."""
+    def check_label(self, label: object, *,
+                    then: str = "the request stays pending: answer again with a valid class") -> int:
+        """Return ``label`` as an int class, or raise InvalidLabelError naming the valid range.
+
+        ``then`` ends the out-of-range message: what happens to the thing being labeled.
+        """
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
             if isinstance(label, (float, np.floating)) and float(label).is_integer():
                 label = int(label)
@@ -259,8 +290,7 @@ class Pool:
                 )
         if not 0 <= int(label) < self.n_classes:
             raise InvalidLabelError(
-                f"label {label} is outside the {self.n_classes} known classes (0..{self.n_classes - 1}); "
-                "the request stays pending: answer again with a valid class"
+                f"label {label} is outside the {self.n_classes} known classes (0..{self.n_classes - 1}); {then}"
             )
         return int(label)
 
@@ -308,7 +338,9 @@ class Pool:
     def change_label(self, sample_id: int, label: object, *, source: str) -> int:
         """Replace the label of a labeled sample (a person corrects an answer); return the previous label.
 
-        The next round trains on the new label: every round uses the whole labeled set.
+        The label keeps who gave it first (``label_records``' source); the change, with who made it, is
+        added to :meth:`label_history`. A change to the same class writes nothing. The next round trains on
+        the new label: every round uses the whole labeled set.
 
         Parameters
         ----------
@@ -317,33 +349,60 @@ class Pool:
         label : int
             Its new class (validated like an answer).
         source : str
-            Who changed it (stored with the label).
+            Who changed it.
         """
-        sample_id, label = int(sample_id), self.check_label(label)
+        sample_id = int(sample_id)
+        label = self.check_label(label, then="the label was not changed: pick a valid class")
         with self._tx() as db:
             self._check_state(db, [sample_id], LABELED, "change a label")
-            old = db.execute("SELECT label FROM labels WHERE sample_id = ?", (sample_id,)).fetchone()[0]
-            db.execute("UPDATE labels SET label = ?, source = ?, labeled_at = ? WHERE sample_id = ?",
-                       (label, source, time.time(), sample_id))
+            old, given_by = db.execute("SELECT label, source FROM labels WHERE sample_id = ?", (sample_id,)).fetchone()
+            if old != label:
+                db.execute("UPDATE labels SET label = ? WHERE sample_id = ?", (label, sample_id))
+                db.execute("INSERT INTO label_history (sample_id, action, before, label, given_by, by, at) "
+                           "VALUES (?, 'change', ?, ?, ?, ?, ?)", (sample_id, old, label, given_by, source, time.time()))
         return int(old)
 
-    def reopen(self, sample_id: int) -> None:
+    def reopen(self, sample_id: int, *, by: str | None = None, given_by: str | None = None) -> None:
         """Take back the answer of a sample labeled through a request (undo): its label is removed and the
-        request waits again, so the sample is asked again without spending more budget.
+        request waits again, so the sample is asked again without spending more budget. The label taken
+        back stays in :meth:`label_history`.
 
         Parameters
         ----------
         sample_id : int
             A labeled sample whose label answered a request.
+        by : str, optional
+            Who takes it back (default: who gave it).
+        given_by : str, optional
+            Take it back only if this source gave the label and nobody else changed it since; checked in
+            the same transaction, so a correction made a moment ago elsewhere is never lost.
+
+        Raises
+        ------
+        SampleStateError
+            The sample is not labeled, answered no request, or (``given_by``) is someone else's label.
         """
         sample_id = int(sample_id)
         with self._tx() as db:
             self._check_state(db, [sample_id], LABELED, "take back an answer")
+            label, source = db.execute("SELECT label, source FROM labels WHERE sample_id = ?", (sample_id,)).fetchone()
+            if given_by is not None:
+                if source != given_by:
+                    raise SampleStateError(f"cannot take back the label of sample {sample_id}: {source!r} gave it, "
+                                           f"not {given_by!r}; change it instead")
+                changed = db.execute("SELECT by FROM label_history WHERE sample_id = ? AND action = 'change' AND "
+                                     "by != ? AND at >= (SELECT labeled_at FROM labels WHERE sample_id = ?) "
+                                     "ORDER BY id DESC LIMIT 1", (sample_id, given_by, sample_id)).fetchone()
+                if changed is not None:
+                    raise SampleStateError(f"cannot take back the label of sample {sample_id}: {changed[0]!r} "
+                                           "corrected it since; change it instead")
             row = db.execute("SELECT id FROM requests WHERE sample_id = ? AND status = 'answered' ORDER BY id DESC "
                              "LIMIT 1", (sample_id,)).fetchone()
             if row is None:
                 raise SampleStateError(f"cannot take back the label of sample {sample_id}: it answered no request; "
                                        "change it instead")
+            db.execute("INSERT INTO label_history (sample_id, action, before, label, given_by, by, at) "
+                       "VALUES (?, 'undo', ?, NULL, ?, ?, ?)", (sample_id, label, source, by or source, time.time()))
             db.execute("DELETE FROM labels WHERE sample_id = ?", (sample_id,))
             db.execute("UPDATE samples SET state = ? WHERE id = ?", (PENDING, sample_id))
             db.execute("UPDATE requests SET status = 'pending', closed_at = NULL WHERE id = ?", (row[0],))

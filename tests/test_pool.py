@@ -333,10 +333,20 @@ def test_a_label_can_be_changed_and_an_answer_taken_back_without_new_budget(tmp_
     pool.answer({2: 0, 3: 2}, source="web:ann", round=1)
     assert pool.change_label(2, 1, source="web:bob") == 0
     assert dict(zip(*map(list, pool.labels())))[2] == 1
-    assert next(r for r in pool.label_records() if r["id"] == 2)["source"] == "web:bob"
-    with pytest.raises(InvalidLabelError):
+    # who gave the label first stays with it; the change and who made it are in the history
+    assert next(r for r in pool.label_records() if r["id"] == 2)["source"] == "web:ann"
+    assert pool.change_label(2, 1, source="web:bob") == 1  # the same class: nothing written
+    assert [(h["action"], h["before"], h["label"], h["given_by"], h["by"]) for h in pool.label_history()] == [
+        ("change", 0, 1, "web:ann", "web:bob")]
+    with pytest.raises(InvalidLabelError, match="the label was not changed"):
         pool.change_label(2, 7, source="web")
+    with pytest.raises(SampleStateError, match="'web:bob' corrected it since"):
+        pool.reopen(2, by="web:ann", given_by="web:ann")  # ann cannot take back bob's correction
+    with pytest.raises(SampleStateError, match="'web:ann' gave it, not 'web:bob'"):
+        pool.reopen(3, by="web:bob", given_by="web:bob")
     pool.reopen(3)  # undo: the request waits again, the label is gone, nothing new was asked
+    assert pool.label_history(3) == [{**pool.label_history(3)[0], "action": "undo", "before": 2, "label": None,
+                                      "given_by": "web:ann", "by": "web:ann"}]
     assert pool.state_of(3) == "pending" and 3 not in pool.labels()[0].tolist()
     asked = [(r["sample_id"], r["status"]) for r in pool.requests() if r["round"] == 1]
     assert asked == [(2, "answered"), (3, "pending")]
