@@ -155,7 +155,8 @@ class FederationConfig:
     stop_uncertainty : float
         Mean pool uncertainty (normalised entropy, 0..1) below which uncertainty fires.
     total_budget : int
-        Labels the whole run may ask for, over all query rounds (0 = no cap); the last round gets what is left.
+        Labels the whole run may have, the initial labels of every client included (clients x initial-labels),
+        over all query rounds (0 = no cap); the last query round gets what is left.
     after_stop : str
         What a run does once a criterion fired: continue (rounds go on without queries) or end.
     dp_clipping_norm : float
@@ -301,6 +302,11 @@ class FederationConfig:
              "databases go there); give a folder such as runs/latest")
         need(self.local_model_epochs >= 0, f"local-model-epochs must be >= 0 (0 = local-epochs), got {self.local_model_epochs}")
         need(self.total_budget >= 0, f"total-budget must be >= 0 (0 = no cap), got {self.total_budget}")
+        initial = self.clients * self.initial_labels
+        need(self.total_budget == 0 or self.total_budget >= initial,
+             f"total-budget {self.total_budget} is below the initial labels of all clients ({self.clients} clients x "
+             f"initial-labels {self.initial_labels} = {initial}), which count toward it; give total-budget >= "
+             f"{initial}, or fewer initial-labels")
         need(self.stop_min_delta >= 0, f"stop-min-delta must be >= 0, got {self.stop_min_delta}")
         need(self.stop_patience >= 1, f"stop-patience must be >= 1 query round, got {self.stop_patience}")
         need(0 < self.stop_uncertainty <= 1, f"stop-uncertainty must be in (0, 1], got {self.stop_uncertainty}")

@@ -71,7 +71,7 @@ BAD_VALUES = {
     "dp_delta": 0.0,
 }
 # second bad values for settings with two bounds
-MORE_BAD_VALUES = [("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
+MORE_BAD_VALUES = [("total_budget", 49), ("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
                    ("unsure_rate", -0.1), ("verify_threshold", -0.1)]
 # settings any value of their type is fine for (checked where they are used: data loading)
 FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite"}
@@ -242,3 +242,14 @@ def test_a_config_file_that_is_not_utf8_is_refused_with_the_fix(tmp_path):
     path.write_bytes('dataset = "d\xe9mo"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match="is not UTF-8 text.*save it as UTF-8"):
         FederationConfig.from_toml(path)
+
+
+def test_a_total_budget_below_the_initial_labels_is_refused_and_its_help_says_they_count():
+    """Issue 21.9: the clients' initial labels count toward total-budget (5 clients x 10 by default)."""
+    with pytest.raises(ConfigError, match=r"total-budget 49 is below the initial labels of all clients "
+                                          r"\(5 clients x initial-labels 10 = 50\)"):
+        FederationConfig(total_budget=49)
+    assert FederationConfig(total_budget=50).total_budget == 50
+    from simulations.simulate import _field_help
+
+    assert "initial labels of every client included" in _field_help()["total_budget"]
