@@ -253,3 +253,27 @@ def test_a_total_budget_below_the_initial_labels_is_refused_and_its_help_says_th
     from simulations.simulate import _field_help
 
     assert "initial labels of every client included" in _field_help()["total_budget"]
+
+
+@pytest.mark.parametrize("strategy, fires", [("entropy", False), ("margin", False), ("least_confidence", False),
+                                             ("bald", False), ("qbc_vote_entropy", False), ("random", True),
+                                             ("badge", True), ("coreset", True)])
+def test_verify_threshold_says_when_its_second_readings_cannot_fire(strategy, fires):
+    """Issue 21.12: uncertainty strategies query what the model is unsure of, so a confident disagreement
+    (what a second reading is asked on) almost never happens: the run says so, the help and README too."""
+    note = FederationConfig(strategy=strategy, verify_threshold=0.9).verify_note()
+    assert (note is None) == fires
+    if not fires:
+        assert f"strategy {strategy} picks the samples the model is least sure of" in note and "random" in note
+    assert FederationConfig(strategy=strategy).verify_note() is None  # no second readings asked for
+
+
+def test_verify_threshold_help_and_readme_name_the_uncertainty_strategies():
+    from pathlib import Path
+
+    from simulations.simulate import _field_help
+
+    text = _field_help()["verify_threshold"]
+    assert "entropy, margin" in text and "almost no second reading is made" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "almost no second reading is made" in readme
