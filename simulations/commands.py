@@ -90,7 +90,7 @@ def run_local(args: argparse.Namespace) -> int:
     shortest = min(len(c) for c in curves.values())  # a criterion may stop one curve before the other
     print(format_table({name: c[:shortest] for name, c in curves.items()}))
     if out is not None:
-        settings = {k: v for k, v in vars(args).items() if k != "argv"}
+        settings = {k: v for k, v in vars(args).items() if k not in ("argv", "prog")}  # how it was typed: not a setting
         atomic_write(out, json.dumps(_finite({"config": settings, "stopped": stopped,
                                               "curves": {k: [asdict(r) for r in v] for k, v in curves.items()}}),
                                      indent=2, allow_nan=False) + "\n")

@@ -161,7 +161,7 @@ def test_local_out_names_the_file_and_writes_strict_json_with_the_stop_reason(ca
     saved = _strict(target.read_text())
     assert saved["stopped"] == {"entropy": "label budget of 20 spent", "random": "label budget of 20 spent"}
     assert saved["curves"]["entropy"][0]["mean_uncertainty"] is None  # NaN before the first model: null
-    assert saved["config"]["total_budget"] == 20 and "argv" not in saved["config"]
+    assert saved["config"]["total_budget"] == 20 and not {"argv", "prog"} & set(saved["config"])
     # an existing folder, or a path ending in a separator, gets local.json inside it
     code, _, err = run_main(capsys, "local", *QUICK, "--max-train", "300", "--out", str(tmp_path / "folder") + "/")
     assert code == 0, err
