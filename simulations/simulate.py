@@ -197,14 +197,16 @@ def _interrupted(args: argparse.Namespace, cfg: FederationConfig, out: Path, *, 
     done = json.loads(state.read_text())["round"] if state.is_file() else 0
     typed = [a for a in getattr(args, "argv", ["simulate"]) if a not in ("--overwrite", "--resume")]
     again = " ".join([getattr(args, "prog", "fedal"), *(shlex.quote(a) for a in typed)])
-    how = "stopped at once (second Ctrl-C) during" if at_once else "interrupted after"
-    where = f"round {done + 1}" if at_once else f"round {done}"
     if done == 0:
-        print(f"fedal simulate: {how} {where} of {cfg.rounds}, before any round finished: there is nothing "
-              f"to resume. Start again with:\n  {again} --overwrite", file=sys.stderr)
+        how = "stopped at once (second Ctrl-C)" if at_once else "interrupted"
+        print(f"fedal simulate: {how} before any round finished: there is nothing to resume. Start again "
+              f"with:\n  {again} --overwrite", file=sys.stderr)
+        return 130
+    if at_once:
+        said = f"stopped at once (second Ctrl-C); the checkpoint in {out} holds round {done} of {cfg.rounds}"
     else:
-        print(f"fedal simulate: {how} {where} of {cfg.rounds}; the checkpoint in {out} holds round {done}. "
-              f"Continue with:\n  {again} --resume", file=sys.stderr)
+        said = f"interrupted after round {done} of {cfg.rounds}; the checkpoint in {out} holds it"
+    print(f"fedal simulate: {said}. Continue with:\n  {again} --resume", file=sys.stderr)
     return 130
 
 

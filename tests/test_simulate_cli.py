@@ -183,7 +183,7 @@ def test_the_command_to_run_again_is_the_one_invoked(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("done, words", [
-    (2, ["stopped at once (second Ctrl-C) during round 3 of 40", "holds round 2", "Continue with:\n  fedal simulate "
+    (2, ["stopped at once (second Ctrl-C)", "holds round 2 of 40", "Continue with:\n  fedal simulate "
          "--clients 2 --rounds 40 --output-dir {out} --resume\n"]),
     (0, ["before any round finished: there is nothing to resume", "--output-dir {out} --overwrite\n"]),
 ])
