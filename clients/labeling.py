@@ -19,9 +19,12 @@ Routes (``?token=`` or the ``X-Fedal-Token`` header; POSTs need the header):
 ``GET /api/image/<id>.png``    a pending sample as a PNG
 ``POST /api/answer``           ``{"sample_id": 12, "label": 3}`` -> recorded
 ``POST /api/unsure``           ``{"sample_id": 12}`` -> request closed as skipped, sample back in the pool
-``GET /api/recent``            the last answers given on the page (newest first), to check or change
-``POST /api/undo``             ``{"sample_id": 12}`` -> a page answer taken back: the sample waits again
-``POST /api/change``           ``{"sample_id": 12, "label": 1}`` -> a label corrected
+``GET /api/recent``            this labeler's last answers (newest first), to check or change, and which
+                               one Undo takes back
+``POST /api/undo``             ``{"sample_id": 12}`` -> one of this page's last answers taken back: the
+                               sample waits again
+``POST /api/change``           ``{"sample_id": 12, "label": 1}`` -> a label corrected (who gave it first
+                               and who changed it are both kept)
 ``GET /api/examples``          a few labeled samples of each class from the site's own labeled set
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ import sqlite3
 import ssl
 import sys
 import threading
+from collections import deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +54,8 @@ from fedal.pool import LABELED, PENDING, UNLABELED, Pool
 TOKEN_HEADER = "X-Fedal-Token"
 STATIC_FILES = {"labeling.js": "text/javascript; charset=utf-8", "labeling.css": "text/css; charset=utf-8"}
 MAX_BODY = 4096
+#: how many of a page's own answers Undo can take back, newest first (older ones are changed instead)
+UNDO_DEPTH = 10
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                 "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
@@ -83,6 +89,10 @@ class LabelingService:
         The site's data (row ``i`` of ``X_pool`` is sample id ``i``).
     labeler : str
         Name stored with each label (``web:<labeler>``; ``web`` when empty).
+
+    Undo belongs to the page: it takes back only answers given through this service since it started,
+    the last :data:`UNDO_DEPTH` of them, while nobody else has changed them. Anything else (a label from a
+    file, another labeler's answer, an older answer) is corrected with a change, which keeps its history.
     """
 
     def __init__(self, pool: Pool, data: LocalData, *, labeler: str = "") -> None:
@@ -92,6 +102,7 @@ class LabelingService:
         self.pool, self.data = pool, data
         self.source = f"web:{labeler}" if labeler else "web"
         self.lock = threading.Lock()  # one SQLite connection, shared by the server's threads
+        self._undoable: deque[int] = deque(maxlen=UNDO_DEPTH)  # this page's last answers, newest last
 
     def _pending_request(self, sample_id: int) -> dict:
         state = self.pool.state_of(sample_id)
@@ -143,13 +154,34 @@ class LabelingService:
         return {"features": [round(float(v), 4) for v in self.data.X_pool[sample_id]]}
 
     def recent(self, limit: int = 10) -> dict:
-        """The last ``limit`` answers given on a labeling page, newest first (to check, undo or change)."""
+        """This labeler's last ``limit`` answers, newest first (to check or change), and ``undo``: the sample
+        Undo takes back (the newest answer of this page it still may), or None."""
         with self.lock:
-            records = [r for r in self.pool.label_records() if str(r["source"]).startswith("web")]
+            records = [r for r in self.pool.label_records() if r["source"] == self.source]
+            changes = {h["sample_id"]: h["by"] for h in self.pool.label_history() if h["action"] == "change"}
+            undo = self._undo_target()
         records.sort(key=lambda r: -r["labeled_at"])
-        return {"recent": [{"sample_id": r["id"], "label": r["label"], "class": self.data.class_names[r["label"]],
-                            "source": r["source"], "round": r["round"], **self._view(r["id"])}
+        return {"undo": undo,
+                "recent": [{"sample_id": r["id"], "label": r["label"], "class": self.data.class_names[r["label"]],
+                            "source": r["source"], "round": r["round"], "changed_by": changes.get(r["id"]),
+                            "undoable": r["id"] in self._undoable, **self._view(r["id"])}
                            for r in records[:limit]]}
+
+    def _undo_target(self) -> int | None:
+        """The newest of this page's answers that is still its own label (call with the lock held)."""
+        while self._undoable:
+            sample_id = self._undoable[-1]
+            if self._own_label(sample_id):
+                return sample_id
+            self._undoable.pop()  # taken back or corrected elsewhere: no longer this page's to take back
+        return None
+
+    def _own_label(self, sample_id: int) -> bool:
+        record = next((r for r in self.pool.label_records() if r["id"] == sample_id), None)
+        if record is None or record["source"] != self.source:
+            return False
+        return not any(h["action"] == "change" and h["by"] != self.source and h["at"] >= record["labeled_at"]
+                       for h in self.pool.label_history(sample_id))
 
     def examples(self, per_class: int = 3) -> dict:
         """Up to ``per_class`` labeled samples of each class (the earliest labeled), as references."""
@@ -161,42 +193,69 @@ class LabelingService:
                 out[r["label"]].append({"sample_id": r["id"], **self._view(r["id"])})
         return {"examples": [{"label": c, "class": self.data.class_names[c], "samples": s} for c, s in out.items()]}
 
-    def _page_answer(self, sample_id: object, action: str) -> int:
+    def _labeled(self, sample_id: object, action: str) -> tuple[int, dict]:
+        """``sample_id`` checked as a labeled sample of this site, with its label record."""
         sample_id = _int_field("sample_id", sample_id, len(self.pool))
         self._check_known(sample_id)
         if self.pool.state_of(sample_id) != LABELED:
             raise LabelingError(HTTPStatus.CONFLICT, f"cannot {action} sample {sample_id}: it has no label; "
                                                      "reload the page for the current requests")
-        source = next(r["source"] for r in self.pool.label_records() if r["id"] == sample_id)
-        if action == "take back" and not str(source).startswith("web"):
-            raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} was labeled by {source!r}, not on this "
-                                                     "page: it cannot be taken back here (change it instead)")
-        return sample_id
+        return sample_id, next(r for r in self.pool.label_records() if r["id"] == sample_id)
+
+    def _raced(self, sample_id: int, action: str) -> LabelingError:
+        """The 409 of an action whose sample another process changed between our check and our write."""
+        state = self.pool.state_of(sample_id)
+        now = {PENDING: "it was taken back and waits for an answer again",
+               UNLABELED: "it is back in the pool without a label"}.get(state, "its label was corrected")
+        return LabelingError(HTTPStatus.CONFLICT, f"cannot {action} sample {sample_id}: another page changed it a "
+                                                  f"moment ago ({now}); nothing was written, reload the page")
 
     def undo(self, sample_id: object) -> dict:
-        """Take back an answer given on the page: the label is removed and the sample waits again (no new
-        budget is spent; the next round trains without it until it is answered again)."""
+        """Take back one of this page's last answers: the label is removed (kept in the pool's history) and
+        the sample waits again (no new budget is spent; the next round trains without it until it is
+        answered again). Anything else is refused with a 409 that says to change it instead."""
         with self.lock:
-            sample_id = self._page_answer(sample_id, "take back")
-            self.pool.reopen(sample_id)
+            sample_id, record = self._labeled(sample_id, "take back")
+            if record["source"] != self.source:
+                where = "not on this page" if not str(record["source"]).startswith("web") else "on another page"
+                raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} was labeled by {record['source']!r}, "
+                                                         f"{where}: Undo takes back only your own answers; change it "
+                                                         "instead in the list of answers")
+            if sample_id not in self._undoable:
+                raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} is not among the last {UNDO_DEPTH} "
+                                                         "answers given on this page since it started: Undo does not "
+                                                         "reach that far back; change it instead in the list of answers")
+            try:
+                self.pool.reopen(sample_id, by=self.source, given_by=self.source)
+            except SampleStateError as exc:  # corrected by someone else since, maybe a moment ago
+                self._undoable.remove(sample_id)
+                raise LabelingError(HTTPStatus.CONFLICT, f"{exc} (in the list of answers)") from None
+            self._undoable.remove(sample_id)
         return {"reopened": True, "sample_id": sample_id}
 
     def change(self, sample_id: object, label: object) -> dict:
-        """Correct the label of a labeled sample (the next round trains on the new one)."""
-        label = self._label_field(label)
+        """Correct the label of a labeled sample (the next round trains on the new one). Who gave the label
+        first stays with it; the change and who made it go to the pool's history. Same class: nothing
+        is written (``changed`` False)."""
         with self.lock:
-            sample_id = self._page_answer(sample_id, "change")
-            before = self.pool.change_label(sample_id, label, source=self.source)
-        return {"changed": True, "sample_id": sample_id, "label": label, "class": self.data.class_names[label],
-                "before": self.data.class_names[before]}
+            sample_id, record = self._labeled(sample_id, "change")
+            label = self._label_field(label, then=f"the label stays {self.data.class_names[record['label']]}: "
+                                                  "pick one of the classes")
+            try:
+                before = self.pool.change_label(sample_id, label, source=self.source)
+            except SampleStateError:
+                raise self._raced(sample_id, "change") from None
+        return {"changed": before != label, "sample_id": sample_id, "label": label,
+                "class": self.data.class_names[label], "before": self.data.class_names[before]}
 
-    def _label_field(self, label: object) -> int:
-        """``label`` checked as a class of this site (a 400 naming the range otherwise)."""
+    def _label_field(self, label: object, **then: str) -> int:
+        """``label`` checked as a class of this site (a 400 naming the range otherwise; ``then`` says what
+        happens to the request or label, see :meth:`Pool.check_label`)."""
         if isinstance(label, bool) or not isinstance(label, int):
             raise LabelingError(HTTPStatus.BAD_REQUEST, f"label must be an integer class 0..{self.pool.n_classes - 1}, "
-                                                        f"got {label!r}")
+                                                        f"got {str(label)[:40]!r}")
         try:
-            return self.pool.check_label(label)
+            return self.pool.check_label(label, **then)
         except InvalidLabelError as exc:
             raise LabelingError(HTTPStatus.BAD_REQUEST, str(exc)) from None
 
@@ -218,6 +277,7 @@ class LabelingService:
             except SampleStateError:  # another page (a second `fedal label`) answered it first
                 raise LabelingError(HTTPStatus.CONFLICT, f"sample {sample_id} was answered a moment ago on another "
                                                          "page; reload for the current requests") from None
+            self._undoable.append(sample_id)
         return {"recorded": True, "sample_id": sample_id, "label": label, "class": self.data.class_names[label],
                 "round": req["round"]}
 

@@ -162,7 +162,9 @@ class FederationConfig:
     verify_threshold : float
         A noise-robust measure: where an answer disagrees with a global model at least this confident, a second
         simulated reader of the site labels the sample and its answer is kept (0 = off; the second readings are
-        counted and reported).
+        counted and reported). With strategies that pick what the model is unsure of (entropy, margin,
+        least_confidence, bald, qbc_*) the model is hardly ever that confident about a queried sample, so
+        almost no second reading is made: pair it with random or a diversity strategy (badge, coreset).
     seed : int
         Seed of partitioning, initial sets, queries and training.
     output_dir : str
@@ -187,9 +189,11 @@ class FederationConfig:
     stop_uncertainty : float
         Mean pool uncertainty (normalised entropy, 0..1) below which uncertainty fires.
     total_budget : int
-        Labels the whole run may ask for, over all query rounds (0 = no cap); the last round gets what is left.
+        Labels the whole run may have, the initial labels of every client included (clients x initial-labels),
+        over all query rounds (0 = no cap); the last query round gets what is left.
     after_stop : str
-        What a run does once a criterion fired: continue (rounds go on without queries) or end.
+        What a run does once a criterion fired: continue (rounds go on without queries) or end (a resume of a
+        run that ended so does nothing; resume it with after-stop continue to train its remaining rounds).
     dp_clipping_norm : float
         Differential privacy: clip each client's model update to this L2 norm (0 = off).
     dp_noise_multiplier : float
@@ -352,6 +356,11 @@ class FederationConfig:
              "databases go there); give a folder such as runs/latest")
         need(self.local_model_epochs >= 0, f"local-model-epochs must be >= 0 (0 = local-epochs), got {self.local_model_epochs}")
         need(self.total_budget >= 0, f"total-budget must be >= 0 (0 = no cap), got {self.total_budget}")
+        initial = self.clients * self.initial_labels
+        need(self.total_budget == 0 or self.total_budget >= initial,
+             f"total-budget {self.total_budget} is below the initial labels of all clients ({self.clients} clients x "
+             f"initial-labels {self.initial_labels} = {initial}), which count toward it; give total-budget >= "
+             f"{initial}, or fewer initial-labels")
         need(self.stop_min_delta >= 0, f"stop-min-delta must be >= 0, got {self.stop_min_delta}")
         need(self.stop_patience >= 1, f"stop-patience must be >= 1 query round, got {self.stop_patience}")
         need(0 < self.stop_uncertainty <= 1, f"stop-uncertainty must be in (0, 1], got {self.stop_uncertainty}")
@@ -404,6 +413,15 @@ class FederationConfig:
     def cold_start_strategy(self):
         """The strategy that picks each client's initial labeled set, built with its options."""
         return _build_strategy(self.initial_strategy, self.initial_strategy_options, "initial-strategy")
+
+    def verify_note(self) -> str | None:
+        """Why ``verify-threshold`` will make almost no second readings with this run's strategy, or None."""
+        if self.verify_threshold <= 0 or not getattr(self.query_strategy(), "picks_uncertain", False):
+            return None
+        return (f"verify-threshold {self.verify_threshold}: strategy {self.strategy} picks the samples the model "
+                f"is least sure of, so it is hardly ever {self.verify_threshold:.0%} confident about one and almost "
+                "no second reading will be made; use random or a diversity strategy (badge, coreset) to catch "
+                "wrong answers with second readings")
 
     def stopping_criteria(self):
         """The run's stopping criteria (:func:`fedal.stopping.criteria_from`)."""

@@ -110,7 +110,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: 
     ----------
     name : str
         ``digits``, ``breast_cancer``, ``bloodmnist``, ``pneumoniamnist``, ``mnist`` or a
-        path to a MedMNIST-layout / mnist-layout ``.npz`` file.
+        path to a MedMNIST-layout / mnist-layout ``.npz`` file. Names are matched without
+        case; a path is used as given (its case kept).
     data_dir : path, optional
         Where the ``.npz`` files are; default ``$FEDAL_DATA_DIR`` or ``./data``.
     seed : int
@@ -120,12 +121,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: 
     n_classes : int, optional
         Declared number of classes of an ``.npz`` file (see :func:`load_npz`).
     """
-    key = name.strip().lower()
+    # Only a data set's name is matched without case; a path keeps its case (/home/Ana/...).
+    given = name.strip()
+    key = given.lower()
     if key in BUNDLED:
         ds = _load_bundled(key, seed)
-    elif key in FILES or key.endswith(".npz"):
-        path = _find_file(key, data_dir)
-        ds = load_npz(path, name=key if key in FILES else path.stem, n_classes=n_classes)
+    elif key in FILES:
+        ds = load_npz(_find_file(key, data_dir), name=key, n_classes=n_classes)
+    elif key.endswith(".npz"):
+        path = _find_file(given, data_dir)
+        ds = load_npz(path, name=path.stem, n_classes=n_classes)
     else:
         raise ConfigError(
             f"unknown data set {name!r}; choose one of {available_datasets()} or pass a path to an .npz file"
@@ -138,7 +143,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: 
 
 
 def _find_file(key: str, data_dir) -> Path:
-    if key.endswith(".npz"):
+    """A named set's file in the data directory, or the file a path (case kept) names."""
+    if key.lower().endswith(".npz"):
         path = Path(key).expanduser()
         if not path.is_absolute() and not path.exists():
             path = resolve_data_dir(data_dir) / path
@@ -198,7 +204,7 @@ def load_npz(path: str | os.PathLike, name: str | None = None, *, n_classes: int
     n_classes = check_classes(ytr, yte, path, keys[1], keys[3], n_classes)
     name = name or path.stem
     base = name.replace("_balanced", "")
-    names = MEDMNIST_CLASSES.get(base, [str(c) for c in range(n_classes)])
+    names = MEDMNIST_CLASSES.get(base.lower(), [str(c) for c in range(n_classes)])
     if len(names) != n_classes:
         names = [str(c) for c in range(n_classes)]
     return Dataset(base, Xtr, ytr, Xte, yte, n_classes, names, kind="image")

@@ -155,7 +155,16 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             last, state, saved = ckpt
             book.load_state_dict(saved)
             start_round = last + 1
+            if book.stopped is not None and cfg.after_stop == "end":  # it ended on its stopping rule
+                log.warning("the run in %s stopped asking for labels after round %d (%s) and ended there; nothing "
+                            "to resume (after-stop = \"continue\" trains the remaining rounds without queries)",
+                            recorder.out, book.stopped["round"], book.stopped["criterion"])
+                return recorder
             log.warning("resuming after round %d from %s", last, recorder.out)
+            if book.stopped is not None:
+                log.warning("it stopped asking for labels after round %d (%s): the rounds from %d train without "
+                            "queries (after-stop = continue)", book.stopped["round"], book.stopped["criterion"],
+                            start_round)
     arrays = protocol.model_record(state)
     nodes = connected_nodes(grid, cfg.clients)
     if nodes and nodes != cfg.clients:

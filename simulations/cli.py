@@ -7,8 +7,11 @@ only when the command runs, so ``fedal --help`` is quick.
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 from clients import exchange_command, labeling
@@ -50,6 +53,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def invoked_as() -> str:
+    """The ``fedal`` command as this process was started, to print in what to run next: ``python -m
+    simulations.cli`` with this interpreter, the script's path as typed (``.venv/bin/fedal``), or plain
+    ``fedal`` when that name on PATH is this very script (or when called from Python)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == __spec__.name:
+        return f"{shlex.quote(sys.executable)} -m {spec.name}"
+    script = sys.argv[0] if sys.argv else ""
+    if Path(script).name != "fedal":
+        return "fedal"
+    on_path = shutil.which("fedal")
+    if on_path and Path(on_path).resolve() == Path(script).resolve():
+        return "fedal"
+    return shlex.quote(script)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``fedal`` command; return its exit status (2 for a bad command or input).
 
@@ -72,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     command.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     args.argv = argv  # the command as typed (what to run again, e.g. with --resume)
+    args.prog = invoked_as()
     try:
         return int(command.run(args) or 0)
     except FedalError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from dataclasses import asdict
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError
+from fedal.fileio import atomic_write
 from fedal.oracle import NOISE_KINDS
 
 
@@ -41,8 +43,12 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-patience", type=int, default=3, help="steps without gain before plateau fires (default 3)")
     p.add_argument("--stop-min-delta", type=float, default=0.005, help="accuracy gain that counts for plateau")
     p.add_argument("--stop-uncertainty", type=float, default=0.1, help="mean pool uncertainty below which it stops")
-    p.add_argument("--total-budget", type=int, default=0, help="labels in all, initial set included (budget)")
-    p.add_argument("--out", default=None, help="write results.json here")
+    p.add_argument("--total-budget", type=int, default=0,
+                   help="labels in all, the --initial set included (so at least --initial); the curve stops when "
+                        "they are spent, with or without --stop-when budget (default 0 = no cap)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the curves, the settings and why each curve stopped to this JSON file "
+                        "(an existing folder, or a path ending in /, gets local.json inside it)")
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -58,26 +64,60 @@ def run_local(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     for name in (args.strategy, args.baseline):  # fail on a typo before minutes of training
         get_strategy(name)
-    stopping = criteria_from(args.stop_when, patience=args.stop_patience, min_delta=args.stop_min_delta,
+    if args.total_budget < 0:
+        raise ConfigError(f"--total-budget must be >= 0 (0 = no cap), got {args.total_budget}")
+    if 0 < args.total_budget < args.initial:
+        raise ConfigError(f"--total-budget {args.total_budget} is below the initial labeled set (--initial "
+                          f"{args.initial}), and the initial labels count toward it; give --total-budget >= "
+                          f"{args.initial}, or a smaller --initial")
+    names = args.stop_when
+    if args.total_budget and "budget" not in [n.strip() for n in names.split(",")]:
+        names = ",".join(n for n in (names, "budget") if n)  # a total budget is a cap of its own
+    stopping = criteria_from(names, patience=args.stop_patience, min_delta=args.stop_min_delta,
                              uncertainty=args.stop_uncertainty, total_budget=args.total_budget)
+    out = _local_out_path(args.out) if args.out else None
     dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, max_train=args.max_train)
     print(f"on-device active learning: {dataset.name}, {len(dataset.y_train)} pool samples, "
           f"{dataset.n_classes} classes; initial {args.initial}, {args.steps} steps of {args.budget}")
-    curves = {}
+    curves, stopped = {}, {}
     for name in dict.fromkeys([args.strategy, args.baseline]):
         start = time.perf_counter()
         curves[name], reason = run_curve(dataset, name, initial=args.initial, budget=args.budget, steps=args.steps,
                                          seed=args.seed, epochs=args.epochs, noise_rate=args.noise, noise_kind=args.noise_kind,
                                          unsure_rate=args.unsure, stopping=stopping)
+        stopped[name] = reason
         print(f"  {name}: {time.perf_counter() - start:.1f} s" + (f"; stopped early: {reason}" if reason else ""))
     shortest = min(len(c) for c in curves.values())  # a criterion may stop one curve before the other
     print(format_table({name: c[:shortest] for name, c in curves.items()}))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "local.json").write_text(json.dumps(
-            {"config": vars(args), "curves": {k: [asdict(r) for r in v] for k, v in curves.items()}}, indent=2))
+    if out is not None:
+        settings = {k: v for k, v in vars(args).items() if k not in ("argv", "prog")}  # how it was typed: not a setting
+        atomic_write(out, json.dumps(_finite({"config": settings, "stopped": stopped,
+                                              "curves": {k: [asdict(r) for r in v] for k, v in curves.items()}}),
+                                     indent=2, allow_nan=False) + "\n")
+        print(f"wrote {out}")
     return 0
+
+
+def _local_out_path(given: str) -> Path:
+    """The file ``--out`` names: the path itself, or ``local.json`` in an existing folder / one ending in /."""
+    path = Path(given).expanduser()
+    if path.is_dir() or given.endswith(("/", "\\")):
+        path = path / "local.json"
+    folder = next(p for p in path.parents if p.exists())  # checked now, not after minutes of training
+    if not folder.is_dir():
+        raise ConfigError(f"--out {given}: {folder} is a file, not a folder; give another path")
+    return path
+
+
+def _finite(value):
+    """``value`` with NaN and infinities as None (null): results files are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------ fedal strategies

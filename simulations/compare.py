@@ -460,6 +460,9 @@ def run_compare(args: argparse.Namespace) -> int:
           + (f"(alpha={base.alpha})" if base.partition == "dirichlet" else "")
           + f", {base.rounds} rounds, budget {base.round_budget}/round; strategies {', '.join(strategies)}; "
           f"seeds {seeds}; {len(strategies) * len(seeds)} runs -> {out}")
+    for name in strategies:
+        if note := run_config(base, name, 0, Path("."), per_strategy).verify_note():
+            print(f"note: {note}")
     by_seed: dict[str, dict[int, tuple[list, list]]] = {s: {} for s in strategies}
     kpis: dict[str, dict[int, dict]] = {s: {} for s in strategies}  # each run's last-round KPIs
     timings, failed = {}, []

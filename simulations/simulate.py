@@ -53,7 +53,7 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
 
 
 #: settings a resumed run may change (everything else must be what the checkpoint's run had)
-RESUMABLE = ("rounds", "resume", "overwrite", "round-timeout", "min-clients")
+RESUMABLE = ("rounds", "resume", "overwrite", "round-timeout", "min-clients", "after-stop")
 
 
 def previous_run(cfg: FederationConfig) -> list[str]:
@@ -78,8 +78,8 @@ def _prepare_output(cfg: FederationConfig) -> Path:
         if changed:
             listed = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:6])
             raise ConfigError(f"--resume continues the run in {out}, but these settings differ from it: {listed}; "
-                              "give the run's own settings (only rounds, round-timeout and min-clients may change), "
-                              "or start a new run without --resume")
+                              "give the run's own settings (only rounds, round-timeout, min-clients and after-stop "
+                              "may change), or start a new run without --resume")
         return out
     found = previous_run(cfg)
     if found and not cfg.overwrite:
@@ -98,6 +98,15 @@ def _prepare_output(cfg: FederationConfig) -> Path:
             db.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def stopped_before(cfg: FederationConfig) -> dict | None:
+    """With ``--resume``: the stopping record of the checkpointed run if a criterion already fired (which,
+    after which round, at how many labels), else None."""
+    state = Path(cfg.output_dir) / "checkpoint" / "state.json"
+    if not cfg.resume or not state.is_file():
+        return None
+    return json.loads(state.read_text()).get("stopped")
 
 
 def summary_table(rounds: list[dict]) -> str:
@@ -129,6 +138,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     table = partition_table(cfg)
     check_label_budgets(cfg)
     out = _prepare_output(cfg)
+    if (stopped := stopped_before(cfg)) is not None:
+        said = (f"the run in {out} stopped asking for labels after round {stopped['round']}: {stopped['criterion']} "
+                f"({stopped['labels']} labels)")
+        if cfg.after_stop == "end":
+            print(f"fedal simulate: {said}, and ended there (--after-stop end): there is nothing to resume; its "
+                  f"results are in {out / 'results.json'}. To train the remaining rounds without queries, resume "
+                  "with --after-stop continue")
+            return 0
+        print(f"fedal simulate: {said}; resuming with --after-stop continue: the remaining rounds up to "
+              f"{cfg.rounds} train without queries")
     print(f"fedal simulate: {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, {ds.n_classes} classes), "
           f"{cfg.clients} clients, {cfg.partition}"
           + (f"(alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
@@ -136,18 +155,20 @@ def run_simulate(args: argparse.Namespace) -> int:
           f"{cfg.rounds} rounds, "
           + ("head pipeline (fixed features, summed LDA statistics)" if cfg.pipeline == "head"
              else f"network pipeline ({cfg.aggregation})"))
+    if note := cfg.verify_note():
+        print(f"note: {note}")
     print("per-client class counts (training pool + local test):")
     print(table)
     start = time.perf_counter()
-    stopped = _run_with_progress(cfg, verbose=args.verbose)
+    try:
+        stopped = _run_with_progress(cfg, verbose=args.verbose)
+    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, within the round under way
+        return _interrupted(args, cfg, out, at_once=True)
     elapsed = time.perf_counter() - start
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {"rounds": []}
     rounds = results["rounds"]
     if stopped:
-        again = " ".join(shlex.quote(a) for a in getattr(args, "argv", ["simulate"]) if a not in ("--overwrite", "--resume"))
-        print(f"fedal simulate: interrupted after round {len(rounds)} of {cfg.rounds}; the checkpoint in {out} "
-              f"holds it. Continue with:\n  fedal {again} --resume", file=sys.stderr)
-        return 130
+        return _interrupted(args, cfg, out, at_once=False)
     ended = bool(rounds) and bool(rounds[-1].get("stopped")) and cfg.after_stop == "end"
     done = rounds[-1]["round"] if rounds else 0  # with eval-every > 1 not every round has a row
     if done < cfg.rounds and not ended:
@@ -169,6 +190,25 @@ def run_simulate(args: argparse.Namespace) -> int:
         return _run_baseline(cfg, args.baseline, rounds, verbose=args.verbose)
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'curve.png'}")
     return 0
+
+
+def _interrupted(args: argparse.Namespace, cfg: FederationConfig, out: Path, *, at_once: bool) -> int:
+    """Say where a Ctrl-C left the run and the command that continues it, as it was invoked; return 130."""
+    state = out / "checkpoint" / "state.json"
+    done = json.loads(state.read_text())["round"] if state.is_file() else 0
+    typed = [a for a in getattr(args, "argv", ["simulate"]) if a not in ("--overwrite", "--resume")]
+    again = " ".join([getattr(args, "prog", "fedal"), *(shlex.quote(a) for a in typed)])
+    if done == 0:
+        how = "stopped at once (second Ctrl-C)" if at_once else "interrupted"
+        print(f"fedal simulate: {how} before any round finished: there is nothing to resume. Start again "
+              f"with:\n  {again} --overwrite", file=sys.stderr)
+        return 130
+    if at_once:
+        said = f"stopped at once (second Ctrl-C); the checkpoint in {out} holds round {done} of {cfg.rounds}"
+    else:
+        said = f"interrupted after round {done} of {cfg.rounds}; the checkpoint in {out} holds it"
+    print(f"fedal simulate: {said}. Continue with:\n  {again} --resume", file=sys.stderr)
+    return 130
 
 
 def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], *, verbose: bool) -> int:

@@ -249,3 +249,30 @@ def test_undo_change_zoom_and_reference_examples(tmp_path, data_dir, page):
         assert page.problems == []
         labels = {r["id"]: r["label"] for r in pool.label_records()}
         assert labels == {first: 1, second: 5}
+
+
+def test_backspace_after_a_reload_takes_back_only_this_labelers_answer(tmp_path, page):
+    """Two people label one site on two pages; bob answered last. Alice reloads her page: her list shows
+    her answers only, Backspace takes back her answer (not bob's), and a second Backspace does nothing."""
+    _, node, _, _, _ = site_asking_first_labels(tmp_path)
+    alice = open_labeling(node["state-dir"], 0, node["data-path"], labeler="alice")
+    bob = open_labeling(node["state-dir"], 0, node["data-path"], labeler="bob")
+    with serving(alice), serving(bob):
+        pool = alice.service.pool
+        page.goto(alice.url)
+        mine = shown(page)
+        page.keyboard.press("1")
+        saved(page, mine)
+        theirs = next(int(i) for i in pool.pending_ids() if i != mine)
+        assert http(bob.url.split("?")[0] + "api/answer", token=bob.token,
+                    body={"sample_id": theirs, "label": 2})[0] == 200
+        page.reload()
+        wait_until(page, "(sid) => document.querySelector('#recent li')?.dataset.sampleId === String(sid)", mine)
+        assert page.locator("#recent li").count() == 1
+        page.keyboard.press("Backspace")
+        wait_until(page, "() => document.getElementById('message').textContent.includes('taken back')")
+        assert pool.state_of(mine) == "pending" and pool.state_of(theirs) == "labeled"
+        wait_until(page, "() => document.getElementById('undo').disabled")
+        page.keyboard.press("Backspace")  # nothing of alice's left to take back
+        time.sleep(0.5)
+        assert pool.state_of(theirs) == "labeled" and page.problems == []

@@ -120,3 +120,49 @@ def test_local_stops_when_a_criterion_fires(capsys):
     assert [int(r.split("|")[1]) for r in rows] == [10, 20, 30]
     code, _, err = run_main(capsys, "local", "--stop-when", "never")
     assert code == 2 and "unknown stopping criterion 'never'" in err
+
+
+def _strict(text: str):
+    """JSON as other tools read it: NaN or Infinity is an error."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--total-budget", "10"], "--total-budget 10 is below the initial labeled set (--initial 20)"),
+    (["--total-budget", "10", "--stop-when", "budget"], "the initial labels count toward it"),
+    (["--total-budget", "4", "--initial", "5", "--stop-when", "plateau"], "--total-budget 4 is below"),
+])
+def test_local_total_budget_below_the_initial_set_is_refused(capsys, flags, match):
+    """Issue 21.9: a budget the initial set alone overspends is refused before any work."""
+    code, out, err = run_main(capsys, "local", *flags)
+    assert code == 2 and "fedal local: error:" in err and match in err, err
+    assert out == ""
+
+
+def test_local_total_budget_alone_caps_the_labels(capsys):
+    """--total-budget is the labels in all, initial set included, even without --stop-when budget."""
+    code, out, err = run_main(capsys, "local", *QUICK[:2], "--steps", "6", "--budget", "10", "--initial", "10",
+                              "--epochs", "2", "--total-budget", "25", "--max-train", "300")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r.split("|")[1]) for r in rows] == [10, 20, 25]
+    assert out.count("stopped early: label budget of 25 spent") == 2
+
+
+def test_local_out_names_the_file_and_writes_strict_json_with_the_stop_reason(capsys, tmp_path):
+    """Issue 21.10: --out x.json is that file (not a folder), strict JSON, with why each curve stopped."""
+    target = tmp_path / "runs" / "x.json"
+    code, out, err = run_main(capsys, "local", *QUICK, "--max-train", "300", "--total-budget", "20",
+                              "--out", str(target))
+    assert code == 0, err
+    assert target.is_file() and f"wrote {target}" in out
+    saved = _strict(target.read_text())
+    assert saved["stopped"] == {"entropy": "label budget of 20 spent", "random": "label budget of 20 spent"}
+    assert saved["curves"]["entropy"][0]["mean_uncertainty"] is None  # NaN before the first model: null
+    assert saved["config"]["total_budget"] == 20 and not {"argv", "prog"} & set(saved["config"])
+    # an existing folder, or a path ending in a separator, gets local.json inside it
+    code, _, err = run_main(capsys, "local", *QUICK, "--max-train", "300", "--out", str(tmp_path / "folder") + "/")
+    assert code == 0, err
+    assert _strict((tmp_path / "folder" / "local.json").read_text())["stopped"] == {"entropy": None, "random": None}

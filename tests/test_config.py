@@ -79,7 +79,7 @@ BAD_VALUES = {
     "dp_delta": 0.0,
 }
 # second bad values for settings with two bounds
-MORE_BAD_VALUES = [("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
+MORE_BAD_VALUES = [("total_budget", 49), ("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
                    ("unsure_rate", -0.1), ("verify_threshold", -0.1),
                    ("momentum", -0.5)]
 # settings any value of their type is fine for (checked where they are used: data loading)
@@ -251,3 +251,38 @@ def test_a_config_file_that_is_not_utf8_is_refused_with_the_fix(tmp_path):
     path.write_bytes('dataset = "d\xe9mo"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match="is not UTF-8 text.*save it as UTF-8"):
         FederationConfig.from_toml(path)
+
+
+def test_a_total_budget_below_the_initial_labels_is_refused_and_its_help_says_they_count():
+    """Issue 21.9: the clients' initial labels count toward total-budget (5 clients x 10 by default)."""
+    with pytest.raises(ConfigError, match=r"total-budget 49 is below the initial labels of all clients "
+                                          r"\(5 clients x initial-labels 10 = 50\)"):
+        FederationConfig(total_budget=49)
+    assert FederationConfig(total_budget=50).total_budget == 50
+    from simulations.simulate import _field_help
+
+    assert "initial labels of every client included" in _field_help()["total_budget"]
+
+
+@pytest.mark.parametrize("strategy, fires", [("entropy", False), ("margin", False), ("least_confidence", False),
+                                             ("bald", False), ("qbc_vote_entropy", False), ("random", True),
+                                             ("badge", True), ("coreset", True)])
+def test_verify_threshold_says_when_its_second_readings_cannot_fire(strategy, fires):
+    """Issue 21.12: uncertainty strategies query what the model is unsure of, so a confident disagreement
+    (what a second reading is asked on) almost never happens: the run says so, the help and README too."""
+    note = FederationConfig(strategy=strategy, verify_threshold=0.9).verify_note()
+    assert (note is None) == fires
+    if not fires:
+        assert f"strategy {strategy} picks the samples the model is least sure of" in note and "random" in note
+    assert FederationConfig(strategy=strategy).verify_note() is None  # no second readings asked for
+
+
+def test_verify_threshold_help_and_readme_name_the_uncertainty_strategies():
+    from pathlib import Path
+
+    from simulations.simulate import _field_help
+
+    text = _field_help()["verify_threshold"]
+    assert "entropy, margin" in text and "almost no second reading is made" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "almost no second reading is made" in readme

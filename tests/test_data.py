@@ -117,6 +117,28 @@ def test_npz_path(data_dir, tmp_path, monkeypatch):
     assert load_dataset("mine.npz", tmp_path).n_classes == 3
 
 
+def test_npz_path_keeps_its_case(tmp_path, monkeypatch):
+    """Only a bundled data set's name is matched without case: a path is a path (issue 21.1)."""
+    folder = tmp_path / "Ana" / "MedMNIST"
+    folder.mkdir(parents=True)
+    write_medmnist(folder / "BloodMNIST.npz", n_classes=8)
+    # absolute path with capitals in the folder and the file name
+    ds = load_dataset(str(folder / "BloodMNIST.npz"))
+    assert ds.n_classes == 8 and ds.class_names[0] == "basophil"  # the class names are still found
+    # relative name looked up in a data directory whose path has capitals
+    assert load_dataset("BloodMNIST.npz", folder).n_classes == 8
+    monkeypatch.chdir(tmp_path)
+    assert load_dataset("Ana/MedMNIST/BloodMNIST.npz").n_classes == 8
+    # a named set in a folder with capitals, the name in any case
+    named = tmp_path / "Data Sets"
+    named.mkdir()
+    write_medmnist(named / "bloodmnist.npz", n_classes=8)
+    assert load_dataset(" BloodMNIST ", named).name == "bloodmnist"
+    # the message names the path as typed
+    with pytest.raises(DataFileError, match="Ana/MedMNIST/Missing.npz does not exist"):
+        load_dataset(str(folder / "Missing.npz"))
+
+
 # ------------------------------------------------------------------ generated files
 def test_generated_medmnist_layout(tmp_path):
     write_medmnist(tmp_path / "toy.npz", n_classes=4)

@@ -989,6 +989,41 @@ def test_ctrl_c_stops_within_seconds_leaves_a_checkpoint_says_how_to_resume_and_
 
 
 @pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_prints_the_resume_command_as_invoked(tmp_path):
+    """Issue 21.11: Ctrl-C twice still says how to continue, with the command as it was started (here
+    ``python -m simulations.cli``, not a bare ``fedal`` that is not on PATH), and that command resumes."""
+    import os
+    import shlex
+    import signal
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "2", "--min-clients", "2",
+            "--rounds", "40", "--output-dir", str(out)]
+    proc = _start(args, out)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)  # the second one: stop at once
+    TALLY.injected += 1
+    try:
+        code = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a second Ctrl-C did not stop fedal simulate within 60 s")
+    err = proc.stderr.read()
+    assert code == 130, err[-2000:]
+    done = json.loads((out / "checkpoint" / "state.json").read_text())["round"]
+    assert f"holds round {done}" in err and "Continue with:" in err, err[-2000:]
+    again = shlex.split(err.split("Continue with:\n", 1)[1].splitlines()[0])
+    assert again[:3] == [sys.executable, "-m", "simulations.cli"] and again[-1] == "--resume"
+    assert _wait_gone(proc.pid) == []
+    again[again.index("--rounds") + 1] = str(done + 1)
+    resumed = subprocess.run(again, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]] == list(range(1, done + 2))
+    TALLY.finished += 1
+
+
+@pytest.mark.slow
 def test_ray_processes_of_a_killed_run_are_stopped_by_the_next_one(tmp_path, monkeypatch):
     import os
     import signal

@@ -305,3 +305,108 @@ def test_answers_given_on_the_page_can_be_checked_taken_back_and_changed(page, s
     assert len(examples) == 10
     assert [s["sample_id"] for s in examples[4]["samples"]] == [first]
     assert [s["sample_id"] for s in examples[2]["samples"]] == [other]
+
+
+# ------------------------------------------------- issue 21: history, undo scope, races
+def _answer(server, sid, label):
+    status, reply = http(base(server) + "api/answer", token=server.token, body={"sample_id": sid, "label": label})
+    assert status == 200, reply
+    return reply
+
+
+def test_a_change_keeps_who_labeled_first_and_never_opens_an_undo(page, site):
+    """A label imported from a file cannot be undone; changing it (even to the same class) on the page
+    records who changed it, keeps who gave it, and still cannot be undone (issue 21.2)."""
+    url, token = base(page), page.token
+    sid = http(url + "api/state", token=token)[1]["pending"][0]["sample_id"]
+    with open_site_pool(site["state-dir"], 0, load_site(site["data-path"], 0)) as other:
+        other.answer({sid: 2}, source="file:filled.csv", round=0)
+    status, reply = http(url + "api/undo", token=token, body={"sample_id": sid})
+    assert status == 409 and "file:filled.csv" in reply["error"] and "change it" in reply["error"]
+    status, reply = http(url + "api/change", token=token, body={"sample_id": sid, "label": 2})  # the same class
+    assert status == 200 and reply["changed"] is False
+    status, reply = http(url + "api/undo", token=token, body={"sample_id": sid})
+    assert status == 409 and "file:filled.csv" in reply["error"]
+    status, reply = http(url + "api/change", token=token, body={"sample_id": sid, "label": 4})
+    assert status == 200 and reply["changed"] is True and reply["before"] == "2"
+    assert http(url + "api/undo", token=token, body={"sample_id": sid})[0] == 409
+    with open_site_pool(site["state-dir"], 0, load_site(site["data-path"], 0)) as other:
+        [record] = [r for r in other.label_records() if r["id"] == sid]
+        history = other.label_history(sid)
+        assert other.state_of(sid) == "labeled"
+    assert (record["label"], record["source"]) == (4, "file:filled.csv")  # who gave it first stays
+    assert [(h["action"], h["before"], h["label"], h["given_by"], h["by"]) for h in history] == [
+        ("change", 2, 4, "file:filled.csv", "web:alice")]
+
+
+def test_undo_takes_back_only_this_pages_own_last_answers(site):
+    """Undo and the list of last answers belong to the labeler who answered, and undo reaches back at most
+    the last 10 answers given on this page (issue 21.3)."""
+    with open_site_pool(site["state-dir"], 0, load_site(site["data-path"], 0)) as pool:
+        pool.request(pool.unlabeled_ids()[:10].tolist(), round=1)  # 16 pending in all
+    alice = open_labeling(site["state-dir"], 0, site["data-path"], labeler="alice")
+    bob = open_labeling(site["state-dir"], 0, site["data-path"], labeler="bob")
+    with serving(alice), serving(bob):
+        pending = [p["sample_id"] for p in http(base(alice) + "api/state", token=alice.token)[1]["pending"]]
+        mine, theirs = pending[:12], pending[12]
+        for sid in mine:
+            _answer(alice, sid, 1)
+        _answer(bob, theirs, 2)  # the newest answer on the site is bob's
+        recent = http(base(alice) + "api/recent", token=alice.token)[1]
+        assert recent["undo"] == mine[-1]  # Backspace on alice's page takes back alice's last answer
+        assert [r["sample_id"] for r in recent["recent"]] == mine[::-1][:10]  # bob's answer is not in the list
+        status, reply = http(base(alice) + "api/undo", token=alice.token, body={"sample_id": theirs})
+        assert status == 409 and "web:bob" in reply["error"]
+        # Backspace again and again: the last 10 answers of this page come back, then it stops
+        for sid in mine[::-1][:10]:
+            status, reply = http(base(alice) + "api/undo", token=alice.token, body={"sample_id": sid})
+            assert status == 200, reply
+        assert http(base(alice) + "api/recent", token=alice.token)[1]["undo"] is None
+        status, reply = http(base(alice) + "api/undo", token=alice.token, body={"sample_id": mine[1]})
+        assert status == 409 and "last 10 answers" in reply["error"] and "change it" in reply["error"]
+        # bob's page takes back bob's answer
+        assert http(base(bob) + "api/recent", token=bob.token)[1]["undo"] == theirs
+        assert http(base(bob) + "api/undo", token=bob.token, body={"sample_id": theirs})[0] == 200
+    # a page started later (same labeler) lists the answers to correct but undoes none of them
+    again = open_labeling(site["state-dir"], 0, site["data-path"], labeler="alice")
+    with serving(again):
+        recent = http(base(again) + "api/recent", token=again.token)[1]
+        assert [r["sample_id"] for r in recent["recent"]] == mine[:2][::-1] and recent["undo"] is None
+        status, reply = http(base(again) + "api/undo", token=again.token, body={"sample_id": mine[1]})
+        assert status == 409 and "change it" in reply["error"]
+
+
+def test_a_change_or_undo_racing_another_process_gets_409_and_loses_nothing(page, site):
+    """A change whose sample was taken back a moment ago elsewhere, and an undo whose label was corrected a
+    moment ago elsewhere, answer 409 with what happened; out-of-range changes do not talk of requests (21.4)."""
+    url, token = base(page), page.token
+    first, second = [p["sample_id"] for p in http(url + "api/state", token=token)[1]["pending"][:2]]
+    _answer(page, first, 3)
+    _answer(page, second, 5)
+    status, reply = http(url + "api/change", token=token, body={"sample_id": first, "label": 99})
+    assert status == 400 and "outside the 10 known classes" in reply["error"]
+    assert "pending" not in reply["error"] and "stays 3" in reply["error"]
+    service, data = page.service, load_site(site["data-path"], 0)
+    change_label, reopen = service.pool.change_label, service.pool.reopen
+
+    def change_after_an_undo_elsewhere(sample_id, label, **kw):
+        with open_site_pool(site["state-dir"], 0, data) as other:
+            other.reopen(sample_id)
+        return change_label(sample_id, label, **kw)
+
+    service.pool.change_label = change_after_an_undo_elsewhere
+    status, reply = http(url + "api/change", token=token, body={"sample_id": first, "label": 4})
+    service.pool.change_label = change_label
+    assert status == 409 and "a moment ago" in reply["error"] and "waits for an answer" in reply["error"]
+
+    def undo_after_a_change_elsewhere(sample_id, **kw):
+        with open_site_pool(site["state-dir"], 0, data) as other:
+            other.change_label(sample_id, 7, source="web:bob")
+        return reopen(sample_id, **kw)
+
+    service.pool.reopen = undo_after_a_change_elsewhere
+    status, reply = http(url + "api/undo", token=token, body={"sample_id": second})
+    service.pool.reopen = reopen
+    assert status == 409 and "web:bob" in reply["error"]
+    with open_site_pool(site["state-dir"], 0, data) as other:  # bob's correction is kept
+        assert other.state_of(second) == "labeled" and dict(zip(*map(list, other.labels())))[second] == 7

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +156,153 @@ def test_a_total_budget_caps_the_last_round_and_ends_the_run(tmp_path):
     rounds = json.loads((out / "results.json").read_text())["rounds"]
     assert [r["labels"] for r in rounds] == [30, 60, 80]  # the third round gets the 20 left, then the run ends
     assert rounds[-1]["stopped"]["criterion"] == "label budget of 80 spent"
+
+
+# ------------------------------------------------------------------ issue 21.11, 21.12
+def test_the_command_to_run_again_is_the_one_invoked(monkeypatch, tmp_path):
+    import types
+
+    from simulations import cli
+
+    script = tmp_path / ".venv" / "bin" / "fedal"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    plain = types.ModuleType("__main__")  # a console script's __main__ has no spec
+    monkeypatch.setitem(sys.modules, "__main__", plain)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/fedal", "simulate"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the venv is not activated
+    assert cli.invoked_as() == ".venv/bin/fedal"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # activated: `fedal` is this script
+    assert cli.invoked_as() == "fedal"
+    runner = types.ModuleType("__main__")
+    runner.__spec__ = cli.__spec__  # python -m simulations.cli
+    monkeypatch.setitem(sys.modules, "__main__", runner)
+    assert cli.invoked_as() == f"{sys.executable} -m simulations.cli"
+
+
+@pytest.mark.parametrize("done, words", [
+    (2, ["stopped at once (second Ctrl-C)", "holds round 2 of 40", "Continue with:\n  fedal simulate "
+         "--clients 2 --rounds 40 --output-dir {out} --resume\n"]),
+    (0, ["before any round finished: there is nothing to resume", "--output-dir {out} --overwrite\n"]),
+])
+def test_a_second_ctrl_c_prints_how_to_continue(tmp_path, monkeypatch, capsys, done, words):
+    """Issue 21.11: the second Ctrl-C stops at once and still says what the checkpoint holds and how to go on."""
+    from simulations import simulate
+    from simulations.cli import main
+
+    out = tmp_path / "out"
+
+    def second_ctrl_c(cfg, *, verbose):
+        if done:
+            (out / "checkpoint").mkdir(parents=True)
+            (out / "checkpoint" / "state.json").write_text(json.dumps({"round": done}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulate, "_run_with_progress", second_ctrl_c)
+    assert main(["simulate", "--clients", "2", "--rounds", "40", "--output-dir", str(out), "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    for w in words:
+        assert w.format(out=out) in err, err
+
+
+def test_simulate_says_when_verify_threshold_cannot_make_second_readings(tmp_path, monkeypatch, capsys):
+    """Issue 21.12: --verify-threshold with an uncertainty strategy is said to make almost no second reading."""
+    from simulations import simulate
+    from simulations.cli import main
+
+    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, *, verbose: True)
+    main(["simulate", "--strategy", "margin", "--verify-threshold", "0.9", "--output-dir", str(tmp_path / "a")])
+    assert "note: verify-threshold 0.9: strategy margin picks the samples the model is least sure of" in (
+        capsys.readouterr().out)
+    main(["simulate", "--strategy", "random", "--verify-threshold", "0.9", "--output-dir", str(tmp_path / "b")])
+    assert "note:" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ issue 21.8
+def _ended_checkpoint(out: Path, **settings):
+    """A checkpoint of a run that stopped asking for labels after round 4 (budget spent) and ended."""
+    from fedal.config import FederationConfig
+
+    cfg = FederationConfig(clients=2, min_clients=2, rounds=10, stop_when="budget", total_budget=100,
+                           after_stop="end", output_dir=str(out), **settings)
+    stopped = {"criterion": "label budget of 100 spent", "round": 4, "labels": 100, "query_rounds_skipped": 6,
+               "labels_saved": 0}
+    (out / "checkpoint").mkdir(parents=True)
+    rounds = [{"round": r, "labels": 25 * r} for r in range(1, 5)]
+    (out / "checkpoint" / "state.json").write_text(json.dumps(
+        {"round": 4, "results": {"config": cfg.to_run_config(), "rounds": rounds}, "stopped": stopped}))
+    (out / "results.json").write_text(json.dumps({"config": cfg.to_run_config(), "rounds": rounds}))
+    return ["--clients", "2", "--min-clients", "2", "--rounds", "10", "--stop-when", "budget", "--total-budget",
+            "100", "--output-dir", str(out), "--resume"]
+
+
+def test_resuming_a_run_that_ended_on_its_stopping_rule_runs_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+    from simulations import simulate
+    from simulations.cli import main
+
+    out = tmp_path / "out"
+    flags = _ended_checkpoint(out)
+    before = (out / "results.json").read_text()
+    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, *, verbose: pytest.fail("a round was run"))
+    assert main(["simulate", *flags, "--after-stop", "end"]) == 0
+    said = capsys.readouterr().out
+    assert "stopped asking for labels after round 4: label budget of 100 spent (100 labels)" in said
+    assert "there is nothing to resume" in said and "--after-stop continue" in said
+    assert "after 10 rounds" not in said and (out / "results.json").read_text() == before
+    # --after-stop may change on resume: continue trains the remaining rounds, and says why they ask nothing
+    ran = []
+    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, *, verbose: ran.append(cfg) or True)
+    assert main(["simulate", *flags, "--after-stop", "continue"]) == 130  # (the fake run is "interrupted")
+    assert ran and ran[0].after_stop == "continue"
+    assert "the remaining rounds up to 10 train without queries" in capsys.readouterr().out
+
+
+def test_the_server_app_resumes_an_ended_run_to_nothing(tmp_path):
+    """`flwr run` with resume = true: the ServerApp returns before asking any node for anything."""
+    import dataclasses
+
+    from fedal.config import FederationConfig
+    from server.app import run_federation
+    from server.book import RoundBook
+    from server.results import RunRecorder
+
+    out = tmp_path / "out"
+    cfg = FederationConfig(clients=2, min_clients=2, rounds=10, stop_when="budget", total_budget=100,
+                           after_stop="end", output_dir=str(out))
+    recorder = RunRecorder(out, cfg.to_run_config())
+    from fedal.budget import BudgetCoordinator
+    from server.privacy import PrivacySettings
+
+    book = RoundBook(BudgetCoordinator("uniform", 10, 0), PrivacySettings.from_config(cfg))
+    book.stopped = {"criterion": "label budget of 100 spent", "round": 4, "labels": 100, "query_rounds_skipped": 6,
+                    "labels_saved": 0}
+    for r in range(1, 5):
+        recorder.add_round({"round": r, "labels": 25 * r, "accuracy": 0.5, "loss": 1.0, "clients": {}},
+                           checkpoint=({"w": np.zeros(2, np.float32)}, book.state_dict()))
+
+    class NoGrid:
+        def __getattr__(self, name):
+            raise AssertionError(f"the ended run used the grid ({name})")
+
+    result = run_federation(NoGrid(), dataclasses.replace(cfg, resume=True))
+    assert [r["round"] for r in result.rounds] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_the_issue_command_resumed_after_its_run_ended_does_nothing(tmp_path):
+    """Issue 21.8 as reported: --stop-when budget --after-stop end, then the same command with --resume."""
+    out = tmp_path / "out"
+    flags = ["simulate", "--clients", "2", "--min-clients", "2", "--rounds", "10", "--round-budget", "20",
+             "--initial-labels", "10", "--stop-when", "budget", "--total-budget", "60", "--after-stop", "end",
+             "--output-dir", str(out)]
+    first = fedal(*flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "the run ended there" in first.stdout and "after 3 rounds" in first.stdout
+    before = (out / "results.json").read_text()
+    again = fedal(*flags, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stopped asking for labels after round 3: label budget of 60 spent (60 labels)" in again.stdout
+    assert "there is nothing to resume" in again.stdout and "after 10 rounds" not in again.stdout
+    assert (out / "results.json").read_text() == before

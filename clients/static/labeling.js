@@ -7,7 +7,7 @@ let state = null;        // last /api/state
 let current = null;      // the request on screen
 let skipped = [];        // sample ids put back to the end of the queue (this page only)
 let busy = false;
-let lastAnswered = null;  // newest answer given on the page (what Undo takes back)
+let lastAnswered = null;  // what Undo takes back: the server's choice among this page's own last answers
 
 const $ = (id) => document.getElementById(id);
 
@@ -65,11 +65,10 @@ function thumb(item, alt) {  // a small picture of a labeled sample, or its row 
 }
 
 async function renderRecent() {
-  const { recent } = await call("GET", "api/recent");
+  const { recent, undo: target } = await call("GET", "api/recent");
   const list = $("recent");
   list.replaceChildren();
   $("recent-box").hidden = recent.length === 0;
-  $("undo").disabled = recent.length === 0;
   recent.forEach((r) => {
     const li = document.createElement("li");
     li.dataset.sampleId = String(r.sample_id);
@@ -84,9 +83,11 @@ async function renderRecent() {
     });
     select.addEventListener("change", () => change(r.sample_id, Number(select.value)));
     li.append(thumb(r, `sample ${r.sample_id}`), ` sample ${r.sample_id}: `, select);
+    if (r.changed_by) li.append(` (changed by ${r.changed_by})`);
     list.append(li);
   });
-  lastAnswered = recent.length ? recent[0].sample_id : null;
+  lastAnswered = target;  // null: nothing of this page's to take back (older answers are changed in the list)
+  $("undo").disabled = target === null;
 }
 
 async function renderExamples() {
@@ -247,11 +248,13 @@ async function undo() {
 async function change(sampleId, label) {
   try {
     const r = await call("POST", "api/change", { sample_id: sampleId, label });
-    say(`Changed: sample ${r.sample_id} is ${r.class} (was ${r.before}).`, "ok");
+    say(r.changed ? `Changed: sample ${r.sample_id} is ${r.class} (was ${r.before}).`
+      : `Sample ${r.sample_id} is already ${r.class}.`, "ok");
     await renderRecent();
     await renderExamples();
   } catch (err) {
     say(err.message, "error");
+    await renderRecent().catch(() => {});  // show the list as it is now (the select went back)
   }
 }
 

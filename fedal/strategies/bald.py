@@ -67,6 +67,8 @@ class BALD(ScoreStrategy):
         Number of stochastic forward passes ``T`` (>= 2).
     """
 
+    picks_uncertain = True
+
     def __init__(self, n_samples: int = 20) -> None:
         self.n_samples = _check_n_samples(n_samples)
 

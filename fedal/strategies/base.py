@@ -141,6 +141,9 @@ class QueryStrategy(ABC):
     local_model_init: ClassVar[str] = "global"
     #: whether it needs a closed-form head it can update (``model.closed_form``; expected error reduction)
     needs_closed_form: ClassVar[bool] = False
+    #: whether it picks what the model is least sure of: then the model is hardly ever confident about a
+    #: queried sample, and second readings on a confident disagreement (``verify-threshold``) rarely fire
+    picks_uncertain: ClassVar[bool] = False
 
     def query(self, ctx: QueryContext, budget: int, seed: int | None = None) -> np.ndarray:
         """Return the ids of the ``min(budget, len(ctx))`` candidates to label.

@@ -57,6 +57,8 @@ def kl_to_consensus(sample_probs: np.ndarray) -> np.ndarray:
 
 
 class _Committee(ScoreStrategy):
+    picks_uncertain = True  # members disagree where the model is unsure
+
     def __init__(self, n_members: int = 10) -> None:
         self.n_members = _check_n_samples(n_members, "n_members")
 

@@ -50,6 +50,8 @@ def entropy(probs: np.ndarray) -> np.ndarray:
 class LeastConfidence(ScoreStrategy):
     """Least confidence sampling: score ``1 - max p`` (Lewis & Gale 1994)."""
 
+    picks_uncertain = True
+
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
         return least_confidence(ctx.probs())
 
@@ -58,6 +60,8 @@ class LeastConfidence(ScoreStrategy):
 class Margin(ScoreStrategy):
     """Smallest-margin sampling: picks the smallest ``p1 - p2`` (Scheffer et al. 2001)."""
 
+    picks_uncertain = True
+
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
         return margin(ctx.probs())
 
@@ -65,6 +69,8 @@ class Margin(ScoreStrategy):
 @register("entropy")
 class Entropy(ScoreStrategy):
     """Maximum-entropy sampling (Settles 2009, eq. 3.3), natural log."""
+
+    picks_uncertain = True
 
     def score(self, ctx: QueryContext, rng: np.random.Generator | None = None) -> np.ndarray:
         return entropy(ctx.probs())
