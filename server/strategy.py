@@ -98,7 +98,7 @@ class BudgetedStrategy(Strategy):
         self.buffers = tuple(k for k in buffers if k in self.reference)
         self.lr_factor = lr_factor
         self._optimiser = _server_optimiser(inner)
-        self._base_eta = getattr(self._optimiser, "eta", None)
+        self._base_eta = None if self._optimiser is None else float(self._optimiser.eta)
 
     def summary(self) -> None:
         log.info("\t├──> per-client query budgets (fedal)")
@@ -239,13 +239,10 @@ class BudgetedStrategy(Strategy):
 
 
 def _server_optimiser(strategy: Strategy):
-    """The Flower strategy with a server learning rate ``eta`` (FedAdam) in a chain of wrappers, or None."""
-    seen = 0
-    while strategy is not None and seen < 10:
-        if isinstance(strategy, FedAdam):
-            return strategy
-        strategy, seen = getattr(strategy, "inner", None), seen + 1
-    return None
+    """The Flower strategy with a server learning rate ``eta`` (FedAdam) inside fedal's wrappers, or None."""
+    while isinstance(strategy, (PrivateAggregation, StatisticsAggregation)):
+        strategy = strategy.inner
+    return strategy if isinstance(strategy, FedAdam) else None
 
 
 def flower_strategy(cfg: FederationConfig) -> Strategy:

@@ -283,11 +283,13 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
 
     Same initial labeled set as the federation (each client's initial pick reproduced
     with its own seed), ``round_budget`` labels per query round, one warm-started fit of
-    ``local_epochs`` per round, evaluated on the server's test set. Returns one row
-    ``{round, labels, accuracy}`` per round.
+    ``local_epochs`` per round (with ``local-steps`` and a server optimiser: the federation's steps on
+    batches of all clients' size, :class:`fedal.serveropt.ServerOptimiser`), evaluated on the server's
+    test set. Returns one row ``{round, labels, accuracy}`` per evaluated round (``eval-every``).
     """
     import torch
 
+    from fedal.serveropt import SERVER_OPTIMISERS, ServerOptimiser
     from fedal.features import featurizer_for, model_inputs
     from fedal.federation import client_data, federation_dataset
     from fedal.learner import ActiveLearner
@@ -307,7 +309,15 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     initial = [offset + ids for offset, ids in zip(offsets, initial_labeled_ids(cfg))]
     pool = Pool(ds.n_classes, size=len(y))
     oracle = pooled_oracle(cfg, parts)
-    model = model_for(cfg, X.shape[1:], ds.n_classes, seed=cfg.seed)
+    # a run of few local steps with a server optimiser (the network recipe): the pooled reference takes the same
+    # steps on batches as large as the federation's (batch-size x clients) with the same server optimiser
+    one_site = cfg.pipeline == "network" and cfg.local_steps > 0 and cfg.aggregation in SERVER_OPTIMISERS
+    if one_site:
+        cfg_model = FederationConfig.from_mapping({"batch-size": cfg.batch_size * cfg.clients}, base=cfg)
+        model = model_for(cfg_model, X.shape[1:], ds.n_classes, seed=cfg.seed)
+        optimiser = ServerOptimiser(cfg, model.buffer_keys())
+    else:
+        model = model_for(cfg, X.shape[1:], ds.n_classes, seed=cfg.seed)
     if cfg.verify_threshold > 0:
         second = pooled_oracle(cfg, parts, reviewer=True)
 
@@ -328,7 +338,14 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
                 model.reset(seed=reinit_seed(cfg.seed, server_round))
             learner.query(min(cfg.round_budget, pool.counts()["unlabeled"]), round=server_round)
         learner.teach(round=server_round)
-        learner.fit()
+        if one_site:
+            state = model.get_state()
+            learner.fit(lr=cfg.lr * optimiser.client_lr_factor(server_round))
+            model.set_state(optimiser.step(state, model.get_state(), server_round))
+        else:
+            learner.fit()
+        if not cfg.is_eval_round(server_round):
+            continue
         _, acc = learner.evaluate()
         rows.append({"round": server_round, "labels": pool.counts()["labeled"], "accuracy": acc})
     pool.close()

@@ -259,3 +259,27 @@ def test_a_schedule_scales_fedadams_step_and_otherwise_goes_to_the_clients(flowe
     plain, start = _strategy(tmp_path, aggregation="fedavg", lr_schedule="cosine", rounds=20)
     messages, _ = _replies(plain, start, {1: (start, 5), 2: (start, 5)})
     assert messages[0].content[protocol.CONFIG][protocol.LR_FACTOR] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("aggregation", ["fedadam", "fedavgm"])
+def test_the_loop_optimiser_takes_flowers_step(flower_task, tmp_path, aggregation):
+    """fedal.serveropt (benchmarks, compare's pooled reference) computes what Flower's strategy does in a run."""
+    from fedal.serveropt import ServerOptimiser
+
+    strategy, start = _strategy(tmp_path, aggregation=aggregation, server_lr=0.01, lr_schedule="cosine", rounds=10)
+    loop_cfg = FederationConfig(pipeline="network", aggregation=aggregation, server_lr=0.01, lr_schedule="cosine",
+                                rounds=10)
+    loop = ServerOptimiser(loop_cfg, buffers=["input_mean", "input_std", "input_ready"])
+    rng = np.random.default_rng(0)
+    state = start
+    for server_round in (1, 2, 3):
+        updates = {n: ({k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in state.items()}, 10 * n)
+                   for n in (1, 2)}
+        mean = {k: (updates[1][0][k].astype(np.float64) * 10 + updates[2][0][k] * 20) / 30 for k in state}
+        expected = loop.step(state, {k: v.astype(state[k].dtype) for k, v in mean.items()}, server_round)
+        _, replies = _replies(strategy, state, updates, server_round)
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        got = protocol.state_from_record(arrays)
+        for k in state:
+            assert np.allclose(got[k], expected[k], atol=1e-5), (server_round, k)
+        state = got

@@ -167,52 +167,24 @@ def _accuracy(model, cfg, ds, sets, lda_head: bool) -> float:
     return float((head.probs(model.forward(X_test)[1]).argmax(axis=1) == ds.y_test).mean())
 
 
-def server_step(cfg, state: dict, mean: dict, memory: dict, server_round: int, buffers: set) -> dict:
-    """The new global weights from the current ``state`` and the clients' example-weighted ``mean``, as the
-    run's Flower strategy computes them (FedAvg; FedAvgM with server learning rate 1; FedAdam with its
-    bias-corrected step), with the statistics in ``buffers`` averaged, not stepped on; ``memory`` keeps the
-    optimiser's moments between rounds."""
-    if cfg.aggregation not in ("fedavgm", "fedadam"):
-        return mean
-    new = {}
-    for k, x in state.items():
-        if k in buffers:
-            new[k] = mean[k]
-            continue
-        x64, delta = x.astype(np.float64), mean[k].astype(np.float64) - x.astype(np.float64)
-        if cfg.aggregation == "fedavgm":  # Flower's FedAvgM: momentum on the pseudo-gradient old - new
-            grad = -delta
-            memory[k] = grad if k not in memory else cfg.server_momentum * memory[k] + grad
-            new[k] = (x64 - memory[k]).astype(x.dtype)
-        else:  # Flower's FedAdam (beta_1 0.9, beta_2 0.999, tau 1e-8 as fedal sets them)
-            m, v = memory.get(k, (np.zeros_like(x64), np.zeros_like(x64)))
-            m = 0.9 * m + 0.1 * delta
-            v = 0.999 * v + 0.001 * delta ** 2
-            memory[k] = (m, v)
-            eta = cfg.server_lr * cfg.round_lr_factor(server_round)
-            eta_norm = eta * np.sqrt(1 - 0.999 ** (server_round + 1.0)) / (1 - 0.9 ** (server_round + 1.0))
-            new[k] = (x64 + eta_norm * m / (np.sqrt(v) + 1e-8)).astype(x.dtype)
-    return new
-
-
 def federated_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool = False) -> list[float]:
     """Test accuracy of the federated model after each round (NaN on rounds not in ``evaluate_at``; default
     every round): FedAvg (FedProx with ``cfg.proximal_mu``), or the server optimiser of ``cfg.aggregation``
-    (:func:`server_step`), with the learning-rate schedule of ``cfg.lr_schedule``."""
+    (:class:`fedal.serveropt.ServerOptimiser`), with the learning-rate schedule of ``cfg.lr_schedule``."""
     from fedal.models import model_for
     from fedal.seeds import client_seed
+    from fedal.serveropt import ServerOptimiser
 
     shape = sets[0][0].shape[1:]
     server = model_for(cfg, shape, ds.n_classes, seed=cfg.seed)
     clients = [model_for(cfg, shape, ds.n_classes, seed=client_seed(cfg.seed, c)) for c in range(len(sets))]
-    buffers = set(server.buffer_keys())
-    memory: dict = {}
+    optimiser = ServerOptimiser(cfg, server.buffer_keys())
     curve = []
     for r in range(1, rounds + 1):
         state = server.get_state()
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in state.items()}
         n = 0
-        lr = cfg.lr * (1.0 if cfg.aggregation == "fedadam" else cfg.round_lr_factor(r))
+        lr = cfg.lr * optimiser.client_lr_factor(r)
         for model, (X, y, _) in zip(clients, sets):
             if len(y) == 0:
                 continue
@@ -222,7 +194,7 @@ def federated_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool
                 total[k] += v * len(y)
             n += len(y)
         mean = {k: (v / n).astype(state[k].dtype) for k, v in total.items()}
-        server.set_state(server_step(cfg, state, mean, memory, r, buffers))
+        server.set_state(optimiser.step(state, mean, r))
         if evaluate_at is None or r in evaluate_at:
             curve.append(_accuracy(server, cfg, ds, sets, lda_head))
         else:
@@ -312,7 +284,8 @@ def main(argv=None) -> dict:
         for name in args.variants:
             settings = {k: v for k, v in VARIANTS[name].items() if k != LDA_HEAD}
             lda_head = bool(VARIANTS[name].get(LDA_HEAD))
-            vcfg = FederationConfig.from_mapping(settings, base=cfg)
+            # the run is --rounds long: a learning-rate schedule spans those rounds
+            vcfg = FederationConfig.from_mapping({**settings, "rounds": args.rounds}, base=cfg)
             sets = labeled_sets(vcfg, args.labels_per_client, seed, args.total_labels)  # the same in every variant
             if name == args.variants[0]:
                 total_labels.append(sum(len(s[1]) for s in sets))
