@@ -110,8 +110,11 @@ class ClientSite:
             mean_unc = self.learner.last_uncertainty[0]
         self.learner.teach(round=server_round)
         reviewed = self._count_reviews()
-        # the coordinator splits the next query round's budget by it: a pass over the pool only before a query round
-        if math.isnan(mean_unc) and self.learner.model_ready and self.cfg.is_query_round(server_round + 1):
+        # the coordinator's uncertainty policy and the uncertainty stopping rule read it before a query round; a
+        # pass over the pool in every round would cost a run of hundreds of one-step rounds most of its time
+        if (math.isnan(mean_unc) and self.learner.model_ready and self.cfg.is_query_round(server_round + 1)
+                and (self.cfg.local_steps == 0 or self.cfg.budget_policy == "uncertainty"
+                     or "uncertainty" in self.cfg.stop_when)):
             mean_unc = self._pool_uncertainty()
         X, y = self.learner.labeled_data()
         auto = auto_correct = 0

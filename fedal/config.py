@@ -134,8 +134,8 @@ class FederationConfig:
         over the run's rounds.
     eval_every : int
         Evaluate the global model (and record a result row and a checkpoint) every k rounds, before each
-        query round and after the last round (1 = every round); hundreds of short rounds need not pay a test
-        pass each.
+        query round (and at it, with stop-when) and after the last round (1 = every round); hundreds of short
+        rounds need not pay a test pass each.
     aggregation : str
         Flower strategy: fedavg, fedprox, fedadam, fedavgm, fedmedian, fedtrimmedavg, krum.
     proximal_mu : float
@@ -402,9 +402,11 @@ class FederationConfig:
 
     def is_eval_round(self, server_round: int) -> bool:
         """Whether ``server_round`` evaluates and records a row: every ``eval-every``-th round, round 1, the
-        query round, the round before each (the model that scores the pools) and the last round."""
+        round before each query round (the model that scores the pools), each query round when a stopping
+        criterion reads its row (``stop-when``), and the last round."""
         return (self.eval_every == 1 or server_round in (1, self.rounds) or server_round % self.eval_every == 0
-                or self.is_query_round(server_round) or self.is_query_round(server_round + 1))
+                or self.is_query_round(server_round + 1)
+                or (bool(self.stop_when.strip()) and self.is_query_round(server_round)))
 
     def query_strategy(self):
         """The run's query strategy, built with its options (ConfigError naming a bad name or option)."""

@@ -174,9 +174,11 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert FederationConfig(rounds=100).round_lr_factor(50) == 1.0
 
 
-def test_eval_rounds_are_every_kth_the_query_rounds_their_eves_and_the_ends():
+def test_eval_rounds_are_every_kth_the_eves_of_query_rounds_and_the_ends():
     cfg = FederationConfig(rounds=12, query_every=5, eval_every=4)  # queries in rounds 2, 7, 12
-    assert [r for r in range(1, 13) if cfg.is_eval_round(r)] == [1, 2, 4, 6, 7, 8, 11, 12]
+    assert [r for r in range(1, 13) if cfg.is_eval_round(r)] == [1, 4, 6, 8, 11, 12]
+    stopping = FederationConfig(rounds=12, query_every=5, eval_every=4, stop_when="plateau")
+    assert [r for r in range(1, 13) if stopping.is_eval_round(r)] == [1, 2, 4, 6, 7, 8, 11, 12]
     assert all(FederationConfig(rounds=5).is_eval_round(r) for r in range(1, 6))
 
 
