@@ -16,8 +16,6 @@ from typing import Any
 from fedal.exceptions import ConfigError, UnknownStrategyError
 from fedal.features import FEATURES
 from fedal.fileio import read_toml
-from fedal.models.nets import NORMS
-from fedal.models.torch_adapter import AUGMENTATIONS, OPTIMIZERS
 from fedal.oracle import NOISE_KINDS
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -26,6 +24,13 @@ AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrim
 DP_MODES = ("server", "client")
 PIPELINES = ("head", "network")
 NETWORKS = ("smallcnn", "convnet")
+#: ConvNet's normalisations (:data:`fedal.models.nets.NORMS` says what each is)
+NORMS = ("batch", "group", "none")
+#: optimizers of a local fit, learning-rate schedules within one fit, training-time augmentations of images
+#: (kept here, not beside the torch code, so that reading settings imports no torch)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "onecycle")
+AUGMENTATIONS = ("none", "shift", "shift-flip")
 LR_SCHEDULES = ("constant", "cosine")
 #: warm-up share of the rounds of ``lr-schedule = cosine``
 WARMUP_SHARE = 0.1

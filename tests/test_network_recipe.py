@@ -285,3 +285,15 @@ def test_the_loop_optimiser_takes_flowers_step(flower_task, tmp_path, aggregatio
         for k in state:
             assert np.allclose(got[k], expected[k], atol=1e-5), (server_round, k)
         state = got
+
+
+def test_reading_settings_imports_no_torch_and_names_the_norms_the_network_has():
+    import subprocess
+    import sys
+
+    from fedal.config import NORMS
+    from fedal.models import nets
+
+    assert tuple(nets.NORMS) == NORMS
+    code = "import sys, fedal.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -118,7 +118,7 @@ class ScaledWSConv2d(nn.Conv2d):
         return nn.functional.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding)
 
 
-#: ``ConvNet``'s normalisations: name -> what it is
+#: ``ConvNet``'s normalisations (:data:`fedal.config.NORMS`): name -> what it is
 NORMS = {
     "batch": "BatchNorm after each convolution (trains best on mixed batches; its batch statistics suffer "
              "when a client's batch holds one or two classes)",

@@ -15,16 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedal.config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES
 from fedal.exceptions import ConfigError
 from fedal.seeds import fit_seed
 
 
-#: optimizers a fit can use
-OPTIMIZERS = ("adam", "adamw", "sgd")
-#: learning-rate schedules within one fit
-SCHEDULES = ("constant", "onecycle")
-#: training-time augmentations of images
-AUGMENTATIONS = ("none", "shift", "shift-flip")
 #: pixels of the random shifts
 SHIFT = 2
 
