@@ -38,7 +38,8 @@ class ServerOptimiser:
         return 1.0 if self.cfg.aggregation == "fedadam" else self.cfg.round_lr_factor(server_round)
 
     def step(self, state: dict, mean: dict, server_round: int) -> dict:
-        """The new global weights from the current ``state`` and the clients' weighted ``mean``."""
+        """The new global weights of round ``server_round`` from the current ``state`` and the clients'
+        example-weighted ``mean``."""
         cfg = self.cfg
         if cfg.aggregation not in SERVER_OPTIMISERS:
             return mean

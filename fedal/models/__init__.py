@@ -76,8 +76,9 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -
 
 
 def augmentation_for(augment: str, dataset: str, input_shape: tuple[int, ...]) -> str:
-    """What ``augment = auto`` means for a data set: shifts for images, and flips too for the
-    :data:`FLIP_INVARIANT` ones; nothing for other inputs. Other values are kept."""
+    """What ``augment`` (a setting) means for the data set ``dataset`` (a name or a file path) whose inputs have
+    ``input_shape``: with ``auto``, shifts for images, and flips too for the :data:`FLIP_INVARIANT` data sets;
+    nothing for inputs that are not images. Other values are kept."""
     if augment != "auto":
         return augment
     if len(input_shape) != 3:

@@ -98,6 +98,11 @@ class ScaledWSConv2d(nn.Conv2d):
     Each filter is standardised to zero mean and variance ``1 / fan_in`` and scaled by a
     learned gain and the ReLU's gain, so activations keep unit scale through the layers
     without any statistic of the batch: what a federation of one-class batches needs.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size : int
+        As :class:`torch.nn.Conv2d`; further keyword arguments go to it too (a bias by default).
     """
 
     #: ``sqrt(2 / (1 - 1/pi))``: keeps unit variance through a ReLU
@@ -109,12 +114,14 @@ class ScaledWSConv2d(nn.Conv2d):
         self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
 
     def standardized_weight(self) -> torch.Tensor:
+        """The filters the convolution applies: standardised, scaled by the gain and the ReLU's gain."""
         w = self.weight
         fan_in = w[0].numel()
         var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
         return (w - mean) * torch.rsqrt(var * fan_in + 1e-4) * self.gain * self.RELU_GAIN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of ``x`` (n, C, H, W) with the standardised filters."""
         return nn.functional.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding)
 
 
@@ -207,6 +214,7 @@ class WSConv2d(nn.Conv2d):
     """A convolution with weight standardisation (Qiao et al., 2019), for use before GroupNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of ``x`` (n, C, H, W) with each filter standardised to zero mean and unit variance."""
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
         w = (self.weight - mean) * torch.rsqrt(var + 1e-5)
         return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)

@@ -25,8 +25,9 @@ SHIFT = 2
 
 
 def augment_images(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Randomly shifted (up to :data:`SHIFT` pixels, reflect padding) and, with ``shift-flip``, horizontally
-    flipped copies of images ``x`` (n, C, H, W); inputs that are not images come back unchanged."""
+    """Randomly shifted (up to :data:`SHIFT` pixels, reflect padding) and, with ``kind`` ``shift-flip``,
+    horizontally flipped copies of images ``x`` (n, C, H, W), drawn from the generator ``gen``; ``kind``
+    ``none`` and inputs that are not images come back unchanged."""
     if kind == "none" or x.dim() != 4 or min(x.shape[-2:]) <= 2 * SHIFT:
         return x
     n, _, h, w = x.shape
