@@ -123,8 +123,9 @@ class ClientSite:
         else:
             # people may not have answered anything yet: then the global model goes back unchanged
             # with weight 0 (num-examples) and the requests wait for the next round
+            # the model is built anew for each message: the round tells this fit's batches from the last one's
             loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu,
-                                   lr=self.cfg.lr * instruction.lr_factor)
+                                   lr=self.cfg.lr * instruction.lr_factor, draw=server_round)
                     if len(y) else math.nan)
             arrays = self.model.get_state()
         counts = self.pool.counts()

@@ -297,3 +297,19 @@ def test_reading_settings_imports_no_torch_and_names_the_norms_the_network_has()
     assert tuple(nets.NORMS) == NORMS
     code = "import sys, fedal.config; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_fit_draws_its_batches_from_the_round_it_is_told():
+    """A site builds its model afresh for every message: without the round, every round of one local step
+    would train on the same first batch of the same shuffle."""
+    X, y = _images(40), np.array([0, 1] * 20)
+
+    def fitted(draw):
+        clf = TorchClassifier(lambda: ConvNet(3, 2, norm="group"), 2, optimizer="sgd", lr=0.5, local_steps=1,
+                              batch_size=8, augment="shift-flip", seed=0)
+        clf.fit(X, y, draw=draw)
+        return clf.get_state()
+
+    one, again, other = fitted(3), fitted(3), fitted(4)
+    assert all(np.array_equal(one[k], again[k]) for k in one)
+    assert any(not np.allclose(one[k], other[k]) for k in one)

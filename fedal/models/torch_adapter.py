@@ -199,6 +199,7 @@ class TorchClassifier:
         proximal_mu: float = 0.0,
         class_weight: np.ndarray | None = None,
         lr: float | None = None,
+        draw: int | None = None,
     ) -> float:
         """Train on ``(X, y)`` for ``epochs`` epochs; return the mean training loss.
 
@@ -215,6 +216,10 @@ class TorchClassifier:
             Per-class weight of the cross-entropy (imbalanced data).
         lr : float, optional
             The learning rate of this fit (a federation's round schedule); default the classifier's ``lr``.
+        draw : int, optional
+            Which fit this is, for its batches, augmentation and dropout (default: how many fits this object
+            made). A site that builds its model afresh for every message passes the round, or every round
+            would train on the same batches.
         """
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64).reshape(-1)
@@ -241,7 +246,7 @@ class TorchClassifier:
             scale = torch.full((self.n_classes,), self.restricted_softmax)
             scale[torch.as_tensor(np.unique(y))] = 1.0
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
-        seed = fit_seed(self.seed, self._fits)
+        seed = fit_seed(self.seed, self._fits if draw is None else int(draw))
         gen = torch.Generator().manual_seed(seed)
         self._fits += 1
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
