@@ -151,7 +151,8 @@ def savings_by_budget(labels, accuracy, base_labels, base_accuracy) -> list[dict
         The baseline's (random's) mean curve.
     """
     out = []
-    for b, target in zip(base_labels, base_accuracy):
+    last = dict(zip(base_labels, base_accuracy))  # several rows at one label count (eval-every): the last trained
+    for b, target in last.items():
         need = labels_to_reach(labels, accuracy, target)
         out.append({"budget": float(b), "target": float(target), "labels": need,
                     "saving_pct": None if need is None or b <= 0 else 100.0 * (1.0 - need / b)})

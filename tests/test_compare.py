@@ -157,3 +157,12 @@ def test_tiny_compare_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--centralized", "none"]) == 0
     assert capsys.readouterr().out.count("reused") == 4
+
+
+def test_savings_by_budget_has_one_entry_per_label_count_the_last_trained():
+    from simulations.compare import savings_by_budget
+
+    # eval-every gives two rows at 145 labels (before the next query and at an eval-every round): one column
+    rows = savings_by_budget([50, 145, 145, 240], [0.5, 0.6, 0.7, 0.8], [50, 145, 145, 240], [0.5, 0.6, 0.7, 0.8])
+    assert [r["budget"] for r in rows] == [50, 145, 240]
+    assert rows[1]["target"] == 0.7
