@@ -150,6 +150,17 @@ def import_answers(pool: Pool, csv_path: str | os.PathLike, *, source: str | Non
     return record_rows(pool, rows, path, source)
 
 
+def request_problem(requests: dict, request_id: int, sample_id: int, made: str, ids: str) -> str | None:
+    """Why an answer to ``request_id`` about ``sample_id`` cannot be this site's (``requests``: id -> request),
+    or None; ``made`` says how the file came to be ("the file was exported"), ``ids`` where the ids are."""
+    req = requests.get(request_id)
+    if req is None:
+        return f"request {request_id} is not a request of this client; was {made} from another site or state directory?"
+    if int(req["sample_id"]) != sample_id:
+        return f"request {request_id} asked about sample {req['sample_id']}, not {sample_id}; do not edit {ids}"
+    return None
+
+
 def record_rows(pool: Pool, rows, path: Path, source: str, *, where: str = "line") -> ImportResult:
     """Check every ``(position, {request_id, sample_id, label})`` of ``rows`` (texts, as a CSV holds them),
     then record all labels in one transaction, or none: the one rule of every answer file.
@@ -203,15 +214,11 @@ def record_rows(pool: Pool, rows, path: Path, source: str, *, where: str = "line
                             "keep one row per sample")
             continue
         seen_sample[sample_id] = line
-        req = requests.get(request_id)
-        if req is None:
-            problems.append(f"{where} {line}: request {request_id} is not a request of this client; "
-                            "was the file exported from another site or state directory?")
+        problem = request_problem(requests, request_id, sample_id, "the file was exported", "the id columns")
+        if problem:
+            problems.append(f"{where} {line}: {problem}")
             continue
-        if int(req["sample_id"]) != sample_id:
-            problems.append(f"{where} {line}: request {request_id} asked about sample {req['sample_id']}, "
-                            f"not {sample_id}; do not edit the id columns")
-            continue
+        req = requests[request_id]
         if not raw_label:
             unanswered += 1
             continue

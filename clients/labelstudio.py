@@ -42,7 +42,7 @@ from pathlib import Path
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
-from clients.exchange import IMAGES_DIR, MAX_LISTED_PROBLEMS, ExchangeError
+from clients.exchange import IMAGES_DIR, MAX_LISTED_PROBLEMS, ExchangeError, request_problem
 from clients.images import to_png
 from fedal.data import LocalData
 from fedal.exceptions import InvalidLabelError
@@ -432,15 +432,11 @@ def import_export(pool: Pool, data: LocalData, json_path: str | os.PathLike, *,
     answers: dict[str, dict[int, int]] = {}  # source -> {sample: class}
     rounds, changes, origins = {}, [], []
     for request_id, (sample_id, name, annotations) in by_request.items():
-        req = requests.get(request_id)
-        if req is None:
-            problems.append(f"{name}: request {request_id} is not a request of this client; was the project made "
-                            "from another site or state directory?")
+        problem = request_problem(requests, request_id, sample_id, "the project made", "the task data")
+        if problem:
+            problems.append(f"{name}: {problem}")
             continue
-        if int(req["sample_id"]) != sample_id:
-            problems.append(f"{name}: request {request_id} asked about sample {req['sample_id']}, not {sample_id}; "
-                            "do not edit the task data")
-            continue
+        req = requests[request_id]
         giving, problem = _settle(annotations, disagreement, name)
         if problem:
             problems.append(problem)

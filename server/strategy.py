@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -151,9 +152,6 @@ class BudgetedStrategy(Strategy):
         """The example-weighted mean of the :attr:`buffers` of the replies ``good``, which are taken out of them."""
         if not self.buffers:
             return {}
-        import numpy as np
-        from flwr.app import Array
-
         weights = np.array([protocol.report_of(m).num_examples for m in good], dtype=np.float64)
         weights = weights / weights.sum()
         means = {}
