@@ -22,7 +22,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 DP_MODES = ("server", "client")
-PIPELINES = ("head", "network")
+PIPELINES = ("head", "network", "handover")
 NETWORKS = ("smallcnn", "convnet")
 #: ConvNet's normalisations (:data:`fedal.models.nets.NORMS` says what each is)
 NORMS = ("batch", "group", "none")
@@ -64,8 +64,10 @@ class FederationConfig:
         Share of each client's data kept out of its pool for local evaluation.
     pipeline : str
         ``head``: fixed features and a closed-form LDA head whose statistics the server sums (the same head as
-        pooled training, whatever the skew); ``network``: a network (SmallCNN or MLP) trained by the clients
-        and averaged by a Flower strategy.
+        pooled training, whatever the skew); ``network``: a network (SmallCNN, ConvNet or MLP) trained by the
+        clients and averaged by a Flower strategy; ``handover``: both, the head serving until the network is
+        at least as accurate on the sites' local test sets (their aggregated accuracy), the network from then on
+        (:mod:`server.handover`).
     features : str
         ``auto`` (image descriptors for images with the head pipeline, the inputs as they are otherwise),
         ``raw`` (the inputs flattened) or ``descriptors`` (HOG, LBP and intensity statistics of images).
@@ -387,6 +389,9 @@ class FederationConfig:
         need(self.head_dp_noise == 0 or (self.head_clip_norm > 0 and self.pipeline == "head"),
              f"head-dp-noise {self.head_dp_noise} needs pipeline = head and head-clip-norm > 0 (the noise is scaled "
              "by what one clipped sample can add); set e.g. --head-clip-norm 5")
+        if self.pipeline == "handover":
+            need(self.dp_clipping_norm == 0, "differential privacy is not available with pipeline = handover (the "
+                 "update holds a network and statistics): set pipeline = network or head")
         if self.pipeline == "head":
             need(self.aggregation == "fedavg", f"aggregation {self.aggregation!r} averages networks; the head pipeline "
                  "sums the clients' statistics instead: leave aggregation = fedavg, or set pipeline = network")
