@@ -128,7 +128,8 @@ class ClientSite:
             # with weight 0 (num-examples) and the requests wait for the next round
             # the model is built anew for each message: the round tells this fit's batches from the last one's
             loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu,
-                                   lr=self.cfg.lr * instruction.lr_factor, draw=server_round)
+                                   lr=self.cfg.lr * instruction.lr_factor, draw=server_round,
+                                   unlabeled=self._pool_inputs())
                     if len(y) else math.nan)
             arrays = self.model.get_state()
         counts = self.pool.counts()
@@ -164,13 +165,20 @@ class ClientSite:
         model = self.model
         loss = math.nan
         if len(y):
+            pool = self._pool_inputs()
             loss = model.net.fit(model.inputs(X), y, epochs=self.cfg.local_epochs,
                                  proximal_mu=instruction.proximal_mu, lr=self.cfg.lr * instruction.lr_factor,
-                                 draw=instruction.server_round)
+                                 draw=instruction.server_round, unlabeled=None if pool is None else model.inputs(pool))
         state = prefixed(head_arrays, HEAD_PREFIX)
         state.update(prefixed(model.net.get_state(), NET_PREFIX))
         state[SERVING] = model.get_state()[SERVING]
         return state, loss, auto, auto_correct
+
+    def _pool_inputs(self) -> np.ndarray | None:
+        """The unlabeled pool's rows for the network's consistency loss (``consistency > 0``), else None."""
+        if self.cfg.consistency <= 0:
+            return None
+        return self.X_pool[self.learner.rows(self.pool.unlabeled_ids())]
 
     def _spent(self, server_round: int) -> int:
         """Labels requested in ``server_round`` and not given back: pending, answered, or answered "unsure"

@@ -135,6 +135,12 @@ class FederationConfig:
         Network pipeline: local SGD momentum (Nesterov; 0 = plain SGD).
     weight_decay : float
         Network pipeline: L2 weight decay of the local optimizer.
+    consistency : float
+        Network pipeline: weight of the consistency loss on the site's unlabeled pool (FixMatch: a pool image
+        the network classifies with at least ``consistency-threshold`` confidence on a weakly augmented view is
+        trained to that class on a strongly augmented view; 0 = off). The pool never leaves the site.
+    consistency_threshold : float
+        Network pipeline: the confidence a pseudo-label of the consistency loss needs.
     lr_schedule : str
         Network pipeline: ``constant``, or ``cosine``: the server scales the learning rate of each round
         (server-lr with fedadam, the clients' lr otherwise) by a linear warm-up over the first tenth of the rounds and a cosine decay to 0
@@ -249,6 +255,8 @@ class FederationConfig:
     local_steps: int = 0
     momentum: float = 0.0
     weight_decay: float = 0.0
+    consistency: float = 0.0
+    consistency_threshold: float = 0.95
     lr_schedule: str = "constant"
     eval_every: int = 1
     aggregation: str = "fedavg"
@@ -336,6 +344,9 @@ class FederationConfig:
         need(self.local_steps >= 0, f"local-steps must be >= 0 (0 = local-epochs), got {self.local_steps}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.consistency >= 0, f"consistency must be >= 0 (0 = off), got {self.consistency}")
+        need(0 < self.consistency_threshold <= 1,
+             f"consistency-threshold must be in (0, 1], e.g. 0.95, got {self.consistency_threshold}")
         need(self.lr_schedule in LR_SCHEDULES,
              f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         need(self.eval_every >= 1, f"eval-every must be >= 1 round, got {self.eval_every}")

@@ -16,7 +16,7 @@ from fedal.exceptions import ConfigError
 from fedal.flower import protocol
 from fedal.messages import TrainInstruction
 from fedal.models import ConvNet, TorchClassifier, augmentation_for, build_model, model_for
-from fedal.models.torch_adapter import augment_images
+from fedal.models.torch_adapter import augment_images, strong_augment
 from fedal.exceptions import ProtocolError
 from federation_helpers import train_replies
 
@@ -283,3 +283,34 @@ def test_a_fit_draws_its_batches_from_the_round_it_is_told():
     one, again, other = fitted(3), fitted(3), fitted(4)
     assert all(np.array_equal(one[k], again[k]) for k in one)
     assert any(not np.allclose(one[k], other[k]) for k in one)
+
+
+# ------------------------------------------------------------------ the pools: FixMatch's consistency loss
+def test_the_strong_view_is_a_different_image_of_the_same_shape_drawn_from_the_generator():
+    x = torch.from_numpy(_images(6))
+    a = strong_augment(x, "shift-flip", torch.Generator().manual_seed(3))
+    b = strong_augment(x, "shift-flip", torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x, atol=0.05)
+    table = torch.zeros(5, 10)
+    assert strong_augment(table, "none", torch.Generator().manual_seed(0)).shape == (5, 10)
+
+
+def _consistency_model(consistency: float, threshold: float) -> TorchClassifier:
+    return build_model((3, 28, 28), 4, network="convnet", optimizer="sgd", lr=0.5, local_steps=3, batch_size=8,
+                       seed=0, augment="shift", consistency=consistency, consistency_threshold=threshold)
+
+
+def test_the_consistency_loss_trains_on_confident_pool_images_only():
+    X, y, pool = _images(8, 0), np.array([0, 1, 2, 3] * 2), _images(40, 1)
+    plain = _consistency_model(0.0, 0.95)
+    assert not plain.uses_unlabeled and _consistency_model(1.0, 0.95).uses_unlabeled
+    plain.fit(X, y, unlabeled=pool)  # consistency off: the pool is ignored
+    unreachable = _consistency_model(1.0, 1.0)  # no untrained prediction is certain: nothing is pseudo-labeled
+    unreachable.fit(X, y, unlabeled=pool)
+    low = _consistency_model(1.0, 0.01)  # every pool image is "confident"
+    low.fit(X, y, unlabeled=pool)
+    a, b, c = plain.get_state(), unreachable.get_state(), low.get_state()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.allclose(a[k], c[k]) for k in a if not k.startswith("input_"))
+    with pytest.raises(ConfigError, match="consistency"):
+        _consistency_model(-1.0, 0.95)

@@ -94,7 +94,8 @@ def _network(cfg, input_shape: tuple[int, ...], n_classes: int, seed: int) -> To
                        batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps, seed=seed,
                        optimizer=cfg.local_optimizer, restricted_softmax=cfg.restricted_softmax,
                        momentum=cfg.momentum, weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
-                       augment=augmentation_for(cfg.augment, cfg.dataset, input_shape))
+                       augment=augmentation_for(cfg.augment, cfg.dataset, input_shape),
+                       consistency=cfg.consistency, consistency_threshold=cfg.consistency_threshold)
 
 
 def augmentation_for(augment: str, dataset: str, input_shape: tuple[int, ...]) -> str:
