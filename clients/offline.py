@@ -89,17 +89,20 @@ class ServerContact:
         Head pipeline: the summed statistics it was solved from.
     instruction : TrainInstruction
         The round and its budgets.
+    sent_at : float, optional
+        When the server made the message (``time.time()`` seconds; Flower's ``created_at``).
 
     Raises
     ------
     ProtocolError
-        The message is older than one this site already handled in the same run (a message the SuperLink kept
-        while the site was away): training on it would spend a budget the server already wrote off.
+        The message is stale: older than the run's ``round-timeout`` (the server stopped waiting for its reply;
+        the SuperLink kept it while the site was away), or older than a round this site already handled in the
+        same run. Training on it would spend a budget the server already wrote off.
     """
 
     def __init__(self, site: ClientSite, cfg: FederationConfig, node: NodeConfig, *, run_id: int, run_config: dict,
                  node_config: dict, global_state: dict, global_stats: dict | None,
-                 instruction: TrainInstruction) -> None:
+                 instruction: TrainInstruction, sent_at: float | None = None) -> None:
         self.site, self.node, self.instruction = site, node, instruction
         self.path = snapshot_path(state_dir_of(cfg, node), site.client_id)
         self.run_id, self.state, self.stats = int(run_id), global_state, global_stats
@@ -107,6 +110,7 @@ class ServerContact:
         self.node_config = _resolved(node_config)
         previous = self._previous()
         server_round = instruction.server_round
+        stale_problem(cfg, server_round, sent_at)
         if previous is not None and previous.run_id == self.run_id and previous.server_round > server_round:
             raise ProtocolError(f"the train message of round {server_round} is older than round "
                                 f"{previous.server_round}, which this site already handled in run {self.run_id}: "
@@ -114,11 +118,20 @@ class ServerContact:
         # this site's labels inside the global sums: what it sent in the round they sum (none if it was away)
         self.included = np.zeros(0, np.int64)
         if previous is not None and previous.run_id == self.run_id:
-            if previous.server_round == server_round - 1:
+            if previous.server_round == server_round - 1 and previous.replied:
                 self.included = previous.sent_ids
             elif previous.server_round == server_round:  # the same round re-delivered
                 self.included = previous.included_ids
         note_contact(site.pool, node, server_round)
+        # kept as soon as it arrives: a site cut off in the middle of the round still has it
+        self._save(np.zeros(0, np.int64), replied=False)
+        site.pool.set_meta(OFFLINE_GRANT, json.dumps({"round": server_round, "budget": effective_grant(
+            instruction.offline_budget, node)}))  # what the labeling page shows
+
+    def _save(self, sent_ids: np.ndarray, *, replied: bool) -> None:
+        GlobalSnapshot(self.run_id, self.instruction.server_round, time.time(), dict(self.state), self.stats,
+                       self.included, sent_ids, replied, self.instruction.offline_budget, self.run_config,
+                       self.node_config).save(self.path)
 
     def _previous(self) -> GlobalSnapshot | None:
         if not self.path.is_file():
@@ -132,15 +145,22 @@ class ServerContact:
         """After training: keep the global model beside the ledger and add the offline spend to ``report``."""
         pool, server_round = self.site.pool, self.instruction.server_round
         offline_spent = pool.report_offline(server_round)
-        snapshot = GlobalSnapshot(self.run_id, server_round, time.time(), dict(self.state), self.stats, self.included,
-                                  pool.labeled_ids(), self.instruction.offline_budget, self.run_config,
-                                  self.node_config)
-        snapshot.save(self.path)
-        with pool.transaction():
-            pool.set_meta(LAST_REPLY, repr(time.time()))
-            pool.set_meta(OFFLINE_GRANT, json.dumps({"round": server_round, "budget": effective_grant(
-                self.instruction.offline_budget, self.node)}))
+        self._save(pool.labeled_ids(), replied=True)
+        note_contact(pool, self.node, server_round)  # the site was busy with the server until now
+        pool.set_meta(LAST_REPLY, repr(time.time()))
         return dataclasses.replace(report, offline_spent=offline_spent)
+
+
+def stale_problem(cfg: FederationConfig, server_round: int, sent_at: float | None) -> None:
+    """Raise :class:`ProtocolError` if a message of ``server_round`` made at ``sent_at`` is older than the run's
+    ``round-timeout``: the server no longer waits for its reply."""
+    if sent_at is None or not sent_at > 0:
+        return
+    age = time.time() - float(sent_at)
+    if age > cfg.round_timeout:
+        raise ProtocolError(f"the message of round {server_round} was made {age:.0f} s ago, longer than the run's "
+                            f"round-timeout ({cfg.round_timeout:g} s): the server stopped waiting for its reply (it "
+                            "waited at the SuperLink while this site was away); not handled")
 
 
 def _resolved(node_config: dict) -> dict:

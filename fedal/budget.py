@@ -62,7 +62,7 @@ class LedgerRow:
 
 @dataclass
 class OfflineRow:
-    """Labels ``client`` asked for while the server was away, reported in ``round``."""
+    """``spent`` labels ``client`` asked for while the server was away, reported in ``round``."""
 
     round: int
     client: int | str

@@ -62,7 +62,9 @@ class GlobalSnapshot:
     included_ids : array
         Sample ids of this site's labels inside ``global_stats`` (what it sent in the round they sum).
     sent_ids : array
-        Sample ids of the labels this site sent in its reply to this message.
+        Sample ids of the labels this site sent in its reply to this message (empty until ``replied``).
+    replied : bool
+        Whether the site replied to this message (it is kept as soon as it arrives, again after the reply).
     offline_budget : int
         Labels the server granted for asking while it is away.
     run_config, node_config : dict
@@ -76,6 +78,7 @@ class GlobalSnapshot:
     global_stats: dict | None
     included_ids: np.ndarray
     sent_ids: np.ndarray
+    replied: bool
     offline_budget: int
     run_config: dict = field(default_factory=dict)
     node_config: dict = field(default_factory=dict)
@@ -87,6 +90,7 @@ class GlobalSnapshot:
             arrays.update({f"stats/{k}": np.asarray(v) for k, v in self.global_stats.items()})
         meta = {"run_id": int(self.run_id), "server_round": int(self.server_round),
                 "received_at": float(self.received_at), "offline_budget": int(self.offline_budget),
+                "replied": bool(self.replied),
                 "run_config": self.run_config, "node_config": self.node_config, "keys": list(self.state)}
         arrays["meta"] = np.asarray(json.dumps(meta))
         arrays["included_ids"] = np.asarray(self.included_ids, dtype=np.int64)
@@ -97,7 +101,7 @@ class GlobalSnapshot:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GlobalSnapshot":
-        """Read a snapshot written by :meth:`save`; :class:`ConfigError` if there is none yet."""
+        """Read the snapshot at ``path`` written by :meth:`save`; :class:`ConfigError` if there is none yet."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"there is no stored global model {path}: the site keeps one from its first train "
@@ -112,7 +116,7 @@ class GlobalSnapshot:
                                 "take part in one more round to write it again") from None
         stats = {k[len("stats/"):]: v for k, v in arrays.items() if k.startswith("stats/")} or None
         return cls(meta["run_id"], meta["server_round"], meta["received_at"], state, stats,
-                   arrays["included_ids"], arrays["sent_ids"], meta["offline_budget"], meta["run_config"],
+                   arrays["included_ids"], arrays["sent_ids"], meta["replied"], meta["offline_budget"], meta["run_config"],
                    meta["node_config"])
 
 
@@ -137,8 +141,9 @@ class LinkStatus:
 
 def link_status(meta, now: float | None = None, *, offline_after: float | None = None,
                 max_offline_hours: float | None = None) -> LinkStatus:
-    """The :class:`LinkStatus` of a site from its database's ``meta`` (``meta(key, default)``, e.g.
-    ``Pool.get_meta``); the settings default to what the ClientApp stored, else the defaults."""
+    """The :class:`LinkStatus` of a site at time ``now`` (default: now) from its database's ``meta``
+    (``meta(key, default)``, e.g. ``Pool.get_meta``); ``offline_after`` and ``max_offline_hours`` default to
+    what the ClientApp stored, else :data:`DEFAULT_OFFLINE_AFTER_S` and :data:`DEFAULT_OFFLINE_MAX_HOURS`."""
     now = time.time() if now is None else now
     after = float(meta(OFFLINE_AFTER, DEFAULT_OFFLINE_AFTER_S)) if offline_after is None else float(offline_after)
     hours = float(meta(OFFLINE_MAX_HOURS, DEFAULT_OFFLINE_MAX_HOURS)) if max_offline_hours is None else \
@@ -153,7 +158,7 @@ def link_status(meta, now: float | None = None, *, offline_after: float | None =
 
 
 def standing(pool, now: float | None = None) -> dict:
-    """Where the site of ``pool`` (:class:`fedal.pool.Pool`) stands, for people: connected or offline since
+    """Where the site of ``pool`` (:class:`fedal.pool.Pool`) stands at ``now``, for people: connected or offline since
     when, the offline budget of its last grant and what is left of it, the answers given since its last reply
     (waiting to be sent), and the last step of ``fedal site`` (None if it never ran)."""
     status = link_status(pool.get_meta, now)

@@ -77,10 +77,12 @@ class RoundBook:
     offline_budget : int
         Labels each identified client may ask for on its own if the server becomes unreachable (the run's
         ``offline-budget``), granted with every train message while the run still asks for labels.
+    rounds : int, optional
+        The run's last round: its messages grant nothing (no later reply could report the spend).
     """
 
     def __init__(self, coordinator: BudgetCoordinator, privacy: PrivacySettings | None = None, *,
-                 offline_budget: int = 0) -> None:
+                 offline_budget: int = 0, rounds: int | None = None) -> None:
         self.coordinator = coordinator
         self.privacy = privacy
         self.accountant = (GaussianAccountant(privacy_config(privacy.delta, privacy.population))
@@ -92,6 +94,7 @@ class RoundBook:
         self.label_limit: int | None = None  # labels the query rounds may still add (total-budget)
         self._client_of: dict[int, int] = {}  # node id -> client id (Flower's ids end here)
         self.offline_budget = int(offline_budget)
+        self.rounds_in_run = rounds
         self.offline_unreported: dict[int, int] = {}  # client -> offline budget granted since its last reply
 
     # ------------------------------------------------------------- identities
@@ -119,7 +122,8 @@ class RoundBook:
         """
         rlog = self.rounds[server_round] = RoundLog(server_round, query, nodes=[int(n) for n in nodes])
         budgets = {int(n): 0 for n in nodes}
-        grant = self.offline_budget if self.stopped is None else 0
+        last = self.rounds_in_run is not None and server_round >= self.rounds_in_run
+        grant = self.offline_budget if self.stopped is None and not last else 0
         if grant and self.label_limit is not None:
             grant = min(grant, self.label_limit)
         for node in budgets:

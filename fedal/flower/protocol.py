@@ -77,7 +77,8 @@ def model_record(state: "OrderedDict[str, np.ndarray]") -> ArrayRecord:
 
 
 def global_stats_of(content: RecordDict) -> "OrderedDict[str, np.ndarray] | None":
-    """The summed statistics a head-pipeline train message carries (:data:`GLOBAL_STATS`), or None."""
+    """The summed statistics a head-pipeline train message's records ``content`` carry (:data:`GLOBAL_STATS`), or
+    None."""
     return state_from_record(content[GLOBAL_STATS]) if GLOBAL_STATS in content else None
 
 
