@@ -47,8 +47,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--every must be a number of seconds > 0, got {args.every}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind: the database is closed in `finally`
     from clients.offline import OfflineSite
+    from fedal.offline import snapshot_path
 
     site = OfflineSite(args.state_dir, args.client_id, batch=args.batch)
+    if not args.once and not site.path.is_file():  # started before the SuperNode's first round: wait for it
+        print(f"waiting for the first global model ({snapshot_path(args.state_dir, args.client_id)} appears with the "
+              "SuperNode's first train message)", flush=True)
+        while not site.path.is_file():
+            time.sleep(args.every)
     last = None
     try:
         while True:

@@ -319,3 +319,29 @@ def test_fedal_site_once_says_where_the_site_stands(tmp_path, capsys):
     fed.round(2)
     assert cli.main(["site", "--state-dir", str(tmp_path / "state"), "--client-id", "1", "--once"]) == 0
     assert "connected (model of round 2)" in capsys.readouterr().out
+
+
+def test_a_network_site_fine_tunes_its_copy_of_the_stored_weights_on_every_label(tmp_path):
+    from fedal.models import model_for
+
+    cfg = site_config(tmp_path, pipeline="network", offline_budget=4, local_epochs=1, min_local_steps=2)
+    raw = make_site(tmp_path, cfg, 0, oracle="simulated", labels=True)
+    node = NodeConfig.from_mapping(raw)
+    state = None
+    for server_round in (1, 2):
+        site = ClientSite(cfg, node)
+        state = state or model_for(cfg, site.X_pool.shape[1:], site.data.n_classes, seed=cfg.seed).get_state()
+        instruction = TrainInstruction(server_round, 3 if server_round > 1 else 0, offline_budget=4)
+        contact = ServerContact(site, cfg, node, run_id=RUN_ID, run_config=cfg.to_run_config(), node_config=raw,
+                                global_state=state, global_stats=None, instruction=instruction)
+        state, report = site.train(state, instruction)
+        contact.report(report)
+        site.close()
+    loop = OfflineSite(tmp_path / "state", 0, batch=4)
+    out = loop.step(now=later())
+    assert (out["state"], out["asked"], out["spent"]) == ("offline", 4, 4)
+    stored = GlobalSnapshot.load(snapshot_path(tmp_path / "state", 0)).state
+    copy = loop.site.model.get_state()
+    assert any(not np.array_equal(copy[k], stored[k]) for k in stored)  # trained on the labels, not the stored one
+    assert loop.step(now=later())["state"] == "spent"
+    loop.close()
