@@ -133,7 +133,8 @@ function renderLink() {  // connected or offline since when, offline budget left
   else if (l.connected) text = `Connected to the server (last message ${when(l.last_contact)})`;
   else text = `Offline since ${when(l.offline_since)}` + (l.expired ? " (too long: no new questions)" : "");
   text += ` · offline budget: ${l.offline_left} of ${l.offline_budget} left`;
-  text += l.answers_waiting ? ` · ${l.answers_waiting} answers waiting to be sent` : " · no answers waiting to be sent";
+  const n = l.answers_waiting;
+  text += n ? ` · ${n} answer${n === 1 ? "" : "s"} waiting to be sent` : " · no answers waiting to be sent";
   el.textContent = text;
   el.className = l.connected ? "" : "offline";
 }
