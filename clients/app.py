@@ -72,9 +72,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         stale_problem(cfg, int(config.get(protocol.SERVER_ROUND, 0)), msg.metadata.created_at)
         note_contact(site.pool, node, None)
         n, loss, acc = site.evaluate(protocol.state_from_record(msg.content[protocol.ARRAYS]))
+        each = site.evaluate_each()
     finally:
         site.close()
-    return protocol.eval_reply(msg, num_examples=n, client_id=site.client_id, loss=loss, accuracy=acc)
+    return protocol.eval_reply(msg, num_examples=n, client_id=site.client_id, loss=loss, accuracy=acc, each=each)
 
 
 @app.query(protocol.IDENTIFY)

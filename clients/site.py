@@ -21,7 +21,8 @@ from fedal.kpi import label_entropy, oracle_use
 from fedal.federation import client_data
 from fedal.learner import ActiveLearner, pool_uncertainty
 from fedal.messages import TrainInstruction, TrainReport
-from fedal.models import model_for
+from fedal.models import HandoverClassifier, model_for
+from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, SERVING, prefixed
 from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS
 from fedal.oracle import VerifyingOracle
 from fedal.pool import PENDING
@@ -59,7 +60,7 @@ class ClientSite:
         featurizer = featurizer_for(cfg.features, data.input_shape, cfg.pipeline)
         self.X_pool = model_inputs(featurizer, data.X_pool, state_dir / f"client-{self.client_id}.features.npz")
         self.X_test = model_inputs(featurizer, data.X_test, state_dir / f"client-{self.client_id}.test-features.npz")
-        self.model = model_for(cfg, self.X_pool.shape[1:], data.n_classes, seed=seed)
+        self.model = model_for(cfg, self.X_pool.shape[1:], data.n_classes, seed=seed, raw_shape=data.input_shape)
         self.oracle = make_oracle(node, pool=self.pool, data=data, state_dir=state_dir, cfg=cfg,
                                   predict=self._confident_view)
         self.learner = ActiveLearner(self.model, cfg.query_strategy(), self.X_pool, self.pool, self.oracle,
@@ -120,12 +121,15 @@ class ClientSite:
         auto = auto_correct = 0
         if self.cfg.pipeline == "head":
             arrays, loss, auto, auto_correct = self._head_statistics(X, y)
+        elif self.cfg.pipeline == "handover":
+            arrays, loss, auto, auto_correct = self._handover_update(X, y, instruction)
         else:
             # people may not have answered anything yet: then the global model goes back unchanged
             # with weight 0 (num-examples) and the requests wait for the next round
             # the model is built anew for each message: the round tells this fit's batches from the last one's
             loss = (self.model.fit(X, y, epochs=self.cfg.local_epochs, proximal_mu=instruction.proximal_mu,
-                                   lr=self.cfg.lr * instruction.lr_factor, draw=server_round)
+                                   lr=self.cfg.lr * instruction.lr_factor, draw=server_round,
+                                   unlabeled=self._pool_inputs())
                     if len(y) else math.nan)
             arrays = self.model.get_state()
         counts = self.pool.counts()
@@ -151,6 +155,30 @@ class ClientSite:
         correct = int(np.sum(truth == added.labels)) if np.all(truth >= 0) else -1  # -1: no ground truth here
         arrays = {**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)}
         return arrays, loss, len(added), correct
+
+    def _handover_update(self, X: np.ndarray, y: np.ndarray, instruction: TrainInstruction
+                         ) -> tuple[dict, float, int, int]:
+        """The head's statistics (as :meth:`_head_statistics`) and the locally trained network, with the serving
+        flag as received: ``(arrays, the network's loss, auto-labeled, right)``. The network learns from the labels
+        only (the head's pseudo-labels in its batches cost it 4-5 points on BloodMNIST: BENCHMARKS.md)."""
+        head_arrays, _, auto, auto_correct = self._head_statistics(X, y)
+        model = self.model
+        loss = math.nan
+        if len(y):
+            pool = self._pool_inputs()
+            loss = model.net.fit(model.inputs(X), y, epochs=self.cfg.local_epochs,
+                                 proximal_mu=instruction.proximal_mu, lr=self.cfg.lr * instruction.lr_factor,
+                                 draw=instruction.server_round, unlabeled=None if pool is None else model.inputs(pool))
+        state = prefixed(head_arrays, HEAD_PREFIX)
+        state.update(prefixed(model.net.get_state(), NET_PREFIX))
+        state[SERVING] = model.get_state()[SERVING]
+        return state, loss, auto, auto_correct
+
+    def _pool_inputs(self) -> np.ndarray | None:
+        """The unlabeled pool's rows for the network's consistency loss (``consistency > 0``), else None."""
+        if self.cfg.consistency <= 0:
+            return None
+        return self.X_pool[self.learner.rows(self.pool.unlabeled_ids())]
 
     def _spent(self, server_round: int) -> int:
         """Labels requested in ``server_round`` and not given back: pending, answered, or answered "unsure"
@@ -185,7 +213,7 @@ class ClientSite:
             return
         X, y = self.learner.labeled_data()
         local = model_for(self.cfg, self.X_pool.shape[1:], self.data.n_classes,
-                          seed=local_model_seed(self.cfg.seed, self.client_id))
+                          seed=local_model_seed(self.cfg.seed, self.client_id), raw_shape=self.data.input_shape)
         if strategy.local_model_init == "global":
             local.set_state(self.model.get_state())  # specialise the global model on local labels
         local.fit(X, y, epochs=self.cfg.local_model_epochs or self.cfg.local_epochs)
@@ -205,6 +233,16 @@ class ClientSite:
             return 0, math.nan, math.nan
         loss, acc = self.model.evaluate(self.X_test, self.data.y_test)
         return len(self.data.y_test), loss, acc
+
+    def evaluate_each(self) -> dict[str, float]:
+        """The handover pipeline: the local test accuracy of the head and of the network (set by
+        :meth:`evaluate`), under the names the server reads (:data:`server.handover.EVAL_METRICS`)."""
+        if not isinstance(self.model, HandoverClassifier):
+            return {}
+        if len(self.data.y_test) == 0:
+            return {"eval-acc-head": math.nan, "eval-acc-network": math.nan}
+        each = self.model.evaluate_each(self.X_test, self.data.y_test)
+        return {"eval-acc-head": each["head"][1], "eval-acc-network": each["network"][1]}
 
     def labeled_class_counts(self) -> np.ndarray:
         """How many labels of each class this client holds (stays on the device)."""

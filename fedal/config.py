@@ -22,7 +22,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 BUDGET_POLICIES = ("uniform", "pool", "uncertainty")
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 DP_MODES = ("server", "client")
-PIPELINES = ("head", "network")
+PIPELINES = ("head", "network", "handover")
 NETWORKS = ("smallcnn", "convnet")
 #: ConvNet's normalisations (:data:`fedal.models.nets.NORMS` says what each is)
 NORMS = ("batch", "group", "none")
@@ -64,8 +64,10 @@ class FederationConfig:
         Share of each client's data kept out of its pool for local evaluation.
     pipeline : str
         ``head``: fixed features and a closed-form LDA head whose statistics the server sums (the same head as
-        pooled training, whatever the skew); ``network``: a network (SmallCNN or MLP) trained by the clients
-        and averaged by a Flower strategy.
+        pooled training, whatever the skew); ``network``: a network (SmallCNN, ConvNet or MLP) trained by the
+        clients and averaged by a Flower strategy; ``handover``: both, the head serving until the network is
+        at least as accurate on the sites' local test sets (their aggregated accuracy), the network from then on
+        (:mod:`server.handover`).
     features : str
         ``auto`` (image descriptors for images with the head pipeline, the inputs as they are otherwise),
         ``raw`` (the inputs flattened) or ``descriptors`` (HOG, LBP and intensity statistics of images).
@@ -133,6 +135,12 @@ class FederationConfig:
         Network pipeline: local SGD momentum (Nesterov; 0 = plain SGD).
     weight_decay : float
         Network pipeline: L2 weight decay of the local optimizer.
+    consistency : float
+        Network pipeline: weight of the consistency loss on the site's unlabeled pool (FixMatch: a pool image
+        the network classifies with at least ``consistency-threshold`` confidence on a weakly augmented view is
+        trained to that class on a strongly augmented view; 0 = off). The pool never leaves the site.
+    consistency_threshold : float
+        Network pipeline: the confidence a pseudo-label of the consistency loss needs.
     lr_schedule : str
         Network pipeline: ``constant``, or ``cosine``: the server scales the learning rate of each round
         (server-lr with fedadam, the clients' lr otherwise) by a linear warm-up over the first tenth of the rounds and a cosine decay to 0
@@ -251,6 +259,8 @@ class FederationConfig:
     local_steps: int = 0
     momentum: float = 0.0
     weight_decay: float = 0.0
+    consistency: float = 0.0
+    consistency_threshold: float = 0.95
     lr_schedule: str = "constant"
     eval_every: int = 1
     aggregation: str = "fedavg"
@@ -339,6 +349,9 @@ class FederationConfig:
         need(self.local_steps >= 0, f"local-steps must be >= 0 (0 = local-epochs), got {self.local_steps}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.consistency >= 0, f"consistency must be >= 0 (0 = off), got {self.consistency}")
+        need(0 < self.consistency_threshold <= 1,
+             f"consistency-threshold must be in (0, 1], e.g. 0.95, got {self.consistency_threshold}")
         need(self.lr_schedule in LR_SCHEDULES,
              f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         need(self.eval_every >= 1, f"eval-every must be >= 1 round, got {self.eval_every}")
@@ -394,6 +407,9 @@ class FederationConfig:
         need(self.head_dp_noise == 0 or (self.head_clip_norm > 0 and self.pipeline == "head"),
              f"head-dp-noise {self.head_dp_noise} needs pipeline = head and head-clip-norm > 0 (the noise is scaled "
              "by what one clipped sample can add); set e.g. --head-clip-norm 5")
+        if self.pipeline == "handover":
+            need(self.dp_clipping_norm == 0, "differential privacy is not available with pipeline = handover (the "
+                 "update holds a network and statistics): set pipeline = network or head")
         if self.pipeline == "head":
             need(self.aggregation == "fedavg", f"aggregation {self.aggregation!r} averages networks; the head pipeline "
                  "sums the clients' statistics instead: leave aggregation = fedavg, or set pipeline = network")

@@ -108,6 +108,31 @@ class ImageDescriptors(Featurizer):
         return np.asarray(out, dtype=np.float32).reshape(len(X), -1)
 
 
+class WithInputs(Featurizer):
+    """Features of ``inner`` followed by the inputs themselves, flattened: the rows of the ``handover``
+    pipeline (:class:`fedal.models.HandoverClassifier`), whose head reads the first part and whose
+    network the second. :func:`model_inputs` keeps only ``inner``'s features in a cache.
+
+    Parameters
+    ----------
+    inner : Featurizer
+        The head's features.
+    """
+
+    def __init__(self, inner: Featurizer) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}+inputs"
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return with_inputs(self.inner.transform(X), X)
+
+
+def with_inputs(features: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Rows ``[features | X flattened]`` (float32)."""
+    X = np.asarray(X, dtype=np.float32)
+    return np.hstack([np.asarray(features, dtype=np.float32).reshape(len(X), -1), X.reshape(len(X), -1)])
+
+
 def featurizer_for(kind: str, input_shape: tuple[int, ...], pipeline: str = "head") -> Featurizer | None:
     """The featurizer named ``kind`` for inputs of shape ``input_shape``; None = the inputs as they are.
 
@@ -118,11 +143,13 @@ def featurizer_for(kind: str, input_shape: tuple[int, ...], pipeline: str = "hea
         tables; with the network pipeline, the inputs as they are (the network learns its features).
     input_shape : tuple of int
         Shape of one input.
-    pipeline : {"head", "network"}
-        The run's pipeline.
+    pipeline : {"head", "network", "handover"}
+        The run's pipeline; ``handover`` gives the head's features followed by the inputs (:class:`WithInputs`).
     """
     if kind not in FEATURES:
         raise ConfigError(f"features must be one of {FEATURES}, got {kind!r}")
+    if pipeline == "handover":
+        return WithInputs(featurizer_for(kind, input_shape, "head"))
     is_image = len(input_shape) == 3 and input_shape[0] in (1, 3)
     if kind == "auto":
         kind = ("descriptors" if is_image else "raw") if pipeline == "head" else "none"
@@ -186,6 +213,8 @@ def model_inputs(featurizer: Featurizer | None, X: np.ndarray, cache: str | Path
     features (kept in the file ``cache``; default a file of :func:`cache_dir` named by ``X``'s fingerprint)."""
     if featurizer is None:
         return X
+    if isinstance(featurizer, WithInputs):  # the cache holds the features; the inputs are at hand
+        return with_inputs(model_inputs(featurizer.inner, X, cache), X)
     if cache is None and not isinstance(featurizer, RawFeatures):
         cache = cache_dir() / f"features-{fingerprint(X)}.npz"
     return cached_features(featurizer, X, cache)

@@ -23,9 +23,11 @@ from fedal.exceptions import ConfigError, FedalError
 from fedal.features import featurizer_for, model_inputs
 from fedal.federation import federation_dataset
 from fedal.flower import protocol
-from fedal.models import model_for
+from fedal.models import HandoverClassifier, model_for
+from fedal.models.handover_adapter import serving_of
 from fedal.seeds import reinit_seed
 from server.book import RoundBook
+from server.handover import HEAD_ACC, NET_ACC, handover_due, serve_network
 from server.privacy import PrivacySettings
 from server.results import RunRecorder
 from server.strategy import make_strategy
@@ -137,7 +139,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
     """
     dataset = federation_dataset(cfg)
     X_test = model_inputs(featurizer_for(cfg.features, dataset.input_shape, cfg.pipeline), dataset.X_test)
-    model = model_for(cfg, X_test.shape[1:], dataset.n_classes, seed=cfg.seed)
+    model = model_for(cfg, X_test.shape[1:], dataset.n_classes, seed=cfg.seed, raw_shape=dataset.input_shape)
     book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap),
                      PrivacySettings.from_config(cfg), offline_budget=cfg.offline_budget,
                      rounds=cfg.rounds)
@@ -205,15 +207,28 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         eval_replies = grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
-        model.set_state(protocol.state_from_record(arrays))
-        loss, acc = model.evaluate(X_test, dataset.y_test)
         for event in rlog.events:
             recorder.add_event(server_round, event.kind, event.describe())
+        served = None
+        if isinstance(model, HandoverClassifier):
+            served = serving_of(protocol.state_from_record(arrays))
+            if handover_due(served, client_eval):
+                arrays, served = serve_network(arrays), "network"
+                recorder.add_event(server_round, "handover", (
+                    f"the network serves from now on: the sites' local test accuracy {client_eval[NET_ACC]:.4f} "
+                    f"(network) against {client_eval[HEAD_ACC]:.4f} (head)"))
+                log.warning("round %d: the network takes over from the head (local test accuracy %.4f vs %.4f)",
+                            server_round, client_eval[NET_ACC], client_eval[HEAD_ACC])
+        model.set_state(protocol.state_from_record(arrays))
+        loss, acc = model.evaluate(X_test, dataset.y_test)
         row = {"round": server_round, "labels": int(sum(book.labeled.values())), "accuracy": acc, "loss": loss,
                "client_accuracy": float(client_eval["eval-acc"]) if client_eval else None,
                "query_round": query, "clients": book.clients_row(server_round),
                "pending": int(train_metrics["pending"]) if train_metrics else 0,
                "seconds": round(time.perf_counter() - t0, 2)}
+        if served is not None:  # what each model would give, and which one serves
+            each = model.evaluate_each(X_test, dataset.y_test)
+            row.update(serving=served, head_accuracy=each["head"][1], network_accuracy=each["network"][1])
         row["kpi"] = round_kpis(recorder.rounds[0] if recorder.rounds else row, row)
         privacy = book.privacy_report()
         if privacy is not None:

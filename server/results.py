@@ -60,7 +60,7 @@ class RunRecorder:
         self.write()
 
     def add_event(self, server_round: int, kind: str, detail: str) -> None:
-        """Record something that went wrong (failed client, rejected update)."""
+        """Record something the run should tell (a failed client, a rejected update, the network taking over)."""
         self.events.append({"round": server_round, "kind": kind, "detail": detail})
 
     def to_dict(self) -> dict:

@@ -37,9 +37,11 @@ from flwr.serverapp.strategy import (
 
 from fedal.config import FederationConfig
 from fedal.flower import protocol
-from fedal.models import HeadClassifier
+from fedal.models import HandoverClassifier, HeadClassifier
+from server import handover
 from server.book import RoundBook
 from server.dp import PrivateAggregation
+from server.handover import HandoverAggregation
 from server.head import StatisticsAggregation
 
 log = logging.getLogger("fedal.server")
@@ -85,11 +87,14 @@ class BudgetedStrategy(Strategy):
         ``server_round -> factor`` of the learning rate (``lr-schedule``): it scales the step of the inner
         strategy's server optimiser (FedAdam's ``eta``) where it has one, else it goes to the clients with
         their instruction.
+    eval_metrics : tuple of str
+        The metrics of a usable evaluation reply.
     """
 
     def __init__(self, inner: Strategy, book: RoundBook, reference: dict[str, tuple[int, ...]],
                  is_query_round: Callable[[int], bool], *, identify_timeout: float = IDENTIFY_TIMEOUT_S,
-                 buffers: Iterable[str] = (), lr_factor: Callable[[int], float] | None = None) -> None:
+                 buffers: Iterable[str] = (), lr_factor: Callable[[int], float] | None = None,
+                 eval_metrics: tuple[str, ...] = protocol.EVAL_METRICS) -> None:
         super().__init__()
         self.inner = inner
         self.book = book
@@ -98,6 +103,7 @@ class BudgetedStrategy(Strategy):
         self.identify_timeout = float(identify_timeout)
         self.buffers = tuple(k for k in buffers if k in self.reference)
         self.lr_factor = lr_factor
+        self.eval_metrics = tuple(eval_metrics)
         self._optimiser = _server_optimiser(inner)
         self._base_eta = None if self._optimiser is None else float(self._optimiser.eta)
 
@@ -146,7 +152,10 @@ class BudgetedStrategy(Strategy):
         statistics = self._mean_buffers(good)
         arrays, _ = self.inner.aggregate_train(server_round, good)
         if arrays is not None and statistics:
-            arrays = ArrayRecord({k: arrays[k] if k in arrays else statistics[k] for k in self.reference})
+            if all(k in arrays or k in statistics for k in self.reference):  # in the model's order
+                arrays = ArrayRecord({k: arrays[k] if k in arrays else statistics[k] for k in self.reference})
+            else:  # the update is not the model (the handover's head comes back as statistics)
+                arrays = ArrayRecord({**{k: arrays[k] for k in arrays}, **statistics})
         return arrays, self.train_metrics(server_round)
 
     def _mean_buffers(self, good: list[Message]) -> dict:
@@ -226,7 +235,7 @@ class BudgetedStrategy(Strategy):
         good = []
         for msg in replies:
             problem = (error_summary(msg.error.reason) if msg.has_error()
-                       else protocol.reply_problem(msg.content, protocol.EVAL_METRICS, arrays=False))
+                       else protocol.reply_problem(msg.content, self.eval_metrics, arrays=False))
             if problem is None and msg.content[protocol.METRICS][protocol.WEIGHT_KEY] <= 0:
                 problem = "no local test samples"  # weight 0: nothing to average (all zero would divide by 0)
             if problem:
@@ -239,7 +248,7 @@ class BudgetedStrategy(Strategy):
 
 def _server_optimiser(strategy: Strategy):
     """The Flower strategy with a server learning rate ``eta`` (FedAdam) inside fedal's wrappers, or None."""
-    while isinstance(strategy, (PrivateAggregation, StatisticsAggregation)):
+    while isinstance(strategy, (PrivateAggregation, StatisticsAggregation, HandoverAggregation)):
         strategy = strategy.inner
     return strategy if isinstance(strategy, FedAdam) else None
 
@@ -270,7 +279,7 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
         Run settings (aggregation, sampling, FedProx / server optimiser values, DP).
     book : RoundBook
         The run's round book (its ``privacy`` settings switch DP on).
-    model : TorchClassifier or HeadClassifier
+    model : TorchClassifier, HeadClassifier or HandoverClassifier
         The server's model of the run (``fedal.models.model_for``): a reply's arrays must have its
         weights' shapes, or, for a head, the shapes of the statistics the heads are solved from.
     is_query_round : callable, optional
@@ -278,18 +287,23 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
         also says no once a stopping criterion fired).
     """
     buffers: list[str] = []
-    if isinstance(model, HeadClassifier):
+    eval_metrics = protocol.EVAL_METRICS
+    if isinstance(model, HandoverClassifier):  # (no DP: the settings refuse it)
+        reference, buffers, eval_metrics = model.update_shapes(), model.buffer_keys(), handover.EVAL_METRICS
+    elif isinstance(model, HeadClassifier):
         reference = HeadClassifier.statistics_shapes(model.n_classes, model.dim)
     else:
         reference = {k: tuple(v.shape) for k, v in model.get_state().items()}
         if book.privacy is None:  # with DP every array goes through clipping and noise, statistics too
             buffers = model.buffer_keys()
     inner = flower_strategy(cfg)
-    if isinstance(model, HeadClassifier):
+    if isinstance(model, HandoverClassifier):
+        inner = HandoverAggregation(inner, model)
+    elif isinstance(model, HeadClassifier):
         inner = StatisticsAggregation(inner, model, book.privacy, book.accountant, seed=cfg.seed)
     elif book.privacy is not None:
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))
     schedule = cfg.round_lr_factor if cfg.lr_schedule != "constant" else None
     return BudgetedStrategy(inner, book, reference, is_query_round or cfg.is_query_round, buffers=buffers,
-                            lr_factor=schedule)
+                            lr_factor=schedule, eval_metrics=eval_metrics)

@@ -283,7 +283,7 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     """Active learning on the union of the clients' pools, no federation.
 
     Same initial labeled set as the federation (each client's initial pick reproduced
-    with its own seed), ``round_budget`` labels per query round, one warm-started fit of
+    with its own seed; with ``pipeline = "handover"`` the reference is its network's), ``round_budget`` labels per query round, one warm-started fit of
     ``local_epochs`` per round (with ``local-steps`` and a server optimiser: the federation's steps on
     batches of all clients' size, :class:`fedal.serveropt.ServerOptimiser`), evaluated on the server's
     test set. Returns one row ``{round, labels, accuracy}`` per evaluated round (``eval-every``).
@@ -300,6 +300,9 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     from fedal.seeds import reinit_seed
 
     torch.set_num_threads(1)
+    picked = initial_labeled_ids(cfg)  # as the sites pick them, from what their models see
+    if cfg.pipeline == "handover":  # one pooled site has no local test sets to hand over on: its network
+        cfg = FederationConfig.from_mapping({"pipeline": "network"}, base=cfg)
     ds = federation_dataset(cfg)
     parts = [client_data(cfg, c) for c in range(cfg.clients)]
     inputs = client_inputs(cfg)
@@ -307,7 +310,7 @@ def centralized_run(cfg: FederationConfig) -> list[dict]:
     y = np.concatenate([p.y_pool for p in parts])
     X_test = model_inputs(featurizer_for(cfg.features, ds.input_shape, cfg.pipeline), ds.X_test)
     offsets = np.cumsum([0] + [len(p.y_pool) for p in parts])
-    initial = [offset + ids for offset, ids in zip(offsets, initial_labeled_ids(cfg))]
+    initial = [offset + ids for offset, ids in zip(offsets, picked)]
     pool = Pool(ds.n_classes, size=len(y))
     oracle = pooled_oracle(cfg, parts)
     # a run of few local steps with a server optimiser (the network recipe): the pooled reference takes the same

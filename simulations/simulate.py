@@ -153,8 +153,9 @@ def run_simulate(args: argparse.Namespace) -> int:
           + (f"(alpha={cfg.alpha})" if cfg.partition == "dirichlet" else "")
           + f", strategy {cfg.strategy}, budget {cfg.round_budget}/round ({cfg.budget_policy}), "
           f"{cfg.rounds} rounds, "
-          + ("head pipeline (fixed features, summed LDA statistics)" if cfg.pipeline == "head"
-             else f"network pipeline ({cfg.aggregation})"))
+          + {"head": "head pipeline (fixed features, summed LDA statistics)",
+             "handover": f"handover pipeline (the head, then the network once better; {cfg.aggregation})"}.get(
+              cfg.pipeline, f"network pipeline ({cfg.aggregation})"))
     if note := cfg.verify_note():
         print(f"note: {note}")
     print("per-client class counts (training pool + local test):")

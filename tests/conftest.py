@@ -37,6 +37,15 @@ def data_dir() -> Path:
     return folder
 
 
+@pytest.fixture
+def flower_task(monkeypatch):
+    """The task identity Flower gives a ServerApp process (Messages need it), for in-process tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 0)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Say loudly at the end when the browser tests could not run (no Chromium on this machine)."""
     skipped = terminalreporter.stats.get("skipped", [])

@@ -96,8 +96,9 @@ def read_captures(folder) -> list[dict]:
 
 
 # ------------------------------------------------------------------------- audit
-def audit_reply(desc: dict, model_shapes: dict[str, tuple], sample_sizes=SAMPLE_SIZES) -> list[str]:
-    """Why a reply breaks the privacy contract of :mod:`fedal.flower.protocol` (empty = fine)."""
+def audit_reply(desc: dict, model_shapes: dict[str, tuple], sample_sizes=SAMPLE_SIZES, eval_metrics=None) -> list[str]:
+    """Why a reply breaks the privacy contract of :mod:`fedal.flower.protocol` (empty = fine); ``eval_metrics``:
+    what an evaluation reply holds (default :data:`fedal.flower.protocol.EVAL_METRICS`)."""
     from fedal.flower import protocol
 
     problems = []
@@ -128,7 +129,7 @@ def audit_reply(desc: dict, model_shapes: dict[str, tuple], sample_sizes=SAMPLE_
                 if size in sample_sizes and not genuine:
                     problems.append(f"array {key!r} of shape {shape} has the size of a data sample")
         if rec["kind"] == "MetricRecord":
-            wanted = {"train": protocol.TRAIN_METRICS, "evaluate": protocol.EVAL_METRICS}.get(kind,
+            wanted = {"train": protocol.TRAIN_METRICS, "evaluate": eval_metrics or protocol.EVAL_METRICS}.get(kind,
                                                                                             protocol.IDENTIFY_METRICS)
             if list(rec["entries"]) != list(wanted):
                 problems.append(f"{kind} metrics {list(rec['entries'])}, expected exactly {list(wanted)}")
@@ -175,3 +176,31 @@ def client_db_summary(db_path) -> dict:
     finally:
         db.close()
     return {"labels": labels, "budgets": budgets, "requests": requests}
+
+
+# ------------------------------------------------------------- a strategy in process
+class NodeGrid:
+    """The part of Flower's Grid a strategy's ``configure_train`` reads: the connected node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def train_replies(strategy, state, updates, server_round=1):
+    """``(messages, replies)``: the strategy's train messages for the nodes of ``updates`` (node -> (state,
+    labels)) and a reply of each node with its state and a report of that many labels (client id node - 1)."""
+    from fedal.flower import protocol
+
+    messages = list(strategy.configure_train(server_round, protocol.model_record(state), ConfigRecord(),
+                                             NodeGrid(sorted(updates))))
+    out = []
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        update, n = updates[node]
+        report = protocol.TrainReport(num_examples=n, client_id=node - 1, queries_used=0, labels_added=0,
+                                      unlabeled_left=10, pending=0, mean_uncertainty=0.5, train_loss=1.0)
+        out.append(protocol.train_reply(msg, update, report))
+    return messages, out

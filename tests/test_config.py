@@ -47,6 +47,8 @@ BAD_VALUES = {
     "local_steps": -1,
     "momentum": 1.0,
     "weight_decay": -0.1,
+    "consistency": -1.0,
+    "consistency_threshold": 0.0,
     "lr_schedule": "step",
     "eval_every": 0,
     "aggregation": "fedsgd",

@@ -368,15 +368,6 @@ def test_resume_continues_the_privacy_accounting(restart):
 
 
 # ================================================= 3. aggregation, in process
-@pytest.fixture
-def flower_task(monkeypatch):
-    """The task identity Flower gives a ServerApp process (Messages need it), for in-process tests."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 0)
-
-
 class FakeGrid:
     """All :meth:`Strategy.configure_train` asks of a Grid."""
 

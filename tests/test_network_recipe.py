@@ -16,8 +16,9 @@ from fedal.exceptions import ConfigError
 from fedal.flower import protocol
 from fedal.messages import TrainInstruction
 from fedal.models import ConvNet, TorchClassifier, augmentation_for, build_model, model_for
-from fedal.models.torch_adapter import augment_images
+from fedal.models.torch_adapter import augment_images, strong_augment
 from fedal.exceptions import ProtocolError
+from federation_helpers import train_replies
 
 
 def _images(n: int, seed: int = 0, channels: int = 3) -> np.ndarray:
@@ -190,22 +191,6 @@ def test_the_rounds_lr_factor_travels_in_the_instruction():
 
 
 # ------------------------------------------------------------------ the server's side, in process
-@pytest.fixture
-def flower_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 0)
-
-
-class _Grid:
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-
 def _strategy(tmp_path, **settings):
     from fedal.budget import BudgetCoordinator
     from server.book import RoundBook
@@ -219,21 +204,6 @@ def _strategy(tmp_path, **settings):
     return make_strategy(cfg, book, model), model.get_state()
 
 
-def _replies(strategy, state, updates, server_round=1):
-    from flwr.app import ConfigRecord
-
-    messages = list(strategy.configure_train(server_round, protocol.model_record(state), ConfigRecord(),
-                                             _Grid(sorted(updates))))
-    out = []
-    for msg in messages:
-        node = msg.metadata.dst_node_id
-        update, n = updates[node]
-        report = protocol.TrainReport(num_examples=n, client_id=node - 1, queries_used=0, labels_added=0,
-                                      unlabeled_left=10, pending=0, mean_uncertainty=0.5, train_loss=1.0)
-        out.append(protocol.train_reply(msg, update, report))
-    return messages, out
-
-
 def test_statistics_are_averaged_and_the_weights_take_the_server_optimisers_step(flower_task, tmp_path):
     strategy, start = _strategy(tmp_path, aggregation="fedadam", server_lr=0.01)
     one = {k: v.copy() for k, v in start.items()}
@@ -242,7 +212,7 @@ def test_statistics_are_averaged_and_the_weights_take_the_server_optimisers_step
     two["head.bias"] = two["head.bias"] + 1.0
     one["input_mean"], two["input_mean"] = np.full(3, 1.0, np.float32), np.full(3, 3.0, np.float32)
     one["input_ready"] = two["input_ready"] = np.array(1.0, np.float32)
-    messages, replies = _replies(strategy, start, {1: (one, 10), 2: (two, 30)})
+    messages, replies = train_replies(strategy, start, {1: (one, 10), 2: (two, 30)})
     assert set(messages[0].content[protocol.ARRAYS].keys()) == set(start)  # the clients get the statistics too
     arrays, _ = strategy.aggregate_train(1, replies)
     new = protocol.state_from_record(arrays)
@@ -255,11 +225,11 @@ def test_statistics_are_averaged_and_the_weights_take_the_server_optimisers_step
 
 def test_a_schedule_scales_fedadams_step_and_otherwise_goes_to_the_clients(flower_task, tmp_path):
     adam, start = _strategy(tmp_path, aggregation="fedadam", server_lr=0.02, lr_schedule="cosine", rounds=20)
-    messages, _ = _replies(adam, start, {1: (start, 5), 2: (start, 5)})
+    messages, _ = train_replies(adam, start, {1: (start, 5), 2: (start, 5)})
     assert adam._optimiser.eta == pytest.approx(0.02 * 0.5)  # round 1 of a 2-round warm-up
     assert protocol.LR_FACTOR not in messages[0].content[protocol.CONFIG]
     plain, start = _strategy(tmp_path, aggregation="fedavg", lr_schedule="cosine", rounds=20)
-    messages, _ = _replies(plain, start, {1: (start, 5), 2: (start, 5)})
+    messages, _ = train_replies(plain, start, {1: (start, 5), 2: (start, 5)})
     assert messages[0].content[protocol.CONFIG][protocol.LR_FACTOR] == pytest.approx(0.5)
 
 
@@ -279,7 +249,7 @@ def test_the_loop_optimiser_takes_flowers_step(flower_task, tmp_path, aggregatio
                    for n in (1, 2)}
         mean = {k: (updates[1][0][k].astype(np.float64) * 10 + updates[2][0][k] * 20) / 30 for k in state}
         expected = loop.step(state, {k: v.astype(state[k].dtype) for k, v in mean.items()}, server_round)
-        _, replies = _replies(strategy, state, updates, server_round)
+        _, replies = train_replies(strategy, state, updates, server_round)
         arrays, _ = strategy.aggregate_train(server_round, replies)
         got = protocol.state_from_record(arrays)
         for k in state:
@@ -313,3 +283,34 @@ def test_a_fit_draws_its_batches_from_the_round_it_is_told():
     one, again, other = fitted(3), fitted(3), fitted(4)
     assert all(np.array_equal(one[k], again[k]) for k in one)
     assert any(not np.allclose(one[k], other[k]) for k in one)
+
+
+# ------------------------------------------------------------------ the pools: FixMatch's consistency loss
+def test_the_strong_view_is_a_different_image_of_the_same_shape_drawn_from_the_generator():
+    x = torch.from_numpy(_images(6))
+    a = strong_augment(x, "shift-flip", torch.Generator().manual_seed(3))
+    b = strong_augment(x, "shift-flip", torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x, atol=0.05)
+    table = torch.zeros(5, 10)
+    assert strong_augment(table, "none", torch.Generator().manual_seed(0)).shape == (5, 10)
+
+
+def _consistency_model(consistency: float, threshold: float) -> TorchClassifier:
+    return build_model((3, 28, 28), 4, network="convnet", optimizer="sgd", lr=0.5, local_steps=3, batch_size=8,
+                       seed=0, augment="shift", consistency=consistency, consistency_threshold=threshold)
+
+
+def test_the_consistency_loss_trains_on_confident_pool_images_only():
+    X, y, pool = _images(8, 0), np.array([0, 1, 2, 3] * 2), _images(40, 1)
+    plain = _consistency_model(0.0, 0.95)
+    assert not plain.uses_unlabeled and _consistency_model(1.0, 0.95).uses_unlabeled
+    plain.fit(X, y, unlabeled=pool)  # consistency off: the pool is ignored
+    unreachable = _consistency_model(1.0, 1.0)  # no untrained prediction is certain: nothing is pseudo-labeled
+    unreachable.fit(X, y, unlabeled=pool)
+    low = _consistency_model(1.0, 0.01)  # every pool image is "confident"
+    low.fit(X, y, unlabeled=pool)
+    a, b, c = plain.get_state(), unreachable.get_state(), low.get_state()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.allclose(a[k], c[k]) for k in a if not k.startswith("input_"))
+    with pytest.raises(ConfigError, match="consistency"):
+        _consistency_model(-1.0, 0.95)

@@ -24,8 +24,11 @@ Client -> server:
   "head"`` the class statistics of the site's labeled samples (``stats.counts``,
   ``stats.sums``, ``stats.scatter``) and of its self-trained pool samples (``pseudo.*``):
   per-class counts, sums of feature vectors and the sum of their outer products
-  (:class:`fedal.heads.ClassStatistics`; what they reveal is in PRIVACY.md);
-* to ``evaluate``: ``metrics`` with :data:`EVAL_METRICS`;
+  (:class:`fedal.heads.ClassStatistics`; what they reveal is in PRIVACY.md); with ``pipeline =
+  "handover"`` both, named ``head/stats.*``, ``head/pseudo.*`` and ``net/<weight>``, and the
+  ``serving`` flag as received;
+* to ``evaluate``: ``metrics`` with :data:`EVAL_METRICS` (with ``pipeline = "handover"`` also the
+  local test accuracy of the head and of the network: :data:`server.handover.EVAL_METRICS`);
 * to ``query.client_id``: ``metrics`` with ``client-id``.
 
 Every metric is an aggregate count or mean over the client's data. No raw input, no
@@ -98,11 +101,14 @@ def report_of(reply: Message) -> TrainReport:
     return TrainReport.from_metrics(dict(reply.content[METRICS]))
 
 
-def eval_reply(msg: Message, *, num_examples: int, client_id: int, loss: float, accuracy: float) -> Message:
+def eval_reply(msg: Message, *, num_examples: int, client_id: int, loss: float, accuracy: float,
+               each: dict[str, float] | None = None) -> Message:
     """The only reply a client sends to the evaluate message ``msg``: ``num_examples``,
-    ``client_id``, ``loss`` and ``accuracy`` of the global model on its local test set."""
+    ``client_id``, ``loss`` and ``accuracy`` of the global model on its local test set (and, with
+    ``pipeline = "handover"``, ``each`` model's accuracy: ``eval-acc-head``, ``eval-acc-network``)."""
     metrics = MetricRecord({WEIGHT_KEY: int(num_examples), CLIENT_ID: int(client_id),
-                            "eval-loss": _finite(loss), "eval-acc": _finite(accuracy)})
+                            "eval-loss": _finite(loss), "eval-acc": _finite(accuracy),
+                            **{k: _finite(v) for k, v in (each or {}).items()}})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 

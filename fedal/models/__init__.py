@@ -1,10 +1,14 @@
 """Models and the adapters that let strategies and learners use them."""
+import numpy as np
+
+from fedal.exceptions import ConfigError
+from fedal.models.handover_adapter import HandoverClassifier
 from fedal.models.head_adapter import HeadClassifier
 from fedal.models.nets import MLP, ConvNet, SmallCNN
 from fedal.models.sklearn_adapter import SklearnClassifier
 from fedal.models.torch_adapter import TorchClassifier
 
-__all__ = ["ConvNet", "HeadClassifier", "MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
+__all__ = ["ConvNet", "HandoverClassifier", "HeadClassifier", "MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
 
 
 #: image data sets whose classes do not change under a horizontal flip (cells, tissue, skin)
@@ -41,9 +45,11 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, *, network: str = 
     return TorchClassifier(lambda: MLP(n_features, n_classes), n_classes, **kwargs)
 
 
-def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -> TorchClassifier | HeadClassifier:
-    """The model a run trains: a :class:`HeadClassifier` (``pipeline = "head"``) or :func:`build_model`
-    with the run's training settings (``pipeline = "network"``).
+def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int,
+              raw_shape: tuple[int, ...] | None = None) -> TorchClassifier | HeadClassifier | HandoverClassifier:
+    """The model a run trains: a :class:`HeadClassifier` (``pipeline = "head"``), :func:`build_model`
+    with the run's training settings (``pipeline = "network"``), or both in a :class:`HandoverClassifier`
+    (``pipeline = "handover"``).
 
     The one factory of a federation's models: every client's, the server's reference and
     the centralized learner ``fedal compare`` measures against.
@@ -60,19 +66,36 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int) -
         Number of classes.
     seed : int
         Seed of the initial weights and of every fit (see :mod:`fedal.seeds`).
+    raw_shape : tuple of int, optional
+        Shape of one input as the data set has it; ``pipeline = "handover"`` needs it (its rows are
+        the features, then the input flattened: :class:`fedal.features.WithInputs`).
     """
+    if cfg.pipeline == "handover":
+        if raw_shape is None:
+            raise ConfigError("pipeline = handover needs the inputs' own shape (raw_shape) to build its network")
+        dim = int(input_shape[0]) - int(np.prod(raw_shape))
+        if len(input_shape) != 1 or dim < 1:
+            raise ConfigError(f"handover rows of shape {tuple(input_shape)} cannot hold features and inputs of shape "
+                              f"{tuple(raw_shape)}; make them with fedal.features.model_inputs")
+        return HandoverClassifier(_head(cfg, dim, n_classes, seed), _network(cfg, tuple(raw_shape), n_classes, seed),
+                                  tuple(raw_shape))
     if cfg.pipeline == "head":
-        dim = 1
-        for s in input_shape:
-            dim *= int(s)
-        return HeadClassifier(n_classes, dim, shrinkage=None if cfg.head_shrinkage < 0 else cfg.head_shrinkage,
-                              pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed,
-                              clip_norm=cfg.head_clip_norm)
+        return _head(cfg, int(np.prod(input_shape)), n_classes, seed)
+    return _network(cfg, input_shape, n_classes, seed)
+
+
+def _head(cfg, dim: int, n_classes: int, seed: int) -> HeadClassifier:
+    return HeadClassifier(n_classes, dim, shrinkage=None if cfg.head_shrinkage < 0 else cfg.head_shrinkage,
+                          pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed, clip_norm=cfg.head_clip_norm)
+
+
+def _network(cfg, input_shape: tuple[int, ...], n_classes: int, seed: int) -> TorchClassifier:
     return build_model(input_shape, n_classes, network=cfg.network, norm=cfg.norm, epochs=cfg.local_epochs,
                        batch_size=cfg.batch_size, lr=cfg.lr, min_steps=cfg.min_local_steps, seed=seed,
                        optimizer=cfg.local_optimizer, restricted_softmax=cfg.restricted_softmax,
                        momentum=cfg.momentum, weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
-                       augment=augmentation_for(cfg.augment, cfg.dataset, input_shape))
+                       augment=augmentation_for(cfg.augment, cfg.dataset, input_shape),
+                       consistency=cfg.consistency, consistency_threshold=cfg.consistency_threshold)
 
 
 def augmentation_for(augment: str, dataset: str, input_shape: tuple[int, ...]) -> str:

@@ -30,18 +30,48 @@ def augment_images(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Te
     ``none`` and inputs that are not images come back unchanged."""
     if kind == "none" or x.dim() != 4 or min(x.shape[-2:]) <= 2 * SHIFT:
         return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (SHIFT,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * SHIFT + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * SHIFT + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * SHIFT)
-    out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-    out = out.gather(3, cols)
+    n = x.shape[0]
+    out = _shifted(x, SHIFT, gen)
     if kind == "shift-flip":
         flip = torch.rand(n, generator=gen) < 0.5
         out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
     return out
+
+
+def _shifted(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Images ``x`` (n, C, H, W), each shifted by up to ``pixels`` in each direction (reflect padding)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pixels,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pixels)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+#: pixels of the strong view's shifts, side of its cut-out square, and unlabeled images per labeled one in a step
+STRONG_SHIFT, CUTOUT, UNLABELED_RATIO = 4, 10, 2
+
+
+def strong_augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A strongly augmented view of images ``x`` (n, C, H, W) for the consistency loss, from the generator
+    ``gen``: the weak view's flips (``kind``), shifts of up to :data:`STRONG_SHIFT` pixels, brightness and
+    contrast scaled by up to 25 %, and a :data:`CUTOUT`-pixel square set to the image's mean (DeVries &
+    Taylor, 2017). Inputs that are not images come back with Gaussian noise of 0.1 of their spread."""
+    if x.dim() != 4 or min(x.shape[-2:]) <= 2 * STRONG_SHIFT:
+        return x + 0.1 * x.std() * torch.randn(x.shape, generator=gen)
+    n, _, h, w = x.shape
+    out = _shifted(augment_images(x, "shift-flip" if kind == "shift-flip" else "none", gen), STRONG_SHIFT, gen)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = 1 + 0.25 * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)
+    brightness = 1 + 0.25 * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)
+    out = ((out - mean) * contrast + mean) * brightness
+    cy = torch.randint(0, h, (n,), generator=gen).view(n, 1, 1)
+    cx = torch.randint(0, w, (n,), generator=gen).view(n, 1, 1)
+    ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    hole = ((ys - cy).abs() <= CUTOUT // 2) & ((xs - cx).abs() <= CUTOUT // 2)
+    return torch.where(hole[:, None], out.mean(dim=(1, 2, 3), keepdim=True), out)
 
 
 def _check_module(module: nn.Module) -> None:
@@ -99,10 +129,14 @@ class TorchClassifier:
     restricted_softmax : float
         FedRS (Li & Zhan, KDD 2021): during a fit, the logits of classes absent from the labels
         are scaled by this factor in (0, 1] (1 = off), so a client does not push them down.
+    consistency : float
+        Weight of FixMatch's consistency loss (Sohn et al., NeurIPS 2020) on the ``unlabeled`` inputs a fit
+        is given: each step also draws :data:`UNLABELED_RATIO` unlabeled images per labeled one; those the
+        network classifies with at least ``consistency_threshold`` confidence on a weak view (the
+        ``augment`` view) are trained to that class on a strong view (:func:`strong_augment`). 0 = off.
+    consistency_threshold : float
+        Confidence a pseudo-label of the consistency loss needs.
     """
-
-    #: the learner does not give :meth:`fit` the unlabeled pool (no self-training here)
-    uses_unlabeled = False
 
     def __init__(
         self,
@@ -122,6 +156,8 @@ class TorchClassifier:
         local_steps: int = 0,
         schedule: str = "constant",
         augment: str = "none",
+        consistency: float = 0.0,
+        consistency_threshold: float = 0.95,
     ) -> None:
         if n_classes < 2:
             raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
@@ -138,6 +174,11 @@ class TorchClassifier:
             raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
         if int(local_steps) < 0:
             raise ConfigError(f"local_steps must be >= 0 (0 = epochs), got {local_steps}")
+        if not consistency >= 0 or not 0 < consistency_threshold <= 1:
+            raise ConfigError(f"consistency must be >= 0 and its threshold in (0, 1], got {consistency} and "
+                              f"{consistency_threshold}")
+        self.consistency = float(consistency)
+        self.consistency_threshold = float(consistency_threshold)
         self.momentum = float(momentum)
         self.local_steps = int(local_steps)
         self.schedule = schedule
@@ -168,6 +209,11 @@ class TorchClassifier:
         """Re-initialise the weights (cold restart between query rounds) from ``seed``
         (default the classifier's seed)."""
         self.module = self._new_module(self.seed if seed is None else seed)
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        """Whether :meth:`fit` wants the unlabeled pool (the consistency loss is on)."""
+        return self.consistency > 0
 
     # ----------------------------------------------------------------- weights
     def get_state(self) -> "OrderedDict[str, np.ndarray]":
@@ -200,6 +246,7 @@ class TorchClassifier:
         class_weight: np.ndarray | None = None,
         lr: float | None = None,
         draw: int | None = None,
+        unlabeled: np.ndarray | None = None,
     ) -> float:
         """Train on ``(X, y)`` for ``epochs`` epochs; return the mean training loss.
 
@@ -220,6 +267,8 @@ class TorchClassifier:
             Which fit this is, for its batches, augmentation and dropout (default: how many fits this object
             made). A site that builds its model afresh for every message passes the round, or every round
             would train on the same batches.
+        unlabeled : numpy.ndarray, optional
+            Unlabeled inputs for the consistency loss (with ``consistency > 0``; ignored otherwise).
         """
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64).reshape(-1)
@@ -252,6 +301,10 @@ class TorchClassifier:
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         if hasattr(module, "observe_inputs"):  # input standardisation from the first labels (ConvNet)
             module.observe_inputs(Xt)
+        Xu = gen_u = None
+        if self.consistency > 0 and unlabeled is not None and len(unlabeled):
+            Xu = torch.from_numpy(np.ascontiguousarray(unlabeled, dtype=np.float32))
+            gen_u = torch.Generator().manual_seed(seed + 1)  # its own stream: the labeled batches stay the same
         total, count = 0.0, 0
         # training-time dropout draws from torch's global generator: seed it for this fit only,
         # so the same seed gives the same weights whatever else used torch's RNG in between
@@ -263,6 +316,8 @@ class TorchClassifier:
                 if scale is not None:
                     logits = logits * scale
                 loss = F.cross_entropy(logits, yt[idx], weight=weight)
+                if Xu is not None:
+                    loss = loss + self.consistency * self._consistency_loss(Xu, UNLABELED_RATIO * len(idx), gen_u)
                 if anchor is not None:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
                     loss = loss + 0.5 * proximal_mu * prox
@@ -274,6 +329,23 @@ class TorchClassifier:
                 count += len(idx)
         module.eval()
         return total / max(count, 1)
+
+    def _consistency_loss(self, Xu: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+        """FixMatch's unlabeled loss on ``n`` images drawn from ``Xu``: cross-entropy of the strong view's
+        logits with the weak view's confident classes, averaged over all ``n`` (unconfident ones count 0)."""
+        module = self.module
+        pick = torch.randint(0, len(Xu), (n,), generator=gen)
+        xu = Xu[pick]
+        module.eval()
+        with torch.no_grad():
+            probs = F.softmax(module(augment_images(xu, self.augment, gen)), dim=1)
+        module.train()
+        confidence, target = probs.max(dim=1)
+        mask = (confidence >= self.consistency_threshold).float()
+        if not bool(mask.any()):
+            return torch.zeros(())
+        strong = module(strong_augment(xu, self.augment, gen))
+        return (F.cross_entropy(strong, target, reduction="none") * mask).mean()
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         params = self.module.parameters()

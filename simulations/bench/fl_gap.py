@@ -62,6 +62,8 @@ VARIANTS = {
     # server (FedAdam): the federation takes the step pooled Adam takes on the union of the clients' batches
     "ConvNet GroupNorm + FedAdam (1 step)": {**RECIPE, "norm": "group"},
     "ConvNet no norm + FedAdam (1 step)": {**RECIPE, "norm": "none"},
+    # the sites' unlabeled pools in each step: FixMatch's consistency loss (fedal.models.TorchClassifier)
+    "ConvNet GroupNorm + FedAdam (1 step) + consistency": {**RECIPE, "norm": "group", "consistency": 1.0},
     # BatchNorm needs mixed batches: a client's batch of one or two classes gives it other statistics
     "ConvNet BatchNorm + FedAdam (1 step)": {**RECIPE, "norm": "batch"},
     "ConvNet BatchNorm + FedAvgM (1 step)": {**RECIPE, "norm": "batch", "aggregation": "fedavgm", "lr": 0.1,
@@ -185,11 +187,11 @@ def federated_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in state.items()}
         n = 0
         lr = cfg.lr * optimiser.client_lr_factor(r)
-        for model, (X, y, _) in zip(clients, sets):
+        for model, (X, y, pool) in zip(clients, sets):
             if len(y) == 0:
                 continue
             model.set_state(state)
-            model.fit(X, y, proximal_mu=cfg.proximal_mu, lr=lr)
+            model.fit(X, y, proximal_mu=cfg.proximal_mu, lr=lr, unlabeled=pool)  # (pool: the consistency loss)
             for k, v in model.get_state().items():
                 total[k] += v * len(y)
             n += len(y)
