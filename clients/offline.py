@@ -39,6 +39,7 @@ from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError, DataFileError, ProtocolError
 from fedal.heads import ClassStatistics
 from fedal.messages import TrainInstruction, TrainReport
+from fedal.models.handover_adapter import HandoverClassifier
 from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS, HeadClassifier
 from fedal.offline import (LAST_CONTACT, LAST_CONTACT_ROUND, LAST_REPLY, OFFLINE_AFTER, OFFLINE_GRANT, OFFLINE_LOOP,
                            OFFLINE_MAX_HOURS, SUGGESTIONS, GlobalSnapshot, link_status, snapshot_path)
@@ -267,26 +268,37 @@ class OfflineSite:
         site, snapshot = self.site, self.snapshot
         model, pool = site.model, site.pool
         ids, labels = pool.labels()
+        rows = site.X_pool[site.learner.rows(ids)]
         if isinstance(model, HeadClassifier):
             model.set_state(snapshot.state)
-            if snapshot.global_stats is not None:
-                new = ~np.isin(ids, snapshot.included_ids)
-                X = site.X_pool[site.learner.rows(ids[new])]
-                added, _, _ = model.statistics(X if len(X) else np.zeros((0, model.dim)), labels[new])
-                model.fit_statistics(ClassStatistics.from_arrays(snapshot.global_stats, LABELED_STATS) + added,
-                                     ClassStatistics.from_arrays(snapshot.global_stats, PSEUDO_STATS))
-            elif model.head is None and len(labels):  # an untrained global head: its own labels only
-                model.fit(site.X_pool[site.learner.rows(ids)], labels)
+            self._own_head(model, rows, ids, labels)
             site.learner.model_ready = model.head is not None
             return
         key = (tuple(ids), tuple(labels))
-        if key != self._fitted_on:  # the network: the global weights fine-tuned on every local label
-            model.set_state(snapshot.state)
-            if len(labels):
-                model.fit(site.X_pool[site.learner.rows(ids)], labels, epochs=site.cfg.local_epochs, lr=site.cfg.lr,
-                          draw=snapshot.server_round)
-            self._fitted_on = key
+        if key == self._fitted_on:
+            return
+        model.set_state(snapshot.state)  # (the handover pipeline: both global models and which one serves)
+        if isinstance(model, HandoverClassifier):
+            self._own_head(model.head, model.features(rows), ids, labels)
+            net, inputs = model.net, model.inputs(rows)
+        else:
+            net, inputs = model, rows
+        if len(labels):  # the network: the global weights fine-tuned on every local label
+            net.fit(inputs, labels, epochs=site.cfg.local_epochs, lr=site.cfg.lr, draw=snapshot.server_round)
+        self._fitted_on = key
         site.learner.model_ready = snapshot.server_round > 1 or len(labels) > 0
+
+    def _own_head(self, head: HeadClassifier, X: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
+        """The stored global head plus the labels given since (features ``X`` of the labeled ``ids``): exact from
+        the stored global sums; without them (an untrained global head) the site's own labels only."""
+        snapshot = self.snapshot
+        if snapshot.global_stats is not None:
+            new = ~np.isin(ids, snapshot.included_ids)
+            added, _, _ = head.statistics(X[new] if new.any() else np.zeros((0, head.dim)), labels[new])
+            head.fit_statistics(ClassStatistics.from_arrays(snapshot.global_stats, LABELED_STATS) + added,
+                                ClassStatistics.from_arrays(snapshot.global_stats, PSEUDO_STATS))
+        elif head.head is None and len(labels):
+            head.fit(X, labels)
 
     def _suggest(self) -> None:
         """The copy's class and confidence for each pending request (``suggest = true``), for the labeling page."""

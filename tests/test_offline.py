@@ -345,3 +345,46 @@ def test_a_network_site_fine_tunes_its_copy_of_the_stored_weights_on_every_label
     assert any(not np.array_equal(copy[k], stored[k]) for k in stored)  # trained on the labels, not the stored one
     assert loop.step(now=later())["state"] == "spent"
     loop.close()
+
+
+def test_a_handover_site_adds_its_labels_to_the_stored_sums_and_fine_tunes_its_network(tmp_path):
+    """pipeline = handover: the copy's head is the stored sums plus the labels given offline, exactly; its network
+    is the stored one fine-tuned on every label; the flag of which one serves is kept."""
+    from fedal.models import model_for
+    from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, prefixed, unprefixed
+
+    cfg = site_config(tmp_path, pipeline="handover", offline_budget=4, pseudo_label_threshold=0.0, local_epochs=1,
+                      min_local_steps=2)
+    raw = make_site(tmp_path, cfg, 0, oracle="simulated", labels=True)
+    node = NodeConfig.from_mapping(raw)
+    site = ClientSite(cfg, node)
+    server = model_for(cfg, site.X_pool.shape[1:], site.data.n_classes, seed=cfg.seed, raw_shape=site.data.input_shape)
+    site.close()
+    state, stats = server.get_state(), None
+    for server_round in (1, 2):  # a server of this one site: the head of its sums, its network as it came back
+        site = ClientSite(cfg, node)
+        instruction = TrainInstruction(server_round, 3 if server_round > 1 else 0, offline_budget=4)
+        contact = ServerContact(site, cfg, node, run_id=RUN_ID, run_config=cfg.to_run_config(), node_config=raw,
+                                global_state=state, global_stats=stats, instruction=instruction)
+        arrays, report = site.train(state, instruction)
+        contact.report(report)
+        site.close()
+        head = unprefixed(arrays, HEAD_PREFIX)
+        labeled, pseudo = (ClassStatistics.from_arrays(head, p) for p in (LABELED_STATS, PSEUDO_STATS))
+        server.head.fit_statistics(labeled, pseudo)
+        server.net.set_state(unprefixed(arrays, NET_PREFIX))
+        state, stats = server.get_state(), {**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)}
+    loop = OfflineSite(tmp_path / "state", 0, batch=4)
+    out = loop.step(now=later())
+    assert (out["state"], out["asked"], out["spent"]) == ("offline", 4, 4)
+    copy, pool = loop.site.model, loop.site.pool
+    ids, labels = pool.labels()
+    features = copy.features(loop.site.X_pool[loop.site.learner.rows(ids)])
+    expected = HeadClassifier(loop.site.data.n_classes, copy.head.dim)
+    expected.fit_statistics(ClassStatistics.from_samples(features, labels, loop.site.data.n_classes))
+    got = copy.get_state()
+    for key, value in prefixed(expected.get_state(), HEAD_PREFIX).items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-9, err_msg=key)
+    assert any(not np.array_equal(got[k], state[k]) for k in state if k.startswith(NET_PREFIX))
+    assert copy.serving == "head"
+    loop.close()
