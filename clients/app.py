@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from clients.node import NodeConfig
+from clients.offline import ServerContact, note_contact, stale_problem
 from clients.site import ClientSite
 from fedal.config import FederationConfig
 from fedal.flower import protocol
@@ -48,7 +49,14 @@ def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_config(dict(msg.content[protocol.CONFIG]))
     site = ClientSite(cfg, node)
     try:
-        state, report = site.train(protocol.state_from_record(msg.content[protocol.ARRAYS]), instruction)
+        global_state = protocol.state_from_record(msg.content[protocol.ARRAYS])
+        # the global model is kept beside the ledger, for `fedal site` while the server is away
+        contact = ServerContact(site, cfg, node, run_id=context.run_id, run_config=dict(context.run_config),
+                                node_config=dict(context.node_config), global_state=global_state,
+                                global_stats=protocol.global_stats_of(msg.content), instruction=instruction,
+                                sent_at=msg.metadata.created_at)
+        state, report = site.train(global_state, instruction)
+        report = contact.report(report)
     finally:
         site.close()
     return protocol.train_reply(msg, state, report)
@@ -60,6 +68,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node = _settings(context)
     site = ClientSite(cfg, node)
     try:
+        config = msg.content[protocol.CONFIG] if protocol.CONFIG in msg.content else {}
+        stale_problem(cfg, int(config.get(protocol.SERVER_ROUND, 0)), msg.metadata.created_at)
+        note_contact(site.pool, node, None)
         n, loss, acc = site.evaluate(protocol.state_from_record(msg.content[protocol.ARRAYS]))
         each = site.evaluate_each()
     finally:

@@ -15,7 +15,9 @@ Routes (``?token=`` or the ``X-Fedal-Token`` header; POSTs need the header):
 
 ``GET /``                      the page
 ``GET /static/<file>``         its script and style sheet
-``GET /api/state``             pending requests, classes, progress against the round's budget
+``GET /api/state``             pending requests, classes, progress against the round's budget, and ``link``:
+                               connected or offline since when, the offline budget left, answers waiting
+                               to be sent (:func:`fedal.offline.standing`)
 ``GET /api/image/<id>.png``    a pending sample as a PNG
 ``POST /api/answer``           ``{"sample_id": 12, "label": 3}`` -> recorded
 ``POST /api/unsure``           ``{"sample_id": 12}`` -> request closed as skipped, sample back in the pool
@@ -49,6 +51,7 @@ from urllib.parse import parse_qs, urlsplit
 from clients.images import to_png
 from fedal.exceptions import ConfigError, FedalError, InvalidLabelError, SampleStateError, UnknownSampleError
 from fedal.data import LocalData
+from fedal.offline import SUGGESTIONS, standing
 from fedal.pool import LABELED, PENDING, UNLABELED, Pool
 
 TOKEN_HEADER = "X-Fedal-Token"
@@ -118,12 +121,17 @@ class LabelingService:
             requests = self.pool.requests()
             budgets = {b["round"]: b for b in self.pool.budgets()}
             counts = self.pool.counts()
+            link = standing(self.pool)
+            offline_ids = {r["request_id"] for r in self.pool.offline_requests()}
+            suggestions = json.loads(self.pool.get_meta(SUGGESTIONS, "{}"))
         pending = [r for r in requests if r["status"] == PENDING]
         pending.sort(key=lambda r: (-1 if r["round"] is None else r["round"], r["request_id"]))
         items = []
         for r in pending:
             item = {"sample_id": r["sample_id"], "request_id": r["request_id"], "round": r["round"],
-                    "deadline": r["deadline"]}
+                    "deadline": r["deadline"], "offline": r["request_id"] in offline_ids}
+            if (hint := suggestions.get(str(r["sample_id"]))) is not None:  # node config suggest = true
+                item["suggestion"] = {"label": hint[0], "class": self.data.class_names[hint[0]], "confidence": hint[1]}
             items.append({**item, **self._view(r["sample_id"])})
         progress = None
         rounds = [r["round"] for r in requests if r["round"] is not None]
@@ -134,7 +142,7 @@ class LabelingService:
             budget = budgets[latest]["assigned"] if latest in budgets else len(of_round)
             progress = {"round": latest, "budget": budget, "asked": len(of_round), **status}
         return {"kind": self.data.kind, "classes": list(self.data.class_names), "labeler": self.source,
-                "pending": items, "progress": progress, "counts": counts}
+                "pending": items, "progress": progress, "counts": counts, "link": link}
 
     def image(self, sample_id: int) -> bytes:
         """PNG of the image sample ``sample_id``: pending (asked about) or labeled (an answer to check, a

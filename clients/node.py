@@ -14,6 +14,7 @@ from typing import Any
 
 from fedal.data import LocalData
 from fedal.exceptions import ConfigError
+from fedal.offline import DEFAULT_OFFLINE_AFTER_S, DEFAULT_OFFLINE_MAX_HOURS
 from fedal.pool import Pool
 
 ORACLE_KINDS = ("simulated", "web", "file")
@@ -28,6 +29,12 @@ NODE_KEYS = {
     "query-timeout": "seconds a label request waits for an answer before it expires (overrides the run's)",
     "label-wait": "web oracle: seconds to wait for answers before training",
     "exchange-dir": "file oracle: the exchange folder (default <state-dir>/exchange-<client-id>)",
+    "offline-after": "seconds without a message from the server after which `fedal site` asks for labels on its own "
+                     "(default 900)",
+    "offline-max-hours": "hours `fedal site` may go on asking with the last global model (default 72)",
+    "offline-budget": "most labels this site asks for while offline; lowers the server's grant, never raises it "
+                      "(default: the grant)",
+    "suggest": "show people the model's class and confidence on the labeling page (default false)",
 }
 
 
@@ -51,6 +58,14 @@ class NodeConfig:
         ``label-wait`` (web oracle).
     exchange_dir : str
         ``exchange-dir`` (file oracle; "" = the default folder).
+    offline_after : float
+        ``offline-after``: seconds without a message after which the site acts on its own (``fedal site``).
+    offline_max_hours : float
+        ``offline-max-hours``: how long it may go on asking for labels with its last global model.
+    offline_budget : int or None
+        ``offline-budget``: the site's own cap on labels asked offline (None = the server's grant).
+    suggest : bool
+        ``suggest``: the labeling page shows the model's class and confidence.
     """
 
     client_id: int
@@ -60,6 +75,10 @@ class NodeConfig:
     query_timeout: float | None = None
     label_wait: float = 0.0
     exchange_dir: str = ""
+    offline_after: float = DEFAULT_OFFLINE_AFTER_S
+    offline_max_hours: float = DEFAULT_OFFLINE_MAX_HOURS
+    offline_budget: int | None = None
+    suggest: bool = False
 
     @classmethod
     def from_mapping(cls, node_config: dict[str, Any]) -> "NodeConfig":
@@ -77,10 +96,24 @@ class NodeConfig:
         if oracle not in ORACLE_KINDS:
             raise ConfigError(f"unknown oracle {oracle!r} in the node config; choose one of {', '.join(ORACLE_KINDS)}")
         timeout = _number(node_config, "query-timeout", float, low=0) if "query-timeout" in node_config else None
+        suggest = node_config.get("suggest", False)
+        if isinstance(suggest, str) and suggest.lower() in ("true", "false"):
+            suggest = suggest.lower() == "true"
+        if not isinstance(suggest, bool):
+            raise ConfigError(f"node config suggest must be true or false, got {suggest!r}")
+        hours = _number(node_config, "offline-max-hours", float, low=0) if "offline-max-hours" in node_config \
+            else DEFAULT_OFFLINE_MAX_HOURS
+        if hours <= 0:
+            raise ConfigError("node config offline-max-hours must be > 0 (hours a site may ask for labels alone); "
+                              "set offline-budget=0 to ask for none while offline")
         return cls(client_id=client_id, data_path=str(node_config.get("data-path", "")),
                    state_dir=str(node_config.get("state-dir", "")), oracle=oracle, query_timeout=timeout,
                    label_wait=_number(node_config, "label-wait", float, low=0) if "label-wait" in node_config else 0.0,
-                   exchange_dir=str(node_config.get("exchange-dir", "")))
+                   exchange_dir=str(node_config.get("exchange-dir", "")),
+                   offline_after=_number(node_config, "offline-after", float, low=0) if "offline-after" in node_config
+                   else DEFAULT_OFFLINE_AFTER_S, offline_max_hours=hours,
+                   offline_budget=_number(node_config, "offline-budget", int, low=0) if "offline-budget" in node_config
+                   else None, suggest=suggest)
 
 
 def _number(node_config: dict, key: str, kind: type, *, low: float):

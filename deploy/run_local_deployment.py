@@ -68,10 +68,11 @@ class Site:
     port: int = 0
     process: subprocess.Popen | None = None
     node_id: int | None = None
+    extra: str = ""  # more node config, e.g. 'label-wait=10 offline-after=15'
 
     def node_config(self) -> str:
         return (f'client-id={self.client_id} data-path="{self.data_path}" state-dir="{self.state_dir}" '
-                f'oracle="{self.oracle}"')
+                f'oracle="{self.oracle}"' + (f" {self.extra}" if self.extra else ""))
 
 
 @dataclass

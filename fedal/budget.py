@@ -9,6 +9,10 @@ Policies (the share of a round's budget each client gets, before capacity limits
 A client can spend at most ``min(client_cap, unlabeled left)`` and nothing when
 absent; what it cannot spend is handed to the others (water-filling), and budget
 assigned to a client that then failed to answer is carried to the next round.
+Labels a client asked for on its own while the server was away (its offline budget,
+granted in advance) are reported when it is back: :meth:`BudgetCoordinator.record_offline`
+keeps them, and they are taken from that client's next shares (not handed to the others:
+they were spent already).
 Every assignment and spend is kept in a ledger, and the coordinator keeps what each
 client last reported (its :class:`ClientStats`): it is the one owner of both, keyed by
 the client id.
@@ -45,13 +49,24 @@ class ClientStats:
 @dataclass
 class LedgerRow:
     """One client's budget in one round: ``assigned`` labels, ``spent`` (None until reported),
-    ``status`` assigned / spent / failed."""
+    ``status`` assigned / spent / failed, and ``offline_deducted``: what its share lost to labels it
+    asked for while offline (``assigned`` is what is left)."""
 
     round: int
     client: int | str
     assigned: int
     spent: int | None = None
     status: str = "assigned"  # assigned | spent | failed
+    offline_deducted: int = 0
+
+
+@dataclass
+class OfflineRow:
+    """``spent`` labels ``client`` asked for while the server was away, reported in ``round``."""
+
+    round: int
+    client: int | str
+    spent: int
 
 
 class BudgetCoordinator:
@@ -84,6 +99,8 @@ class BudgetCoordinator:
         self.carry = 0
         self.ledger: list[LedgerRow] = []
         self.stats: dict[int | str, ClientStats] = {}  # client -> what it last reported
+        self.offline: list[OfflineRow] = []  # offline spend as reported
+        self.debt: dict[int | str, int] = {}  # client -> offline labels not yet taken from its shares
 
     # ------------------------------------------------------------- reports
     def report(self, client: int | str, unlabeled: int, uncertainty: float) -> None:
@@ -125,7 +142,8 @@ class BudgetCoordinator:
         """Budgets for ``round`` from ``stats`` (client -> ClientStats): shares by policy,
         limited by capacity, the excess redistributed.
 
-        The budgets sum to ``min(round_budget + carried, limit, total capacity)``.
+        The budgets sum to ``min(round_budget + carried, limit, total capacity)``, less what clients
+        owe for labels they asked for offline (:meth:`record_offline`), which is taken from their own shares.
         """
         total = self.round_budget + (self.carry if self.carry_over else 0)
         if limit is not None:
@@ -150,8 +168,22 @@ class BudgetCoordinator:
                     assigned[c] += 1
                     remaining -= 1
         for c in sorted(stats):
-            self.ledger.append(LedgerRow(round, c, assigned[c]))
+            owed = min(self.debt.get(c, 0), assigned[c])
+            if owed:
+                assigned[c] -= owed
+                self.debt[c] -= owed
+            self.ledger.append(LedgerRow(round, c, assigned[c], offline_deducted=owed))
         return assigned
+
+    def record_offline(self, round: int, client: int | str, spent: int) -> None:
+        """``client`` reported in ``round`` that it asked for ``spent`` labels while the server was away; they are
+        taken from its next shares."""
+        if isinstance(spent, bool) or not isinstance(spent, int) or spent < 0:
+            raise ConfigError(f"client {client} reports {spent!r} offline labels in round {round}; expected an integer >= 0")
+        if spent == 0:
+            return
+        self.offline.append(OfflineRow(round, client, spent))
+        self.debt[client] = self.debt.get(client, 0) + spent
 
     def record_spent(self, round: int, client: int | str, spent: int | None, *, failed: bool = False) -> None:
         """Record what a client spent in a round (``failed`` if it never answered)."""
@@ -178,7 +210,9 @@ class BudgetCoordinator:
         """JSON-able state (for checkpoints): carry, ledger and the clients' last reports."""
         stats = [{"client": c, "unlabeled": s.unlabeled, "uncertainty": None if math.isnan(s.uncertainty) else
                   s.uncertainty} for c, s in self.stats.items()]
-        return {"carry": self.carry, "ledger": [asdict(r) for r in self.ledger], "stats": stats}
+        return {"carry": self.carry, "ledger": [asdict(r) for r in self.ledger], "stats": stats,
+                "offline": [asdict(r) for r in self.offline],
+                "debt": [{"client": c, "labels": n} for c, n in self.debt.items() if n]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state``, as made by :meth:`state_dict`."""
@@ -186,6 +220,8 @@ class BudgetCoordinator:
         self.ledger = [LedgerRow(**r) for r in state.get("ledger", [])]
         self.stats = {r["client"]: ClientStats(r["unlabeled"], math.nan if r["uncertainty"] is None else r["uncertainty"])
                       for r in state.get("stats", [])}
+        self.offline = [OfflineRow(**r) for r in state.get("offline", [])]
+        self.debt = {r["client"]: int(r["labels"]) for r in state.get("debt", [])}
 
 
 def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:

@@ -201,6 +201,10 @@ class FederationConfig:
         The accuracy gain that counts as progress for plateau.
     stop_uncertainty : float
         Mean pool uncertainty (normalised entropy, 0..1) below which uncertainty fires.
+    offline_budget : int
+        Labels a site may ask its people for on its own while the server is unreachable (``fedal site``),
+        granted in advance with each train message; the server subtracts what was spent from the site's next
+        shares (0 = a site asks nothing while offline; its people still answer the requests already open).
     total_budget : int
         Labels the whole run may have, the initial labels of every client included (clients x initial-labels),
         over all query rounds (0 = no cap); the last query round gets what is left.
@@ -283,6 +287,7 @@ class FederationConfig:
     stop_min_delta: float = 0.005
     stop_uncertainty: float = 0.1
     total_budget: int = 0
+    offline_budget: int = 0
     after_stop: str = "continue"
     dp_clipping_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
@@ -373,6 +378,8 @@ class FederationConfig:
         need(self.output_dir.strip() != "", "output-dir must not be empty (results, checkpoint and client "
              "databases go there); give a folder such as runs/latest")
         need(self.local_model_epochs >= 0, f"local-model-epochs must be >= 0 (0 = local-epochs), got {self.local_model_epochs}")
+        need(self.offline_budget >= 0, f"offline-budget must be >= 0 labels per site (0 = no labels asked while the "
+             f"server is away), got {self.offline_budget}")
         need(self.total_budget >= 0, f"total-budget must be >= 0 (0 = no cap), got {self.total_budget}")
         initial = self.clients * self.initial_labels
         need(self.total_budget == 0 or self.total_budget >= initial,

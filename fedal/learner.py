@@ -88,7 +88,8 @@ class ActiveLearner:
         return self.X[self.rows(ids)], labels
 
     # ------------------------------------------------------------------- steps
-    def query(self, budget: int, *, round: int | None = None, timeout_s: float | None = None) -> np.ndarray:
+    def query(self, budget: int, *, round: int | None = None, timeout_s: float | None = None,
+              offline_grant: int | None = None) -> np.ndarray:
         """Select up to ``budget`` unlabeled samples and mark them pending.
 
         Parameters
@@ -99,6 +100,8 @@ class ActiveLearner:
             Round (or step) recorded with the requests.
         timeout_s : float, optional
             Seconds after which an unanswered request may be expired.
+        offline_grant : int, optional
+            Asked while the server is away, against the offline budget of this round (:meth:`Pool.request`).
         """
         candidates = self.pool.unlabeled_ids()
         skipped = self.pool.skipped_ids()
@@ -126,7 +129,7 @@ class ActiveLearner:
             self.last_batch_diversity = batch_diversity(emb[chosen], emb, np.random.default_rng(step_seed))
         else:
             self.last_batch_diversity = math.nan
-        self.pool.request(ids, round=round, timeout_s=timeout_s)
+        self.pool.request(ids, round=round, timeout_s=timeout_s, offline_grant=offline_grant)
         return ids
 
     def teach(self, *, round: int | None = None) -> tuple[int, list[str]]:

@@ -14,9 +14,9 @@ from fedal.exceptions import ProtocolError
 
 #: the config key of each instruction field
 INSTRUCTION_KEYS = {"server_round": "server-round", "query_budget": "query-budget", "proximal_mu": "proximal-mu",
-                    "lr_factor": "lr-factor"}
+                    "lr_factor": "lr-factor", "offline_budget": "offline-budget"}
 #: keys a train message may leave out (their defaults apply)
-OPTIONAL_INSTRUCTION_KEYS = ("proximal_mu", "lr_factor")
+OPTIONAL_INSTRUCTION_KEYS = ("proximal_mu", "lr_factor", "offline_budget")
 
 #: the reply metric of each field (kebab-case, as Flower metrics are named)
 REPORT_KEYS = {
@@ -36,6 +36,7 @@ REPORT_KEYS = {
     "batch_diversity": "batch-diversity",    # this round's batch spread / a random batch's (-1 = not measured)
     "label_entropy": "label-entropy",        # class balance of the site's labels, 0..1 (-1 = no label)
     "labels_reviewed": "labels-reviewed",    # second readings so far (verify-threshold; 0 = none)
+    "offline_spent": "offline-spent",        # labels asked while the server was away, not reported before
 }
 NOT_MEASURED = -1.0
 
@@ -56,19 +57,23 @@ class TrainInstruction:
         FedProx's proximal weight (0 = plain local training).
     lr_factor : float
         This round's factor of the local learning rate (the server's ``lr-schedule``; 1 = the run's ``lr``).
+    offline_budget : int
+        Labels the site may ask for on its own if the server becomes unreachable after this round (the
+        run's ``offline-budget``, granted in advance; 0 = none). It replaces any earlier grant.
     """
 
     server_round: int
     query_budget: int
     proximal_mu: float = 0.0
     lr_factor: float = 1.0
+    offline_budget: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("server_round", 1), ("query_budget", 0)):
+        for name, low in (("server_round", 1), ("query_budget", 0), ("offline_budget", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ProtocolError(f"the instruction's {INSTRUCTION_KEYS[name]} is {value!r}, not an integer >= {low}"
-                                    + (" (the server sent a negative query budget)" if name == "query_budget"
+                                    + (" (the server sent a negative query budget)" if name != "server_round"
                                        and isinstance(value, int) and value < 0 else ""))
         mu = self.proximal_mu
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
@@ -89,7 +94,8 @@ class TrainInstruction:
             raise ProtocolError(f"the train message has no {', '.join(map(repr, missing))} in its config "
                                 f"(keys: {sorted(config)}); the server and this client run different fedal versions")
         return cls(config[INSTRUCTION_KEYS["server_round"]], config[INSTRUCTION_KEYS["query_budget"]],
-                   config.get(INSTRUCTION_KEYS["proximal_mu"], 0.0), config.get(INSTRUCTION_KEYS["lr_factor"], 1.0))
+                   config.get(INSTRUCTION_KEYS["proximal_mu"], 0.0), config.get(INSTRUCTION_KEYS["lr_factor"], 1.0),
+                   config.get(INSTRUCTION_KEYS["offline_budget"], 0))
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,9 @@ class TrainReport:
     ground truth confirms; -1 where the site has no ground truth), and the KPIs of
     :mod:`fedal.kpi`: ``requests_made`` and ``requests_answered`` (so far), ``answer_seconds``
     (median wait for an answer), ``batch_diversity`` (this round's batch against a random one)
-    and ``label_entropy`` (class balance of the site's labels), and ``labels_reviewed`` (second
-    readings of answers a confident model disagreed with, so far). Means that could not be measured (no trained model yet, no label to train on) are
+    and ``label_entropy`` (class balance of the site's labels), ``labels_reviewed`` (second
+    readings of answers a confident model disagreed with, so far), and ``offline_spent`` (labels the
+    site asked for while the server was away and reports for the first time, against its offline budget). Means that could not be measured (no trained model yet, no label to train on) are
     ``-1`` on the wire and ``NaN`` here.
     """
 
@@ -125,6 +132,7 @@ class TrainReport:
     batch_diversity: float = float("nan")
     label_entropy: float = float("nan")
     labels_reviewed: int = 0
+    offline_spent: int = 0
 
     def to_metrics(self) -> dict[str, int | float]:
         """The report as wire metrics: ints for counts, finite floats for means (``-1`` = not measured)."""

@@ -72,6 +72,13 @@ CREATE TABLE IF NOT EXISTS label_origins (
     recorded_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS label_origins_sample ON label_origins (sample_id);
+-- requests a site opened while the server was away, against the offline budget granted in round grant_round;
+-- reported_round: the round whose reply reported them to the server (NULL until then)
+CREATE TABLE IF NOT EXISTS offline_requests (
+    request_id INTEGER PRIMARY KEY REFERENCES requests (id),
+    grant_round INTEGER NOT NULL,
+    reported_round INTEGER
+);
 CREATE TABLE IF NOT EXISTS budgets (
     round INTEGER PRIMARY KEY,
     assigned INTEGER NOT NULL,
@@ -263,7 +270,8 @@ class Pool:
                 f"cannot {action}: samples {wrong[:10]} are {rows[wrong[0]]}, not {state}"
             )
 
-    def request(self, ids: Iterable[int], *, round: int | None = None, timeout_s: float | None = None) -> None:
+    def request(self, ids: Iterable[int], *, round: int | None = None, timeout_s: float | None = None,
+                offline_grant: int | None = None) -> None:
         """Mark unlabeled samples as pending, recording one request each.
 
         Parameters
@@ -274,6 +282,9 @@ class Pool:
             Federated round (or query step) the request belongs to.
         timeout_s : float, optional
             Seconds until the request is overdue (see :meth:`expire_overdue`); default never.
+        offline_grant : int, optional
+            The request is made while the server is away, against the offline budget granted in this
+            round (see :meth:`offline_spent`), recorded in the same transaction.
         """
         ids = [int(i) for i in ids]
         if not ids:
@@ -290,6 +301,9 @@ class Pool:
                 "INSERT INTO requests (sample_id, round, status, created_at, deadline) VALUES (?, ?, 'pending', ?, ?)",
                 ((i, round, now, deadline) for i in ids),
             )
+            if offline_grant is not None:
+                db.execute("INSERT INTO offline_requests (request_id, grant_round) SELECT id, ? FROM requests "
+                           "ORDER BY id DESC LIMIT ?", (int(offline_grant), len(ids)))  # the rows just inserted
 
     def check_label(self, label: object, *,
                     then: str = "the request stays pending: answer again with a valid class") -> int:
@@ -569,6 +583,38 @@ class Pool:
                 "ON CONFLICT(round) DO UPDATE SET spent = excluded.spent",
                 (int(round), int(spent)),
             )
+
+    def offline_requests(self) -> list[dict]:
+        """Requests made while the server was away, oldest first: the request's fields (:meth:`requests`) with
+        ``grant_round`` (the round whose offline budget they count against) and ``reported_round``."""
+        cur = self._db.execute(
+            "SELECT r.id, r.sample_id, r.round, r.status, r.created_at, r.deadline, r.closed_at, r.note, o.grant_round, "
+            "o.reported_round FROM offline_requests o JOIN requests r ON r.id = o.request_id ORDER BY r.id")
+        keys = ("request_id", "sample_id", "round", "status", "created_at", "deadline", "closed_at", "note",
+                "grant_round", "reported_round")
+        return [dict(zip(keys, r)) for r in cur]
+
+    def offline_spent(self, grant_round: int | None = None, *, unreported_by: int | None = None) -> int:
+        """Offline requests that spent budget (pending, answered or answered "unsure"; an expired one gave it
+        back): of the grant of ``grant_round`` (default all), or (``unreported_by``) those not yet reported in
+        a reply before round ``unreported_by`` (a re-delivered round counts its own again)."""
+        sql = ("SELECT COUNT(*) FROM offline_requests o JOIN requests r ON r.id = o.request_id "
+               "WHERE r.status IN ('pending', 'answered', 'skipped')")
+        args: list = []
+        if grant_round is not None:
+            sql, args = sql + " AND o.grant_round = ?", [int(grant_round)]
+        if unreported_by is not None:
+            sql += " AND (o.reported_round IS NULL OR o.reported_round >= ?)"
+            args.append(int(unreported_by))
+        return int(self._db.execute(sql, args).fetchone()[0])
+
+    def report_offline(self, server_round: int) -> int:
+        """Mark the offline requests not yet reported as reported in ``server_round``'s reply; return how many
+        spent budget (what that reply says; the same again if the round is re-delivered)."""
+        with self._tx() as db:
+            db.execute("UPDATE offline_requests SET reported_round = ? WHERE reported_round IS NULL",
+                       (int(server_round),))
+        return self.offline_spent(unreported_by=server_round)
 
     def budgets(self) -> list[dict]:
         """Assigned and spent budget per round."""

@@ -141,7 +141,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
     X_test = model_inputs(featurizer_for(cfg.features, dataset.input_shape, cfg.pipeline), dataset.X_test)
     model = model_for(cfg, X_test.shape[1:], dataset.n_classes, seed=cfg.seed, raw_shape=dataset.input_shape)
     book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap),
-                     PrivacySettings.from_config(cfg))
+                     PrivacySettings.from_config(cfg), offline_budget=cfg.offline_budget,
+                     rounds=cfg.rounds)
     strategy = make_strategy(cfg, book, model, is_query_round=lambda r: cfg.is_query_round(r) and book.stopped is None)
     criteria = cfg.stopping_criteria()
     recorder = RunRecorder(cfg.output_dir, cfg.to_run_config())

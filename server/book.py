@@ -57,6 +57,7 @@ class RoundLog:
     refused: set[int] = field(default_factory=set)  # nodes whose replies this round are not used
     replied: set[int] = field(default_factory=set)  # nodes that sent a reply (usable or not)
     reports: dict[int, TrainReport] = field(default_factory=dict)  # client -> its report
+    offline_granted: dict[int, int] = field(default_factory=dict)  # client -> offline budget sent with the message
     events: list[RoundEvent] = field(default_factory=list)
 
     def problem_of(self, client: int) -> RoundEvent | None:
@@ -73,9 +74,15 @@ class RoundBook:
         Splits query rounds' budgets; keeps the ledger and the clients' statistics.
     privacy : PrivacySettings, optional
         Differential privacy settings; with them the book holds the accountant.
+    offline_budget : int
+        Labels each identified client may ask for on its own if the server becomes unreachable (the run's
+        ``offline-budget``), granted with every train message while the run still asks for labels.
+    rounds : int, optional
+        The run's last round: its messages grant nothing (no later reply could report the spend).
     """
 
-    def __init__(self, coordinator: BudgetCoordinator, privacy: PrivacySettings | None = None) -> None:
+    def __init__(self, coordinator: BudgetCoordinator, privacy: PrivacySettings | None = None, *,
+                 offline_budget: int = 0, rounds: int | None = None) -> None:
         self.coordinator = coordinator
         self.privacy = privacy
         self.accountant = (GaussianAccountant(privacy_config(privacy.delta, privacy.population))
@@ -86,6 +93,9 @@ class RoundBook:
         self.stopped: dict | None = None  # which stopping criterion fired, when, and what it saved
         self.label_limit: int | None = None  # labels the query rounds may still add (total-budget)
         self._client_of: dict[int, int] = {}  # node id -> client id (Flower's ids end here)
+        self.offline_budget = int(offline_budget)
+        self.rounds_in_run = rounds
+        self.offline_unreported: dict[int, int] = {}  # client -> offline budget granted since its last reply
 
     # ------------------------------------------------------------- identities
     def client_of(self, node: int) -> int | None:
@@ -112,6 +122,15 @@ class RoundBook:
         """
         rlog = self.rounds[server_round] = RoundLog(server_round, query, nodes=[int(n) for n in nodes])
         budgets = {int(n): 0 for n in nodes}
+        last = self.rounds_in_run is not None and server_round >= self.rounds_in_run
+        grant = self.offline_budget if self.stopped is None and not last else 0
+        if grant and self.label_limit is not None:
+            grant = min(grant, self.label_limit)
+        for node in budgets:
+            if (client := self.client_of(node)) is not None and grant:
+                rlog.offline_granted[client] = grant
+                # what it may have spent offline before its next reply: every grant it was sent since the last one
+                self.offline_unreported[client] = self.offline_unreported.get(client, 0) + grant
         if not query:
             return budgets
         holder: dict[int, int] = {}
@@ -152,7 +171,27 @@ class RoundBook:
         self.coordinator.report(client, report.unlabeled_left, report.mean_uncertainty)
         if client in rlog.assigned:
             self.coordinator.record_spent(server_round, client, min(report.queries_used, rlog.assigned[client]))
+        self._record_offline(server_round, node, client, report.offline_spent)
         return None
+
+    def offline_grant(self, server_round: int, node: int) -> int:
+        """The offline budget the train message of ``server_round`` gives node ``node`` (0 if it is not identified)."""
+        client = self.client_of(node)
+        return 0 if client is None else self.rounds[server_round].offline_granted.get(client, 0)
+
+    def _record_offline(self, server_round: int, node: int, client: int, spent: int) -> None:
+        """Take a reply's offline spend to the coordinator: at most what the client was granted since its last
+        reply (a site that says more gets an event, and only the granted labels count)."""
+        granted = self.offline_unreported.get(client, 0)
+        if server_round in self.rounds and client in self.rounds[server_round].offline_granted:
+            granted -= self.rounds[server_round].offline_granted[client]  # this round's grant is for later
+        if spent > granted:
+            reason = f"it reports {spent} labels asked offline but was granted {granted} since its last reply"
+            self.rounds[server_round].events.append(RoundEvent("rejected", client, int(node), reason))
+            log.warning("round %d: client %d %s; %d counted", server_round, client, reason, granted)
+            spent = granted
+        self.coordinator.record_offline(server_round, client, spent)
+        self.offline_unreported[client] = self.offline_unreported.get(client, 0) - granted
 
     def reject(self, server_round: int, node: int, reason: str, *, answered: bool) -> None:
         """Node ``node``'s reply (``answered``: it had replied, its spend counts) or update was refused."""
@@ -198,8 +237,16 @@ class RoundBook:
                                 "answer_seconds": _none_if_nan(r.answer_seconds),
                                 "batch_diversity": _none_if_nan(r.batch_diversity),
                                 "label_entropy": _none_if_nan(r.label_entropy),
-                                "labels_reviewed": r.labels_reviewed}
+                                "labels_reviewed": r.labels_reviewed,
+                                "offline_budget": int(rlog.offline_granted.get(client, 0)),
+                                "offline_spent": r.offline_spent,
+                                "offline_deducted": self._deducted(server_round, client)}
         return out
+
+    def _deducted(self, server_round: int, client: int) -> int:
+        """Labels taken from ``client``'s share of ``server_round`` for what it asked offline before."""
+        return next((r.offline_deducted for r in self.coordinator.ledger if r.round == server_round
+                     and r.client == client), 0)
 
     def privacy_report(self) -> dict | None:
         """Privacy settings and what was spent so far; None without differential privacy."""
@@ -213,7 +260,8 @@ class RoundBook:
         return {"budget": self.coordinator.state_dict(),
                 "labeled": [{"client": c, "labeled": n} for c, n in sorted(self.labeled.items())],
                 "privacy": None if self.accountant is None else self.accountant.state_dict(),
-                "history": [asdict(h) for h in self.history], "stopped": self.stopped}
+                "history": [asdict(h) for h in self.history], "stopped": self.stopped,
+                "offline_unreported": [{"client": c, "labels": n} for c, n in sorted(self.offline_unreported.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` (node identities are not kept: node ids change between runs)."""
@@ -222,6 +270,7 @@ class RoundBook:
         self.history = [StepRecord(**{k: math.nan if v is None else v for k, v in h.items()})
                         for h in state.get("history", [])]
         self.stopped = state.get("stopped")
+        self.offline_unreported = {int(r["client"]): int(r["labels"]) for r in state.get("offline_unreported", [])}
         if self.accountant is not None:
             self.accountant.load_state_dict(state.get("privacy"))
 

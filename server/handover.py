@@ -62,8 +62,10 @@ class HandoverAggregation(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._sent = arrays
         messages = list(self.inner.configure_train(server_round, _part(arrays, NET_PREFIX), config, grid))
-        for m in messages:  # the sites get both models
+        for m in messages:  # the sites get both models (and the head's sums, for a site that loses the server)
             m.content[protocol.ARRAYS] = arrays
+            if self.heads.global_stats is not None:
+                m.content[protocol.GLOBAL_STATS] = self.heads.global_stats
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

@@ -63,6 +63,8 @@ class StatisticsAggregation(Strategy):
         self.privacy = privacy
         self.accountant = accountant
         self.rng = np.random.default_rng(seed)
+        #: the summed (noisy, with DP) statistics the current heads were solved from; sent with the next round
+        self.global_stats: ArrayRecord | None = None
 
     def summary(self) -> None:
         log.info("\t├──> head pipeline: sums the clients' class statistics, solves the LDA head")
@@ -70,7 +72,11 @@ class StatisticsAggregation(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.global_stats is not None:  # a site that loses the server adds its new labels to these exactly
+            for msg in messages:
+                msg.content[protocol.GLOBAL_STATS] = self.global_stats
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         n_classes, dim = self.model.n_classes, self.model.dim
@@ -88,6 +94,7 @@ class StatisticsAggregation(Strategy):
             if labeled.total <= 0:
                 return None, None
         self.model.fit_statistics(labeled, pseudo)
+        self.global_stats = protocol.model_record({**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)})
         log.info("round %d: heads of %.0f labels and %.0f pseudo-labels", server_round, labeled.total, pseudo.total)
         return (protocol.model_record(self.model.get_state()),
                 MetricRecord({"labels": float(labeled.total), "pseudo-labels": float(pseudo.total)}))

@@ -126,7 +126,8 @@ class BudgetedStrategy(Strategy):
         if query and (unknown := self.book.unidentified(nodes)):
             self._identify(grid, unknown)
         budgets = self.book.open_round(server_round, nodes, query=query)
-        out = [protocol.with_budget(m, budgets[m.metadata.dst_node_id], client_factor) for m in messages]
+        out = [protocol.with_budget(m, budgets[m.metadata.dst_node_id], client_factor,
+                                    self.book.offline_grant(server_round, m.metadata.dst_node_id)) for m in messages]
         if self.buffers:  # the clients get the whole model, statistics included
             for m in out:
                 m.content[protocol.ARRAYS] = arrays

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from clients import exchange_command, labeling
+from clients import exchange_command, labeling, site_command
 from fedal.exceptions import FedalError
 from simulations import commands, compare, simulate
 
@@ -36,6 +36,8 @@ COMMANDS: dict[str, Command] = {
                      commands.add_local_arguments, commands.run_local),
     "label": Command("serve the labeling page for a client's pending queries",
                      labeling.add_label_arguments, labeling.run_label),
+    "site": Command("run a site on its own while the server is away: score, ask for labels, learn (offline budget)",
+                    site_command.add_arguments, site_command.run),
     "exchange": Command("export a client's pending queries to files / import the filled CSV",
                         exchange_command.add_arguments, exchange_command.run),
     "split": Command("write one data file per site (deployment: each site holds only its own data)",

@@ -276,3 +276,35 @@ def test_backspace_after_a_reload_takes_back_only_this_labelers_answer(tmp_path,
         page.keyboard.press("Backspace")  # nothing of alice's left to take back
         time.sleep(0.5)
         assert pool.state_of(theirs) == "labeled" and page.problems == []
+
+
+def test_an_offline_site_s_page_says_where_it_stands_and_shows_suggestions(tmp_path, page):
+    """Issue 23: cut off from the server, the page says since when, the offline budget left and the answers
+    waiting to be sent; with ``suggest = true`` it shows the site model's class and confidence."""
+    from test_offline import Federation
+
+    from clients.offline import OfflineSite
+
+    fed = Federation(tmp_path, offline_budget=3, **{"offline-after": 1})
+    fed.round(1)
+    fed.round(2)
+    fed.nodes[1].update({"oracle": "web", "suggest": True})
+    fed.round(3)
+    time.sleep(1.5)  # the server says nothing for longer than offline-after
+    loop = OfflineSite(tmp_path / "state", 1, batch=3)
+    try:
+        assert loop.step()["asked"] == 3
+    finally:
+        loop.close()
+    with serving(open_labeling(fed.nodes[1]["state-dir"], 1, fed.nodes[1]["data-path"])) as server:
+        page.goto(server.url)
+        wait_until(page, "() => document.getElementById('link').textContent.startsWith('Offline since')")
+        link = page.inner_text("#link")
+        assert "offline budget: 0 of 3 left" in link and "no answers waiting to be sent" in link
+        wait_until(page, "() => !document.getElementById('suggestion').hidden")
+        assert page.inner_text("#suggestion").startswith("Model suggests: ")
+        sample = shown(page)
+        page.keyboard.press("1")
+        saved(page, sample)
+        wait_until(page, "() => document.getElementById('link').textContent.includes('1 answer waiting to be sent')")
+        assert page.problems == []

@@ -74,6 +74,7 @@ BAD_VALUES = {
     "stop_min_delta": -1.0,
     "stop_uncertainty": 2.0,
     "total_budget": -1,
+    "offline_budget": -1,
     "after_stop": "pause",
     "dp_clipping_norm": -1.0,
     "dp_noise_multiplier": -0.5,

@@ -120,6 +120,23 @@ function renderProgress() {
   }
   $("progress").textContent = text;
   $("bar-fill").style.width = `${Math.round(share * 100)}%`;
+  renderLink();
+}
+
+function renderLink() {  // connected or offline since when, offline budget left, answers waiting to be sent
+  const l = state.link;
+  const el = $("link");
+  if (!l) { el.textContent = ""; return; }
+  const when = (t) => new Date(t * 1000).toLocaleString();
+  let text;
+  if (l.last_contact === null) text = "Not yet in touch with the server";
+  else if (l.connected) text = `Connected to the server (last message ${when(l.last_contact)})`;
+  else text = `Offline since ${when(l.offline_since)}` + (l.expired ? " (too long: no new questions)" : "");
+  text += ` · offline budget: ${l.offline_left} of ${l.offline_budget} left`;
+  const n = l.answers_waiting;
+  text += n ? ` · ${n} answer${n === 1 ? "" : "s"} waiting to be sent` : " · no answers waiting to be sent";
+  el.textContent = text;
+  el.className = l.connected ? "" : "offline";
 }
 
 function renderButtons() {
@@ -160,11 +177,18 @@ function showCurrent() {
     img.hidden = true;
     table.hidden = true;
     $("sample-info").textContent = "";
+    $("suggestion").hidden = true;
     return;
   }
   const due = current.deadline ? ` · answer by ${new Date(current.deadline * 1000).toLocaleString()}` : "";
   const asked = current.round === 0 ? "one of the first labels" : `asked in ${roundName(current.round).toLowerCase()}`;
-  $("sample-info").textContent = `Sample ${current.sample_id} (${asked})${due}`;
+  const alone = current.offline ? " · asked while the server was away" : "";
+  $("sample-info").textContent = `Sample ${current.sample_id} (${asked})${due}${alone}`;
+  const hint = $("suggestion");
+  hint.hidden = !current.suggestion;
+  if (current.suggestion) {  // the site's model, shown only where the site turned suggestions on
+    hint.textContent = `Model suggests: ${current.suggestion.class} (${Math.round(current.suggestion.confidence * 100)}% sure)`;
+  }
   if (current.image) {
     img.src = `${current.image}?token=${encodeURIComponent(token)}`;
     img.alt = `sample ${current.sample_id}`;

@@ -7,8 +7,11 @@ Server -> client, one message per node and round:
 
 * ``train``: ``arrays`` (the global model) and ``config`` with the keys of
   :class:`~fedal.messages.TrainInstruction` (``server-round``, ``query-budget``;
-  ``proximal-mu`` with FedProx) and, with client-side differential privacy, Flower's
-  clipping-norm key;
+  ``proximal-mu`` with FedProx; ``offline-budget`` when the run grants one) and, with
+  client-side differential privacy, Flower's clipping-norm key; with ``pipeline = "head"``
+  also ``global-stats``, the summed class statistics the global head was solved from (the
+  same keys as a site's reply; they tell no more than the head: its means, counts and
+  covariance), so a site that loses the server can add its new labels to them exactly;
 * ``evaluate``: ``arrays`` (the global model) and ``config`` with ``server-round``;
 * ``query.client_id``: nothing; asked only of a node the server has not heard from yet,
   before it is given a label budget.
@@ -45,15 +48,18 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedal.messages import INSTRUCTION_KEYS, REPORT_KEYS, TrainInstruction, TrainReport
 
-__all__ = ["TrainInstruction", "TrainReport", "check_update", "eval_reply", "identify_message", "identify_reply",
+__all__ = ["TrainInstruction", "TrainReport", "check_update", "eval_reply", "global_stats_of", "identify_message",
+           "identify_reply",
            "model_record", "report_of", "reply_problem", "state_from_record", "train_reply", "with_budget"]
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+#: server -> client, head pipeline: the summed statistics of the last aggregation (an ArrayRecord)
+GLOBAL_STATS = "global-stats"
 WEIGHT_KEY = "num-examples"  # Flower strategies weight updates by this metric
 
 # server -> client (the fields of fedal.messages.TrainInstruction)
-SERVER_ROUND, QUERY_BUDGET, PROXIMAL_MU, LR_FACTOR = (INSTRUCTION_KEYS[k] for k in
-                                                      ("server_round", "query_budget", "proximal_mu", "lr_factor"))
+SERVER_ROUND, QUERY_BUDGET, PROXIMAL_MU, LR_FACTOR, OFFLINE_BUDGET = (
+    INSTRUCTION_KEYS[k] for k in ("server_round", "query_budget", "proximal_mu", "lr_factor", "offline_budget"))
 # client-side DP: the norm each client clips its update to (Flower's own key, set by fedal's DP wrapper)
 DP_CLIPPING_NORM = KEY_CLIPPING_NORM
 #: the query a node answers with its client id (message type ``query.client_id``)
@@ -71,6 +77,12 @@ def model_record(state: "OrderedDict[str, np.ndarray]") -> ArrayRecord:
     import torch
 
     return ArrayRecord(torch_state_dict=OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in state.items()))
+
+
+def global_stats_of(content: RecordDict) -> "OrderedDict[str, np.ndarray] | None":
+    """The summed statistics a head-pipeline train message's records ``content`` carry (:data:`GLOBAL_STATS`), or
+    None."""
+    return state_from_record(content[GLOBAL_STATS]) if GLOBAL_STATS in content else None
 
 
 def state_from_record(record: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
@@ -110,9 +122,10 @@ def identify_reply(msg: Message, client_id: int) -> Message:
     return Message(RecordDict({METRICS: MetricRecord({CLIENT_ID: int(client_id)})}), reply_to=msg)
 
 
-def with_budget(msg: Message, query_budget: int, lr_factor: float = 1.0) -> Message:
+def with_budget(msg: Message, query_budget: int, lr_factor: float = 1.0, offline_budget: int = 0) -> Message:
     """A copy of a Flower strategy's train message ``msg`` that gives its node ``query_budget`` labels (and the
-    round's ``lr_factor`` of the local learning rate).
+    round's ``lr_factor`` of the local learning rate, and ``offline_budget`` labels it may ask for on its own if
+    the server becomes unreachable).
 
     Flower strategies send one shared ``RecordDict`` to every node; a per-node budget
     needs a fresh ``ConfigRecord`` per message. The strategy's own config keys are kept
@@ -123,6 +136,8 @@ def with_budget(msg: Message, query_budget: int, lr_factor: float = 1.0) -> Mess
     config = {**(dict(content[CONFIG]) if CONFIG in content else {}), QUERY_BUDGET: int(query_budget)}
     if lr_factor != 1.0:  # the round's share of the learning rate (lr-schedule); absent = 1
         config[LR_FACTOR] = float(lr_factor)
+    if offline_budget:  # absent = 0: no labels asked while the server is away
+        config[OFFLINE_BUDGET] = int(offline_budget)
     records = {key: content[key] for key in content if key != CONFIG}
     records[CONFIG] = ConfigRecord(config)
     return Message(RecordDict(records), message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)

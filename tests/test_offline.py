@@ -1,0 +1,390 @@
+"""A site that keeps labeling while its server is away (issue 23), without the Flower stack: the offline
+requests in the database, the budgets on the wire and in the coordinator, the stored global model, the
+``fedal site`` loop (spend within the grant, nothing asked twice, a restart in the middle, the head copy
+exactly the global sums plus the new labels) and the labeling page's link status.
+
+The same parts under Flower's Deployment Engine, with a SuperNode cut off: tests/test_deployment.py.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from clients.node import NodeConfig
+from clients.offline import OfflineSite, ServerContact
+from clients.site import ClientSite
+from fedal.budget import BudgetCoordinator
+from fedal.exceptions import ConfigError, ProtocolError
+from fedal.heads import ClassStatistics
+from fedal.messages import TrainInstruction, TrainReport
+from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS, HeadClassifier
+from fedal.offline import DEFAULT_OFFLINE_AFTER_S, DEFAULT_OFFLINE_MAX_HOURS, GlobalSnapshot, snapshot_path, standing
+from fedal.pool import Pool
+from server.book import RoundBook
+from simulations import cli
+from tests.site_helpers import make_site, site_config
+
+RUN_ID = 7
+
+
+# ------------------------------------------------------------------ the database
+def test_offline_requests_count_against_their_grant_and_are_reported_once():
+    pool = Pool(3, size=20)
+    pool.request([0, 1], round=2)                      # an ordinary request of round 2
+    pool.request([2, 3, 4], round=None, offline_grant=2)
+    pool.request([5], offline_grant=4)
+    assert [r["sample_id"] for r in pool.offline_requests()] == [2, 3, 4, 5]
+    assert pool.offline_spent(grant_round=2) == 3 and pool.offline_spent() == 4
+    pool.answer({2: 1}, source="web")
+    pool.release([3], status="skipped")                # "unsure" spent the reader's time: it counts
+    pool.release([4], status="expired")                # an expired request gives its budget back
+    assert pool.offline_spent(grant_round=2) == 2
+    assert pool.report_offline(5) == 3                 # 2, 3 and 5; reported in round 5's reply
+    assert pool.report_offline(5) == 3                 # round 5 re-delivered: the same again
+    assert pool.report_offline(6) == 0                 # nothing new since
+    pool.request([6], offline_grant=6)
+    assert pool.report_offline(7) == 1
+
+
+# ------------------------------------------------------------------ the wire
+def test_the_offline_grant_is_an_optional_instruction_key_and_the_spend_a_report_field():
+    assert TrainInstruction.from_config({"server-round": 3, "query-budget": 4}).offline_budget == 0
+    assert TrainInstruction.from_config({"server-round": 3, "query-budget": 4, "offline-budget": 9}).offline_budget == 9
+    with pytest.raises(ProtocolError, match="offline-budget is -1"):
+        TrainInstruction(3, 4, offline_budget=-1)
+    report = TrainReport(5, 0, 2, 2, 10, 0, 0.5, 0.1, offline_spent=3)
+    assert report.to_metrics()["offline-spent"] == 3
+    assert TrainReport.from_metrics(report.to_metrics()).offline_spent == 3
+
+
+def test_the_coordinator_takes_offline_labels_from_the_site_s_next_shares_only():
+    coord = BudgetCoordinator("uniform", round_budget=20)
+    coord.record_offline(3, 1, 14)
+    assert coord.allocate(4, {0: _stats(), 1: _stats()}) == {0: 10, 1: 0}  # not handed to client 0: spent already
+    assert coord.allocate(5, {0: _stats(), 1: _stats()}) == {0: 10, 1: 6}  # 4 of the 14 left to take
+    assert [r.offline_deducted for r in coord.ledger if r.client == 1] == [10, 4]
+    assert coord.allocate(6, {0: _stats(), 1: _stats()}) == {0: 10, 1: 10}
+    coord.record_offline(6, 0, 3)
+    again = BudgetCoordinator("uniform", round_budget=20)
+    again.load_state_dict(json.loads(json.dumps(coord.state_dict())))  # a resumed server owes the same
+    assert again.debt == {0: 3} and [(r.round, r.client, r.spent) for r in again.offline] == [(3, 1, 14), (6, 0, 3)]
+    with pytest.raises(ConfigError, match="expected an integer >= 0"):
+        coord.record_offline(7, 0, -2)
+
+
+def _stats():
+    from fedal.budget import ClientStats
+
+    return ClientStats(unlabeled=100, uncertainty=0.5)
+
+
+def test_the_book_grants_offline_budgets_and_counts_no_more_than_it_granted():
+    book = RoundBook(BudgetCoordinator("uniform", round_budget=10), offline_budget=6)
+    book.identify(100, 0)
+    book.identify(101, 1)
+    book.open_round(2, [100, 101], query=True)
+    assert book.offline_grant(2, 100) == book.offline_grant(2, 101) == 6
+    assert book.offline_grant(2, 999) == 0  # a node that has not said which client it is: no grant
+    book.record_report(2, 100, _report(0, offline=0))
+    book.record_report(2, 101, _report(1, offline=0))
+    book.open_round(3, [100], query=True)     # client 1 is away from round 3 on
+    book.record_report(3, 100, _report(0, offline=0))
+    book.open_round(4, [100, 101], query=True)
+    book.record_report(4, 101, _report(1, offline=9))  # says 9, but it was granted 6 before this round
+    assert any(e.kind == "rejected" and "granted 6" in e.reason for e in book.rounds[4].events)
+    assert book.coordinator.debt == {1: 6}
+    assert book.clients_row(4)["1"]["offline_spent"] == 9 and book.clients_row(4)["1"]["offline_budget"] == 6
+    last = RoundBook(BudgetCoordinator("uniform", round_budget=10), offline_budget=6, rounds=5)
+    last.identify(100, 0)
+    last.open_round(4, [100], query=True)
+    last.open_round(5, [100], query=True)
+    assert (last.offline_grant(4, 100), last.offline_grant(5, 100)) == (6, 0)  # no later reply could report it
+    book.stopped = {"criterion": "plateau"}
+    book.open_round(5, [100, 101], query=False)
+    assert book.offline_grant(5, 100) == 0  # a run that stopped asking grants nothing
+
+
+def _report(client: int, *, offline: int) -> TrainReport:
+    return TrainReport(10, client, 0, 0, 50, 0, 0.5, 0.1, offline_spent=offline)
+
+
+def test_node_config_offline_settings_are_checked():
+    node = NodeConfig.from_mapping({"client-id": 0})
+    assert (node.offline_after, node.offline_max_hours, node.offline_budget, node.suggest) == (
+        DEFAULT_OFFLINE_AFTER_S, DEFAULT_OFFLINE_MAX_HOURS, None, False)
+    assert NodeConfig.from_mapping({"client-id": 0, "suggest": "true", "offline-budget": 4}).offline_budget == 4
+    for key, value, match in (("offline-after", -1, "offline-after must be >= 0"),
+                              ("offline-max-hours", 0, "offline-max-hours must be > 0"),
+                              ("offline-budget", 2.5, "offline-budget must be an integer"),
+                              ("suggest", "maybe", "suggest must be true or false")):
+        with pytest.raises(ConfigError, match=match):
+            NodeConfig.from_mapping({"client-id": 0, key: value})
+
+
+# ------------------------------------------------------------------ a site, rounds by hand
+class Federation:
+    """Two digits sites with simulated oracles and a server that sums their statistics, as
+    :class:`server.head.StatisticsAggregation` does; each round goes through the ClientApp's steps
+    (:class:`ServerContact` around :meth:`ClientSite.train`)."""
+
+    def __init__(self, tmp_path, *, offline_budget=12, **node):
+        self.cfg = site_config(tmp_path, offline_budget=offline_budget, pseudo_label_threshold=0.0,
+                               strategy="margin")
+        self.nodes = [make_site(tmp_path, self.cfg, cid, oracle="simulated", labels=True, **node) for cid in (0, 1)]
+        self.model = None
+        self.state, self.stats = None, None
+
+    def round(self, server_round: int, clients=(0, 1), budget: int = 4) -> dict[int, TrainReport]:
+        replies, reports = [], {}
+        for cid in clients:
+            node = NodeConfig.from_mapping(self.nodes[cid])
+            site = ClientSite(self.cfg, node)
+            if self.model is None:
+                self.model = HeadClassifier(site.data.n_classes, site.X_pool.shape[1], shrinkage=None)
+                self.state = self.model.get_state()
+            instruction = TrainInstruction(server_round, budget if server_round > 1 else 0,
+                                           offline_budget=self.cfg.offline_budget)
+            contact = ServerContact(site, self.cfg, node, run_id=RUN_ID, run_config=self.cfg.to_run_config(),
+                                    node_config=self.nodes[cid], global_state=self.state, global_stats=self.stats,
+                                    instruction=instruction)
+            arrays, report = site.train(self.state, instruction)
+            reports[cid] = contact.report(report)
+            site.close()
+            replies.append(arrays)
+        labeled = sum((ClassStatistics.from_arrays(a, LABELED_STATS) for a in replies[1:]),
+                      ClassStatistics.from_arrays(replies[0], LABELED_STATS))
+        pseudo = sum((ClassStatistics.from_arrays(a, PSEUDO_STATS) for a in replies[1:]),
+                     ClassStatistics.from_arrays(replies[0], PSEUDO_STATS))
+        self.model.fit_statistics(labeled, pseudo)
+        self.state = self.model.get_state()
+        self.stats = {**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)}
+        return reports
+
+
+def later(seconds: float = DEFAULT_OFFLINE_AFTER_S + 1) -> float:
+    return time.time() + seconds
+
+
+def test_the_global_model_is_kept_beside_the_ledger_with_its_round_and_grant(tmp_path):
+    fed = Federation(tmp_path)
+    fed.round(1)
+    fed.round(2)
+    snap = GlobalSnapshot.load(snapshot_path(tmp_path / "state", 1))
+    assert (snap.run_id, snap.server_round, snap.offline_budget) == (RUN_ID, 2, 12)
+    assert set(snap.global_stats) == {f"{p}.{k}" for p in (LABELED_STATS, PSEUDO_STATS) for k in ("counts", "sums",
+                                                                                                   "scatter")}
+    assert len(snap.included_ids) == 6  # its initial labels were in the sums of round 1
+    assert snap.node_config["data-path"] == fed.nodes[1]["data-path"]
+    assert not list((tmp_path / "state").glob(".*.tmp"))  # written through a temporary file, replaced whole
+    with pytest.raises(ProtocolError, match="older than round 2"):  # a message kept at the SuperLink meanwhile
+        fed.round(1, clients=(1,))
+
+
+def test_offline_site_asks_within_its_grant_nothing_twice_and_survives_a_restart(tmp_path):
+    fed = Federation(tmp_path, offline_budget=12)
+    fed.round(1)
+    fed.round(2)
+    state = tmp_path / "state"
+    loop = OfflineSite(state, 1, batch=5)
+    assert loop.step()["state"] == "connected"  # the server spoke a moment ago: nothing asked
+    pool = loop.site.pool
+    assert pool.offline_spent() == 0
+    labeled_before = pool.counts()["labeled"]
+    first = loop.step(now=later())
+    assert (first["state"], first["asked"], first["spent"], first["left"]) == ("offline", 5, 5, 7)
+    loop.close()  # the process is stopped in the middle ...
+    again = OfflineSite(state, 1, batch=5)  # ... and started anew: it goes on from the database
+    steps = [again.step(now=later()) for _ in range(4)]
+    assert [s["asked"] for s in steps] == [5, 2, 0, 0] and steps[-1]["state"] == "spent"
+    pool = again.site.pool
+    offline = pool.offline_requests()
+    assert len(offline) == 12 == pool.offline_spent(grant_round=2)
+    asked = [r["sample_id"] for r in pool.requests()]
+    assert len(asked) == len(set(asked))  # nothing asked twice
+    assert pool.counts()["labeled"] == labeled_before + 12
+    shown = standing(pool, now=later())
+    assert (shown["connected"], shown["offline_budget"], shown["offline_left"], shown["answers_waiting"]) == (
+        False, 12, 0, 12)
+    again.close()
+    # the server is back: the next round trains on every label and reports the offline spend once
+    reports = fed.round(3)
+    assert reports[1].offline_spent == 12 and reports[0].offline_spent == 0
+    assert reports[1].num_examples == labeled_before + 12 + reports[1].queries_used
+    assert fed.round(4)[1].offline_spent == 0
+
+
+def test_the_head_copy_is_the_global_sums_plus_the_new_labels_exactly(tmp_path):
+    fed = Federation(tmp_path, offline_budget=8)
+    fed.round(1)
+    fed.round(2)
+    fed.round(3)
+    loop = OfflineSite(tmp_path / "state", 1, batch=8)
+    loop.step(now=later())
+    site = loop.site
+    # what the server would solve if site 0 stood still and site 1 sent every label it has now
+    sums = ClassStatistics.empty(site.data.n_classes, site.X_pool.shape[1])
+    for cid in (0, 1):
+        other = ClientSite(fed.cfg, NodeConfig.from_mapping(fed.nodes[cid]))
+        X, y = other.learner.labeled_data()
+        if cid == 0:  # the sums site 1 holds are round 2's (they came with round 3): site 0's labels sent then
+            snap = GlobalSnapshot.load(snapshot_path(tmp_path / "state", 0))
+            keep = np.isin(other.pool.labels()[0], snap.included_ids)
+            assert 0 < keep.sum() < len(keep)
+            X, y = X[keep], y[keep]
+        sums = sums + ClassStatistics.from_samples(X, y, site.data.n_classes)
+        other.close()
+    expected = HeadClassifier(site.data.n_classes, site.X_pool.shape[1])
+    expected.fit_statistics(sums)
+    got = site.model.get_state()
+    for key, value in expected.get_state().items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-9, err_msg=key)
+    loop.close()
+
+
+def test_an_expired_site_asks_nothing_and_a_file_site_exports_its_offline_requests(tmp_path):
+    fed = Federation(tmp_path, offline_budget=6, **{"offline-max-hours": 1})
+    fed.round(1)
+    fed.round(2)
+    loop = OfflineSite(tmp_path / "state", 1)
+    out = loop.step(now=later(2 * 3600))
+    assert (out["state"], out["asked"]) == ("expired", 0)
+    loop.close()
+    fed.nodes[1]["oracle"] = "file"  # people answer by file while the server is away
+    fed.nodes[1]["offline-max-hours"] = 72
+    fed.round(3)
+    loop = OfflineSite(tmp_path / "state", 1, batch=3)
+    out = loop.step(now=later())
+    assert (out["state"], out["asked"], out["waiting"]) == ("offline", 3, 3)
+    csv = (tmp_path / "state" / "exchange-1" / "requests.csv").read_text().splitlines()
+    assert len(csv) - 1 >= 3
+    loop.close()
+
+
+def test_suggestions_reach_the_labeling_page_only_where_the_site_turned_them_on(tmp_path):
+    from clients.labeling import LabelingService
+    from fedal.sitedata import load_site
+
+    fed = Federation(tmp_path, offline_budget=4)
+    fed.round(1)
+    fed.round(2)
+    fed.nodes[1].update({"oracle": "web", "suggest": True})
+    fed.round(3)
+    loop = OfflineSite(tmp_path / "state", 1, batch=4)
+    loop.step(now=later())
+    data = load_site(fed.nodes[1]["data-path"], 1)
+    page = LabelingService(loop.site.pool, data).state()
+    offline = [p for p in page["pending"] if p["offline"]]
+    assert len(offline) == 4 and all(0 <= p["suggestion"]["confidence"] <= 1 for p in offline)
+    assert page["link"]["offline_left"] == 0 and page["link"]["offline_budget"] == 4
+    loop.close()
+
+
+def test_fedal_site_without_a_stored_model_says_what_to_do(tmp_path, capsys):
+    (tmp_path / "state").mkdir()
+    assert cli.main(["site", "--state-dir", str(tmp_path / "state"), "--client-id", "3", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "no stored global model" in err and "take part in one round first" in err
+    assert cli.main(["site", "--state-dir", str(tmp_path), "--client-id", "0", "--every", "0"]) == 2
+    assert "--every must be a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_a_message_older_than_the_round_timeout_is_refused_and_a_new_one_kept_at_once(tmp_path):
+    from clients.offline import stale_problem
+
+    cfg = site_config(tmp_path, round_timeout=60.0)
+    stale_problem(cfg, 3, time.time() - 30)  # the server still waits for it
+    with pytest.raises(ProtocolError, match="longer than the run's round-timeout"):
+        stale_problem(cfg, 3, time.time() - 61)
+    fed = Federation(tmp_path)
+    fed.round(1)
+    node = NodeConfig.from_mapping(fed.nodes[1])
+    site = ClientSite(fed.cfg, node)
+    ServerContact(site, fed.cfg, node, run_id=RUN_ID, run_config=fed.cfg.to_run_config(), node_config=fed.nodes[1],
+                  global_state=fed.state, global_stats=fed.stats, instruction=TrainInstruction(2, 4, offline_budget=5),
+                  sent_at=time.time())
+    # the site is cut off before it replies: the model of the message is kept all the same
+    snap = GlobalSnapshot.load(snapshot_path(tmp_path / "state", 1))
+    assert (snap.server_round, snap.replied, snap.offline_budget, len(snap.sent_ids)) == (2, False, 5, 0)
+    assert standing(site.pool)["connected"] and not standing(site.pool, now=later())["connected"]
+    assert (standing(site.pool)["offline_budget"], standing(site.pool)["offline_left"]) == (5, 5)
+    site.close()
+
+
+def test_fedal_site_once_says_where_the_site_stands(tmp_path, capsys):
+    fed = Federation(tmp_path)
+    fed.round(1)
+    fed.round(2)
+    assert cli.main(["site", "--state-dir", str(tmp_path / "state"), "--client-id", "1", "--once"]) == 0
+    assert "connected (model of round 2)" in capsys.readouterr().out
+
+
+def test_a_network_site_fine_tunes_its_copy_of_the_stored_weights_on_every_label(tmp_path):
+    from fedal.models import model_for
+
+    cfg = site_config(tmp_path, pipeline="network", offline_budget=4, local_epochs=1, min_local_steps=2)
+    raw = make_site(tmp_path, cfg, 0, oracle="simulated", labels=True)
+    node = NodeConfig.from_mapping(raw)
+    state = None
+    for server_round in (1, 2):
+        site = ClientSite(cfg, node)
+        state = state or model_for(cfg, site.X_pool.shape[1:], site.data.n_classes, seed=cfg.seed).get_state()
+        instruction = TrainInstruction(server_round, 3 if server_round > 1 else 0, offline_budget=4)
+        contact = ServerContact(site, cfg, node, run_id=RUN_ID, run_config=cfg.to_run_config(), node_config=raw,
+                                global_state=state, global_stats=None, instruction=instruction)
+        state, report = site.train(state, instruction)
+        contact.report(report)
+        site.close()
+    loop = OfflineSite(tmp_path / "state", 0, batch=4)
+    out = loop.step(now=later())
+    assert (out["state"], out["asked"], out["spent"]) == ("offline", 4, 4)
+    stored = GlobalSnapshot.load(snapshot_path(tmp_path / "state", 0)).state
+    copy = loop.site.model.get_state()
+    assert any(not np.array_equal(copy[k], stored[k]) for k in stored)  # trained on the labels, not the stored one
+    assert loop.step(now=later())["state"] == "spent"
+    loop.close()
+
+
+def test_a_handover_site_adds_its_labels_to_the_stored_sums_and_fine_tunes_its_network(tmp_path):
+    """pipeline = handover: the copy's head is the stored sums plus the labels given offline, exactly; its network
+    is the stored one fine-tuned on every label; the flag of which one serves is kept."""
+    from fedal.models import model_for
+    from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, prefixed, unprefixed
+
+    cfg = site_config(tmp_path, pipeline="handover", offline_budget=4, pseudo_label_threshold=0.0, local_epochs=1,
+                      min_local_steps=2)
+    raw = make_site(tmp_path, cfg, 0, oracle="simulated", labels=True)
+    node = NodeConfig.from_mapping(raw)
+    site = ClientSite(cfg, node)
+    server = model_for(cfg, site.X_pool.shape[1:], site.data.n_classes, seed=cfg.seed, raw_shape=site.data.input_shape)
+    site.close()
+    state, stats = server.get_state(), None
+    for server_round in (1, 2):  # a server of this one site: the head of its sums, its network as it came back
+        site = ClientSite(cfg, node)
+        instruction = TrainInstruction(server_round, 3 if server_round > 1 else 0, offline_budget=4)
+        contact = ServerContact(site, cfg, node, run_id=RUN_ID, run_config=cfg.to_run_config(), node_config=raw,
+                                global_state=state, global_stats=stats, instruction=instruction)
+        arrays, report = site.train(state, instruction)
+        contact.report(report)
+        site.close()
+        head = unprefixed(arrays, HEAD_PREFIX)
+        labeled, pseudo = (ClassStatistics.from_arrays(head, p) for p in (LABELED_STATS, PSEUDO_STATS))
+        server.head.fit_statistics(labeled, pseudo)
+        server.net.set_state(unprefixed(arrays, NET_PREFIX))
+        state, stats = server.get_state(), {**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)}
+    loop = OfflineSite(tmp_path / "state", 0, batch=4)
+    out = loop.step(now=later())
+    assert (out["state"], out["asked"], out["spent"]) == ("offline", 4, 4)
+    copy, pool = loop.site.model, loop.site.pool
+    ids, labels = pool.labels()
+    features = copy.features(loop.site.X_pool[loop.site.learner.rows(ids)])
+    expected = HeadClassifier(loop.site.data.n_classes, copy.head.dim)
+    expected.fit_statistics(ClassStatistics.from_samples(features, labels, loop.site.data.n_classes))
+    got = copy.get_state()
+    for key, value in prefixed(expected.get_state(), HEAD_PREFIX).items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-9, err_msg=key)
+    assert any(not np.array_equal(got[k], state[k]) for k in state if k.startswith(NET_PREFIX))
+    assert copy.serving == "head"
+    loop.close()
