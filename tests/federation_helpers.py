@@ -204,3 +204,16 @@ def train_replies(strategy, state, updates, server_round=1):
                                       unlabeled_left=10, pending=0, mean_uncertainty=0.5, train_loss=1.0)
         out.append(protocol.train_reply(msg, update, report))
     return messages, out
+
+
+def require_deployment_tools(deploy) -> None:
+    """Skip (fail under CI) a deployment test when openssl, ssh-keygen or Flower's executables are missing."""
+    import pytest
+
+    missing = [tool for tool in ("openssl", "ssh-keygen") if not shutil.which(tool)]
+    missing += [tool for tool in ("flower-superlink", "flower-supernode", "flwr") if not (deploy.BIN / tool).exists()]
+    if missing:
+        reason = f"{missing} not found: run .ci/install-system.sh and install fedal into the venv"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)

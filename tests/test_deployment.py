@@ -9,8 +9,6 @@ Uses ``deploy/run_local_deployment.py`` (what the deployment guide runs) and nee
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -19,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from federation_helpers import require_deployment_tools
 
 from fedal.config import FederationConfig
 from fedal.federation import federation_dataset
@@ -50,13 +49,7 @@ def deploy():
 @pytest.fixture(scope="module")
 def deployment(deploy, tmp_path_factory):
     """SuperLink + two registered SuperNodes; stopped (process groups) whatever the tests do."""
-    missing = [tool for tool in ("openssl", "ssh-keygen") if not shutil.which(tool)]
-    missing += [tool for tool in ("flower-superlink", "flower-supernode", "flwr") if not (deploy.BIN / tool).exists()]
-    if missing:
-        reason = f"{missing} not found: run .ci/install-system.sh and install fedal into the venv"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_deployment_tools(deploy)
     dep = deploy.LocalDeployment(tmp_path_factory.mktemp("deployment"), sites=2, run_config=RUN_CONFIG, verbose=False)
     try:
         dep.start_all()

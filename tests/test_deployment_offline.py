@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +27,7 @@ import time
 
 import numpy as np
 import pytest
+from federation_helpers import require_deployment_tools
 
 from clients.labeling import open_labeling
 from clients.node import NodeConfig
@@ -134,13 +134,7 @@ def pool_spent(rows) -> int:
 def offline_run(tmp_path_factory):
     """The whole story of the module docstring, once; what the tests check is returned."""
     deploy = _deploy_module()
-    missing = [tool for tool in ("openssl", "ssh-keygen") if not shutil.which(tool)]
-    missing += [tool for tool in ("flower-superlink", "flower-supernode", "flwr") if not (deploy.BIN / tool).exists()]
-    if missing:
-        reason = f"{missing} not found: run .ci/install-system.sh and install fedal into the venv"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_deployment_tools(deploy)
     dep = deploy.LocalDeployment(tmp_path_factory.mktemp("offline"), sites=2, run_config=RUN_CONFIG, verbose=False)
     server = labeler = None
     story: dict = {"dep": dep}

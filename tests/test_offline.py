@@ -321,22 +321,31 @@ def test_fedal_site_once_says_where_the_site_stands(tmp_path, capsys):
     assert "connected (model of round 2)" in capsys.readouterr().out
 
 
+def _train_by_hand(cfg, raw: dict, state: dict, stats: dict | None, server_round: int) -> dict:
+    """One train message to the site of node config ``raw`` as the ClientApp handles it (3 labels to ask from
+    round 2, an offline grant of 4); returns the reply's arrays."""
+    node = NodeConfig.from_mapping(raw)
+    site = ClientSite(cfg, node)
+    instruction = TrainInstruction(server_round, 3 if server_round > 1 else 0, offline_budget=4)
+    contact = ServerContact(site, cfg, node, run_id=RUN_ID, run_config=cfg.to_run_config(), node_config=raw,
+                            global_state=state, global_stats=stats, instruction=instruction)
+    arrays, report = site.train(state, instruction)
+    contact.report(report)
+    site.close()
+    return arrays
+
+
 def test_a_network_site_fine_tunes_its_copy_of_the_stored_weights_on_every_label(tmp_path):
     from fedal.models import model_for
 
     cfg = site_config(tmp_path, pipeline="network", offline_budget=4, local_epochs=1, min_local_steps=2)
     raw = make_site(tmp_path, cfg, 0, oracle="simulated", labels=True)
     node = NodeConfig.from_mapping(raw)
-    state = None
-    for server_round in (1, 2):
-        site = ClientSite(cfg, node)
-        state = state or model_for(cfg, site.X_pool.shape[1:], site.data.n_classes, seed=cfg.seed).get_state()
-        instruction = TrainInstruction(server_round, 3 if server_round > 1 else 0, offline_budget=4)
-        contact = ServerContact(site, cfg, node, run_id=RUN_ID, run_config=cfg.to_run_config(), node_config=raw,
-                                global_state=state, global_stats=None, instruction=instruction)
-        state, report = site.train(state, instruction)
-        contact.report(report)
-        site.close()
+    site = ClientSite(cfg, node)
+    state = model_for(cfg, site.X_pool.shape[1:], site.data.n_classes, seed=cfg.seed).get_state()
+    site.close()
+    for server_round in (1, 2):  # the site's own weights come back as the next global model
+        state = _train_by_hand(cfg, raw, state, None, server_round)
     loop = OfflineSite(tmp_path / "state", 0, batch=4)
     out = loop.step(now=later())
     assert (out["state"], out["asked"], out["spent"]) == ("offline", 4, 4)
@@ -362,13 +371,7 @@ def test_a_handover_site_adds_its_labels_to_the_stored_sums_and_fine_tunes_its_n
     site.close()
     state, stats = server.get_state(), None
     for server_round in (1, 2):  # a server of this one site: the head of its sums, its network as it came back
-        site = ClientSite(cfg, node)
-        instruction = TrainInstruction(server_round, 3 if server_round > 1 else 0, offline_budget=4)
-        contact = ServerContact(site, cfg, node, run_id=RUN_ID, run_config=cfg.to_run_config(), node_config=raw,
-                                global_state=state, global_stats=stats, instruction=instruction)
-        arrays, report = site.train(state, instruction)
-        contact.report(report)
-        site.close()
+        arrays = _train_by_hand(cfg, raw, state, stats, server_round)
         head = unprefixed(arrays, HEAD_PREFIX)
         labeled, pseudo = (ClassStatistics.from_arrays(head, p) for p in (LABELED_STATS, PSEUDO_STATS))
         server.head.fit_statistics(labeled, pseudo)
