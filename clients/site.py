@@ -22,7 +22,7 @@ from fedal.federation import client_data
 from fedal.learner import ActiveLearner, pool_uncertainty
 from fedal.messages import TrainInstruction, TrainReport
 from fedal.models import HandoverClassifier, model_for
-from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, SERVING, prefixed
+from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, SERVING, prefixed, serving_flag
 from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS
 from fedal.oracle import VerifyingOracle
 from fedal.pool import PENDING
@@ -171,7 +171,7 @@ class ClientSite:
                                  draw=instruction.server_round, unlabeled=None if pool is None else model.inputs(pool))
         state = prefixed(head_arrays, HEAD_PREFIX)
         state.update(prefixed(model.net.get_state(), NET_PREFIX))
-        state[SERVING] = model.get_state()[SERVING]
+        state[SERVING] = serving_flag(model.serving)  # as received
         return state, loss, auto, auto_correct
 
     def _pool_inputs(self) -> np.ndarray | None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedal.flower import protocol
-from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, SERVES, SERVING, HandoverClassifier
+from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, SERVES, SERVING, HandoverClassifier, serving_flag
 from server.head import StatisticsAggregation
 
 log = logging.getLogger("fedal.server")
@@ -108,9 +108,6 @@ def handover_due(serving: str, client_eval) -> bool:
 
 def serve_network(arrays: ArrayRecord) -> ArrayRecord:
     """``arrays`` with the flag that says the network serves."""
-    import numpy as np
-    from flwr.app import Array
-
     out = {k: arrays[k] for k in arrays}
-    out[SERVING] = Array(np.array([SERVES.index("network")], dtype=np.int64))
+    out[SERVING] = Array(serving_flag("network"))
     return ArrayRecord(out)

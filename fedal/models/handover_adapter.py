@@ -152,7 +152,7 @@ class HandoverClassifier:
         """Both models' arrays (``head/``, ``net/``) and the serving flag."""
         state = prefixed(self.head.get_state(), HEAD_PREFIX)
         state.update(prefixed(self.net.get_state(), NET_PREFIX))
-        state[SERVING] = np.array([SERVES.index(self.serving)], dtype=np.int64)
+        state[SERVING] = serving_flag(self.serving)
         return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -174,6 +174,11 @@ class HandoverClassifier:
         shapes.update((NET_PREFIX + k, tuple(v.shape)) for k, v in self.net.get_state().items())
         shapes[SERVING] = (1,)
         return dict(shapes)
+
+
+def serving_flag(serving: str) -> np.ndarray:
+    """The state's :data:`SERVING` array for ``serving`` (``"head"`` or ``"network"``)."""
+    return np.array([SERVES.index(serving)], dtype=np.int64)
 
 
 def serving_of(state: dict) -> str:
