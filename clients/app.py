@@ -16,12 +16,12 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from clients.node import NodeConfig
 from clients.offline import ServerContact, note_contact, stale_problem
+from clients.secure import secure_aggregation_mod, summable_reply, under_protocol
 from clients.site import ClientSite
 from fedal.config import FederationConfig
 from fedal.flower import protocol
 from fedal.messages import TrainInstruction
 
-app = ClientApp()
 torch.set_num_threads(1)  # one core per simulated client: Ray runs as many clients as cores
 
 
@@ -42,9 +42,9 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Query within the budget, train locally, reply with weights and aggregate scalars."""
+    """Query within the budget, train locally, reply with weights and aggregate scalars (under secure aggregation:
+    with their fixed-point limbs, which Flower's SecAgg+ mod masks: :mod:`clients.secure`)."""
     cfg, node = _settings(context)
     instruction = TrainInstruction.from_config(dict(msg.content[protocol.CONFIG]))
     site = ClientSite(cfg, node)
@@ -59,10 +59,11 @@ def train(msg: Message, context: Context) -> Message:
         report = contact.report(report)
     finally:
         site.close()
+    if under_protocol(msg):
+        return summable_reply(msg, context, state, report, site.secure_codec())
     return protocol.train_reply(msg, state, report)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the local test set."""
     cfg, node = _settings(context)
@@ -78,7 +79,21 @@ def evaluate(msg: Message, context: Context) -> Message:
     return protocol.eval_reply(msg, num_examples=n, client_id=site.client_id, loss=loss, accuracy=acc, each=each)
 
 
-@app.query(protocol.IDENTIFY)
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which client this node is (its node config's client id; nothing else)."""
     return protocol.identify_reply(msg, NodeConfig.from_mapping(dict(context.node_config)).client_id)
+
+
+def client_app(train_mods=(), mods=()) -> ClientApp:
+    """A ClientApp with fedal's train, evaluate and identify functions; ``train_mods`` run in front of the train
+    function, behind the secure aggregation mod (so under SecAgg+ they see fedal's own train message: tests and
+    benchmarks put fault injection or captures there), ``mods`` around every message."""
+    built = ClientApp(mods=list(mods))
+    built.train(mods=[secure_aggregation_mod, *train_mods, dp_clipping_mod])(train)
+    built.evaluate()(evaluate)
+    built.query(protocol.IDENTIFY)(identify)
+    return built
+
+
+#: the ClientApp Flower loads (``clients.app:app``)
+app = client_app()

@@ -35,6 +35,8 @@ NODE_KEYS = {
     "offline-budget": "most labels this site asks for while offline; lowers the server's grant, never raises it "
                       "(default: the grant)",
     "suggest": "show people the model's class and confidence on the labeling page (default false)",
+    "secure-only": "answer a train message only under secure aggregation, whatever the run says: the server never "
+                   "sees this site's update in the clear (default false)",
 }
 
 
@@ -66,6 +68,9 @@ class NodeConfig:
         ``offline-budget``: the site's own cap on labels asked offline (None = the server's grant).
     suggest : bool
         ``suggest``: the labeling page shows the model's class and confidence.
+    secure_only : bool
+        ``secure-only``: the site refuses a train message that does not come with Flower's SecAgg+ protocol
+        (:mod:`clients.secure`), so a server that turns secure aggregation off gets nothing from it.
     """
 
     client_id: int
@@ -79,6 +84,7 @@ class NodeConfig:
     offline_max_hours: float = DEFAULT_OFFLINE_MAX_HOURS
     offline_budget: int | None = None
     suggest: bool = False
+    secure_only: bool = False
 
     @classmethod
     def from_mapping(cls, node_config: dict[str, Any]) -> "NodeConfig":
@@ -96,11 +102,6 @@ class NodeConfig:
         if oracle not in ORACLE_KINDS:
             raise ConfigError(f"unknown oracle {oracle!r} in the node config; choose one of {', '.join(ORACLE_KINDS)}")
         timeout = _number(node_config, "query-timeout", float, low=0) if "query-timeout" in node_config else None
-        suggest = node_config.get("suggest", False)
-        if isinstance(suggest, str) and suggest.lower() in ("true", "false"):
-            suggest = suggest.lower() == "true"
-        if not isinstance(suggest, bool):
-            raise ConfigError(f"node config suggest must be true or false, got {suggest!r}")
         hours = _number(node_config, "offline-max-hours", float, low=0) if "offline-max-hours" in node_config \
             else DEFAULT_OFFLINE_MAX_HOURS
         if hours <= 0:
@@ -113,7 +114,16 @@ class NodeConfig:
                    offline_after=_number(node_config, "offline-after", float, low=0) if "offline-after" in node_config
                    else DEFAULT_OFFLINE_AFTER_S, offline_max_hours=hours,
                    offline_budget=_number(node_config, "offline-budget", int, low=0) if "offline-budget" in node_config
-                   else None, suggest=suggest)
+                   else None, suggest=_flag(node_config, "suggest"), secure_only=_flag(node_config, "secure-only"))
+
+
+def _flag(node_config: dict, key: str) -> bool:
+    value = node_config.get(key, False)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"node config {key} must be true or false, got {value!r}")
+    return value
 
 
 def _number(node_config: dict, key: str, kind: type, *, low: float):

@@ -101,6 +101,7 @@ class LocalDeployment:
     superlink_port: int = 0
     processes: list[subprocess.Popen] = field(default_factory=list)
     site_list: list[Site] = field(default_factory=list)
+    output_dir: Path | None = None  # of the last run submitted
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -227,9 +228,11 @@ class LocalDeployment:
         ])
         return site.process
 
-    def submit(self) -> int:
-        """``flwr run`` the fedal app in this repository; return the run id."""
-        overrides = {**self.fedal_settings(), "output-dir": str(self.workdir / "server")}
+    def submit(self, **settings) -> int:
+        """``flwr run`` the fedal app in this repository (with more fedal ``settings``, kebab-case, which may name
+        another ``output-dir``); return the run id."""
+        overrides = {**self.fedal_settings(), "output-dir": str(self.workdir / "server"), **settings}
+        self.output_dir = Path(overrides["output-dir"])
         path = self.workdir / "run-config.toml"
         path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in overrides.items()))
         out = self.run_cmd([BIN / "flwr", "run", REPO_ROOT, CONNECTION, "--run-config", path, "--format", "json"])
@@ -244,7 +247,7 @@ class LocalDeployment:
         return str(reply["runs"][0]["status"])
 
     def results(self) -> dict | None:
-        path = self.workdir / "server" / "results.json"
+        path = (self.output_dir or self.workdir / "server") / "results.json"
         try:
             return json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):

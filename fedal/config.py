@@ -219,6 +219,25 @@ class FederationConfig:
         Where updates are clipped: ``server`` (the server clips what it receives) or ``client`` (each client clips before sending).
     dp_delta : float
         The delta at which the privacy budget epsilon is reported.
+    secure_aggregation : bool
+        Sum what the sites send with Flower's SecAgg+ protocol (:mod:`server.secure`): the server sees only the
+        federation's sum of the statistics / weight changes, never one site's; the scalars of the report stay in
+        the clear.
+    secure_threshold : float
+        SecAgg+: the share of a site's neighbours whose key shares rebuild its masks (the protocol survives
+        fewer sites dropping out than the rest; a higher share resists more colluding sites).
+    secure_clip_norm : float
+        Secure aggregation of networks: each site clips its change of the weights to this L2 norm on the device
+        (it bounds what one site can do to the sum the server can no longer screen).
+    secure_max_count : int
+        Secure aggregation: the most samples one site's statistics may count (labeled and self-trained) and the
+        most labels a network update is weighted by; with the feature and clip norms it sets the fixed-point
+        steps (:mod:`fedal.secure`).
+    min_class_count : int
+        Head and hand-over pipelines without secure aggregation: a site sends a class's labeled statistics only
+        once it holds this many labels of the class, and renews them only when as many new ones came, so no
+        statistic the server reads (or a difference of two rounds) is of fewer samples; classes below the
+        count wait on the device (-1 = 2 without secure aggregation, off with it; 0 or 1 = off).
     """
 
     dataset: str = "digits"
@@ -293,6 +312,11 @@ class FederationConfig:
     dp_noise_multiplier: float = 0.0
     dp_mode: str = "server"
     dp_delta: float = 1e-5
+    secure_aggregation: bool = False
+    secure_threshold: float = 0.6
+    secure_clip_norm: float = 100.0
+    secure_max_count: int = 2 ** 20
+    min_class_count: int = -1
 
     def __post_init__(self) -> None:
         # names and options are stored in one spelling: "Entropy" and "entropy" are one run
@@ -407,6 +431,14 @@ class FederationConfig:
         need(self.head_dp_noise == 0 or (self.head_clip_norm > 0 and self.pipeline == "head"),
              f"head-dp-noise {self.head_dp_noise} needs pipeline = head and head-clip-norm > 0 (the noise is scaled "
              "by what one clipped sample can add); set e.g. --head-clip-norm 5")
+        need(self.min_class_count >= -1, f"min-class-count must be >= 0 (-1 = the default: 2 without secure "
+             f"aggregation), got {self.min_class_count}")
+        need(0 < self.secure_threshold <= 1, f"secure-threshold must be in (0, 1] (the share of a site's neighbours "
+             f"whose shares rebuild its masks), got {self.secure_threshold}")
+        need(self.secure_clip_norm > 0, f"secure-clip-norm must be > 0, got {self.secure_clip_norm}")
+        need(1 <= self.secure_max_count < 2 ** 31, f"secure-max-count must be in [1, 2^31), got {self.secure_max_count}")
+        if self.secure_aggregation:
+            self._validate_secure(need)
         if self.pipeline == "handover":
             need(self.dp_clipping_norm == 0, "differential privacy is not available with pipeline = handover (the "
                  "update holds a network and statistics): set pipeline = network or head")
@@ -416,6 +448,28 @@ class FederationConfig:
             need(self.dp_clipping_norm == 0, "differential privacy clips and noises network updates: set "
                  "pipeline = network to use dp-clipping-norm (the head pipeline sends statistics)")
         return self
+
+    def _validate_secure(self, need) -> None:
+        from fedal.secure import MAX_SITES
+
+        need(self.min_clients >= 2 and self.clients >= 2, "secure aggregation needs at least 2 sites in every round "
+             f"(a sum of one site is that site's update): set min-clients >= 2, got clients={self.clients}, "
+             f"min-clients={self.min_clients}")
+        need(self.clients <= MAX_SITES, f"secure aggregation sums at most {MAX_SITES} sites per round (Flower's 32-bit "
+             f"modulus), got clients={self.clients}")
+        need(self.aggregation in ("fedavg", "fedprox", "fedadam", "fedavgm"), f"aggregation {self.aggregation!r} "
+             "needs every site's update, which secure aggregation hides from the server: use fedavg, fedprox, "
+             "fedadam or fedavgm, or secure-aggregation = false")
+        need(self.dp_clipping_norm == 0, "network differential privacy (dp-clipping-norm) clips and screens each "
+             "site's update on the server, which secure aggregation hides: use one of the two (the head pipeline's "
+             "head-dp-noise works with secure aggregation)")
+
+    @property
+    def clear_min_count(self) -> int:
+        """The fewest labels of a class whose statistics a site sends (and renews) in the clear (1 = any)."""
+        if self.min_class_count >= 0:
+            return max(self.min_class_count, 1)
+        return 1 if self.secure_aggregation or self.pipeline == "network" else 2
 
     def round_lr_factor(self, server_round: int) -> float:
         """The factor ``lr-schedule`` gives round ``server_round``'s learning rate (1 with ``constant``):

@@ -82,6 +82,15 @@ class ImageDescriptors(Featurizer):
         self.name = (f"descriptors(o={self.orientations},c={self.cell},b={self.block},p={self.lbp_points},"
                      f"r={self.lbp_radius},h={self.bins})")
 
+    def max_norm(self, input_shape: tuple[int, ...]) -> float:
+        """The largest L2 norm a descriptor of an image of ``input_shape`` with values in [0, 1] can have: each
+        L2-Hys HOG block has norm at most 1, the LBP histogram's shares sum to 1, and per channel the mean and
+        three percentiles are at most 1, the standard deviation at most 1/2 and the histogram's shares sum to 1."""
+        shape = tuple(input_shape)
+        channels, (height, width) = (1, shape) if len(shape) == 2 else (shape[0], shape[1:])
+        blocks = max(height // self.cell - self.block + 1, 0) * max(width // self.cell - self.block + 1, 0)
+        return float(np.sqrt(blocks + 1.0 + channels * (1.0 + 0.25 + 3.0 + 1.0)))
+
     def transform(self, X: np.ndarray) -> np.ndarray:
         from skimage.feature import hog, local_binary_pattern
 

@@ -36,6 +36,9 @@ app = ServerApp()
 log = logging.getLogger("fedal.server")
 #: callables run with each round's result row (``fedal simulate`` shows progress with it)
 ROUND_HOOKS: list = []
+#: callables given every secure-aggregation stage's messages and replies (:data:`server.secure.StageListener`;
+#: the privacy audit test reads what the server received through it)
+SECURE_LISTENERS: list = []
 #: set (by ``fedal simulate``'s Ctrl-C) to stop after the last finished round: the round under way is
 #: abandoned, not recorded, so a resumed run does it again (the clients' side of a round is idempotent)
 STOP_REQUESTED = threading.Event()
@@ -144,6 +147,13 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                      PrivacySettings.from_config(cfg), offline_budget=cfg.offline_budget,
                      rounds=cfg.rounds)
     strategy = make_strategy(cfg, book, model, is_query_round=lambda r: cfg.is_query_round(r) and book.stopped is None)
+    secure = None
+    if cfg.secure_aggregation:
+        from fedal.models import secure_codec
+        from server.secure import SecureTraining
+
+        secure = SecureTraining(strategy, secure_codec(cfg, model), cfg.secure_threshold, timeout=cfg.round_timeout,
+                                listener=lambda *stage: [listener(*stage) for listener in SECURE_LISTENERS])
     criteria = cfg.stopping_criteria()
     recorder = RunRecorder(cfg.output_dir, cfg.to_run_config())
     state = model.get_state()
@@ -188,9 +198,12 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             model.reset(seed=reinit_seed(cfg.seed, server_round))
             arrays = protocol.model_record(model.get_state())
         # train: budgets -> queries -> local training -> aggregation
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                                        timeout=cfg.round_timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if secure is not None:  # the server sees the sites' sum only (server.secure)
+            new_arrays, train_metrics = secure(grid, server_round, arrays)
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                                            timeout=cfg.round_timeout)
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if STOP_REQUESTED.is_set():  # interrupted during the round: its replies may be cut short
             log.warning("stopped during round %d; it is not recorded (resume does it again)", server_round)
             break

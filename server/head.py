@@ -78,7 +78,9 @@ class StatisticsAggregation(Strategy):
                 msg.content[protocol.GLOBAL_STATS] = self.global_stats
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+    def aggregate_train(self, server_round: int, replies: Iterable[Message], contributors: int | None = None):
+        """The heads of the replies' summed statistics; ``contributors``: how many sites a reply's sum holds
+        (under secure aggregation one reply holds the federation's sum), for the privacy accounting."""
         n_classes, dim = self.model.n_classes, self.model.dim
         labeled, pseudo = ClassStatistics.empty(n_classes, dim), ClassStatistics.empty(n_classes, dim)
         replies = list(replies)
@@ -90,7 +92,7 @@ class StatisticsAggregation(Strategy):
             return None, None
         if self.privacy is not None and self.privacy.noise_multiplier > 0:
             labeled, pseudo = self.noisy(labeled), self.noisy(pseudo)
-            self.accountant.compose(self.privacy.release(len(replies)))
+            self.accountant.compose(self.privacy.release(len(replies) if contributors is None else contributors))
             if labeled.total <= 0:
                 return None, None
         self.model.fit_statistics(labeled, pseudo)

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -39,7 +39,8 @@ from fedal.config import FederationConfig
 from fedal.flower import protocol
 from fedal.models import HandoverClassifier, HeadClassifier
 from server import handover
-from server.book import RoundBook
+from fedal.messages import TrainReport
+from server.book import RoundBook, RoundEvent
 from server.dp import PrivateAggregation
 from server.handover import HandoverAggregation
 from server.head import StatisticsAggregation
@@ -150,13 +151,71 @@ class BudgetedStrategy(Strategy):
         if not good:
             return None, None
         statistics = self._mean_buffers(good)
-        arrays, _ = self.inner.aggregate_train(server_round, good)
+        return self._aggregate(server_round, good, statistics), self.train_metrics(server_round)
+
+    def aggregate_secure(self, server_round: int, reports: dict[int, dict], failed: dict[int, str],
+                         aggregate: Callable[[int], dict] | None):
+        """Record a round aggregated under secure aggregation (:mod:`server.secure`); return (arrays, metrics).
+
+        Parameters
+        ----------
+        reports : dict
+            Node -> the scalars of its report (in the clear), for the sites whose update is in the sum.
+        failed : dict
+            Node -> why it is not in the sum (it failed or dropped out of a stage).
+        aggregate : callable or None
+            ``total labeled samples -> the decoded aggregate`` (statistics summed, weights averaged), None when
+            the protocol did not complete.
+        """
+        book = self.book
+        for node, reason in failed.items():
+            book.fail(server_round, node, reason)
+        used, refused = [], []
+        for node, metrics in reports.items():
+            problem = protocol.metrics_problem(metrics, protocol.TRAIN_METRICS)
+            if problem:
+                book.reject(server_round, node, problem, answered=True)
+                refused.append(node)
+                continue
+            report = TrainReport.from_metrics(metrics)
+            reason = book.record_report(server_round, node, report)
+            if reason:
+                log.warning("round %d: report of node %d not used: %s", server_round, node, reason)
+                refused.append(node)
+                continue
+            used.append(report)
+        book.close_round(server_round)
+        weight = sum(r.num_examples for r in used)
+        if aggregate is None or not used or weight <= 0:
+            return None, self.train_metrics(server_round) if used else None
+        if refused:  # a site's share cannot be taken out of the sum: the round is dropped whole
+            reason = (f"the secure sum holds the update of node(s) {sorted(refused)}, whose report was refused; a "
+                      "share of the sum cannot be taken out, so the round is not aggregated")
+            for node in refused:
+                book.rounds[server_round].events.append(RoundEvent("rejected", book.client_of(node), node, reason))
+            log.warning("round %d: %s", server_round, reason)
+            return None, self.train_metrics(server_round)
+        total = aggregate(weight)
+        statistics = {k: Array(np.asarray(total[k])) for k in self.buffers}
+        summed = Message(RecordDict({
+            protocol.ARRAYS: protocol.model_record({k: v for k, v in total.items() if k not in self.buffers}),
+            protocol.METRICS: MetricRecord({protocol.WEIGHT_KEY: weight})}),
+            dst_node_id=0, message_type=MessageType.TRAIN)
+        return self._aggregate(server_round, [summed], statistics, contributors=len(used)), \
+            self.train_metrics(server_round)
+
+    def _aggregate(self, server_round: int, good: list[Message], statistics: dict, contributors: int | None = None):
+        """The inner strategy's aggregate of the replies ``good`` (the buffers' ``statistics`` put back)."""
+        if contributors is not None and isinstance(self.inner, StatisticsAggregation):
+            arrays, _ = self.inner.aggregate_train(server_round, good, contributors=contributors)
+        else:
+            arrays, _ = self.inner.aggregate_train(server_round, good)
         if arrays is not None and statistics:
             if all(k in arrays or k in statistics for k in self.reference):  # in the model's order
                 arrays = ArrayRecord({k: arrays[k] if k in arrays else statistics[k] for k in self.reference})
             else:  # the update is not the model (the handover's head comes back as statistics)
                 arrays = ArrayRecord({**{k: arrays[k] for k in arrays}, **statistics})
-        return arrays, self.train_metrics(server_round)
+        return arrays
 
     def _mean_buffers(self, good: list[Message]) -> dict:
         """The example-weighted mean of the :attr:`buffers` of the replies ``good``, which are taken out of them."""

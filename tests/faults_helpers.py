@@ -229,16 +229,13 @@ def fault_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 def fault_client_app():
-    """``clients.app``'s train (with its DP clipping mod) and evaluate behind :func:`fault_mod`."""
-    from flwr.clientapp import ClientApp
+    """``clients.app``'s train (behind its secure aggregation and DP clipping mods) and evaluate, with
+    :func:`fault_mod` in front of the train function: under secure aggregation a fault fires in the masking
+    stage, after the site shared its keys (the drop-out SecAgg+ recovers from)."""
     from ray import cloudpickle
 
     from clients import app as client_module
 
     # Ray ships the app to its workers by pickle; this test module is not importable there
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    app = ClientApp(mods=[fault_mod])
-    app.train(mods=[client_module.dp_clipping_mod])(client_module.train)
-    app.evaluate()(client_module.evaluate)
-    app.query(client_module.protocol.IDENTIFY)(client_module.identify)
-    return app
+    return client_module.client_app(train_mods=[fault_mod])

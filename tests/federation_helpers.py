@@ -76,18 +76,13 @@ def capturing_client_app():
     """``clients.app``'s train / evaluate functions behind :func:`capture_mod`."""
     import sys
 
-    from flwr.clientapp import ClientApp
     from ray import cloudpickle
 
     from clients import app as client_module
 
     # Ray ships the app to its workers by pickle; this test module is not importable there
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    app = ClientApp(mods=[capture_mod])
-    app.train()(client_module.train)
-    app.evaluate()(client_module.evaluate)
-    app.query(client_module.protocol.IDENTIFY)(client_module.identify)
-    return app
+    return client_module.client_app(mods=[capture_mod])
 
 
 def read_captures(folder) -> list[dict]:
@@ -217,3 +212,102 @@ def require_deployment_tools(deploy) -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+# ------------------------------------------------------------ secure aggregation
+#: what each SecAgg+ stage's reply may hold, as the server receives it: record -> its keys
+SECURE_REPLY_RECORDS = {
+    "setup": {"secaggplus_configs": {"pk1", "pk2"}},
+    "share_keys": {"secaggplus_configs": {"dsts", "ctxts"}},
+    "collect_masked_vectors": {"secaggplus_configs": {"masked_params"}, "fitres.parameters": set(),
+                               "fitres.num_examples": {"num_examples"}, "fitres.metrics": None,
+                               "fitres.status": {"code", "message"}},
+    "unmask": {"secaggplus_configs": {"nids", "shares"}},
+}
+CLEAR_ENV = "FEDAL_CLEAR_DIR"
+
+
+def clear_capture_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod between the SecAgg+ mod and the train function: keep the site's clear fixed-point limbs
+    (what the server must never see) in ``$FEDAL_CLEAR_DIR``, one ``.npz`` per client and round."""
+    import numpy as np
+
+    from fedal.flower import protocol
+
+    reply = call_next(msg, context)
+    folder = os.environ.get(CLEAR_ENV)
+    if folder and reply.has_content() and "fitres.parameters" in reply.content:
+        client = int(context.node_config.get("partition-id", context.node_config.get("client-id", -1)))
+        server_round = int(msg.content[protocol.CONFIG][protocol.SERVER_ROUND])
+        limbs = [a.numpy() for a in reply.content["fitres.parameters"].values()]
+        np.savez(Path(folder) / f"clear-c{client}-r{server_round}.npz", *limbs)
+    return reply
+
+
+def secure_capturing_client_app():
+    """``clients.app`` with :func:`clear_capture_mod` in front of its train function (inside the SecAgg+ mod)."""
+    import sys
+
+    from ray import cloudpickle
+
+    from clients import app as client_module
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return client_module.client_app(train_mods=[clear_capture_mod])
+
+
+def payloads(content: RecordDict) -> list[bytes]:
+    """Every byte string a message's records hold (arrays' data, bytes and lists of bytes in configs)."""
+    out = []
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            out += [a.data for a in record.values()]
+        elif isinstance(record, ConfigRecord):
+            for value in record.values():
+                values = value if isinstance(value, list) else [value]
+                out += [v for v in values if isinstance(v, bytes)]
+    return out
+
+
+def audit_secure_reply(stage: str, content: RecordDict, clear: list) -> list[str]:
+    """Why a SecAgg+ reply the server received breaks secure aggregation (empty = fine): records or keys other than
+    the protocol's, an array left in the clear, report metrics other than the report's, or any of the sites'
+    ``clear`` arrays (their fixed-point limbs, their statistics) in its bytes, as they are or as Flower's
+    quantiser would write them unmasked."""
+    import numpy as np
+    from flwr.common import bytes_to_ndarray
+
+    from fedal.flower import protocol
+    from fedal.secure import CLIPPING_RANGE
+
+    problems = []
+    allowed = SECURE_REPLY_RECORDS.get(stage)
+    if allowed is None:
+        return [f"unknown secure aggregation stage {stage!r}"]
+    if sorted(content.keys()) != sorted(allowed):
+        problems.append(f"{stage} reply records {sorted(content.keys())}, expected {sorted(allowed)}")
+    for name, record in content.items():
+        keys = allowed.get(name)
+        if name == "fitres.metrics":
+            keys = set(protocol.TRAIN_METRICS)
+        if keys is not None and set(record.keys()) != keys:
+            problems.append(f"{stage} reply record {name!r} holds {sorted(record.keys())}, expected {sorted(keys)}")
+        if isinstance(record, ArrayRecord) and len(record):
+            problems.append(f"{stage} reply record {name!r} carries {len(record)} arrays in the clear")
+    blobs = payloads(content)
+    for arr in clear:
+        arr = np.asarray(arr)
+        forms = {arr.astype(np.float64).tobytes(), arr.astype(np.float32).tobytes()}
+        if np.all(arr == np.rint(arr)) and np.all(np.abs(arr) <= CLIPPING_RANGE):  # limbs: as quantised, unmasked
+            forms |= {(arr + CLIPPING_RANGE).astype(np.int64).tobytes(), (arr + CLIPPING_RANGE).astype(np.int32).tobytes()}
+        if arr.size >= 4 and any(form in blob for form in forms for blob in blobs):
+            problems.append(f"a site's clear array of {arr.size} values reached the server in the {stage} stage")
+    if stage == "collect_masked_vectors" and "secaggplus_configs" in content:
+        for blob in content["secaggplus_configs"].get("masked_params", []):
+            masked = bytes_to_ndarray(blob)
+            for arr in clear:
+                arr = np.asarray(arr)
+                if masked.shape == arr.shape and arr.size >= 4 and np.mean(masked == arr + CLIPPING_RANGE) > 0.01:
+                    problems.append(f"a masked vector of the {stage} stage equals a site's clear limbs in "
+                                    f"{np.mean(masked == arr + CLIPPING_RANGE):.0%} of its entries: it is not masked")
+    return problems

@@ -80,13 +80,17 @@ BAD_VALUES = {
     "dp_noise_multiplier": -0.5,
     "dp_mode": "everywhere",
     "dp_delta": 0.0,
+    "secure_threshold": 1.5,
+    "secure_clip_norm": 0.0,
+    "secure_max_count": 0,
+    "min_class_count": -2,
 }
 # second bad values for settings with two bounds
 MORE_BAD_VALUES = [("total_budget", 49), ("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
                    ("unsure_rate", -0.1), ("verify_threshold", -0.1),
                    ("momentum", -0.5)]
 # settings any value of their type is fine for (checked where they are used: data loading)
-FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite"}
+FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite", "secure_aggregation"}
 
 
 def test_defaults_validate():

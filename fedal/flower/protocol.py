@@ -31,6 +31,13 @@ Client -> server:
   local test accuracy of the head and of the network: :data:`server.handover.EVAL_METRICS`);
 * to ``query.client_id``: ``metrics`` with ``client-id``.
 
+With ``secure-aggregation = true`` a round's training is Flower's SecAgg+ protocol instead
+(:mod:`server.secure`, :mod:`clients.secure`): four train messages per site (setup, key sharing, the
+masking stage, unmasking). The masking stage carries the train message above; its reply holds no
+array, only the masked fixed-point vector of the arrays (:mod:`fedal.secure`) and the same report
+scalars, in the clear, in Flower's legacy ``fitres`` records; the other stages hold the protocol's
+public keys and encrypted key shares.
+
 Every metric is an aggregate count or mean over the client's data. No raw input, no
 sample id and no per-sample label is ever put in a message (but a class statistic of a
 single sample is that sample's feature vector: see PRIVACY.md): the builders below take only
@@ -48,7 +55,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedal.messages import INSTRUCTION_KEYS, REPORT_KEYS, TrainInstruction, TrainReport
 
-__all__ = ["TrainInstruction", "TrainReport", "check_update", "eval_reply", "global_stats_of", "identify_message",
+__all__ = ["TrainInstruction", "TrainReport", "check_update", "eval_reply", "global_stats_of", "metrics_problem", "identify_message",
            "identify_reply",
            "model_record", "report_of", "reply_problem", "state_from_record", "train_reply", "with_budget"]
 
@@ -156,7 +163,12 @@ def reply_problem(content: RecordDict, metric_keys: tuple[str, ...], *, arrays: 
     for name, kind in expected.items():
         if not isinstance(content[name], kind):
             return f"record {name!r} is a {type(content[name]).__name__}, expected a {kind.__name__}"
-    metrics = content[METRICS]
+    return metrics_problem(content[METRICS], metric_keys)
+
+
+def metrics_problem(metrics, metric_keys: tuple[str, ...]) -> str | None:
+    """Why the scalars ``metrics`` (a MetricRecord, or the clear report of a secure round) are not exactly
+    ``metric_keys``, all finite numbers; or None."""
     if sorted(metrics.keys()) != sorted(metric_keys):
         return f"metrics {sorted(metrics.keys())}, expected {sorted(metric_keys)}"
     for key, value in metrics.items():

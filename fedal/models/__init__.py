@@ -77,16 +77,48 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int,
         if len(input_shape) != 1 or dim < 1:
             raise ConfigError(f"handover rows of shape {tuple(input_shape)} cannot hold features and inputs of shape "
                               f"{tuple(raw_shape)}; make them with fedal.features.model_inputs")
-        return HandoverClassifier(_head(cfg, dim, n_classes, seed), _network(cfg, tuple(raw_shape), n_classes, seed),
-                                  tuple(raw_shape))
+        return HandoverClassifier(_head(cfg, dim, n_classes, seed, raw_shape),
+                                  _network(cfg, tuple(raw_shape), n_classes, seed), tuple(raw_shape))
     if cfg.pipeline == "head":
-        return _head(cfg, int(np.prod(input_shape)), n_classes, seed)
+        return _head(cfg, int(np.prod(input_shape)), n_classes, seed, raw_shape)
     return _network(cfg, input_shape, n_classes, seed)
 
 
-def _head(cfg, dim: int, n_classes: int, seed: int) -> HeadClassifier:
+def _head(cfg, dim: int, n_classes: int, seed: int, raw_shape) -> HeadClassifier:
     return HeadClassifier(n_classes, dim, shrinkage=None if cfg.head_shrinkage < 0 else cfg.head_shrinkage,
-                          pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed, clip_norm=cfg.head_clip_norm)
+                          pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed,
+                          clip_norm=statistics_clip_norm(cfg, raw_shape))
+
+
+def statistics_clip_norm(cfg, raw_shape: tuple[int, ...] | None) -> float:
+    """The L2 norm the head's feature vectors are clipped to: ``head-clip-norm``; with secure aggregation and no
+    such setting, the largest norm image descriptors can have (:meth:`fedal.features.ImageDescriptors.max_norm`,
+    which clips nothing of images in [0, 1]: the fixed-point range needs a bound); 0 (none) otherwise.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run's settings (``head-clip-norm``, ``secure-aggregation``, ``features``).
+    raw_shape : tuple of int or None
+        The shape of one input as the data set has it (which features the head reads).
+    """
+    if cfg.head_clip_norm > 0 or not cfg.secure_aggregation:
+        return float(cfg.head_clip_norm)
+    from fedal.features import featurizer_for
+
+    featurizer = None if raw_shape is None else featurizer_for(cfg.features, tuple(raw_shape), "head")
+    bound = getattr(featurizer, "max_norm", None)
+    if bound is None:
+        raise ConfigError("secure aggregation of the head's statistics needs a bound on the feature vectors' L2 norm, "
+                          "and these features have none: set head-clip-norm (each site clips its rows to it; e.g. "
+                          "the largest row norm of the data)")
+    return float(bound(tuple(raw_shape)))
+
+
+def feature_bound(model) -> float:
+    """The clip norm of the head of ``model`` (head or hand-over pipeline), 0 for a network alone."""
+    head = model.head if isinstance(model, HandoverClassifier) else model
+    return float(head.clip_norm) if isinstance(head, HeadClassifier) else 0.0
 
 
 def _network(cfg, input_shape: tuple[int, ...], n_classes: int, seed: int) -> TorchClassifier:
@@ -109,3 +141,12 @@ def augmentation_for(augment: str, dataset: str, input_shape: tuple[int, ...]) -
     from pathlib import Path
 
     return "shift-flip" if Path(str(dataset)).stem.lower() in FLIP_INVARIANT else "shift"
+
+
+def secure_codec(cfg, model):
+    """The fixed-point encoding of secure aggregation for ``model`` (:class:`fedal.secure.FixedPoint`): the same on
+    every site and on the server, from the run's settings ``cfg`` (``secure-max-count``, ``secure-clip-norm``) and
+    the head's clip norm."""
+    from fedal.secure import FixedPoint
+
+    return FixedPoint(max_count=cfg.secure_max_count, feature_bound=feature_bound(model), clip_norm=cfg.secure_clip_norm)
