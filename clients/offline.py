@@ -146,7 +146,8 @@ class ServerContact:
         """After training: keep the global model beside the ledger and add the offline spend to ``report``."""
         pool, server_round = self.site.pool, self.instruction.server_round
         offline_spent = pool.report_offline(server_round)
-        self._save(pool.labeled_ids(), replied=True)
+        sent = self.site.sent_ids  # the labels in this reply's statistics (min-class-count holds some back)
+        self._save(pool.labeled_ids() if sent is None else sent, replied=True)
         note_contact(pool, self.node, server_round)  # the site was busy with the server until now
         pool.set_meta(LAST_REPLY, repr(time.time()))
         return dataclasses.replace(report, offline_spent=offline_spent)

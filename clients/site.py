@@ -65,6 +65,9 @@ class ClientSite:
                                   predict=self._confident_view)
         self.learner = ActiveLearner(self.model, cfg.query_strategy(), self.X_pool, self.pool, self.oracle,
                                      cold_start=cfg.cold_start_strategy(), seed=seed)
+        #: the labeled samples whose statistics the last :meth:`train` sent (head and hand-over pipelines; None
+        #: before): a site's offline copy adds the others to the server's sums (:mod:`clients.offline`)
+        self.sent_ids: np.ndarray | None = None
 
     def close(self) -> None:
         """Close the database."""
@@ -146,15 +149,45 @@ class ClientSite:
 
     def _head_statistics(self, X: np.ndarray, y: np.ndarray) -> tuple[dict, float, int, int]:
         """Class statistics of the labeled samples and, self-training, of the pool samples the global
-        head is confident about: ``(arrays, loss of the global head on the labels, auto-labeled, right)``."""
+        head is confident about: ``(arrays, loss of the global head on the labels, auto-labeled, right)``.
+        With ``min-class-count`` above 1 (the default without secure aggregation), of the released labeled
+        samples only, and of the classes with that many self-trained samples (:meth:`_released`)."""
         unlabeled_rows = self.learner.rows(self.pool.unlabeled_ids())
         ready = self.learner.model_ready
-        labeled, pseudo, added = self.model.statistics(X, y, self.X_pool[unlabeled_rows] if ready else None)
         loss = self.model.evaluate(X, y)[0] if ready and len(y) else math.nan
+        X_sent, y_sent = self._released()
+        labeled, pseudo, added = self.model.statistics(X_sent, y_sent, self.X_pool[unlabeled_rows] if ready else None,
+                                                       min_count=self.cfg.clear_min_count)
         truth = self.data.y_pool[unlabeled_rows[added.positions]]
         correct = int(np.sum(truth == added.labels)) if np.all(truth >= 0) else -1  # -1: no ground truth here
         arrays = {**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)}
         return arrays, loss, len(added), correct
+
+    def _released(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labeled samples whose statistics this round sends (:func:`fedal.secure.renew_released`: every class
+        with at least ``min-class-count`` labels, renewed only when as many new ones came); the released sets
+        are kept in the site's database."""
+        import json
+
+        from fedal.secure import renew_released
+
+        ids, labels = self.pool.labels()
+        if self.cfg.clear_min_count <= 1:
+            self.sent_ids = ids
+            return self.X_pool[self.learner.rows(ids)], labels
+        before = {int(k): v for k, v in json.loads(self.pool.get_meta("released-labels", "{}")).items()}
+        released = renew_released(dict(zip(ids.tolist(), labels.tolist())), before, self.cfg.clear_min_count)
+        if released != before:
+            self.pool.set_meta("released-labels", json.dumps({str(k): v for k, v in sorted(released.items())}))
+        pairs = sorted((i, k) for k, v in released.items() for i in v)
+        sent_ids = self.sent_ids = np.array([i for i, _ in pairs], dtype=np.int64)
+        return self.X_pool[self.learner.rows(sent_ids)], np.array([k for _, k in pairs], dtype=np.int64)
+
+    def secure_codec(self):
+        """The fixed-point encoding of this run's secure aggregation (the server's is the same)."""
+        from fedal.models import secure_codec
+
+        return secure_codec(self.cfg, self.model)
 
     def _handover_update(self, X: np.ndarray, y: np.ndarray, instruction: TrainInstruction
                          ) -> tuple[dict, float, int, int]:

@@ -47,7 +47,7 @@ ROUNDS = 6
 GRANT = 12
 RUN_CONFIG = {"dataset": "digits", "rounds": ROUNDS, "initial-labels": 10, "round-budget": 16, "min-clients": 1,
               "offline-budget": GRANT, "pseudo-label-threshold": 0.0, "strategy": "margin", "round-timeout": 120.0,
-              "seed": 0}
+              "seed": 0, "min-class-count": 1}  # every label in the sums: the server's head is the pooled one
 #: seconds without a message after which site 1 acts on its own (longer than the gaps between its messages)
 OFFLINE_AFTER = 20
 BATCH = 4

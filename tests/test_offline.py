@@ -176,7 +176,13 @@ def test_the_global_model_is_kept_beside_the_ledger_with_its_round_and_grant(tmp
     assert (snap.run_id, snap.server_round, snap.offline_budget) == (RUN_ID, 2, 12)
     assert set(snap.global_stats) == {f"{p}.{k}" for p in (LABELED_STATS, PSEUDO_STATS) for k in ("counts", "sums",
                                                                                                    "scatter")}
-    assert len(snap.included_ids) == 6  # its initial labels were in the sums of round 1
+    # its initial labels were in the sums of round 1, but for the classes with one label (min-class-count 2)
+    first = ClientSite(fed.cfg, NodeConfig.from_mapping(fed.nodes[1]))
+    ids, labels = first.pool.labels()
+    first.close()
+    assert 0 < len(snap.included_ids) <= 6 and set(snap.included_ids.tolist()) <= set(ids.tolist())
+    sent_classes = np.bincount(labels[np.isin(ids, snap.included_ids)])
+    assert np.all((sent_classes == 0) | (sent_classes >= 2))
     assert snap.node_config["data-path"] == fed.nodes[1]["data-path"]
     assert not list((tmp_path / "state").glob(".*.tmp"))  # written through a temporary file, replaced whole
     with pytest.raises(ProtocolError, match="older than round 2"):  # a message kept at the SuperLink meanwhile

@@ -127,11 +127,11 @@ class HandoverClassifier:
         return self.serving_model.sample_probs(self._own(X), n_samples, seed=seed)
 
     # ------------------------------------------------------------- training
-    def statistics(self, X, y, unlabeled=None):
+    def statistics(self, X, y, unlabeled=None, *, min_count: int = 1):
         """The head's class statistics of the rows ``X`` with labels ``y`` (and self-training on the rows
-        ``unlabeled``): :meth:`HeadClassifier.statistics`."""
+        ``unlabeled``, of the classes with at least ``min_count`` such rows): :meth:`HeadClassifier.statistics`."""
         return self.head.statistics(self.features(X) if len(X) else np.zeros((0, self.head.dim)), y,
-                                    None if unlabeled is None else self.features(unlabeled))
+                                    None if unlabeled is None else self.features(unlabeled), min_count=min_count)
 
     def fit(self, X, y, *, unlabeled=None, **kwargs) -> float:
         """Train both on the rows ``X`` with labels ``y`` (the head self-trains on ``unlabeled``); return the

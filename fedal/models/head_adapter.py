@@ -90,10 +90,11 @@ class HeadClassifier:
         self.labeled_head: LDAHead | None = None  # labels only: chooses the pseudo-labels
 
     # ------------------------------------------------------------- training
-    def statistics(self, X: np.ndarray, y: np.ndarray, unlabeled: np.ndarray | None = None
+    def statistics(self, X: np.ndarray, y: np.ndarray, unlabeled: np.ndarray | None = None, *, min_count: int = 1
                    ) -> tuple[ClassStatistics, ClassStatistics, SelfTraining]:
         """``(labeled, self-trained, what was added)``: statistics of the labeled features ``X`` with labels
-        ``y``, and of the ``unlabeled`` rows the labeled head is confident about (self-training)."""
+        ``y``, and of the ``unlabeled`` rows the labeled head is confident about (self-training), leaving out
+        the classes with fewer than ``min_count`` such rows."""
         X = self._features(X) if len(X) else np.zeros((0, self.dim))
         stats = ClassStatistics.from_samples(X, y, self.n_classes)
         pseudo = ClassStatistics.empty(self.n_classes, self.dim)
@@ -102,6 +103,9 @@ class HeadClassifier:
                 and len(unlabeled)):
             unlabeled = self._features(unlabeled)
             positions, labels = pseudo_labels(self.labeled_head.probs(unlabeled), self.pseudo_label_threshold)
+            if min_count > 1 and len(labels):
+                keep = np.bincount(labels, minlength=self.n_classes)[labels] >= min_count
+                positions, labels = positions[keep], labels[keep]
             if len(positions):
                 pseudo = ClassStatistics.from_samples(unlabeled[positions], labels, self.n_classes)
                 added = SelfTraining(positions, labels)
