@@ -16,6 +16,8 @@ off gets an error instead of the site's update.
 """
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
@@ -30,6 +32,7 @@ FITRES_PARAMETERS, FITRES_WEIGHT, FITRES_METRICS, FITRES_STATUS = (
     "fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status")
 #: the SecAgg+ settings under which fedal's fixed-point values sum exactly (:mod:`fedal.secure`)
 EXACT_SETTINGS = {"clipping_range": CLIPPING_RANGE, "target_range": QUANTIZATION_RANGE, "max_weight": 1.0}
+log = logging.getLogger("fedal.client")
 
 
 class SecureAggregationRefused(RuntimeError):
@@ -70,6 +73,10 @@ def summable_reply(msg: Message, context: Context, arrays: dict, report: TrainRe
     samples), with weight 1 and the ``report``'s scalars, in the ``fitres`` records Flower's mod masks."""
     check_settings(context)
     sent = protocol.state_from_record(msg.content[protocol.ARRAYS])
+    norm = codec.change_norm(arrays, sent)
+    if norm > codec.clip_norm:  # the sum is then not FedAvg's mean of the sites' own weights
+        log.warning("this site's change of the weights has L2 norm %.3g, clipped to secure-clip-norm %.3g before it "
+                    "is summed; raise secure-clip-norm if that is not meant", norm, codec.clip_norm)
     limbs = codec.encode(arrays, sent, report.num_examples)
     return Message(RecordDict({
         FITRES_PARAMETERS: ArrayRecord({str(i): Array(a) for i, a in enumerate(limbs)}),

@@ -120,13 +120,8 @@ class FixedPoint:
         for key in keys:
             if not np.all(np.isfinite(np.asarray(arrays[key], dtype=np.float64))):
                 raise ValueError(f"array {key!r} of this site's update holds NaN or Inf: it is not sent")
-        changes = {}
-        for key in keys:
-            if kind_of(key) == CHANGE:
-                if key not in sent:
-                    raise ValueError(f"array {key!r} of this site's update was not in the model it was sent")
-                changes[key] = np.asarray(arrays[key], np.float64) - np.asarray(sent[key], np.float64)
-        norm = math.sqrt(sum(float(np.sum(d * d)) for d in changes.values()))
+        changes = _changes(arrays, sent)
+        norm = _norm(changes)
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0  # bounded on the device
         parts = []
         for key in keys:
@@ -147,6 +142,11 @@ class FixedPoint:
             value = (value - low) >> LIMB_BITS
         limbs.append(value)
         return [limb.astype(np.float64) for limb in reversed(limbs)]
+
+    @staticmethod
+    def change_norm(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
+        """The L2 norm of a site's change of the weights (``arrays`` against the ``sent`` model), before clipping."""
+        return _norm(_changes(arrays, sent))
 
     # ------------------------------------------------------------------ server side
     def decode(self, limb_sums: list[np.ndarray], reference: Mapping[str, np.ndarray], total_weight: int
@@ -185,6 +185,20 @@ class FixedPoint:
             else:
                 out[key] = part.reshape(ref.shape)
         return OrderedDict((k, out[k]) for k in reference)
+
+
+def _changes(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for key in sorted(arrays):
+        if kind_of(key) == CHANGE:
+            if key not in sent:
+                raise ValueError(f"array {key!r} of this site's update was not in the model it was sent")
+            out[key] = np.asarray(arrays[key], np.float64) - np.asarray(sent[key], np.float64)
+    return out
+
+
+def _norm(changes: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(d * d)) for d in changes.values()))
 
 
 def _size(shape: tuple[int, ...], kind: str) -> int:
