@@ -7,6 +7,7 @@ message.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from fedal.kpi import label_entropy, oracle_use
 from fedal.federation import client_data
 from fedal.learner import ActiveLearner, pool_uncertainty
 from fedal.messages import TrainInstruction, TrainReport
-from fedal.models import HandoverClassifier, model_for
+from fedal.models import HandoverClassifier, model_for, secure_codec
 from fedal.models.handover_adapter import HEAD_PREFIX, NET_PREFIX, SERVING, prefixed, serving_flag
 from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS
 from fedal.oracle import VerifyingOracle
 from fedal.pool import PENDING
+from fedal.secure import FixedPoint, renew_released
 from fedal.seeds import client_seed, local_model_seed
 from fedal.sitedata import load_site
 from fedal.strategies import WithViews
@@ -167,10 +169,6 @@ class ClientSite:
         """The labeled samples whose statistics this round sends (:func:`fedal.secure.renew_released`: every class
         with at least ``min-class-count`` labels, renewed only when as many new ones came); the released sets
         are kept in the site's database."""
-        import json
-
-        from fedal.secure import renew_released
-
         ids, labels = self.pool.labels()
         if self.cfg.clear_min_count <= 1:
             self.sent_ids = ids
@@ -183,10 +181,8 @@ class ClientSite:
         sent_ids = self.sent_ids = np.array([i for i, _ in pairs], dtype=np.int64)
         return self.X_pool[self.learner.rows(sent_ids)], np.array([k for _, k in pairs], dtype=np.int64)
 
-    def secure_codec(self):
+    def secure_codec(self) -> FixedPoint:
         """The fixed-point encoding of this run's secure aggregation (the server's is the same)."""
-        from fedal.models import secure_codec
-
         return secure_codec(self.cfg, self.model)
 
     def _handover_update(self, X: np.ndarray, y: np.ndarray, instruction: TrainInstruction

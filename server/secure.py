@@ -25,7 +25,6 @@ be taken out of the sum.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -150,8 +149,6 @@ class SecureTraining:
         self.threshold = float(threshold)
         self.timeout = timeout
         self.listener = listener
-        #: seconds each round's protocol took (the overhead is read from them)
-        self.seconds: dict[int, float] = {}
 
     def workflow(self) -> SecAggPlusWorkflow:
         """Flower's workflow with the settings under which fedal's limbs sum exactly (:mod:`fedal.secure`): every
@@ -162,7 +159,6 @@ class SecureTraining:
 
     def __call__(self, grid: Grid, server_round: int, arrays: ArrayRecord):
         """Run the round's training under the protocol; return what ``aggregate_train`` would (arrays, metrics)."""
-        t0 = time.perf_counter()
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         nodes = [m.metadata.dst_node_id for m in messages]
         stage_grid = _StageGrid(grid, {m.metadata.dst_node_id: m.content for m in messages}, self.listener)
@@ -189,9 +185,7 @@ class SecureTraining:
             log.warning("round %d: secure aggregation did not complete (%d of %d sites failed a stage); the round "
                         "is not aggregated", server_round, len(stage_grid.failed), len(nodes))
         failed = {n: r for n, r in stage_grid.failed.items() if n not in reports}
-        result = self.strategy.aggregate_secure(server_round, reports, failed, aggregate)
-        self.seconds[server_round] = time.perf_counter() - t0
-        return result
+        return self.strategy.aggregate_secure(server_round, reports, failed, aggregate)
 
     def reference(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
         """Every key of a site's update: the global value sent for a weight, zeros of its shape for a statistic."""
