@@ -137,6 +137,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     ds = federation_dataset(cfg)
     table = partition_table(cfg)
     check_label_budgets(cfg)
+    if cfg.pipeline != "network":  # secure aggregation needs a bound on the features (raises if there is none)
+        from fedal.models import statistics_clip_norm
+
+        statistics_clip_norm(cfg, ds.input_shape)
     out = _prepare_output(cfg)
     if (stopped := stopped_before(cfg)) is not None:
         said = (f"the run in {out} stopped asking for labels after round {stopped['round']}: {stopped['criterion']} "

@@ -47,6 +47,8 @@ def test_bad_values_exit_non_zero_naming_the_problem_and_write_nothing(tmp_path,
     (["--min-clients", "9", "--clients", "3"], "min-clients must be between 1 and clients (3), got 9"),
     (["--partition", "pathological", "--classes-per-client", "11"], "classes-per-client (11) exceeds the 10 classes"),
     (["--output-dir", ""], "output-dir must not be empty"),
+    (["--secure-aggregation"], "rows of 64 values in [0, 1] have norms up to 8"),  # digits' raw rows: no bound
+    (["--secure-aggregation", "--aggregation", "krum", "--pipeline", "network"], "needs every site's update"),
 ])
 def test_more_bad_values_in_process(tmp_path, monkeypatch, capsys, flags, words):
     from simulations.cli import main

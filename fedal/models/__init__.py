@@ -109,9 +109,11 @@ def statistics_clip_norm(cfg, raw_shape: tuple[int, ...] | None) -> float:
     featurizer = None if raw_shape is None else featurizer_for(cfg.features, tuple(raw_shape), "head")
     bound = getattr(featurizer, "max_norm", None)
     if bound is None:
+        size = int(np.prod(raw_shape)) if raw_shape is not None else 0
+        hint = f"; rows of {size} values in [0, 1] have norms up to {np.sqrt(size):.3g}" if size else ""
         raise ConfigError("secure aggregation of the head's statistics needs a bound on the feature vectors' L2 norm, "
                           "and these features have none: set head-clip-norm (each site clips its rows to it; e.g. "
-                          "the largest row norm of the data)")
+                          f"the largest row norm of the data{hint})")
     return float(bound(tuple(raw_shape)))
 
 
