@@ -9,7 +9,6 @@ report the global model's loss and accuracy on the local test set. On a
 """
 from __future__ import annotations
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -22,7 +21,6 @@ from fedal.config import FederationConfig
 from fedal.flower import protocol
 from fedal.messages import TrainInstruction
 
-torch.set_num_threads(1)  # one core per simulated client: Ray runs as many clients as cores
 
 
 def _settings(context: Context) -> tuple[FederationConfig, NodeConfig]:

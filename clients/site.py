@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,8 @@ class ClientSite:
         self.X_pool = model_inputs(featurizer, data.X_pool, state_dir / f"client-{self.client_id}.features.npz")
         self.X_test = model_inputs(featurizer, data.X_test, state_dir / f"client-{self.client_id}.test-features.npz")
         self.model = model_for(cfg, self.X_pool.shape[1:], data.n_classes, seed=seed, raw_shape=data.input_shape)
+        if "torch" in sys.modules:  # a network: one core per client (Ray runs as many clients as cores)
+            sys.modules["torch"].set_num_threads(1)
         self.oracle = make_oracle(node, pool=self.pool, data=data, state_dir=state_dir, cfg=cfg,
                                   predict=self._confident_view)
         self.learner = ActiveLearner(self.model, cfg.query_strategy(), self.X_pool, self.pool, self.oracle,

@@ -133,6 +133,10 @@ def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    if cfg.pipeline != "head":  # the ServerApp runs in this process, on one core as each client does
+        import torch
+
+        torch.set_num_threads(1)
     from fedal.features import cache_dir
 
     clean_orphaned_ray()

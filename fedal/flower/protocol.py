@@ -50,7 +50,7 @@ import math
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedal.messages import INSTRUCTION_KEYS, REPORT_KEYS, TrainInstruction, TrainReport
@@ -80,10 +80,9 @@ IDENTIFY_METRICS = (CLIENT_ID,)
 
 
 def model_record(state: "OrderedDict[str, np.ndarray]") -> ArrayRecord:
-    """Model weights as an ArrayRecord (keys and shapes of the model's state dict)."""
-    import torch
-
-    return ArrayRecord(torch_state_dict=OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in state.items()))
+    """Model weights as an ArrayRecord (keys and shapes of the model's state dict, in its order; the same arrays
+    Flower makes of a torch state dict, built from numpy: a site that sends statistics never imports torch)."""
+    return ArrayRecord(OrderedDict((k, Array(np.asarray(v))) for k, v in state.items()))
 
 
 def global_stats_of(content: RecordDict) -> "OrderedDict[str, np.ndarray] | None":

@@ -1,12 +1,30 @@
-"""Models and the adapters that let strategies and learners use them."""
+"""Models and the adapters that let strategies and learners use them.
+
+The torch and scikit-learn adapters are imported when first used (:func:`__getattr__`): a site's
+process that only sums a head's statistics (each Flower message starts one in deployment) then
+imports neither torch nor scikit-learn.
+"""
+from __future__ import annotations
+
+import importlib
+
 import numpy as np
 
 from fedal.exceptions import ConfigError
 from fedal.models.handover_adapter import HandoverClassifier
 from fedal.models.head_adapter import HeadClassifier
-from fedal.models.nets import MLP, ConvNet, SmallCNN
-from fedal.models.sklearn_adapter import SklearnClassifier
-from fedal.models.torch_adapter import TorchClassifier
+
+#: the adapters imported on first use: name -> its module
+_LAZY = {"MLP": "fedal.models.nets", "ConvNet": "fedal.models.nets", "SmallCNN": "fedal.models.nets",
+         "SklearnClassifier": "fedal.models.sklearn_adapter", "TorchClassifier": "fedal.models.torch_adapter"}
+
+
+def __getattr__(name: str):
+    """The torch / scikit-learn adapters of :data:`_LAZY`, imported the first time they are asked for."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ConvNet", "HandoverClassifier", "HeadClassifier", "MLP", "SmallCNN", "SklearnClassifier", "TorchClassifier", "build_model", "model_for"]
 
@@ -33,6 +51,9 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, *, network: str = 
     **kwargs
         Go to :class:`TorchClassifier` (epochs, lr, batch_size, seed, ...).
     """
+    from fedal.models.nets import MLP, ConvNet, SmallCNN
+    from fedal.models.torch_adapter import TorchClassifier
+
     if len(input_shape) == 3 and input_shape[1:] == (28, 28):
         channels = input_shape[0]
         if network == "convnet":

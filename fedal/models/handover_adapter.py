@@ -18,13 +18,15 @@ the network).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedal.exceptions import ConfigError
 from fedal.models.head_adapter import HeadClassifier
-from fedal.models.torch_adapter import TorchClassifier
+
+if TYPE_CHECKING:  # imported where a network is built (fedal.models.build_model): a head alone needs no torch
+    from fedal.models.torch_adapter import TorchClassifier
 
 #: prefixes of the two models' arrays in the state, and the name of the serving flag
 HEAD_PREFIX, NET_PREFIX, SERVING = "head/", "net/", "serving"

@@ -17,8 +17,6 @@ import warnings
 from abc import abstractmethod
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from fedal.checks import require_int
 from fedal.exceptions import ConfigError
@@ -44,6 +42,9 @@ def cluster_features(features: np.ndarray, n_clusters: int, seed: int) -> np.nda
     -------
     numpy.ndarray of int, shape (n,)
     """
+    from sklearn.cluster import KMeans, MiniBatchKMeans  # (scikit-learn only where clusters are made)
+    from sklearn.exceptions import ConvergenceWarning
+
     if n_clusters <= MAX_EXACT_KMEANS_CLUSTERS:
         km = KMeans(n_clusters, n_init=3, random_state=seed)
     else:
