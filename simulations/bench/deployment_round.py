@@ -1,0 +1,130 @@
+"""A deployment round against the same round as a bare loop in one process.
+
+Starts a local deployment (``deploy/run_local_deployment.py``: a SuperLink with TLS and node
+authentication, ``--sites`` registered SuperNodes, each with its own data file), runs ``--rounds``
+rounds of digits with the head pipeline, once in the clear and once with ``secure-aggregation = true``,
+and runs the same rounds on the same site files as a bare loop (``ClientSite.train`` and
+``ClientSite.evaluate`` per site, the statistics summed in numpy). Prints the seconds per round of each
+and writes ``simulations/results/bench_deployment_round.{md,json}``.
+
+Usage::
+
+    python -m simulations.bench.deployment_round            # 2 sites, 3 rounds
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from simulations.bench.common import ROOT, machine_info
+
+#: digits rows hold 64 values in [0, 1]: their norm is at most 8 (secure aggregation needs the bound)
+RUN_CONFIG = {"dataset": "digits", "initial-labels": 10, "round-budget": 20, "round-timeout": 120.0, "seed": 0,
+              "head-clip-norm": 8.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sites", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "simulations" / "results"))
+    return p.parse_args(argv)
+
+
+def _deploy_module():
+    spec = importlib.util.spec_from_file_location("run_local_deployment", ROOT / "deploy" / "run_local_deployment.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bare_loop(settings: dict, data_paths: list[Path], work: Path) -> list[float]:
+    """Seconds of each round of the federation run in one process (fresh state, the same site files)."""
+    from clients.node import NodeConfig
+    from clients.site import ClientSite
+    from fedal.config import FederationConfig
+    from fedal.heads import ClassStatistics
+    from fedal.messages import TrainInstruction
+    from fedal.models import model_for
+    from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS
+
+    cfg = FederationConfig.from_mapping({**settings, "output-dir": str(work / "bare-server")})
+    nodes = [NodeConfig.from_mapping({"client-id": c, "data-path": str(p), "state-dir": str(work / f"bare-{c}"),
+                                      "oracle": "simulated"}) for c, p in enumerate(data_paths)]
+    first = ClientSite(cfg, nodes[0])
+    server = model_for(cfg, first.X_pool.shape[1:], first.data.n_classes, seed=cfg.seed, raw_shape=first.data.input_shape)
+    first.close()
+    state, seconds = server.get_state(), []
+    budget = cfg.round_budget // len(nodes)
+    for server_round in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        labeled = pseudo = None
+        for node in nodes:
+            site = ClientSite(cfg, node)
+            arrays, _ = site.train(state, TrainInstruction(server_round, budget if server_round > 1 else 0))
+            site.close()
+            lab, pse = ClassStatistics.from_arrays(arrays, LABELED_STATS), ClassStatistics.from_arrays(arrays, PSEUDO_STATS)
+            labeled, pseudo = (lab, pse) if labeled is None else (labeled + lab, pseudo + pse)
+        server.fit_statistics(labeled, pseudo)
+        state = server.get_state()
+        for node in nodes:
+            site = ClientSite(cfg, node)
+            site.evaluate(state)
+            site.close()
+        seconds.append(round(time.perf_counter() - t0, 3))
+    return seconds
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    deploy = _deploy_module()
+    work = Path(tempfile.mkdtemp(prefix="fedal-bench-round-"))
+    settings = {**RUN_CONFIG, "rounds": args.rounds}
+    rows = []
+    with deploy.LocalDeployment(work / "deployment", sites=args.sites, run_config=settings, verbose=False) as dep:
+        dep.start_all()
+        for name, extra in (("deployment", {}), ("deployment, secure aggregation", {"secure-aggregation": True})):
+            t0 = time.monotonic()
+            run_id = dep.submit(**{**extra, "output-dir": str(work / name.replace(" ", "-").replace(",", ""))})
+            results = dep.wait(run_id, args.rounds, timeout=1800)
+            rows.append({"path": name, "round_seconds": [r["seconds"] for r in results["rounds"]],
+                         "wall_seconds": round(time.monotonic() - t0, 1),
+                         "accuracy": [r["accuracy"] for r in results["rounds"]]})
+        data_paths = [s.data_path for s in dep.site_list]
+        bare = bare_loop({**settings, "clients": args.sites, "min-clients": args.sites}, data_paths, work)
+    rows.insert(0, {"path": "bare loop, one process", "round_seconds": bare, "wall_seconds": round(sum(bare), 1),
+                    "accuracy": None})
+    base = sum(bare) / len(bare)
+    for row in rows:
+        mean = sum(row["round_seconds"]) / len(row["round_seconds"])
+        row["mean_round_seconds"] = round(mean, 3)
+        row["ratio_vs_bare_loop"] = round(mean / base, 1)
+    record = {"command": "python -m simulations.bench.deployment_round "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
+              "sites": args.sites, "rounds": args.rounds, "settings": settings, "machine": machine_info(), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_deployment_round.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "bench_deployment_round.md").write_text(table(record) + "\n")
+    print(table(record))
+    return 0
+
+
+def table(record: dict) -> str:
+    lines = [f"# A deployment round: {record['sites']} sites, digits, head pipeline, {record['rounds']} rounds", "",
+             f"`{record['command'].strip()}` ({record['machine']['nproc']} cores, {record['machine']['cpu']})", "",
+             "| path | seconds per round | mean | vs the bare loop |", "|---|---|---:|---:|"]
+    for row in record["rows"]:
+        lines.append(f"| {row['path']} | {', '.join(f'{s:.2f}' for s in row['round_seconds'])} | "
+                     f"{row['mean_round_seconds']:.2f} | {row['ratio_vs_bare_loop']:.1f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
