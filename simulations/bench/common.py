@@ -59,3 +59,21 @@ def federation_settings(argv: list[str] | None, description: str, defaults: dict
     except ConfigError as exc:
         p.error(str(exc))
     return {**defaults, **overrides}, args.output_dir
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces a benchmark run: ``python -m <module>`` and its arguments."""
+    import sys
+
+    return " ".join(["python -m", module, *(argv if argv is not None else sys.argv[1:])])
+
+
+def save_result(out_dir, name: str, record: dict, text: str) -> None:
+    """Write a benchmark's ``record`` to ``<out_dir>/<name>.json`` and its table ``text`` to ``<name>.md``; print it."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text + "\n")
+    print(text)

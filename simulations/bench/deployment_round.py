@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from simulations.bench.common import ROOT, machine_info
+from simulations.bench.common import ROOT, command_line, machine_info, save_result
 
 #: digits rows hold 64 values in [0, 1]: their norm is at most 8 (secure aggregation needs the bound)
 RUN_CONFIG = {"dataset": "digits", "initial-labels": 10, "round-budget": 20, "round-timeout": 120.0, "seed": 0,
@@ -105,20 +104,15 @@ def main(argv=None) -> int:
         mean = sum(row["round_seconds"]) / len(row["round_seconds"])
         row["mean_round_seconds"] = round(mean, 3)
         row["ratio_vs_bare_loop"] = round(mean / base, 1)
-    record = {"command": "python -m simulations.bench.deployment_round "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
-              "sites": args.sites, "rounds": args.rounds, "settings": settings, "machine": machine_info(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_deployment_round.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "bench_deployment_round.md").write_text(table(record) + "\n")
-    print(table(record))
+    record = {"command": command_line("simulations.bench.deployment_round", argv), "sites": args.sites,
+              "rounds": args.rounds, "settings": settings, "machine": machine_info(), "rows": rows}
+    save_result(args.out, "bench_deployment_round", record, table(record))
     return 0
 
 
 def table(record: dict) -> str:
     lines = [f"# A deployment round: {record['sites']} sites, digits, head pipeline, {record['rounds']} rounds", "",
-             f"`{record['command'].strip()}` ({record['machine']['nproc']} cores, {record['machine']['cpu']})", "",
+             f"`{record['command']}` ({record['machine']['nproc']} cores, {record['machine']['cpu']})", "",
              "| path | seconds per round | mean | vs the bare loop |", "|---|---|---:|---:|"]
     for row in record["rows"]:
         lines.append(f"| {row['path']} | {', '.join(f'{s:.2f}' for s in row['round_seconds'])} | "

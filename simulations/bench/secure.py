@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.bench.common import ROOT, machine_info, portable
+from simulations.bench.common import ROOT, command_line, machine_info, portable, save_result
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 DROP_ENV = "FEDAL_BENCH_DROP"  # "<client>:<round>": the site that dies in the masking stage
@@ -122,15 +122,10 @@ def main(argv=None) -> int:
     base = runs[0]
     for run in runs:
         run["max_abs_diff_to_first"] = max(abs(a - b) for a, b in zip(run["accuracy"], base["accuracy"]))
-    cmd = "python -m simulations.bench.secure " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": cmd.strip(), "preset": portable({"p": args.preset})["p"], "strategy": args.strategy,
-              "seed": args.seed, "drop": f"client {args.drop_client} in round {args.drop_round}",
+    record = {"command": command_line("simulations.bench.secure", argv), "preset": portable({"p": args.preset})["p"],
+              "strategy": args.strategy, "seed": args.seed, "drop": f"client {args.drop_client} in round {args.drop_round}",
               "machine": machine_info(), "runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_secure.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "bench_secure.md").write_text(table(record) + "\n")
-    print(table(record))
+    save_result(args.out, "bench_secure", record, table(record))
     return 0
 
 
