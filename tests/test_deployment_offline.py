@@ -180,6 +180,9 @@ def offline_run(tmp_path_factory):
               lambda: _offline_counts(site1) == (GRANT, 0), 180, dep, [loop2])
         # back in time for round 5 (a SuperNode takes a few seconds to come up; round 4 starts without it)
         _wait("round 3", lambda: len(dep.results()["rounds"]) >= 3, 240, dep, [loop2])
+        # the page has been looked at while the site counted as offline (a fast spell can end before that)
+        _wait("the page seen offline", lambda: any(t > story["cut_at"] + OFFLINE_AFTER + 2 for t, _ in labeler.seen),
+              60, dep, [loop2])
         labeler.stop.set()  # every answer of the offline spell is in; nobody answers the next round's requests
         labeler.join(timeout=10)
         story["rejoin_at"] = time.time()
