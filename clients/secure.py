@@ -68,16 +68,14 @@ def check_settings(context: Context) -> None:
 
 
 def summable_reply(msg: Message, context: Context, arrays: dict, report: TrainReport, codec: FixedPoint) -> Message:
-    """The reply to the masking stage ``msg``: the site's ``arrays`` as the two fixed-point limb vectors
+    """The reply to the masking stage ``msg``: the site's ``arrays`` as the fixed-point limb vectors
     (:meth:`fedal.secure.FixedPoint.encode`, the change from the model ``msg`` carried, weighted by the labeled
     samples), with weight 1 and the ``report``'s scalars, in the ``fitres`` records Flower's mod masks."""
     check_settings(context)
     sent = protocol.state_from_record(msg.content[protocol.ARRAYS])
-    norm = codec.change_norm(arrays, sent)
-    if norm > codec.clip_norm:  # the sum is then not FedAvg's mean of the sites' own weights
-        log.warning("this site's change of the weights has L2 norm %.3g, clipped to secure-clip-norm %.3g before it "
-                    "is summed; raise secure-clip-norm if that is not meant", norm, codec.clip_norm)
-    limbs = codec.encode(arrays, sent, report.num_examples)
+    limbs = codec.encode(arrays, sent, report.num_examples, on_clip=lambda norm: log.warning(
+        "this site's change of the weights has L2 norm %.3g, clipped to secure-clip-norm %.3g before it is summed; "
+        "raise secure-clip-norm if that is not meant", norm, codec.clip_norm))
     return Message(RecordDict({
         FITRES_PARAMETERS: ArrayRecord({str(i): Array(a) for i, a in enumerate(limbs)}),
         FITRES_WEIGHT: MetricRecord({"num_examples": 1}),

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,8 +100,8 @@ class FixedPoint:
         return self.bound(kind) / 2.0 ** STEP_BITS
 
     # ------------------------------------------------------------------ device side
-    def encode(self, arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], weight: int
-               ) -> list[np.ndarray]:
+    def encode(self, arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], weight: int,
+               on_clip: Callable[[float], None] | None = None) -> list[np.ndarray]:
         """The :data:`LIMBS` limb vectors, highest first (float64 holding integers), of a site's reply ``arrays``.
 
         Parameters
@@ -112,6 +112,9 @@ class FixedPoint:
             The global model the site was sent (the weights' changes are taken from it).
         weight : int
             The site's labeled samples, the weight of its change in FedAvg.
+        on_clip : callable, optional
+            Called with the change's L2 norm when ``clip_norm`` clips it (the sum is then not FedAvg's mean of the
+            site's own weights).
         """
         if not 0 <= weight <= self.max_count:
             raise ValueError(f"this site's {weight} labeled samples exceed secure-max-count {self.max_count}: the "
@@ -123,6 +126,8 @@ class FixedPoint:
         changes = _changes(arrays, sent)
         norm = _norm(changes)
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0  # bounded on the device
+        if norm > self.clip_norm and on_clip is not None:
+            on_clip(norm)
         parts = []
         for key in keys:
             kind = kind_of(key)
@@ -142,11 +147,6 @@ class FixedPoint:
             value = (value - low) >> LIMB_BITS
         limbs.append(value)
         return [limb.astype(np.float64) for limb in reversed(limbs)]
-
-    @staticmethod
-    def change_norm(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
-        """The L2 norm of a site's change of the weights (``arrays`` against the ``sent`` model), before clipping."""
-        return _norm(_changes(arrays, sent))
 
     # ------------------------------------------------------------------ server side
     def decode(self, limb_sums: list[np.ndarray], reference: Mapping[str, np.ndarray], total_weight: int

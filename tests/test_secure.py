@@ -65,7 +65,9 @@ def test_weights_decode_to_fedavg_of_the_clipped_changes():
     codec = FixedPoint(max_count=1000, feature_bound=0.0, clip_norm=5.0)
     updates = [({"w": g["w"] + rng.normal(scale=0.1, size=(3, 4)).astype(np.float32), "steps": np.array(9)}, 10),
                ({"w": g["w"] + 50.0, "steps": np.array(9)}, 30)]  # a change of norm ~173: clipped to 5
-    encoded = [codec.encode(u, g, weight=n) for u, n in updates]
+    clipped = []
+    encoded = [codec.encode(u, g, weight=n, on_clip=clipped.append) for u, n in updates]
+    assert len(clipped) == 1 and clipped[0] > 100  # the second site's change only, with its norm
     sums = [sum(e[j] for e in encoded) for j in range(LIMBS)]
     out = codec.decode(sums, g, total_weight=40)
     changes = []
