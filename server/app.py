@@ -186,75 +186,78 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                     cfg.clients, nodes, cfg.clients)
     heard = False  # did any client reply with a usable report?
     t0 = time.perf_counter()  # a row's seconds: since the last row (eval-every > 1 trains rounds between rows)
-    for server_round in range(start_round, cfg.rounds + 1):
-        if STOP_REQUESTED.is_set():
-            log.warning("stopped before round %d; the checkpoint holds round %d", server_round, server_round - 1)
-            break
-        query = cfg.is_query_round(server_round) and book.stopped is None
-        if query and cfg.total_budget:  # the last query round gets what is left of the run's budget
-            pending = sum(r.pending for r in book.rounds[max(book.rounds)].reports.values()) if book.rounds else 0
-            book.label_limit = max(cfg.total_budget - sum(book.labeled.values()) - pending, 0)
-        if cfg.reinit and query:
-            model.reset(seed=reinit_seed(cfg.seed, server_round))
-            arrays = protocol.model_record(model.get_state())
-        # train: budgets -> queries -> local training -> aggregation
-        if secure is not None:  # the server sees the sites' sum only (server.secure)
-            new_arrays, train_metrics = secure(grid, server_round, arrays)
-        else:
-            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                                            timeout=cfg.round_timeout)
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if STOP_REQUESTED.is_set():  # interrupted during the round: its replies may be cut short
-            log.warning("stopped during round %d; it is not recorded (resume does it again)", server_round)
-            break
-        if new_arrays is not None:
-            arrays = new_arrays
-        rlog = book.rounds[server_round]
-        if rlog.reports:
-            heard = True
-        if not cfg.is_eval_round(server_round):  # a training round between evaluations (eval-every)
+    try:
+        for server_round in range(start_round, cfg.rounds + 1):
+            if STOP_REQUESTED.is_set():
+                log.warning("stopped before round %d; the checkpoint holds round %d", server_round, server_round - 1)
+                break
+            query = cfg.is_query_round(server_round) and book.stopped is None
+            if query and cfg.total_budget:  # the last query round gets what is left of the run's budget
+                pending = sum(r.pending for r in book.rounds[max(book.rounds)].reports.values()) if book.rounds else 0
+                book.label_limit = max(cfg.total_budget - sum(book.labeled.values()) - pending, 0)
+            if cfg.reinit and query:
+                model.reset(seed=reinit_seed(cfg.seed, server_round))
+                arrays = protocol.model_record(model.get_state())
+            # train: budgets -> queries -> local training -> aggregation
+            if secure is not None:  # the server sees the sites' sum only (server.secure)
+                new_arrays, train_metrics = secure(grid, server_round, arrays)
+            else:
+                replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                                                timeout=cfg.round_timeout)
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if STOP_REQUESTED.is_set():  # interrupted during the round: its replies may be cut short
+                log.warning("stopped during round %d; it is not recorded (resume does it again)", server_round)
+                break
+            if new_arrays is not None:
+                arrays = new_arrays
+            rlog = book.rounds[server_round]
+            if rlog.reports:
+                heard = True
+            if not cfg.is_eval_round(server_round):  # a training round between evaluations (eval-every)
+                for event in rlog.events:
+                    recorder.add_event(server_round, event.kind, event.describe())
+                continue
+            # evaluate: the clients' local test sets, then the server's test set
+            eval_replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
+            client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
             for event in rlog.events:
                 recorder.add_event(server_round, event.kind, event.describe())
-            continue
-        # evaluate: the clients' local test sets, then the server's test set
-        eval_replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
-        client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
-        for event in rlog.events:
-            recorder.add_event(server_round, event.kind, event.describe())
-        served = None
-        if isinstance(model, HandoverClassifier):
-            served = serving_of(protocol.state_from_record(arrays))
-            if handover_due(served, client_eval):
-                arrays, served = serve_network(arrays), "network"
-                recorder.add_event(server_round, "handover", (
-                    f"the network serves from now on: the sites' local test accuracy {client_eval[NET_ACC]:.4f} "
-                    f"(network) against {client_eval[HEAD_ACC]:.4f} (head)"))
-                log.warning("round %d: the network takes over from the head (local test accuracy %.4f vs %.4f)",
-                            server_round, client_eval[NET_ACC], client_eval[HEAD_ACC])
-        model.set_state(protocol.state_from_record(arrays))
-        loss, acc = model.evaluate(X_test, dataset.y_test)
-        row = {"round": server_round, "labels": int(sum(book.labeled.values())), "accuracy": acc, "loss": loss,
-               "client_accuracy": float(client_eval["eval-acc"]) if client_eval else None,
-               "query_round": query, "clients": book.clients_row(server_round),
-               "pending": int(train_metrics["pending"]) if train_metrics else 0,
-               "seconds": round(time.perf_counter() - t0, 2)}
-        if served is not None:  # what each model would give, and which one serves
-            each = model.evaluate_each(X_test, dataset.y_test)
-            row.update(serving=served, head_accuracy=each["head"][1], network_accuracy=each["network"][1])
-        row["kpi"] = round_kpis(recorder.rounds[0] if recorder.rounds else row, row)
-        privacy = book.privacy_report()
-        if privacy is not None:
-            row["privacy"] = privacy
-        if query and criteria and (fired := check_stopping(cfg, book, criteria, row, server_round)):
-            row["stopped"] = fired
-        recorder.add_round(row, checkpoint=(model.get_state(), book.state_dict()))
-        t0 = time.perf_counter()
-        if on_round is not None:
-            on_round(row)
-        log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)
-        if row.get("stopped") and cfg.after_stop == "end":
-            break
+            served = None
+            if isinstance(model, HandoverClassifier):
+                served = serving_of(protocol.state_from_record(arrays))
+                if handover_due(served, client_eval):
+                    arrays, served = serve_network(arrays), "network"
+                    recorder.add_event(server_round, "handover", (
+                        f"the network serves from now on: the sites' local test accuracy {client_eval[NET_ACC]:.4f} "
+                        f"(network) against {client_eval[HEAD_ACC]:.4f} (head)"))
+                    log.warning("round %d: the network takes over from the head (local test accuracy %.4f vs %.4f)",
+                                server_round, client_eval[NET_ACC], client_eval[HEAD_ACC])
+            model.set_state(protocol.state_from_record(arrays))
+            loss, acc = model.evaluate(X_test, dataset.y_test)
+            row = {"round": server_round, "labels": int(sum(book.labeled.values())), "accuracy": acc, "loss": loss,
+                   "client_accuracy": float(client_eval["eval-acc"]) if client_eval else None,
+                   "query_round": query, "clients": book.clients_row(server_round),
+                   "pending": int(train_metrics["pending"]) if train_metrics else 0,
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if served is not None:  # what each model would give, and which one serves
+                each = model.evaluate_each(X_test, dataset.y_test)
+                row.update(serving=served, head_accuracy=each["head"][1], network_accuracy=each["network"][1])
+            row["kpi"] = round_kpis(recorder.rounds[0] if recorder.rounds else row, row)
+            privacy = book.privacy_report()
+            if privacy is not None:
+                row["privacy"] = privacy
+            if query and criteria and (fired := check_stopping(cfg, book, criteria, row, server_round)):
+                row["stopped"] = fired
+            recorder.add_round(row, checkpoint=(model.get_state(), book.state_dict()))
+            t0 = time.perf_counter()
+            if on_round is not None:
+                on_round(row)
+            log.info("round %d: labels %d, accuracy %.4f", server_round, row["labels"], acc)
+            if row.get("stopped") and cfg.after_stop == "end":
+                break
+    finally:  # the plot is drawn once more with every recorded round, whatever ended the run
+        recorder.finish()
     if not heard and cfg.rounds >= start_round and not STOP_REQUESTED.is_set():
         reasons = sorted({e.reason for r in book.rounds.values() for e in r.events})
         raise FederationFailed(f"every client failed every round ({len(book.rounds)} rounds); the clients said: "

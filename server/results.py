@@ -2,7 +2,10 @@
 
 Every file is written to a temporary name and moved into place, so a run killed at
 any moment leaves the previous complete version, never half a file. Checkpoints are
-``model.npz`` (plain arrays, no pickle) plus ``state.json``.
+``model.npz`` (plain arrays, no pickle) plus ``state.json``. The results and the
+checkpoint are rewritten every round; the plot, which costs more to draw than a round of
+the head pipeline takes, at most every ``plot_every_s`` seconds while the run goes on,
+and once more when it ends (:meth:`RunRecorder.finish`).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +43,18 @@ class RunRecorder:
         Where results and the checkpoint go.
     config : dict
         The run's settings, stored under ``"config"`` in ``results.json``.
+    plot_every_s : float
+        Least seconds between two drawings of ``curve.png`` while the run goes on (0: every round).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, config: dict) -> None:
+    def __init__(self, output_dir: str | os.PathLike, config: dict, plot_every_s: float = 30.0) -> None:
         self.out = Path(output_dir)
         self.config = config
         self.rounds: list[dict] = []
         self.events: list[dict] = []
+        self.plot_every_s = plot_every_s
+        self._plotted_rows = 0  # how many rows curve.png shows
+        self._plotted_at = time.monotonic()
 
     def add_round(self, row: dict, checkpoint: tuple[dict, dict] | None = None) -> None:
         """Append a round (``round``, ``labels``, ``accuracy``, ``clients`` ...) and rewrite the files.
@@ -67,8 +76,20 @@ class RunRecorder:
         """The content of ``results.json``."""
         return _clean({"config": self.config, "rounds": self.rounds, "events": self.events})
 
+    def finish(self) -> None:
+        """Draw ``curve.png`` with every round (the end of a run, finished or not)."""
+        if len(self.rounds) > self._plotted_rows:
+            self.plot()
+
+    def plot(self) -> None:
+        """Draw ``curve.png`` now."""
+        plot_curves({self.config.get("strategy", "fedal"): self.rounds}, self.out / "curve.png",
+                    title=run_title(self.config))
+        self._plotted_rows, self._plotted_at = len(self.rounds), time.monotonic()
+
     def write(self) -> None:
-        """Rewrite ``results.json``, ``results.csv`` and ``curve.png``."""
+        """Rewrite ``results.json`` and ``results.csv``, and ``curve.png`` if it is due (``plot_every_s`` seconds
+        after the recorder began or last drew it)."""
         atomic_write(self.out / "results.json", json.dumps(self.to_dict(), indent=2))
         buf = io.StringIO()
         writer = csv.writer(buf)
@@ -77,9 +98,8 @@ class RunRecorder:
             writer.writerow([r["round"], r["labels"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
                              sum(c["queried"] for c in r["clients"].values()), len(r["clients"])])
         atomic_write(self.out / "results.csv", buf.getvalue())
-        if len(self.rounds) >= 1:
-            plot_curves({self.config.get("strategy", "fedal"): self.rounds}, self.out / "curve.png",
-                        title=run_title(self.config))
+        if self.rounds and time.monotonic() - self._plotted_at >= self.plot_every_s:
+            self.plot()
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, server_round: int, state: dict[str, np.ndarray], extra: dict) -> None:

@@ -308,3 +308,30 @@ def test_the_issue_command_resumed_after_its_run_ended_does_nothing(tmp_path):
     assert "stopped asking for labels after round 3: label budget of 60 spent (60 labels)" in again.stdout
     assert "there is nothing to resume" in again.stdout and "after 10 rounds" not in again.stdout
     assert (out / "results.json").read_text() == before
+
+
+def test_curve_png_is_drawn_at_most_every_plot_every_s_and_when_the_run_ends(tmp_path, monkeypatch):
+    """Drawing the plot costs more than a round of the head pipeline: a run draws it when it is due and at
+    its end (``RunRecorder.finish``), while results.json and results.csv follow every round."""
+    from server import results
+    from server.results import RunRecorder
+
+    clock = [100.0]
+    monkeypatch.setattr(results.time, "monotonic", lambda: clock[0])
+    recorder = RunRecorder(tmp_path, {"strategy": "entropy"}, plot_every_s=30.0)
+    row = {"loss": 1.0, "accuracy": 0.5, "clients": {}}
+    recorder.add_round({**row, "round": 1, "labels": 10})
+    assert (tmp_path / "results.json").is_file() and not (tmp_path / "curve.png").exists()
+    clock[0] += 31
+    recorder.add_round({**row, "round": 2, "labels": 20})
+    drawn = (tmp_path / "curve.png").stat().st_mtime_ns
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    recorder.add_round({**row, "round": 3, "labels": 30})
+    assert (tmp_path / "curve.png").stat().st_mtime_ns == drawn  # not due yet
+    assert json.loads((tmp_path / "results.json").read_text())["rounds"][-1]["round"] == 3
+    (tmp_path / "curve.png").unlink()
+    recorder.finish()
+    assert (tmp_path / "curve.png").is_file()
+    (tmp_path / "curve.png").unlink()
+    recorder.finish()  # nothing new since: not drawn again
+    assert not (tmp_path / "curve.png").exists()
