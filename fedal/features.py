@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,11 @@ from fedal.fileio import atomic_write
 
 FEATURES = ("auto", "raw", "descriptors")
 CACHE_ENV = "FEDAL_CACHE_DIR"
+#: most bytes of features :func:`cached_features` keeps in memory (a simulation's client actor serves every run
+#: of ``fedal compare`` over the same pools)
+MEMORY_CACHE_BYTES = 256 * 2**20
+_in_memory: OrderedDict[str, np.ndarray] = OrderedDict()
+_in_memory_bytes = 0
 
 
 class Featurizer(ABC):
@@ -182,7 +188,10 @@ def cached_features(featurizer: Featurizer, X: np.ndarray, path: str | Path | No
 
     In deployment every message starts a new ClientApp process: the features of the
     pool are computed once and read back afterwards. The file records the featurizer and
-    a fingerprint of ``X``; if either changed, the features are computed again.
+    a fingerprint of ``X``; if either changed, the features are computed again. A process
+    that handles many messages (a simulation's client actor) also keeps the last features
+    it computed in memory (:data:`MEMORY_CACHE_BYTES`, read-only arrays), so the runs of a
+    comparison, which share their pools, compute them once.
 
     Parameters
     ----------
@@ -191,7 +200,7 @@ def cached_features(featurizer: Featurizer, X: np.ndarray, path: str | Path | No
     X : array
         The inputs (a site's pool).
     path : path or None
-        Cache file; None computes without caching.
+        Cache file; None: no file.
     """
     if isinstance(featurizer, RawFeatures):
         return featurizer.transform(X)  # nothing to save
@@ -203,11 +212,27 @@ def cached_features(featurizer: Featurizer, X: np.ndarray, path: str | Path | No
                     return f["features"]
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is recomputed
-    features = featurizer.transform(X)
+    features = _in_memory.get(key)
+    if features is None:
+        features = _remember(key, featurizer.transform(X))
+    else:
+        _in_memory.move_to_end(key)
     if path is not None:
         buf = io.BytesIO()
         np.savez(buf, key=np.asarray(key), features=features)
         atomic_write(path, buf.getvalue())
+    return features
+
+
+def _remember(key: str, features: np.ndarray) -> np.ndarray:
+    """Keep ``features`` in memory under ``key`` (read-only), the least recently used going first past
+    :data:`MEMORY_CACHE_BYTES`."""
+    global _in_memory_bytes
+    features.setflags(write=False)
+    _in_memory[key] = features
+    _in_memory_bytes += features.nbytes
+    while _in_memory_bytes > MEMORY_CACHE_BYTES and len(_in_memory) > 1:
+        _in_memory_bytes -= _in_memory.popitem(last=False)[1].nbytes
     return features
 
 

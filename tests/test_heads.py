@@ -129,6 +129,35 @@ def test_image_descriptors_are_fixed_length_and_cached(tmp_path):
         featurizer_for("descriptors", (64,), "head")
 
 
+def test_features_a_process_computed_are_reused_for_another_site_folder(tmp_path, monkeypatch):
+    """A simulation's client actor serves every run of a comparison: the second run's site (a new folder)
+    gets the features of the same pool without computing them, as a read-only array, and its file is written."""
+    from fedal import features
+    from fedal.features import ImageDescriptors, cached_features
+
+    rgb = np.random.default_rng(1).random((3, 3, 28, 28), dtype=np.float32)
+    calls = []
+
+    class Counting(ImageDescriptors):
+        def transform(self, X):
+            calls.append(len(X))
+            return super().transform(X)
+
+    first = cached_features(Counting(), rgb, tmp_path / "run-a" / "f.npz")
+    again = cached_features(Counting(), rgb, tmp_path / "run-b" / "f.npz")
+    assert calls == [3] and (tmp_path / "run-b" / "f.npz").is_file()
+    np.testing.assert_array_equal(again, first)
+    with pytest.raises(ValueError):
+        again[0, 0] = 1.0  # shared between sites: nobody may change it in place
+    cached_features(Counting(), rgb + 1, None)  # other pixels: computed
+    assert calls == [3, 3]
+    monkeypatch.setattr(features, "MEMORY_CACHE_BYTES", 0)  # the least recently used go first
+    cached_features(Counting(), rgb + 2, None)
+    assert len(features._in_memory) == 1
+    cached_features(Counting(), rgb, None)
+    assert calls == [3, 3, 3, 3]
+
+
 # --------------------------------------------------------------- strategies on the head
 def test_expected_errors_match_retraining_the_head():
     from fedal.heads import auto_shrinkage
