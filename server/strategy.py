@@ -270,7 +270,7 @@ class BudgetedStrategy(Strategy):
         book.close_round(server_round)
         # replies come in the order the clients finished; aggregating them in client order makes
         # the floating-point sums, and so a rerun with the same seed, the same
-        good.sort(key=lambda m: book.client_of(m.metadata.src_node_id))
+        good.sort(key=self._client_order)
         return good
 
     def train_metrics(self, server_round: int) -> MetricRecord:
@@ -302,7 +302,13 @@ class BudgetedStrategy(Strategy):
                             msg.metadata.src_node_id, problem)
                 continue
             good.append(msg)
+        good.sort(key=self._client_order)  # as the training replies: the mean does not depend on who finished first
         return self.inner.aggregate_evaluate(server_round, good) if good else None
+
+    def _client_order(self, msg: Message) -> tuple:
+        """Sort key of a reply: its client id, nodes that have not said theirs last (by node id)."""
+        client = self.book.client_of(msg.metadata.src_node_id)
+        return (client is None, client if client is not None else msg.metadata.src_node_id)
 
 
 def _server_optimiser(strategy: Strategy):
