@@ -138,7 +138,7 @@ class ServerContact:
         if not self.path.is_file():
             return None
         try:
-            return GlobalSnapshot.load(self.path)
+            return GlobalSnapshot.load(self.path, models=False)  # its ids and round; the model is replaced
         except (ConfigError, DataFileError):  # unreadable: this message writes a new one
             return None
 

@@ -40,13 +40,15 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 
 
 def read_npz(path: str | os.PathLike, *, what: str = "data file", missing_hint: str = "check the path",
-             damaged_hint: str = "download it again") -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` file at ``path`` (no pickle).
+             damaged_hint: str = "download it again", keys=None) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file at ``path`` (no pickle), or those named in ``keys``.
 
     Parameters
     ----------
     path : path
         The archive.
+    keys : iterable of str, optional
+        Read only these arrays (those the archive has), not the others.
     what : str
         What the file is, for the messages ("site data file").
     missing_hint, damaged_hint : str
@@ -60,7 +62,8 @@ def read_npz(path: str | os.PathLike, *, what: str = "data file", missing_hint: 
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+            wanted = archive.files if keys is None else [key for key in keys if key in archive.files]
+            return {key: archive[key] for key in wanted}
     except FileNotFoundError:
         raise DataFileError(f"{what} {path} does not exist; {missing_hint}") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:

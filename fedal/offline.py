@@ -100,17 +100,20 @@ class GlobalSnapshot:
         return atomic_write(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "GlobalSnapshot":
-        """Read the snapshot at ``path`` written by :meth:`save`; :class:`ConfigError` if there is none yet."""
+    def load(cls, path: str | os.PathLike, *, models: bool = True) -> "GlobalSnapshot":
+        """Read the snapshot at ``path`` written by :meth:`save`; :class:`ConfigError` if there is none yet.
+        ``models=False`` reads everything but the global model and its statistics (``state`` comes back
+        empty, ``global_stats`` None): what a train message checks it against."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"there is no stored global model {path}: the site keeps one from its first train "
                               "message on; let the SuperNode take part in one round first (and check --state-dir and "
                               "--client-id)")
-        arrays = read_npz(path, what="stored global model", damaged_hint="let the site take part in one more round")
+        arrays = read_npz(path, what="stored global model", damaged_hint="let the site take part in one more round",
+                          keys=None if models else ("meta", "included_ids", "sent_ids"))
         try:
             meta = json.loads(str(arrays["meta"]))
-            state = {k: arrays[f"state/{k}"] for k in meta["keys"]}
+            state = {k: arrays[f"state/{k}"] for k in meta["keys"]} if models else {}
         except (KeyError, ValueError) as exc:
             raise DataFileError(f"{path} is not a stored global model of this fedal version ({exc}); let the site "
                                 "take part in one more round to write it again") from None

@@ -176,6 +176,11 @@ def test_the_global_model_is_kept_beside_the_ledger_with_its_round_and_grant(tmp
     assert (snap.run_id, snap.server_round, snap.offline_budget) == (RUN_ID, 2, 12)
     assert set(snap.global_stats) == {f"{p}.{k}" for p in (LABELED_STATS, PSEUDO_STATS) for k in ("counts", "sums",
                                                                                                    "scatter")}
+    light = GlobalSnapshot.load(snapshot_path(tmp_path / "state", 1), models=False)  # what a train message reads
+    assert (light.run_id, light.server_round, light.replied, light.state, light.global_stats) == (RUN_ID, 2, True, {},
+                                                                                                 None)
+    np.testing.assert_array_equal(light.sent_ids, snap.sent_ids)
+    np.testing.assert_array_equal(light.included_ids, snap.included_ids)
     # its initial labels were in the sums of round 1, but for the classes with one label (min-class-count 2)
     first = ClientSite(fed.cfg, NodeConfig.from_mapping(fed.nodes[1]))
     ids, labels = first.pool.labels()
