@@ -445,7 +445,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from fedal.strategies import available_strategies
-    from simulations.engine import run_in_simulation
+    from simulations.engine import SimulationRuntime
     from simulations.simulate import _prepare_output
 
     base, options = load_preset(args.preset)
@@ -487,29 +487,30 @@ def run_compare(args: argparse.Namespace) -> int:
     by_seed: dict[str, dict[int, tuple[list, list]]] = {s: {} for s in strategies}
     kpis: dict[str, dict[int, dict]] = {s: {} for s in strategies}  # each run's last-round KPIs
     timings, failed = {}, []
-    for seed in seeds:
-        for name in strategies:
-            cfg = run_config(base, name, seed, out, per_strategy)
-            rounds = None if args.rerun else finished_rounds(cfg)
-            t0 = time.perf_counter()
-            if rounds is None:
-                _prepare_output(cfg)
-                try:
-                    run_in_simulation(cfg, verbose=args.verbose)
-                except RuntimeError as exc:
-                    failed.append(f"{name} seed {seed}: {exc}")
-                rounds = finished_rounds(cfg)
+    with SimulationRuntime(verbose=args.verbose) as runtime:  # Ray and the client actors start once for all runs
+        for seed in seeds:
+            for name in strategies:
+                cfg = run_config(base, name, seed, out, per_strategy)
+                rounds = None if args.rerun else finished_rounds(cfg)
+                t0 = time.perf_counter()
                 if rounds is None:
-                    failed.append(f"{name} seed {seed}: did not finish {cfg.rounds} rounds (see {cfg.output_dir})")
-                    continue
-                status = "ran"
-            else:
-                status = "reused"
-            timings[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
-            by_seed[name][seed] = ([r["labels"] for r in rounds], [r["accuracy"] for r in rounds])
-            kpis[name][seed] = run_kpis(rounds)
-            print(f"  {name:>14s} seed {seed}: {rounds[-1]['labels']} labels, accuracy {rounds[-1]['accuracy']:.4f} "
-                  f"({status}, {timings[f'{name}-seed{seed}']:.0f} s)", flush=True)
+                    _prepare_output(cfg)
+                    try:
+                        runtime.run(cfg)
+                    except RuntimeError as exc:
+                        failed.append(f"{name} seed {seed}: {exc}")
+                    rounds = finished_rounds(cfg)
+                    if rounds is None:
+                        failed.append(f"{name} seed {seed}: did not finish {cfg.rounds} rounds (see {cfg.output_dir})")
+                        continue
+                    status = "ran"
+                else:
+                    status = "reused"
+                timings[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
+                by_seed[name][seed] = ([r["labels"] for r in rounds], [r["accuracy"] for r in rounds])
+                kpis[name][seed] = run_kpis(rounds)
+                print(f"  {name:>14s} seed {seed}: {rounds[-1]['labels']} labels, accuracy "
+                      f"{rounds[-1]['accuracy']:.4f} ({status}, {timings[f'{name}-seed{seed}']:.0f} s)", flush=True)
     # per-seed comparisons pair runs by seed: keep the seeds every strategy finished
     complete = [seed for seed in seeds if all(seed in by_seed[name] for name in strategies)]
     if len(complete) < len(seeds):

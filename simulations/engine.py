@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from fedal.config import FederationConfig
@@ -108,6 +109,9 @@ def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose
                       client_app=None) -> None:
     """Run the fedal ServerApp and ClientApps for ``cfg`` on the Simulation Engine.
 
+    Ray and its client actors start for this run and stop after it; several runs in a row
+    share them with :class:`SimulationRuntime`.
+
     Parameters
     ----------
     cfg : FederationConfig
@@ -125,30 +129,198 @@ def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose
     RuntimeError
         If the ServerApp failed (the Simulation Engine's own error is chained).
     """
+    with SimulationRuntime(cpus=cpus, verbose=verbose) as runtime:
+        runtime.run(cfg, client_app=client_app)
 
-    from server.app import app as server_app
 
-    if client_app is None:
-        from clients.app import app as client_app
+class SimulationRuntime:
+    """Flower's Simulation Engine kept up between federations: Ray and its client actors start once.
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    if cfg.pipeline != "head":  # the ServerApp runs in this process, on one core as each client does
-        import torch
+    For each simulation Flower 1.41 starts Ray (unless it is up), builds a pool of client actors
+    (one per core) and, when the run ends, stops the actors and Ray (``RayBackend.terminate``):
+    about 5 s of every short run, paid again by each run of ``fedal compare``. Inside ``with
+    SimulationRuntime() as runtime``, each :meth:`run` is still a whole Flower simulation with its
+    own SuperNodes, run config, ServerApp and ClientApp, but the first one's Ray and actor pool
+    serve them all, and are stopped when the block ends.
 
-        torch.set_num_threads(1)
-    from fedal.features import cache_dir
+    An actor is a process that executes ClientApp calls one after another, as it does for every
+    client of one simulation: a client's state lives in its database, so what carries over from
+    one run to the next is imported modules and the caches of pure functions (the data set, the
+    partition, a pool's features), never a client's labels. After each run the actors are asked
+    whether they are alive and idle; if one is not (a client killed its process), the pool is
+    replaced for the next run.
 
-    clean_orphaned_ray()
-    marker = cache_dir() / "ray-drivers" / str(os.getpid())  # removed below; left only by a killed run
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    try:
-        result = _simulate(cfg, cpus, verbose, client_app, server_app)
-    finally:
-        marker.unlink(missing_ok=True)
-    if not getattr(result, "success", True):
-        raise RuntimeError("the federation failed; run again with --verbose to see Flower's log")
+    While it is open, the engine also looks for new messages every :data:`POLL_S` seconds instead
+    of Flower's 0.1 s (the ServerApp for replies, the engine for messages to hand to the actors: a
+    round waited for them four times), and the ServerApp's numerical libraries use one thread, as
+    each actor does (two BLAS threads contending with the actors for two cores made the head
+    pipeline's rounds slower, not faster). Flower's own objects are restored when the block ends.
+
+    Parameters
+    ----------
+    cpus : int, optional
+        CPUs Ray may use (default: all cores); one client actor per CPU.
+    verbose : bool
+        Show Flower's and Ray's logs.
+    """
+
+    _open: "SimulationRuntime | None" = None  # one runtime per process: Ray is one per process
+
+    def __init__(self, *, cpus: int | None = None, verbose: bool = False) -> None:
+        self.cpus, self.verbose = cpus, verbose
+        self.runs = 0
+        self.pools_built = 0  # actor pools built: 1 unless one had to be replaced
+        self._pool = None
+        self._marker: Path | None = None
+        self._restore: list[tuple] = []
+
+    def __enter__(self) -> "SimulationRuntime":
+        from flwr.server.superlink.fleet.vce import vce_api
+        from flwr.server.superlink.fleet.vce.backend import raybackend
+
+        from fedal.features import cache_dir
+
+        if SimulationRuntime._open is not None:
+            raise RuntimeError("a SimulationRuntime is already open in this process; run the federations in it")
+        if not self.verbose:
+            logging.getLogger("flwr").setLevel(logging.WARNING)
+        clean_orphaned_ray()
+        # removed on exit; left only by a killed process, whose Ray processes the next run stops
+        self._marker = cache_dir() / "ray-drivers" / str(os.getpid())
+        self._marker.parent.mkdir(parents=True, exist_ok=True)
+        self._marker.touch()
+        # the Simulation Engine looks both up in their modules when a run starts
+        for module, name, replacement in ((raybackend, "RayBackend", _kept_backend(raybackend.RayBackend, self)),
+                                          (vce_api, "add_messages_to_queue", _add_messages_to_queue)):
+            self._restore.append((module, name, getattr(module, name)))
+            setattr(module, name, replacement)
+        SimulationRuntime._open = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._drop_pool()
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            for module, name, original in self._restore:
+                setattr(module, name, original)
+            self._restore.clear()
+            SimulationRuntime._open = None
+            if self._marker is not None:
+                self._marker.unlink(missing_ok=True)
+
+    def run(self, cfg: FederationConfig, *, client_app=None) -> None:
+        """Run the fedal ServerApp and ClientApps for ``cfg`` (see :func:`run_in_simulation`).
+
+        Raises
+        ------
+        RuntimeError
+            If the ServerApp failed (the Simulation Engine's own error is chained).
+        """
+        from threadpoolctl import threadpool_limits
+
+        if SimulationRuntime._open is not self:
+            raise RuntimeError("SimulationRuntime.run needs the runtime open: use `with SimulationRuntime() as r`")
+        if client_app is None:
+            from clients.app import app as client_app
+
+        if cfg.pipeline != "head":  # the ServerApp runs in this process, on one core as each client does
+            import torch
+
+            torch.set_num_threads(1)
+        with threadpool_limits(1):
+            result = _simulate(cfg, self.cpus, self.verbose, client_app, _server_app())
+        self.runs += 1
+        if not getattr(result, "success", True):
+            raise RuntimeError("the federation failed; run again with --verbose to see Flower's log")
+
+    # ------------------------------------------------------------- the actor pool, for the backend below
+    def pool_for(self, build):
+        """The kept actor pool, built with ``build()`` the first time (or after a pool was dropped)."""
+        if self._pool is None:
+            self._pool = build()
+            self.pools_built += 1
+        return self._pool
+
+    def release(self, pool) -> None:
+        """A run ended: keep ``pool`` if every actor answers and is idle, else stop it (the next run builds one)."""
+        import ray
+
+        healthy = pool is self._pool and len(pool.pool) == pool.num_actors
+        if healthy:
+            try:
+                ray.get([actor.__ray_ready__.remote() for actor in pool.pool], timeout=ACTOR_CHECK_S)
+            except Exception:  # a dead or hung actor: whatever Ray says, the pool is replaced
+                healthy = False
+        if not healthy:
+            logging.getLogger("fedal").warning("a client actor did not survive the run; starting new ones")
+            self._drop_pool()
+
+    def _drop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            import ray
+
+            for actor in [*pool.pool, *getattr(pool, "_future_to_actor", {}).values()]:
+                ray.kill(actor)
+
+
+#: seconds a kept actor has to answer after a run before its pool is replaced
+ACTOR_CHECK_S = 30.0
+#: seconds between two looks for new messages while a :class:`SimulationRuntime` is open (Flower's: 0.1)
+POLL_S = 0.01
+
+
+def _kept_backend(flower_backend, runtime: SimulationRuntime):
+    """Flower's ``RayBackend`` with its actor pool taken from (and given back to) ``runtime`` instead of
+    built and stopped with every run. Ray itself: Flower's backend starts it only if it is not up, and
+    :meth:`SimulationRuntime.__exit__` stops it."""
+
+    class KeptRayBackend(flower_backend):
+        def build(self, app_fn) -> None:
+            def build_pool():
+                flower_backend.build(self, app_fn)
+                return self.pool
+
+            self.pool = runtime.pool_for(build_pool)
+            self.app_fn = app_fn
+
+        def terminate(self) -> None:
+            runtime.release(self.pool)
+
+    return KeptRayBackend
+
+
+def _add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+    """The Simulation Engine's loop that hands each SuperNode's next message to the actors, looking every
+    :data:`POLL_S` seconds, or as long as a look over every node took (many nodes: at most half a core)."""
+    while not f_stop.is_set():
+        started = time.perf_counter()
+        for node_id in nodes_mapping:
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+        f_stop.wait(max(POLL_S, time.perf_counter() - started))
+
+
+def _server_app():
+    """fedal's ServerApp, looking for the clients' replies every :data:`POLL_S` seconds (the simulation's grid
+    takes its ``pull_interval``)."""
+    from flwr.serverapp import ServerApp
+
+    from server.app import main
+
+    app = ServerApp()
+
+    @app.main()
+    def simulated(grid, context) -> None:
+        if hasattr(grid, "pull_interval"):
+            grid.pull_interval = POLL_S
+        main(grid, context)
+
+    return app
 
 
 def _simulate(cfg: FederationConfig, cpus, verbose: bool, client_app, server_app):

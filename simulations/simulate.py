@@ -93,9 +93,10 @@ def _prepare_output(cfg: FederationConfig) -> Path:
             (out / "checkpoint" / name).unlink(missing_ok=True)
     # remove only the previous run's client databases: the state folder may be one the user
     # also keeps other files in (``--output-dir .`` from the repo root has ./clients = the package)
-    for db in cfg.client_state_dir.glob("client-*.db*"):
-        if db.is_file():
-            db.unlink()
+    for pattern in ("client-*.db*", "client-*.global.npz"):  # a site's ledger, and the global model kept beside it
+        for path in cfg.client_state_dir.glob(pattern):
+            if path.is_file():
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -164,9 +165,17 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print("per-client class counts (training pool + local test):")
     print(table)
+    from simulations.engine import SimulationRuntime
+
+    with SimulationRuntime(verbose=args.verbose) as runtime:  # the baseline's run reuses Ray and the actors
+        return _run_and_report(args, cfg, out, runtime)
+
+
+def _run_and_report(args: argparse.Namespace, cfg: FederationConfig, out: Path, runtime) -> int:
+    """Run the federation (and the baseline) in ``runtime``; print the table of rounds; return the exit code."""
     start = time.perf_counter()
     try:
-        stopped = _run_with_progress(cfg, verbose=args.verbose)
+        stopped = _run_with_progress(cfg, runtime, verbose=args.verbose)
     except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, within the round under way
         return _interrupted(args, cfg, out, at_once=True)
     elapsed = time.perf_counter() - start
@@ -192,7 +201,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                   f"{s['labels_saved']} labels of {s['query_rounds_skipped']} more query rounds not asked"
                   + ("; the run ended there)" if cfg.after_stop == "end" else ")"))
     if args.baseline:
-        return _run_baseline(cfg, args.baseline, rounds, verbose=args.verbose)
+        return _run_baseline(cfg, args.baseline, rounds, runtime, verbose=args.verbose)
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'curve.png'}")
     return 0
 
@@ -216,7 +225,7 @@ def _interrupted(args: argparse.Namespace, cfg: FederationConfig, out: Path, *, 
     return 130
 
 
-def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], *, verbose: bool) -> int:
+def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runtime, *, verbose: bool) -> int:
     """The same federation with the ``baseline`` strategy, in ``<output-dir>/baseline-<name>``; both
     curves go to ``<output-dir>/curve.png``."""
     from server.results import plot_curves, run_title
@@ -225,7 +234,12 @@ def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], *, v
                        f"baseline-{baseline}"), state_dir="", resume=False, overwrite=True)
     _prepare_output(base)
     print(f"baseline: the same federation with strategy {base.strategy}")
-    if _run_with_progress(base, verbose=verbose):
+    try:
+        if _run_with_progress(base, runtime, verbose=verbose):
+            return 130
+    except KeyboardInterrupt:  # the second Ctrl-C: the main run's results stay as they are
+        print(f"fedal simulate: the baseline was stopped at once; the run's results are in {cfg.output_dir}",
+              file=sys.stderr)
         return 130
     other = json.loads((Path(base.output_dir) / "results.json").read_text())["rounds"]
     if len(other) < base.rounds:
@@ -238,8 +252,9 @@ def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], *, v
     return 0
 
 
-def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> bool:
-    """Run the federation with a progress bar; return True if Ctrl-C stopped it early.
+def _run_with_progress(cfg: FederationConfig, runtime, *, verbose: bool) -> bool:
+    """Run the federation in ``runtime`` (a :class:`~simulations.engine.SimulationRuntime`) with a progress bar;
+    return True if Ctrl-C stopped it early.
 
     The first Ctrl-C asks the server to stop after the round under way (that round is not
     recorded; the checkpoint holds the last finished one); a second one stops at once.
@@ -249,7 +264,6 @@ def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> bool:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from server import app as server_app
-    from simulations.engine import run_in_simulation
 
     def interrupt(signum, frame):
         if server_app.STOP_REQUESTED.is_set():
@@ -263,7 +277,7 @@ def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> bool:
 
     with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
-        task = progress.add_task("starting Ray...", total=cfg.rounds)
+        task = progress.add_task("starting Ray..." if runtime.runs == 0 else "starting...", total=cfg.rounds)
 
         def on_round(row: dict) -> None:
             progress.update(task, completed=row["round"],
@@ -271,7 +285,7 @@ def _run_with_progress(cfg: FederationConfig, *, verbose: bool) -> bool:
 
         server_app.ROUND_HOOKS.append(on_round)
         try:
-            run_in_simulation(cfg, verbose=verbose)
+            runtime.run(cfg)
         finally:
             server_app.ROUND_HOOKS.remove(on_round)
             signal.signal(signal.SIGINT, previous)
