@@ -1,139 +1,159 @@
-"""Benchmark: framework overhead of a federation on the Simulation Engine vs a bare loop.
+"""Benchmark: what Flower's Simulation Engine costs on top of the federation's own computation.
 
-Runs the same federation twice:
+Each federation below runs three ways, each in a fresh Python process timed from its start to its
+end (imports, data, Ray, everything):
 
-1. ``fedal`` on Flower's Simulation Engine (:func:`simulations.engine.run_in_simulation`:
-   Ray actors, messages, the ServerApp's strategy, results and checkpoints), once with one
-   actor (``--cpus 1``, the same single core as the loop) and once with one actor per core;
-2. a bare Python loop doing the same computation in one process: for every round and
-   client a :class:`~clients.site.ClientSite` (same data, pool database, queries and local
-   training), FedAvg as a weighted mean of the numpy weights, the same client and server
-   evaluations.
+* **simulation**: ``fedal``'s ServerApp and ClientApp on Flower's Simulation Engine, as ``fedal
+  simulate`` runs them (Ray and one client actor per core started and stopped for the run), with 1
+  actor (one core for the clients, as the loop) and with one actor per core;
+* **simulation, kept runtime**: two runs of the same federation in one
+  :class:`~simulations.engine.SimulationRuntime`, as ``fedal compare`` runs its strategies and seeds; the
+  second run's seconds are what every run of a comparison but its first costs;
+* **bare loop**: the same ServerApp code and ClientApp in one process (:mod:`simulations.bench.loop`):
+  every message handed straight to the ClientApp, no Ray, no actors, no polling, one core.
 
-Prints the wall times and the overhead ratio (simulation / loop) and writes
-``simulations/results/bench_overhead.{md,json}``. Both paths label the same samples,
-so their final label counts must agree (checked).
+All paths compute the same federation: their accuracies must agree to the last bit (checked).
+Writes ``simulations/results/bench_overhead.{md,json}``.
 
-    .venv/bin/python -m simulations.bench.overhead
+    .venv/bin/python -m simulations.bench.overhead                 # both federations below
+    .venv/bin/python -m simulations.bench.overhead --runs network  # one of them
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from simulations.bench.common import ROOT, SHARED_DATA_DIR, command_line, machine_info, portable, save_result
 
-from simulations.bench.common import SHARED_DATA_DIR, federation_settings, portable
+#: the federations measured: a run of the main preset (the head pipeline, 11 short rounds), and the
+#: network pipeline's run this benchmark measured until December 2026 (SmallCNN, 2 local epochs of >= 20 steps)
+RUNS = {
+    "head": {"preset": "simulations/presets/bloodmnist_a01.toml", "settings": {"strategy": "margin", "seed": 0}},
+    "network": {"preset": None, "settings": {
+        "pipeline": "network", "dataset": "bloodmnist", "max-train": 2000, "clients": 5, "partition": "dirichlet",
+        "alpha": 0.5, "strategy": "entropy", "initial-labels": 10, "round-budget": 50, "rounds": 4, "local-epochs": 2,
+        "min-local-steps": 20, "min-clients": 5}},
+}
+PATHS = ("bare loop", "simulation (1 actor)", "simulation", "simulation (kept runtime)")
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-DEFAULTS = {"dataset": "bloodmnist", "data-dir": str(SHARED_DATA_DIR),
-            "max-train": 2000, "clients": 5, "partition": "dirichlet", "alpha": 0.5, "strategy": "entropy",
-            "initial-labels": 10, "round-budget": 50, "rounds": 4, "local-epochs": 2, "min-local-steps": 20,
-            "min-clients": 5}
+def run_settings(name: str) -> dict:
+    """The settings of the federation ``name`` of :data:`RUNS` (its preset's, then its own), data from ``../shared``."""
+    from simulations.compare import load_preset
+
+    spec = RUNS[name]
+    base, _ = load_preset(str(ROOT / spec["preset"])) if spec["preset"] else (None, {})
+    settings = base.to_run_config() if base is not None else {}
+    return {**settings, **spec["settings"], "data-dir": str(SHARED_DATA_DIR)}
 
 
-def bare_loop(cfg) -> tuple[float, list[dict]]:
-    """The federation's computation without Flower: returns (seconds, rows)."""
-    import torch
+def child(path: str, settings: dict, out: Path) -> dict:
+    """One path, in this process: the seconds of each run and its results."""
+    from fedal.config import FederationConfig
 
-    from clients.node import NodeConfig
-    from clients.site import ClientSite
-    from fedal.budget import BudgetCoordinator
-    from fedal.federation import federation_dataset
-    from fedal.messages import TrainInstruction
-    from fedal.models import model_for
+    cfg = FederationConfig.from_mapping({**settings, "output-dir": str(out / "a"), "overwrite": True})
+    seconds = []
+    if path == "bare loop":
+        from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)  # as each simulated client (clients/app.py)
+        from simulations.bench.loop import run_in_loop
+
+        with threadpool_limits(1):  # one core, as each simulated client
+            t0 = time.perf_counter()
+            run_in_loop(cfg)
+            seconds.append(time.perf_counter() - t0)
+    elif path == "simulation (kept runtime)":
+        from simulations.engine import SimulationRuntime
+
+        with SimulationRuntime() as runtime:
+            for run in ("a", "b"):
+                t0 = time.perf_counter()
+                runtime.run(cfg.replace(output_dir=str(out / run)))
+                seconds.append(time.perf_counter() - t0)
+    else:  # as `fedal simulate` runs it: Ray and the actors started and stopped with the run
+        from simulations.engine import run_in_simulation
+
+        t0 = time.perf_counter()
+        run_in_simulation(cfg, cpus=1 if path == "simulation (1 actor)" else None)
+        seconds.append(time.perf_counter() - t0)
+    results = json.loads((out / "a" / "results.json").read_text())
+    return {"run_seconds": seconds, "accuracy": [r["accuracy"] for r in results["rounds"]],
+            "labels": results["rounds"][-1]["labels"]}
+
+
+def measure(path: str, settings: dict, work: Path) -> dict:
+    """Run ``path`` in a fresh process; its wall time (start to end) and what it reported."""
+    out = work / path.replace(" ", "-").replace("(", "").replace(")", "")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "settings.json").write_text(json.dumps(settings))
     t0 = time.perf_counter()
-    ds = federation_dataset(cfg)
-    server_model = model_for(cfg, ds.input_shape, ds.n_classes, seed=cfg.seed)
-    state = server_model.get_state()
-    coordinator = BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap)
-    nodes = [NodeConfig(client_id=c) for c in range(cfg.clients)]
-    rows = []
-    for server_round in range(1, cfg.rounds + 1):
-        t_round = time.perf_counter()
-        budgets = (coordinator.allocate_to(server_round, range(cfg.clients)) if cfg.is_query_round(server_round)
-                   else {c: 0 for c in range(cfg.clients)})
-        states, weights, labels = [], [], 0
-        for c in range(cfg.clients):
-            site = ClientSite(cfg, nodes[c])
-            new_state, report = site.train(state, TrainInstruction(server_round, int(budgets[c])))
-            site.close()
-            coordinator.report(c, report.unlabeled_left, report.mean_uncertainty)
-            if cfg.is_query_round(server_round):
-                coordinator.record_spent(server_round, c, report.queries_used)
-            states.append(new_state)
-            weights.append(report.num_examples)
-            labels += report.num_examples
-        w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        state = {k: sum(wi * s[k] for wi, s in zip(w, states)).astype(states[0][k].dtype) for k in state}
-        for c in range(cfg.clients):
-            site = ClientSite(cfg, nodes[c])
-            site.evaluate(state)
-            site.close()
-        server_model.set_state(state)
-        _, acc = server_model.evaluate(ds.X_test, ds.y_test)
-        rows.append({"round": server_round, "labels": labels, "accuracy": acc,
-                     "seconds": time.perf_counter() - t_round})
-    return time.perf_counter() - t0, rows
+    done = subprocess.run([sys.executable, "-m", "simulations.bench.overhead", "--child", path, "--work", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{path} failed:\n{done.stderr[-3000:]}")
+    return {"wall_seconds": wall, **json.loads((out / "child.json").read_text())}
 
 
-def simulation(cfg, cpus: int) -> tuple[float, list[dict]]:
-    """The federation on the Simulation Engine with ``cpus`` actors: (seconds, rounds)."""
-    from simulations.engine import run_in_simulation
-
-    t0 = time.perf_counter()
-    run_in_simulation(cfg, cpus=cpus)
-    seconds = time.perf_counter() - t0
-    return seconds, json.loads((Path(cfg.output_dir) / "results.json").read_text())["rounds"]
+def table(record: dict) -> str:
+    lines = [f"`{record['command']}` ({record['machine']['nproc']} cores, {record['machine']['cpu']})", "",
+             "| federation | path | wall s (process) | vs bare loop | run s (in the process) | run vs bare loop | "
+             "final labels | final accuracy | same accuracies as the loop |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, paths in record["runs"].items():
+        loop = paths["bare loop"]
+        for path, r in paths.items():
+            run = r["run_seconds"][-1]
+            lines.append(f"| {name} | {path} | {r['wall_seconds']:.1f} | {r['wall_seconds'] / loop['wall_seconds']:.2f}x | "
+                         f"{run:.1f} | {run / loop['run_seconds'][-1]:.2f}x | {r['labels']} | {r['accuracy'][-1]:.4f} | "
+                         + ("yes" if r["accuracy"] == loop["accuracy"] else "**no**") + " |")
+    lines += ["", "wall s: the process from start to end (imports, data, Ray, the run, Ray stopped). run s: the run "
+              "itself inside the process; for the kept runtime, the second of two runs (what each run of `fedal "
+              "compare` after its first costs). Bare loop: the same ServerApp code and ClientApp in one process, one "
+              "core. 1 actor: the clients on one core, as the loop; without: one actor per core."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedal.config import FederationConfig
-
-    settings, output_dir = federation_settings(argv, __doc__.splitlines()[0], DEFAULTS)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=",".join(RUNS), help=f"federations to measure, of {', '.join(RUNS)}")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"paths to measure, of {', '.join(PATHS)}")
+    p.add_argument("--output-dir", default=str(ROOT / "simulations" / "results"))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:  # one path in this (fresh) process
+        work = Path(args.work)
+        record = child(args.child, json.loads((work / "settings.json").read_text()), work)
+        (work / "child.json").write_text(json.dumps(record))
+        return 0
+    names, paths = [s.strip() for s in args.runs.split(",")], [s.strip() for s in args.paths.split(",")]
+    unknown = sorted(set(names) - set(RUNS)) + sorted(set(paths) - set(PATHS))
+    if unknown or "bare loop" not in paths:
+        p.error(f"unknown runs or paths {unknown}; the paths must include 'bare loop'")
     work = Path(tempfile.mkdtemp(prefix="fedal-bench-overhead-"))
+    record = {"command": command_line("simulations.bench.overhead", argv), "machine": machine_info(), "runs": {},
+              "settings": {}}
     try:
-        results = {}
-        for name, cpus in (("simulation, 1 actor", 1), (f"simulation, {os.cpu_count()} actors", os.cpu_count())):
-            cfg = FederationConfig.from_mapping({**settings, "output-dir": str(work / f"sim{cpus}")})
-            seconds, rounds = simulation(cfg, cpus)
-            results[name] = {"seconds": seconds, "labels": rounds[-1]["labels"], "accuracy": rounds[-1]["accuracy"],
-                             "round_seconds": [r["seconds"] for r in rounds]}
-            print(f"{name}: {seconds:.1f} s", flush=True)
-        cfg = FederationConfig.from_mapping({**settings, "output-dir": str(work / "loop")})
-        seconds, rows = bare_loop(cfg)
-        results["bare loop, 1 process"] = {"seconds": seconds, "labels": rows[-1]["labels"],
-                                           "accuracy": rows[-1]["accuracy"],
-                                           "round_seconds": [r["seconds"] for r in rows]}
-        print(f"bare loop: {seconds:.1f} s", flush=True)
+        for name in names:
+            settings = run_settings(name)
+            record["settings"][name] = portable(settings)
+            record["runs"][name] = {}
+            for path in paths:
+                r = measure(path, settings, work / name)
+                record["runs"][name][path] = r
+                print(f"{name}: {path}: {r['wall_seconds']:.1f} s (run {r['run_seconds'][-1]:.1f} s)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    loop = results["bare loop, 1 process"]["seconds"]
-    lines = [f"Settings: {portable(settings)}", "",
-             "| path | wall s | ratio vs bare loop | steady rounds s (2..R) | ratio, steady rounds | final labels | final accuracy |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    loop_steady = sum(results["bare loop, 1 process"]["round_seconds"][1:])
-    for name, r in results.items():
-        steady = sum(r["round_seconds"][1:])
-        r["ratio"] = r["seconds"] / loop
-        r["steady_ratio"] = steady / loop_steady
-        lines.append(f"| {name} | {r['seconds']:.1f} | {r['ratio']:.2f}x | {steady:.1f} | {r['steady_ratio']:.2f}x | "
-                     f"{r['labels']} | {r['accuracy']:.4f} |")
-    labels = {r["labels"] for r in results.values()}
-    lines += ["", "same labels in every path: " + ("yes" if len(labels) == 1 else f"NO ({sorted(labels)})")]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_overhead.md").write_text(text + "\n")
-    (out / "bench_overhead.json").write_text(json.dumps({"settings": portable(settings), "results": results}, indent=2))
+    save_result(args.output_dir, "bench_overhead", record, table(record))
     return 0
 
 
