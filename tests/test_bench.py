@@ -83,3 +83,21 @@ def test_noise_benchmark_runs_compare_per_oracle_setting(tmp_path):
     md = (tmp_path / "bench_noise.md").read_text()
     assert "| uniform noise 30% + second readings | random |" in md
     assert (tmp_path / "runs" / "clean" / "compare.json").exists()
+
+
+@pytest.mark.slow
+def test_the_profile_has_every_phase_and_every_client_call(tmp_path):
+    from simulations.bench.profile import main
+
+    main(["--preset", "simulations/presets/digits_tiny.toml", "--output-dir", str(tmp_path), "--name", "profile",
+          "--top", "500"])
+    record = json.loads((tmp_path / "profile.json").read_text())["profile"]
+    phases = [t["phase"] for t in record["timeline"]]
+    assert len(phases) == 4 and phases[0].startswith("start to Ray up") and "rounds 2-2" in phases[2]
+    assert sum(t["seconds"] for t in record["timeline"]) == pytest.approx(record["total_seconds"], abs=0.05)
+    calls = {f["function"].split(":")[0] + f["function"][f["function"].index("("):]: f["calls"]
+             for f in record["client_top"] if ":" in f["function"]}  # (builtins have no file)
+    assert calls["clients/app.py(train)"] == 3 * 2  # 3 clients, 2 rounds: every message any actor handled
+    assert calls["clients/app.py(evaluate)"] == 3 * 2
+    assert record["server_top"][0]["function"].startswith("server/app.py") and record["final_labels"] == 3 * 10 + 30
+    assert "/" + "root" not in (tmp_path / "profile.md").read_text()  # no machine's folders
