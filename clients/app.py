@@ -15,6 +15,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from clients.node import NodeConfig
 from clients.offline import ServerContact, note_contact, stale_problem
+from clients.profiling import profiling_mod
 from clients.secure import secure_aggregation_mod, summable_reply, under_protocol
 from clients.site import ClientSite
 from fedal.config import FederationConfig
@@ -85,8 +86,9 @@ def identify(msg: Message, context: Context) -> Message:
 def client_app(train_mods=(), mods=()) -> ClientApp:
     """A ClientApp with fedal's train, evaluate and identify functions; ``train_mods`` run in front of the train
     function, behind the secure aggregation mod (so under SecAgg+ they see fedal's own train message: tests and
-    benchmarks put fault injection or captures there), ``mods`` around every message."""
-    built = ClientApp(mods=list(mods))
+    benchmarks put fault injection or captures there), ``mods`` around every message, inside the profiler
+    (:mod:`clients.profiling`: nothing unless ``$FEDAL_PROFILE_DIR`` is set)."""
+    built = ClientApp(mods=[profiling_mod, *mods])
     built.train(mods=[secure_aggregation_mod, *train_mods, dp_clipping_mod])(train)
     built.evaluate()(evaluate)
     built.query(protocol.IDENTIFY)(identify)

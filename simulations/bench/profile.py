@@ -8,7 +8,7 @@ started and stopped for it), and writes three tables to ``simulations/results/<n
    (the engine's threads stopping, Ray stopped);
 2. **ServerApp** (cProfile of its thread): the functions with the most cumulative time, ``send_and_receive``
    being the time it waited for the clients;
-3. **ClientApp** (cProfile of every message any actor handled, through a Flower mod, merged): the same.
+3. **ClientApp** (cProfile of every message any actor handled, :mod:`clients.profiling`, merged): the same.
 
 cProfile slows Python-heavy code down (about 1.5x here): read the tables as shares, and the timeline's
 rounds as an upper bound. Usage::
@@ -30,26 +30,6 @@ from pathlib import Path
 
 from simulations.bench.common import ROOT, SHARED_DATA_DIR, command_line, machine_info, portable, save_result
 
-PROFILE_ENV = "FEDAL_PROFILE_DIR"
-_client_profile: cProfile.Profile | None = None  # one per actor process, over all its messages
-
-
-def profiling_mod(msg, context, call_next):
-    """Flower mod: the ClientApp's call under cProfile, the process's total kept in ``$FEDAL_PROFILE_DIR``."""
-    global _client_profile
-    folder = os.environ.get(PROFILE_ENV)
-    if not folder:
-        return call_next(msg, context)
-    if _client_profile is None:
-        _client_profile = cProfile.Profile()
-    _client_profile.enable()
-    try:
-        return call_next(msg, context)
-    finally:
-        _client_profile.disable()
-        _client_profile.dump_stats(Path(folder) / f"client-{os.getpid()}.prof")
-
-
 def _short_path(path: str) -> str:
     """A source file's name without this machine's folders: inside the repository, a package, or Python's library."""
     if "site-packages/" in path:
@@ -57,6 +37,9 @@ def _short_path(path: str) -> str:
     if Path(path).resolve().is_relative_to(ROOT):
         return os.path.relpath(Path(path).resolve(), ROOT)
     parts = Path(path).parts
+    ours = [i for i, part in enumerate(parts) if part in ("fedal", "clients", "server", "simulations")]
+    if ours:  # the project's code installed elsewhere (a deployment's app folder)
+        return "/".join(parts[ours[-1]:])
     python = [i for i, part in enumerate(parts) if part.startswith("python3")]
     return "/".join(parts[python[-1]:]) if python else Path(path).name
 
@@ -79,9 +62,8 @@ def profile_run(settings: dict, work: Path, top: int) -> dict:
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     import server.app as server_app
-    from clients.app import client_app
+    from clients.profiling import PROFILE_ENV
     from fedal.config import FederationConfig
-    from simulations.bench.profile import profiling_mod  # by its module's name (not __main__'s) for the actors
     from simulations.engine import run_in_simulation
 
     marks: dict[str, float] = {}
@@ -112,7 +94,7 @@ def profile_run(settings: dict, work: Path, top: int) -> dict:
     server_app.ROUND_HOOKS.append(on_round)
     try:
         marks["start"] = time.perf_counter()
-        run_in_simulation(cfg, client_app=client_app(mods=[profiling_mod]))
+        run_in_simulation(cfg)  # its ClientApp profiles every call into $FEDAL_PROFILE_DIR (clients.profiling)
         marks["end"] = time.perf_counter()
     finally:
         raybackend.RayBackend, server_app.run_federation = flower_backend, run_federation
