@@ -18,6 +18,7 @@ import cProfile
 import json
 import os
 import time
+from functools import cache
 from pathlib import Path
 
 from fedal.flower import protocol
@@ -26,6 +27,7 @@ PROFILE_ENV = "FEDAL_PROFILE_DIR"
 _profile: cProfile.Profile | None = None  # this process's, over every call it handled
 
 
+@cache
 def process_started_at() -> float | None:
     """When this process started (``time.time()`` seconds; Linux ``/proc``), None where that cannot be read."""
     try:

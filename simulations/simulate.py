@@ -175,7 +175,7 @@ def _run_and_report(args: argparse.Namespace, cfg: FederationConfig, out: Path, 
     """Run the federation (and the baseline) in ``runtime``; print the table of rounds; return the exit code."""
     start = time.perf_counter()
     try:
-        stopped = _run_with_progress(cfg, runtime, verbose=args.verbose)
+        stopped = _run_with_progress(cfg, runtime)
     except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, within the round under way
         return _interrupted(args, cfg, out, at_once=True)
     elapsed = time.perf_counter() - start
@@ -201,7 +201,7 @@ def _run_and_report(args: argparse.Namespace, cfg: FederationConfig, out: Path, 
                   f"{s['labels_saved']} labels of {s['query_rounds_skipped']} more query rounds not asked"
                   + ("; the run ended there)" if cfg.after_stop == "end" else ")"))
     if args.baseline:
-        return _run_baseline(cfg, args.baseline, rounds, runtime, verbose=args.verbose)
+        return _run_baseline(cfg, args.baseline, rounds, runtime)
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'curve.png'}")
     return 0
 
@@ -225,7 +225,7 @@ def _interrupted(args: argparse.Namespace, cfg: FederationConfig, out: Path, *, 
     return 130
 
 
-def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runtime, *, verbose: bool) -> int:
+def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runtime) -> int:
     """The same federation with the ``baseline`` strategy, in ``<output-dir>/baseline-<name>``; both
     curves go to ``<output-dir>/curve.png``."""
     from server.results import plot_curves, run_title
@@ -235,7 +235,7 @@ def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runt
     _prepare_output(base)
     print(f"baseline: the same federation with strategy {base.strategy}")
     try:
-        if _run_with_progress(base, runtime, verbose=verbose):
+        if _run_with_progress(base, runtime):
             return 130
     except KeyboardInterrupt:  # the second Ctrl-C: the main run's results stay as they are
         print(f"fedal simulate: the baseline was stopped at once; the run's results are in {cfg.output_dir}",
@@ -252,7 +252,7 @@ def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runt
     return 0
 
 
-def _run_with_progress(cfg: FederationConfig, runtime, *, verbose: bool) -> bool:
+def _run_with_progress(cfg: FederationConfig, runtime) -> bool:
     """Run the federation in ``runtime`` (a :class:`~simulations.engine.SimulationRuntime`) with a progress bar;
     return True if Ctrl-C stopped it early.
 

@@ -196,7 +196,7 @@ def test_a_second_ctrl_c_prints_how_to_continue(tmp_path, monkeypatch, capsys, d
 
     out = tmp_path / "out"
 
-    def second_ctrl_c(cfg, runtime, *, verbose):
+    def second_ctrl_c(cfg, runtime):
         if done:
             (out / "checkpoint").mkdir(parents=True)
             (out / "checkpoint" / "state.json").write_text(json.dumps({"round": done}))
@@ -214,7 +214,7 @@ def test_simulate_says_when_verify_threshold_cannot_make_second_readings(tmp_pat
     from simulations import simulate
     from simulations.cli import main
 
-    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, runtime, *, verbose: True)
+    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, runtime: True)
     main(["simulate", "--strategy", "margin", "--verify-threshold", "0.9", "--output-dir", str(tmp_path / "a")])
     assert "note: verify-threshold 0.9: strategy margin picks the samples the model is least sure of" in (
         capsys.readouterr().out)
@@ -247,7 +247,7 @@ def test_resuming_a_run_that_ended_on_its_stopping_rule_runs_nothing_and_says_so
     out = tmp_path / "out"
     flags = _ended_checkpoint(out)
     before = (out / "results.json").read_text()
-    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, runtime, *, verbose: pytest.fail("a round was run"))
+    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, runtime: pytest.fail("a round was run"))
     assert main(["simulate", *flags, "--after-stop", "end"]) == 0
     said = capsys.readouterr().out
     assert "stopped asking for labels after round 4: label budget of 100 spent (100 labels)" in said
@@ -255,7 +255,7 @@ def test_resuming_a_run_that_ended_on_its_stopping_rule_runs_nothing_and_says_so
     assert "after 10 rounds" not in said and (out / "results.json").read_text() == before
     # --after-stop may change on resume: continue trains the remaining rounds, and says why they ask nothing
     ran = []
-    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, runtime, *, verbose: ran.append(cfg) or True)
+    monkeypatch.setattr(simulate, "_run_with_progress", lambda cfg, runtime: ran.append(cfg) or True)
     assert main(["simulate", *flags, "--after-stop", "continue"]) == 130  # (the fake run is "interrupted")
     assert ran and ran[0].after_stop == "continue"
     assert "the remaining rounds up to 10 train without queries" in capsys.readouterr().out

@@ -11,7 +11,6 @@ concurrency.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterable
 from uuid import uuid4
 
@@ -41,11 +40,11 @@ class LoopGrid(Grid):
     def __init__(self, client_app, run_config: dict, nodes: int) -> None:
         self.client_app = client_app
         self.run_id = random.getrandbits(63)  # a new run each time, as Flower's (a site tells runs apart by it)
-        self.contexts = {FIRST_NODE + i: Context(run_id=self.run_id, node_id=FIRST_NODE + i, node_config={"partition-id": i, "num-partitions": nodes},
-                                        state=RecordDict(), run_config=dict(run_config)) for i in range(nodes)}
+        self.contexts = {FIRST_NODE + i: Context(run_id=self.run_id, node_id=FIRST_NODE + i, state=RecordDict(),
+                                                 node_config={"partition-id": i, "num-partitions": nodes},
+                                                 run_config=dict(run_config)) for i in range(nodes)}
         self._run = None
         self._replies: dict[str, Message] = {}
-        self.client_seconds = 0.0  # time spent inside the ClientApp
 
     def set_run(self, run) -> None:
         self._run = run
@@ -65,10 +64,8 @@ class LoopGrid(Grid):
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
-            t0 = time.perf_counter()
-            reply = self.client_app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
-            self.client_seconds += time.perf_counter() - t0
-            self._replies[msg.metadata.message_id] = reply
+            self._replies[msg.metadata.message_id] = self.client_app(
+                message=msg, context=self.contexts[msg.metadata.dst_node_id])
             ids.append(msg.metadata.message_id)
         return ids
 
@@ -80,8 +77,8 @@ class LoopGrid(Grid):
 
 
 def run_in_loop(cfg: FederationConfig, client_app=None) -> LoopGrid:
-    """Run the federation ``cfg`` with fedal's ServerApp code and ClientApp in this process; return the grid
-    (``client_seconds``: the time spent in the ClientApp). Writes the same results as a simulated run."""
+    """Run the federation ``cfg`` with fedal's ServerApp code and ClientApp in this process; return the grid.
+    Writes the same results as a simulated run."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from server.app import run_federation

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from simulations.bench.common import ROOT, SHARED_DATA_DIR, command_line, machine_info, portable, save_result
 
+
 def _short_path(path: str) -> str:
     """A source file's name without this machine's folders: inside the repository, a package, or Python's library."""
     if "site-packages/" in path:
