@@ -7,8 +7,10 @@ keeps running after the run. This script does the same work but owns the SuperLi
 1. a private, temporary Flower home (``$FLWR_HOME``; ``~/.flwr`` is left alone) whose
    ``config.toml`` holds one connection, ``fedal-local``, to ``127.0.0.1:<port>``;
 2. ``flower-superlink --insecure --simulation`` on that port (a free one by default),
-   started in the app folder, so a relative ``output-dir`` lands under it;
-3. ``flwr run <app> fedal-local --run-config ... --federation-config "num-supernodes=N
+   started in the app folder, so the default ``output-dir`` (``runs/latest``) lands under it;
+   paths given in ``--run-config`` are made absolute first, against the folder this script
+   was started in, where they were typed;
+3. ``flwr run <app> fedal-local --run-config <the overrides, checked> --federation-config "num-supernodes=N
    client-resources-num-cpus=1" --stream``, which prints the run's log and returns when
    the run ends (N = the run's ``clients``: each simulated SuperNode is one client);
 4. ``flwr ls fedal-local --run-id <id> --format json`` for the final status;
@@ -41,16 +43,28 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from run_local_deployment import CONNECTION, free_port  # a sibling script: this folder is on sys.path
+from run_local_deployment import CONNECTION, free_port, last_error  # a sibling script: this folder is on sys.path
+
+from fedal.config import FederationConfig, absolute_paths
+from fedal.exceptions import FedalError
+from fedal.fileio import toml_value
 
 
-def run_config_clients(app: Path, overrides: list[str]) -> int:
-    """``clients`` of the run: the last override that sets it, else the app's default."""
+def run_config_overrides(overrides: list[str]) -> dict:
+    """The ``--run-config`` overrides (``"key=value ..."`` strings or one TOML file, as ``flwr run`` reads them) as
+    one dict, with every path made absolute against the current directory, where the user typed them: the run's
+    processes work in the app folder (:func:`fedal.config.absolute_paths`)."""
     from flwr.common.config import parse_config_args
 
+    if len(overrides) == 1 and overrides[0].endswith(".toml"):
+        overrides = [str(Path(overrides[0]).expanduser().resolve())]
+    return absolute_paths(parse_config_args(overrides))
+
+
+def run_config_clients(app: Path, overrides: dict) -> int:
+    """``clients`` of the run: the overrides' value, else the app's default."""
     values = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    values.update(parse_config_args(overrides))
-    return int(values["clients"])
+    return int({**values, **overrides}["clients"])
 
 
 def write_flower_config(home: Path, port: int) -> None:
@@ -159,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     app = Path(args.app).resolve()
     if not (app / "pyproject.toml").is_file():
         parser.error(f"{app} has no pyproject.toml; give the folder of the Flower app")
-    clients = run_config_clients(app, args.run_config)
+    try:  # the fedal settings are checked here, before anything starts
+        overrides = run_config_overrides(args.run_config)
+        FederationConfig.from_run_config(overrides)
+    except (FedalError, ValueError, OSError) as exc:
+        parser.error(str(exc))
+    clients = run_config_clients(app, overrides)
     supernodes = args.num_supernodes or clients
     if supernodes != clients:
         parser.error(f"--num-supernodes {supernodes} differs from the run's clients ({clients}); every simulated "
@@ -177,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                      "--log-file", str(log)]
     run_cmd = [str(bin_dir / "flwr"), "run", str(app), CONNECTION, "--stream",
                "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus={args.cpus_per_client}"]
-    for override in args.run_config:
-        run_cmd += ["--run-config", override]
+    if overrides:
+        (home / "run-config.toml").write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in overrides.items()))
+        run_cmd += ["--run-config", str(home / "run-config.toml")]
 
     # SIGTERM (e.g. from a test's timeout) must still stop the SuperLink
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -194,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         watchdog = threading.Timer(args.timeout, run.kill)  # a silent hang must end too
         watchdog.start()
         run_id = None
+        streamed = []
         for line in run.stdout:  # pass the stream through, remembering the run id
             sys.stdout.write(line)
             sys.stdout.flush()
+            streamed.append(line)
             match = re.search(r"Successfully started run (\d+)", line)
             if match:
                 run_id = match.group(1)
@@ -207,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         status = run_status(bin_dir, app, env, run_id)
         print(f"flwr_run_local: run {run_id} status {status}", flush=True)
+        if status != "finished:completed" and (error := last_error("".join(streamed))):
+            print(f"flwr_run_local: the ServerApp's error: {error}", file=sys.stderr)
         if not status.startswith("finished"):
             print(f"flwr_run_local: the run did not finish within {args.timeout:.0f} s", file=sys.stderr)
     except RuntimeError as exc:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -36,8 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedal.config import FederationConfig, parse_assignments
-from fedal.exceptions import ConfigError
+from fedal.config import FederationConfig, absolute_paths, parse_assignments
+from fedal.exceptions import FedalError
+from fedal.federation import check_federation
 from fedal.fileio import toml_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +56,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def last_error(log: str) -> str | None:
+    """The last exception a Python traceback in ``log`` ended with, as one plain line (``DataFileError: data set
+    ...``; ``fedal.exceptions.`` and the like dropped), or None when the log holds no traceback.
+
+    Flower writes the traceback of an exception in a ServerApp to the run's log (``flwr log``) and of one in a
+    ClientApp to its SuperNode's log."""
+    error, in_traceback = None, False
+    for line in ANSI.sub("", log).splitlines():
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            name, sep, message = line.partition(": ")
+            error = f"{name.rsplit('.', 1)[-1]}{sep}{message}".strip()
+            in_traceback = False
+    return error
 
 
 @dataclass
@@ -126,9 +148,11 @@ class LocalDeployment:
         if self.verbose:
             print("$ " + shlex.join(str(c) for c in cmd), flush=True)
 
-    def run_cmd(self, cmd: list[str], *, timeout: float = 120, env: dict | None = None) -> str:
-        """Run a command to completion; return its stdout or raise DeploymentError with its output."""
-        self._show(cmd)
+    def run_cmd(self, cmd: list[str], *, timeout: float = 120, env: dict | None = None, show: bool = True) -> str:
+        """Run a command to completion (printed first, unless ``show`` is false); return its stdout or raise
+        DeploymentError with its output."""
+        if show:
+            self._show(cmd)
         done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
                               env=env or self.env, cwd=REPO_ROOT)
         if done.returncode != 0:
@@ -154,6 +178,45 @@ class LocalDeployment:
 
     def log_tail(self, proc: subprocess.Popen, n: int = 3000) -> str:
         return Path(proc.log_path).read_text(errors="replace")[-n:]  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _log_size(proc: subprocess.Popen | None) -> int:
+        try:
+            return Path(proc.log_path).stat().st_size  # type: ignore[union-attr, attr-defined]
+        except (AttributeError, OSError):
+            return 0
+
+    def server_log(self, run_id: int) -> Path:
+        """The run's ServerApp log (``flwr log RUN_ID --show``: Flower keeps it at the SuperLink), written to
+        ``logs/serverapp-<run id>.log``; its path."""
+        path = self.workdir / "logs" / f"serverapp-{run_id}.log"
+        try:
+            text = self.run_cmd([BIN / "flwr", "log", run_id, CONNECTION, "--show"], timeout=60)
+        except (DeploymentError, subprocess.TimeoutExpired) as exc:
+            text = f"`flwr log {run_id}` failed: {exc}"
+        path.write_text(ANSI.sub("", text))
+        return path
+
+    def failure_report(self, run_id: int, what: str) -> str:
+        """Why run ``run_id`` failed, in plain words first: the ServerApp's own error, then each site's ClientApp
+        error in this run (from its SuperNode's log), then where the whole logs are."""
+        log = self.server_log(run_id)
+        error = last_error(log.read_text(errors="replace"))
+        lines = [f"run {run_id} {what}.", f"The ServerApp's error: {error}" if error else
+                 "The ServerApp's log shows no error."]
+        marks = getattr(self, "log_marks", {})
+        for site in self.site_list:
+            if site.process is None:
+                continue
+            with open(site.process.log_path, "rb") as fh:  # type: ignore[attr-defined]
+                fh.seek(marks.get(site.client_id, 0))
+                site_error = last_error(fh.read().decode(errors="replace"))
+            if site_error:
+                lines.append(f"Site {site.client_id}'s ClientApp error: {site_error}")
+        lines.append(f"Full logs: the ServerApp's in {log} (Flower keeps it at the SuperLink: `flwr log {run_id} {CONNECTION} "
+                     f"--show`), the SuperLink's in {self.superlink.log_path}, each site's SuperNode's in "  # type: ignore[attr-defined]
+                     f"{self.workdir / 'logs'}/supernode-<client id>.log")
+        return "\n".join(lines)
 
     # --------------------------------------------------------------- steps
     def prepare(self) -> None:
@@ -183,8 +246,9 @@ class LocalDeployment:
         return path
 
     def fedal_settings(self) -> dict:
-        settings = {"clients": self.sites, "min-clients": self.sites, **self.run_config}
-        return settings
+        """The run's fedal settings, with every path absolute (the ServerApp reads them in the SuperLink's
+        working directory, the workdir): :func:`fedal.config.absolute_paths`."""
+        return absolute_paths({"clients": self.sites, "min-clients": self.sites, **self.run_config})
 
     def start_superlink(self, timeout: float = 60) -> None:
         """Start the SuperLink with TLS and SuperNode authentication; wait until it serves TLS."""
@@ -231,8 +295,9 @@ class LocalDeployment:
     def submit(self, **settings) -> int:
         """``flwr run`` the fedal app in this repository (with more fedal ``settings``, kebab-case, which may name
         another ``output-dir``); return the run id."""
-        overrides = {**self.fedal_settings(), "output-dir": str(self.workdir / "server"), **settings}
+        overrides = absolute_paths({**self.fedal_settings(), "output-dir": str(self.workdir / "server"), **settings})
         self.output_dir = Path(overrides["output-dir"])
+        self.log_marks = {s.client_id: self._log_size(s.process) for s in self.site_list}
         path = self.workdir / "run-config.toml"
         path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in overrides.items()))
         out = self.run_cmd([BIN / "flwr", "run", REPO_ROOT, CONNECTION, "--run-config", path, "--format", "json"])
@@ -242,7 +307,7 @@ class LocalDeployment:
         return int(reply["run-id"])
 
     def run_status(self, run_id: int) -> str:
-        out = self.run_cmd([BIN / "flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"])
+        out = self.run_cmd([BIN / "flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"], show=False)
         reply = json.loads(out[out.index("{"):])
         return str(reply["runs"][0]["status"])
 
@@ -253,8 +318,9 @@ class LocalDeployment:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def wait(self, run_id: int, rounds: int, timeout: float = 600, status_every: float = 60) -> dict:
-        """Wait until the run finished; return results.json. Raises DeploymentError on failure or timeout."""
+    def wait(self, run_id: int, rounds: int, timeout: float = 600, status_every: float = 10) -> dict:
+        """Wait until the run finished; return results.json. Raises DeploymentError on failure or timeout, its
+        message led by the ServerApp's own error (:meth:`failure_report`)."""
         start = time.monotonic()
         last_status = start
         while time.monotonic() - start < timeout:
@@ -270,11 +336,9 @@ class LocalDeployment:
                 status = self.run_status(run_id)
                 if status.startswith("finished"):
                     if status != "finished:completed":
-                        raise DeploymentError(f"run {run_id} ended as {status}; SuperLink log:\n"
-                                              f"{self.log_tail(self.superlink)}")
+                        raise DeploymentError(self.failure_report(run_id, f"ended as {status}"))
                     return self.results() or {}
-        raise DeploymentError(f"run {run_id} did not finish within {timeout} s; SuperLink log:\n"
-                              f"{self.log_tail(self.superlink)}")
+        raise DeploymentError(self.failure_report(run_id, f"did not finish within {timeout:.0f} s"))
 
     def stop(self) -> None:
         """Stop every process this deployment started (and their children), SIGKILL after 10 s."""
@@ -328,11 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through `with`: stop every process
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedal-deploy-"))
-    try:  # checked (and typed) as every fedal setting is, before anything starts
-        given = {"rounds": args.rounds, "dataset": args.dataset, "data-dir": args.data_dir,
-                 **parse_assignments(args.set)}
+    try:  # checked (and typed) as every fedal setting is, before anything starts; paths as typed, from here
+        given = absolute_paths({"rounds": args.rounds, "dataset": args.dataset, "data-dir": args.data_dir,
+                                **parse_assignments(args.set)})
         cfg = FederationConfig.from_mapping({"clients": args.sites, "min-clients": args.sites, **given})
-    except ConfigError as exc:
+        check_federation(cfg)
+    except FedalError as exc:
         print(f"run_local_deployment: {exc}", file=sys.stderr)
         return 2
     typed = cfg.to_run_config()
@@ -353,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     print("round | labels | accuracy | seconds")
     for row in results.get("rounds", []):
         print(f"{row['round']:>5} | {row['labels']:>6} | {row['accuracy']:.4f}   | {row['seconds']:.1f}")
+    for event in results.get("events", []):  # a site that failed a round, a reply refused, ...
+        print(f"round {event['round']}: {event['kind']}: {event['detail']}")
     print(f"results: {workdir / 'server' / 'results.json'}; client databases: {workdir / 'state'}")
     return 0
 

@@ -618,6 +618,31 @@ def _convert(name: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"setting {kebab} must be {article} {typ}, got {value!r}") from None
 
 
+#: settings that name a file or folder (``dataset`` too, when it names an ``.npz`` file)
+PATH_SETTINGS = ("data-dir", "output-dir", "state-dir")
+
+
+def absolute_paths(values: dict[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+    """``values`` (settings, kebab- or snake-case) with every relative path made absolute against ``base`` (default:
+    the current directory, where the user typed them).
+
+    A run config sent to a deployment is read by a ServerApp and ClientApps in other working directories (those of
+    the SuperLink and the SuperNodes), where a relative path would name another folder; a helper that submits a run
+    resolves its paths with this first. ``dataset`` is a path when it names an ``.npz`` file that exists under
+    ``base`` (else it is looked up in ``data-dir``, as :func:`fedal.data.load_dataset` does); "" stays "" (the
+    default)."""
+    root = Path.cwd() if base is None else Path(base)
+    out = dict(values)
+    for key, value in values.items():
+        kebab = str(key).replace("_", "-")
+        if not isinstance(value, str) or not value.strip():
+            continue
+        path = Path(value.strip()).expanduser()
+        if kebab in PATH_SETTINGS or (kebab == "dataset" and path.suffix.lower() == ".npz" and (root / path).is_file()):
+            out[key] = str(path if path.is_absolute() else (root / path).resolve())
+    return out
+
+
 def parse_assignments(items, flag: str = "--set") -> dict[str, str]:
     """``items``, ``["KEY=VALUE", ...]`` (repeatable ``--set`` flags), as a dict of strings (the setting
     converts them); ``flag`` names the flag in the message.

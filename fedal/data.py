@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedal.exceptions import ConfigError, DataFileError
-from fedal.fileio import read_npz
+from fedal.fileio import read_npz, shown_path
 
 DATA_DIR_ENV = "FEDAL_DATA_DIR"
 
@@ -149,7 +149,7 @@ def _find_file(key: str, data_dir) -> Path:
         if not path.is_absolute() and not path.exists():
             path = resolve_data_dir(data_dir) / path
         if not path.is_file():
-            raise DataFileError(f"data file {path} does not exist; check the path")
+            raise DataFileError(f"data file {shown_path(path)} does not exist; check the path")
         return path
     folder = resolve_data_dir(data_dir)
     for fname in FILES[key]:
@@ -158,7 +158,7 @@ def _find_file(key: str, data_dir) -> Path:
     how = ("download it from https://medmnist.com (MedMNIST v2, 28x28 .npz)" if key != "mnist"
            else "get mnist.npz (keys x_train, y_train, x_test, y_test)")
     raise DataFileError(
-        f"data set {key!r} needs {' or '.join(FILES[key])} in {folder.resolve()}, which is not there; "
+        f"data set {key!r} needs {' or '.join(FILES[key])} in {shown_path(folder)}, which is not there; "
         f"{how} and put it in that folder, or point --data-dir / ${DATA_DIR_ENV} at the folder that has it"
     )
 

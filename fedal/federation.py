@@ -96,6 +96,30 @@ def check_label_budgets(cfg: FederationConfig) -> None:
                           f"hold after their initial labels; lower --round-budget to at most {left}")
 
 
+def check_federation(cfg: FederationConfig) -> Dataset:
+    """Every check of a run that needs its data, before anything starts (``fedal simulate``, the deployment helper):
+    the data set loads, the label budgets fit the pools (:func:`check_label_budgets`), and secure aggregation has a
+    bound on the head's features. Returns the data set.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run's settings.
+
+    Raises
+    ------
+    ConfigError, DataFileError
+        Naming the problem and the fix.
+    """
+    ds = federation_dataset(cfg)
+    check_label_budgets(cfg)
+    if cfg.pipeline != "network":  # secure aggregation needs a bound on the features (raises if there is none)
+        from fedal.models import statistics_clip_norm
+
+        statistics_clip_norm(cfg, ds.input_shape)
+    return ds
+
+
 def partition_table(cfg: FederationConfig) -> str:
     """Per-client class counts of the run ``cfg`` as a text table (printed at the start of a run)."""
     ds = federation_dataset(cfg)

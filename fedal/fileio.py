@@ -39,6 +39,17 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` for a message: as given, and for a relative one where it was looked for. A process reads a relative
+    path from its own working directory, which for a deployment's ServerApp or ClientApp is where its SuperLink or
+    SuperNode was started, not where the user typed the path."""
+    path = Path(path)
+    if path.is_absolute():
+        return str(path)
+    return (f"{path} (relative, so read as {os.path.normpath(Path.cwd() / path)} from this process's working "
+            f"directory {Path.cwd()}; give an absolute path)")
+
+
 def read_npz(path: str | os.PathLike, *, what: str = "data file", missing_hint: str = "check the path",
              damaged_hint: str = "download it again", keys=None) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` file at ``path`` (no pickle), or those named in ``keys``.
@@ -65,7 +76,7 @@ def read_npz(path: str | os.PathLike, *, what: str = "data file", missing_hint: 
             wanted = archive.files if keys is None else [key for key in keys if key in archive.files]
             return {key: archive[key] for key in wanted}
     except FileNotFoundError:
-        raise DataFileError(f"{what} {path} does not exist; {missing_hint}") from None
+        raise DataFileError(f"{what} {shown_path(path)} does not exist; {missing_hint}") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataFileError(f"{what} {path} is truncated or not a valid .npz ({exc}); {damaged_hint}") from None
 
@@ -82,7 +93,7 @@ def read_toml(path: str | os.PathLike, *, what: str = "config file") -> dict[str
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
+        raise ConfigError(f"{what} {shown_path(path)} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"{what} {path} is a folder; give the .toml file in it") from None
     except UnicodeDecodeError as exc:

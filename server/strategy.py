@@ -19,6 +19,7 @@ run: ``BudgetedStrategy(FedAvg(...))`` for a network, ``BudgetedStrategy(Private
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -61,6 +62,8 @@ def error_summary(reason: str, limit: int = 300) -> str:
     last = lines[-1] if lines else str(reason)
     if "Message: " in last:
         last = last.split("Message: ", 1)[1]
+    if match := re.fullmatch(r"<class '([\w.]+)'>:<'?(.*?)'?>?", last):  # Flower 1.41: <class 'a.b.Error'>:<'why'>
+        last = f"{match[1].rsplit('.', 1)[-1]}: {match[2]}"
     last = last.removesuffix("'>").strip() or str(reason).strip()
     return last if len(last) <= limit else last[: limit - 3] + "..."
 

@@ -131,17 +131,12 @@ def summary_table(rounds: list[dict]) -> str:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from fedal.federation import check_label_budgets, federation_dataset, partition_table
+    from fedal.federation import check_federation, partition_table
 
     cfg = config_from_args(args)
     # every check that can fail runs before the output folder is touched or Ray starts
-    ds = federation_dataset(cfg)
+    ds = check_federation(cfg)
     table = partition_table(cfg)
-    check_label_budgets(cfg)
-    if cfg.pipeline != "network":  # secure aggregation needs a bound on the features (raises if there is none)
-        from fedal.models import statistics_clip_norm
-
-        statistics_clip_norm(cfg, ds.input_shape)
     out = _prepare_output(cfg)
     if (stopped := stopped_before(cfg)) is not None:
         said = (f"the run in {out} stopped asking for labels after round {stopped['round']}: {stopped['criterion']} "

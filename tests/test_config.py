@@ -293,3 +293,39 @@ def test_verify_threshold_help_and_readme_name_the_uncertainty_strategies():
     assert "entropy, margin" in text and "almost no second reading is made" in text
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "almost no second reading is made" in readme
+
+
+def test_paths_typed_by_a_user_are_made_absolute_where_they_were_typed(tmp_path):
+    """A deployment's ServerApp reads the run config in the SuperLink's folder: a relative data-dir there named
+    another folder and the run failed with nothing but `finished:failed`."""
+    from fedal.config import absolute_paths
+
+    (tmp_path / "mine.npz").write_bytes(b"")
+    given = {"data-dir": "../shared/data", "output_dir": "runs/x", "state-dir": "~/state", "dataset": "mine.npz",
+             "rounds": 3, "strategy": "margin"}
+    out = absolute_paths(given, base=tmp_path)
+    assert out["data-dir"] == str((tmp_path / "../shared/data").resolve())
+    assert out["output_dir"] == str(tmp_path / "runs" / "x")
+    assert out["state-dir"] == str(Path("~/state").expanduser())
+    assert out["dataset"] == str(tmp_path / "mine.npz")
+    assert (out["rounds"], out["strategy"]) == (3, "margin")  # not paths: as given
+    # a named data set, a .npz that is not here (looked up in data-dir), an empty default and an absolute path stay
+    same = {"dataset": "bloodmnist", "data-dir": "", "output-dir": str(tmp_path / "abs")}
+    assert absolute_paths(same, base=tmp_path) == same
+    assert absolute_paths({"dataset": "other.npz"}, base=tmp_path) == {"dataset": "other.npz"}
+    assert given["data-dir"] == "../shared/data"  # the caller's mapping is left alone
+
+
+def test_a_missing_relative_data_dir_says_from_which_folder_it_was_read(tmp_path, monkeypatch):
+    from fedal.data import load_dataset
+    from fedal.exceptions import DataFileError
+    from fedal.sitedata import load_site
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataFileError) as info:
+        load_dataset("bloodmnist", "../nowhere")
+    message = str(info.value)
+    assert f"read as {tmp_path.parent / 'nowhere'}" in message and f"working directory {tmp_path}" in message
+    assert "give an absolute path" in message
+    with pytest.raises(DataFileError, match=f"site data file site-0.npz \\(relative, so read as {tmp_path}/site-0.npz"):
+        load_site("site-0.npz")
