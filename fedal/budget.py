@@ -107,11 +107,13 @@ class BudgetCoordinator:
         """Keep what ``client`` reported: ``unlabeled`` samples left, mean pool ``uncertainty`` (NaN = unknown)."""
         self.stats[client] = ClientStats(int(unlabeled), float(uncertainty))
 
-    def allocate_to(self, round: int, clients, limit: int | None = None) -> dict:
+    def allocate_to(self, round: int, clients, limit: int | None = None, *, carried_only: bool = False) -> dict:
         """Budgets for ``round`` among ``clients`` (the ones taking part), from what each last
         reported (a client never heard of weighs the average, with no capacity limit); at most
-        ``limit`` labels in all (what is left of a whole run's budget)."""
-        return self.allocate(round, {c: self.stats.get(c, ClientStats()) for c in clients}, limit=limit)
+        ``limit`` labels in all (what is left of a whole run's budget); ``carried_only``: only what
+        failed clients left (a round between query rounds that makes their labels up)."""
+        return self.allocate(round, {c: self.stats.get(c, ClientStats()) for c in clients}, limit=limit,
+                             carried_only=carried_only)
 
     # ------------------------------------------------------------- allocation
     def weights(self, stats: dict[str, ClientStats]) -> dict[str, float]:
@@ -138,14 +140,16 @@ class BudgetCoordinator:
         out = min(cap, left)
         return int(out) if out != math.inf else 1 << 40
 
-    def allocate(self, round: int, stats: dict[str, ClientStats], limit: int | None = None) -> dict[str, int]:
+    def allocate(self, round: int, stats: dict[str, ClientStats], limit: int | None = None, *,
+                 carried_only: bool = False) -> dict[str, int]:
         """Budgets for ``round`` from ``stats`` (client -> ClientStats): shares by policy,
         limited by capacity, the excess redistributed.
 
         The budgets sum to ``min(round_budget + carried, limit, total capacity)``, less what clients
-        owe for labels they asked for offline (:meth:`record_offline`), which is taken from their own shares.
+        owe for labels they asked for offline (:meth:`record_offline`), which is taken from their own shares;
+        ``carried_only``: the carried labels alone (a make-up round between query rounds).
         """
-        total = self.round_budget + (self.carry if self.carry_over else 0)
+        total = (0 if carried_only else self.round_budget) + (self.carry if self.carry_over else 0)
         if limit is not None:
             total = max(min(total, int(limit)), 0)
         self.carry = 0

@@ -160,7 +160,14 @@ class FederationConfig:
     fraction_train : float
         Share of clients sampled per round.
     min_clients : int
-        Fewest clients a round needs to go ahead.
+        Fewest clients a round needs to go ahead, and the fewest usable replies its aggregation needs: a round
+        with fewer keeps the global model (an event says why).
+    min_reply_fraction : float
+        Share of a round's sampled clients whose usable replies its aggregation needs as well (0 = min-clients
+        alone; 1 = every sampled client).
+    max_failed_rounds : int
+        Rounds in a row not aggregated for want of replies after which the run stops with an error saying how
+        to resume it (0 = never stop).
     round_timeout : float
         Seconds the server waits for replies in a round.
     noise_rate : float
@@ -288,6 +295,8 @@ class FederationConfig:
     server_momentum: float = 0.9
     fraction_train: float = 1.0
     min_clients: int = 2
+    min_reply_fraction: float = 0.0
+    max_failed_rounds: int = 10
     round_timeout: float = 600.0
     noise_rate: float = 0.0
     noise_kind: str = "uniform"
@@ -388,6 +397,10 @@ class FederationConfig:
         need(0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}")
         need(1 <= self.min_clients <= self.clients,
              f"min-clients must be between 1 and clients ({self.clients}), got {self.min_clients}")
+        need(0 <= self.min_reply_fraction <= 1,
+             f"min-reply-fraction must be in [0, 1] (0 = min-clients alone), got {self.min_reply_fraction}")
+        need(self.max_failed_rounds >= 0,
+             f"max-failed-rounds must be >= 0 rounds (0 = never stop), got {self.max_failed_rounds}")
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(0 <= self.noise_rate <= 1, f"noise-rate must be in [0, 1], got {self.noise_rate}")
         need(self.noise_kind in NOISE_KINDS, f"noise-kind must be one of {', '.join(NOISE_KINDS)}, got {self.noise_kind!r}")

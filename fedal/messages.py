@@ -39,6 +39,8 @@ REPORT_KEYS = {
     "offline_spent": "offline-spent",        # labels asked while the server was away, not reported before
 }
 NOT_MEASURED = -1.0
+#: the largest count a report may hold (a site's pool is far smaller; a larger one is a lie or a bug)
+MAX_COUNT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,27 @@ class TrainReport:
     label_entropy: float = float("nan")
     labels_reviewed: int = 0
     offline_spent: int = 0
+
+    def problem(self) -> str | None:
+        """Why this report cannot be a site's honest one on its own terms, or None: a count below 0 (``-1`` is
+        ``auto-labeled-correct``'s "unknown"), above :data:`MAX_COUNT`, more answers than requests, more
+        confirmed self-labels than self-labels, a share above 1. What it says against the server's own books
+        (budgets granted) is checked by the server."""
+        for f in fields(self):
+            if f.type not in ("int", int):
+                continue
+            value, low = getattr(self, f.name), -1 if f.name == "auto_correct" else 0
+            if not low <= value <= MAX_COUNT:
+                return f"{REPORT_KEYS[f.name]} is {value}, not a count in [{low}, {MAX_COUNT}]"
+        if self.requests_answered > self.requests_made:
+            return (f"requests-answered ({self.requests_answered}) is more than requests-made "
+                    f"({self.requests_made})")
+        if self.auto_correct > self.auto_labeled:
+            return f"auto-labeled-correct ({self.auto_correct}) is more than auto-labeled ({self.auto_labeled})"
+        for name in ("mean_uncertainty", "label_entropy"):
+            if getattr(self, name) > 1 + 1e-6:  # both are normalised to [0, 1]
+                return f"{REPORT_KEYS[name]} is {getattr(self, name)}, not a share in [0, 1]"
+        return None
 
     def to_metrics(self) -> dict[str, int | float]:
         """The report as wire metrics: ints for counts, finite floats for means (``-1`` = not measured)."""

@@ -149,6 +149,10 @@ class FixedPoint:
         return [limb.astype(np.float64) for limb in reversed(limbs)]
 
     # ------------------------------------------------------------------ server side
+    def encoded_size(self, reference: Mapping[str, np.ndarray]) -> int:
+        """The length of each limb vector :meth:`encode` makes of an update keyed as ``reference``."""
+        return sum(_size(np.shape(reference[k]), kind_of(k)) for k in reference)
+
     def decode(self, limb_sums: list[np.ndarray], reference: Mapping[str, np.ndarray], total_weight: int
                ) -> "OrderedDict[str, np.ndarray]":
         """The aggregate of the summed limbs (exact integers, highest first): class statistics summed, weights

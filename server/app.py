@@ -116,6 +116,21 @@ def check_stopping(cfg: FederationConfig, book: RoundBook, criteria, row: dict, 
     return None
 
 
+def cannot_go_on(cfg: FederationConfig, book: RoundBook, rounds: list[int], recorded: int) -> str:
+    """Why the run stops after ``rounds`` in a row were not aggregated, and how to resume it."""
+    reasons = {}
+    for r in rounds:
+        for event in book.rounds[r].events:
+            reasons.setdefault(event.reason if event.node is None else f"{event.kind}: {event.reason}", r)
+    said = "; ".join(list(reasons)[-3:]) or "no site replied"
+    kept = f"the checkpoint holds round {recorded}" if recorded >= 1 else "no round was recorded"
+    return (f"no round could be aggregated in the last {len(rounds)} rounds ({rounds[0]}-{rounds[-1]}; "
+            f"max-failed-rounds = {cfg.max_failed_rounds}): {said}. {kept.capitalize()}. Bring the sites back (their "
+            "SuperNodes running and connected, or the simulation's memory freed), then continue the run with "
+            "resume = true: `fedal simulate ... --resume`, or `flwr run . <federation> --run-config "
+            "\"resume=true\"` with the run's other settings; max-failed-rounds = 0 never stops")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls (simulation or deployment)."""
@@ -145,7 +160,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
     model = model_for(cfg, X_test.shape[1:], dataset.n_classes, seed=cfg.seed, raw_shape=dataset.input_shape)
     book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap),
                      PrivacySettings.from_config(cfg), offline_budget=cfg.offline_budget,
-                     rounds=cfg.rounds)
+                     rounds=cfg.rounds, initial_labels=cfg.initial_labels)
     strategy = make_strategy(cfg, book, model, is_query_round=lambda r: cfg.is_query_round(r) and book.stopped is None)
     secure = None
     if cfg.secure_aggregation:
@@ -167,6 +182,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         if ckpt is not None:
             last, state, saved = ckpt
             book.load_state_dict(saved)
+            strategy.load_state_arrays(recorder.load_server_arrays(saved))
             start_round = last + 1
             if book.stopped is not None and cfg.after_stop == "end":  # it ended on its stopping rule
                 log.warning("the run in %s stopped asking for labels after round %d (%s) and ended there; nothing "
@@ -185,6 +201,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                     "--federation-config \"num-supernodes=%d\" (the budget is split among the nodes present)",
                     cfg.clients, nodes, cfg.clients)
     heard = False  # did any client reply with a usable report?
+    failed_rounds: list[int] = []  # the rounds in a row not aggregated for want of replies
     t0 = time.perf_counter()  # a row's seconds: since the last row (eval-every > 1 trains rounds between rows)
     try:
         for server_round in range(start_round, cfg.rounds + 1):
@@ -192,7 +209,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                 log.warning("stopped before round %d; the checkpoint holds round %d", server_round, server_round - 1)
                 break
             query = cfg.is_query_round(server_round) and book.stopped is None
-            if query and cfg.total_budget:  # the last query round gets what is left of the run's budget
+            if (query or book.makeup_due()) and cfg.total_budget:  # the last query round gets what is left of the run's budget
                 pending = sum(r.pending for r in book.rounds[max(book.rounds)].reports.values()) if book.rounds else 0
                 book.label_limit = max(cfg.total_budget - sum(book.labeled.values()) - pending, 0)
             if cfg.reinit and query:
@@ -213,6 +230,12 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             rlog = book.rounds[server_round]
             if rlog.reports:
                 heard = True
+            failed_rounds = failed_rounds + [server_round] if not rlog.aggregated or not rlog.reports else []
+            if cfg.max_failed_rounds and len(failed_rounds) >= cfg.max_failed_rounds:
+                for event in rlog.events:
+                    recorder.add_event(server_round, event.kind, event.describe())
+                recorded = recorder.rounds[-1]["round"] if recorder.rounds else 0
+                raise FederationFailed(cannot_go_on(cfg, book, failed_rounds, recorded))
             if not cfg.is_eval_round(server_round):  # a training round between evaluations (eval-every)
                 for event in rlog.events:
                     recorder.add_event(server_round, event.kind, event.describe())
@@ -238,6 +261,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
             row = {"round": server_round, "labels": int(sum(book.labeled.values())), "accuracy": acc, "loss": loss,
                    "client_accuracy": float(client_eval["eval-acc"]) if client_eval else None,
                    "query_round": query, "clients": book.clients_row(server_round),
+                   "aggregated": rlog.aggregated and bool(rlog.reports),
+                   "budget_sent": int(sum(rlog.assigned.values())),
                    "pending": int(train_metrics["pending"]) if train_metrics else 0,
                    "seconds": round(time.perf_counter() - t0, 2)}
             if served is not None:  # what each model would give, and which one serves

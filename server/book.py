@@ -32,16 +32,19 @@ class RoundEvent:
     """Something that went wrong with one node in one round.
 
     Attributes: ``kind`` (``failed``: no usable reply; ``rejected``: a reply or update the
-    server refused; ``no-budget``: left out of a query round's budget), ``client`` (None while the node has not said which client it is),
+    server refused; ``no-budget``: left out of a query round's budget; ``not-aggregated``: the round as a whole,
+    with no client or node), ``client`` (None while the node has not said which client it is),
     ``node`` (Flower's node id) and ``reason``.
     """
 
     kind: str
     client: int | None
-    node: int
+    node: int | None
     reason: str
 
     def describe(self) -> str:
+        if self.node is None:
+            return self.reason
         who = f"client {self.client}" if self.client is not None else "a client not yet identified"
         return f"{who} (node {self.node}): {self.reason}"
 
@@ -59,6 +62,7 @@ class RoundLog:
     reports: dict[int, TrainReport] = field(default_factory=dict)  # client -> its report
     offline_granted: dict[int, int] = field(default_factory=dict)  # client -> offline budget sent with the message
     events: list[RoundEvent] = field(default_factory=list)
+    aggregated: bool = True  # False: the global model of the round before stays (see the not-aggregated event)
 
     def problem_of(self, client: int) -> RoundEvent | None:
         """The event recorded for ``client`` this round, if any."""
@@ -79,10 +83,13 @@ class RoundBook:
         ``offline-budget``), granted with every train message while the run still asks for labels.
     rounds : int, optional
         The run's last round: its messages grant nothing (no later reply could report the spend).
+    initial_labels : int, optional
+        The run's ``initial-labels``: with it the book keeps what each client was granted (initial set, budgets,
+        offline grants) and refuses a report of more labeled and pending samples than that; None = no such check.
     """
 
     def __init__(self, coordinator: BudgetCoordinator, privacy: PrivacySettings | None = None, *,
-                 offline_budget: int = 0, rounds: int | None = None) -> None:
+                 offline_budget: int = 0, rounds: int | None = None, initial_labels: int | None = None) -> None:
         self.coordinator = coordinator
         self.privacy = privacy
         self.accountant = (GaussianAccountant(privacy_config(privacy.delta, privacy.population))
@@ -96,6 +103,9 @@ class RoundBook:
         self.offline_budget = int(offline_budget)
         self.rounds_in_run = rounds
         self.offline_unreported: dict[int, int] = {}  # client -> offline budget granted since its last reply
+        self.initial_labels = initial_labels
+        #: client -> labels it was granted so far: the initial set, every round's budget, every offline grant
+        self.granted: dict[int, int] = {}
 
     # ------------------------------------------------------------- identities
     def client_of(self, node: int) -> int | None:
@@ -113,10 +123,15 @@ class RoundBook:
         self._client_of[int(node)] = int(client)
 
     # ------------------------------------------------------------- a round
-    def open_round(self, server_round: int, nodes, *, query: bool) -> dict[int, int]:
+    def makeup_due(self) -> bool:
+        """Whether a round between query rounds should ask for the labels failed sites left (the carry)."""
+        return self.stopped is None and self.coordinator.carry_over and self.coordinator.carry > 0
+
+    def open_round(self, server_round: int, nodes, *, query: bool, makeup: bool = False) -> dict[int, int]:
         """Start ``server_round`` for ``nodes``; return each node's query budget.
 
-        In a query round the coordinator splits the budget among the identified clients;
+        In a query round the coordinator splits the budget among the identified clients (in a
+        ``makeup`` round, between query rounds, only what failed sites left: :meth:`makeup_due`);
         a node that has not said which client it is, or that claims a client another node
         of this round already is, gets nothing (and an event says why).
         """
@@ -129,9 +144,10 @@ class RoundBook:
         for node in budgets:
             if (client := self.client_of(node)) is not None and grant:
                 rlog.offline_granted[client] = grant
+                self._grant(client, grant)
                 # what it may have spent offline before its next reply: every grant it was sent since the last one
                 self.offline_unreported[client] = self.offline_unreported.get(client, 0) + grant
-        if not query:
+        if not query and not makeup:
             return budgets
         holder: dict[int, int] = {}
         for node in sorted(budgets):
@@ -144,10 +160,33 @@ class RoundBook:
                                               "too: two SuperNodes share one client-id; its replies are not used"))
             else:
                 holder[client] = node
-        rlog.assigned = self.coordinator.allocate_to(server_round, sorted(holder), limit=self.label_limit)
+        rlog.assigned = self.coordinator.allocate_to(server_round, sorted(holder), limit=self.label_limit,
+                                                     carried_only=makeup and not query)
         for client, node in holder.items():
             budgets[node] = rlog.assigned[client]
+            self._grant(client, rlog.assigned[client])
         return budgets
+
+    def _grant(self, client: int, labels: int) -> None:
+        self.granted[client] = self.granted.get(client, self.initial_labels or 0) + int(labels)
+
+    def implausible(self, server_round: int, client: int, report: TrainReport) -> str | None:
+        """Why ``report`` of ``client`` cannot be true by the book (or on its own terms), or None: more labels
+        asked this round than its budget, more labeled and pending samples than it was ever granted."""
+        if (problem := report.problem()) is not None:
+            return problem
+        rlog = self.rounds[server_round]
+        budget = rlog.assigned.get(client, 0)
+        if report.queries_used > budget:
+            return f"it reports {report.queries_used} labels asked in round {server_round}, but its budget was {budget}"
+        if self.initial_labels is not None:
+            granted = self.granted.get(client, self.initial_labels)
+            held = report.num_examples + report.pending
+            if held > granted:
+                return (f"it reports {report.num_examples} labeled and {report.pending} pending samples, but the run "
+                        f"granted it {granted} labels in all (initial set, budgets, offline grants); a state-dir "
+                        "kept from another run holds labels this run did not grant: give the site a fresh one")
+        return None
 
     def record_report(self, server_round: int, node: int, report: TrainReport) -> str | None:
         """Keep the report node ``node`` sent in ``server_round``; return why it is refused, or None.
@@ -166,11 +205,14 @@ class RoundBook:
             return reason
         self.identify(node, report.client_id)
         client = report.client_id
+        if (reason := self.implausible(server_round, client, report)) is not None:
+            self.reject(server_round, node, reason, answered=True)
+            return reason
         rlog.reports[client] = report
         self.labeled[client] = report.num_examples
         self.coordinator.report(client, report.unlabeled_left, report.mean_uncertainty)
         if client in rlog.assigned:
-            self.coordinator.record_spent(server_round, client, min(report.queries_used, rlog.assigned[client]))
+            self.coordinator.record_spent(server_round, client, report.queries_used)
         self._record_offline(server_round, node, client, report.offline_spent)
         return None
 
@@ -203,6 +245,13 @@ class RoundBook:
         if answered and client is not None and client in rlog.assigned and client not in rlog.reports:
             # it was asked and answered, but what it sent is unusable: count its budget as spent
             self.coordinator.record_spent(server_round, client, rlog.assigned[client])
+
+    def not_aggregated(self, server_round: int, reason: str) -> None:
+        """``server_round`` is not aggregated (too few usable replies, a secure sum without every site)."""
+        rlog = self.rounds[server_round]
+        rlog.aggregated = False
+        rlog.events.append(RoundEvent("not-aggregated", None, None, reason))
+        log.warning("round %d: %s", server_round, reason)
 
     def fail(self, server_round: int, node: int, reason: str) -> None:
         """Node ``node`` sent an error reply in ``server_round``."""
@@ -261,7 +310,8 @@ class RoundBook:
                 "labeled": [{"client": c, "labeled": n} for c, n in sorted(self.labeled.items())],
                 "privacy": None if self.accountant is None else self.accountant.state_dict(),
                 "history": [asdict(h) for h in self.history], "stopped": self.stopped,
-                "offline_unreported": [{"client": c, "labels": n} for c, n in sorted(self.offline_unreported.items())]}
+                "offline_unreported": [{"client": c, "labels": n} for c, n in sorted(self.offline_unreported.items())],
+                "granted": [{"client": c, "labels": n} for c, n in sorted(self.granted.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` (node identities are not kept: node ids change between runs)."""
@@ -271,6 +321,10 @@ class RoundBook:
                         for h in state.get("history", [])]
         self.stopped = state.get("stopped")
         self.offline_unreported = {int(r["client"]): int(r["labels"]) for r in state.get("offline_unreported", [])}
+        if "granted" in state:
+            self.granted = {int(r["client"]): int(r["labels"]) for r in state["granted"]}
+        else:  # a checkpoint of an older fedal: what each client was granted is unknown, so it is not checked
+            self.initial_labels = None
         if self.accountant is not None:
             self.accountant.load_state_dict(state.get("privacy"))
 

@@ -102,14 +102,19 @@ class RunRecorder:
             self.plot()
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, server_round: int, state: dict[str, np.ndarray], extra: dict) -> None:
-        """Model weights and server state after ``server_round``."""
+    def save_checkpoint(self, server_round: int, state: dict[str, np.ndarray], extra: dict,
+                        server_arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Model weights and server state after ``server_round`` (``server_arrays``: what the strategy keeps
+        between rounds, such as the sites' last head statistics, in ``server.npz``); ``state.json`` is
+        written last, so a checkpoint it names is whole."""
         folder = self.out / CHECKPOINT_DIR
-        buf = io.BytesIO()
-        np.savez(buf, **{k.replace(".", "__"): v for k, v in state.items()})
-        atomic_write(folder / "model.npz", buf.getvalue())
+        for name, arrays in (("model.npz", state), ("server.npz", server_arrays or {})):
+            buf = io.BytesIO()
+            np.savez(buf, **{k.replace(".", "__"): v for k, v in arrays.items()})
+            atomic_write(folder / name, buf.getvalue())
         atomic_write(folder / "state.json", json.dumps(_clean({
-            "round": server_round, "keys": list(state), "results": self.to_dict(), **extra}), indent=2))
+            "round": server_round, "keys": list(state), "server_keys": list(server_arrays or {}),
+            "results": self.to_dict(), **extra}), indent=2))
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict] | None:
         """``(round, weights, state)`` of the last checkpoint, or None if there is none."""
@@ -122,6 +127,14 @@ class RunRecorder:
         self.rounds = state["results"]["rounds"]
         self.events = state["results"].get("events", [])
         return int(state["round"]), weights, state
+
+    def load_server_arrays(self, state: dict) -> dict[str, np.ndarray]:
+        """The strategy's arrays of the checkpoint whose ``state.json`` is ``state`` (empty if it kept none)."""
+        keys = state.get("server_keys", [])
+        if not keys:
+            return {}
+        with np.load(self.out / CHECKPOINT_DIR / "server.npz", allow_pickle=False) as f:
+            return {k: f[k.replace(".", "__")] for k in keys}
 
 
 def run_title(config: dict) -> str:

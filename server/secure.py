@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -40,7 +40,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fedal.flower import protocol
-from fedal.secure import CHANGE, CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, FixedPoint, kind_of
+from fedal.secure import CHANGE, CLIPPING_RANGE, LIMBS, MODULUS_RANGE, QUANTIZATION_RANGE, FixedPoint, kind_of
 from server.strategy import error_summary
 
 log = logging.getLogger("fedal.server")
@@ -55,10 +55,13 @@ class _StageGrid:
     """The grid as the workflow uses it (``send_and_receive`` only): the masking stage carries fedal's train
     message for each node; every reply's failure is kept per node and stage."""
 
-    def __init__(self, grid: Grid, train_content: dict[int, RecordDict], listener: StageListener | None) -> None:
+    def __init__(self, grid: Grid, train_content: dict[int, RecordDict], listener: StageListener | None,
+                 masked_shapes: list[tuple[int, ...]] | None = None) -> None:
         self.grid = grid
         self.train_content = train_content
         self.listener = listener
+        #: the shapes of an honest masked vector (the weight factor, then the limbs); None = not checked
+        self.masked_shapes = masked_shapes
         self.failed: dict[int, str] = {}
         #: node -> the scalars of its report (the masking stage's replies carry them in the clear)
         self.reports: dict[int, dict] = {}
@@ -80,6 +83,13 @@ class _StageGrid:
                                              f"{error_summary(reply.error.reason)}")
             else:
                 answered.add(node)
+                if stage == Stage.COLLECT_MASKED_VECTORS and (problem := self.masked_problem(reply)):
+                    # the workflow would add it to the others' and stop the ServerApp; left out, it is a site that
+                    # dropped out after sharing its keys, whose masks the others' shares remove
+                    self.failed[node] = f"its masked vector was refused: {problem}"
+                    log.warning("node %d: masked vector refused: %s", node, problem)
+                    answered.add(node)
+                    continue
                 if stage == Stage.COLLECT_MASKED_VECTORS and REPORT_RECORD in reply.content:
                     self.reports[node] = dict(reply.content[REPORT_RECORD])
         for msg in messages:  # no reply at all before the timeout
@@ -88,7 +98,42 @@ class _StageGrid:
                 self.failed.setdefault(node, f"did not answer the {stage} stage of secure aggregation in time")
         if self.listener is not None:
             self.listener(stage, messages, replies)
-        return replies
+        return [r for r in replies if r.has_error() or stage != Stage.COLLECT_MASKED_VECTORS
+                or not self.failed.get(r.metadata.src_node_id, "").startswith("its masked vector was refused")]
+
+    def masked_problem(self, reply: Message) -> str | None:
+        """Why a masking stage's reply cannot be summed with the others' (shapes, records), or None."""
+        if self.masked_shapes is None:
+            return None
+        try:
+            vectors = [bytes_to_ndarray(b) for b in reply.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+        except Exception as ex:  # noqa: BLE001 - whatever a site sent, the run goes on without it
+            return f"it holds no readable masked vector ({type(ex).__name__}: {ex})"
+        shapes = [tuple(v.shape) for v in vectors]
+        if shapes != self.masked_shapes:
+            return f"arrays of shapes {shapes[:5]}, expected {self.masked_shapes[:5]}"
+        return None
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, but a site that drops out before it has shared its keys leaves the round.
+
+    In flwr 1.41 such a site stays among the round's sampled nodes: the unmask stage asks for shares of its
+    secret that nobody holds (it never sent any), finds too few and stops the round, although the sites left
+    did not mask with it (a site masks only with those whose shares it received). Taken out of the sampled
+    nodes and of every neighbourhood after the key sharing, it is what a site that never joined would be."""
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        gone = set(state.sampled_node_ids) - set(state.active_node_ids)
+        if not gone:
+            return ok
+        state.sampled_node_ids = set(state.active_node_ids)
+        state.nid_to_neighbours = {nid: set(neighbours) - gone for nid, neighbours in state.nid_to_neighbours.items()
+                                   if nid not in gone}
+        log.warning("secure aggregation: node(s) %s left before sharing their keys; the round goes on with %d",
+                    sorted(gone), len(state.active_node_ids))
+        return self._check_threshold(state)
 
 
 class _RoundPlan(LegacyStrategy):
@@ -153,7 +198,7 @@ class SecureTraining:
     def workflow(self) -> SecAggPlusWorkflow:
         """Flower's workflow with the settings under which fedal's limbs sum exactly (:mod:`fedal.secure`): every
         sampled site is a neighbour of every other, all weigh alike."""
-        return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=self.threshold, max_weight=1.0,
+        return _Workflow(num_shares=1.0, reconstruction_threshold=self.threshold, max_weight=1.0,
                                   clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
                                   modulus_range=MODULUS_RANGE, timeout=self.timeout)
 
@@ -161,7 +206,9 @@ class SecureTraining:
         """Run the round's training under the protocol; return what ``aggregate_train`` would (arrays, metrics)."""
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         nodes = [m.metadata.dst_node_id for m in messages]
-        stage_grid = _StageGrid(grid, {m.metadata.dst_node_id: m.content for m in messages}, self.listener)
+        size = self.codec.encoded_size(self.reference(arrays))
+        stage_grid = _StageGrid(grid, {m.metadata.dst_node_id: m.content for m in messages}, self.listener,
+                                masked_shapes=[(1,), *[(size,)] * LIMBS])
         plan = _RoundPlan(grid, nodes)
         state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
                             MAIN_PARAMS_RECORD: ArrayRecord()})
@@ -182,10 +229,14 @@ class SecureTraining:
             aggregate = lambda total_weight: self.codec.decode(sums, reference, total_weight)  # noqa: E731
         else:  # the protocol stopped (fewer sites than the threshold remained): the reports count, no sum
             reports = dict(stage_grid.reports)
-            log.warning("round %d: secure aggregation did not complete (%d of %d sites failed a stage); the round "
-                        "is not aggregated", server_round, len(stage_grid.failed), len(nodes))
         failed = {n: r for n, r in stage_grid.failed.items() if n not in reports}
-        return self.strategy.aggregate_secure(server_round, reports, failed, aggregate)
+        out = self.strategy.aggregate_secure(server_round, reports, failed, aggregate)
+        if aggregate is None and self.strategy.book.rounds[server_round].aggregated:
+            self.strategy.book.not_aggregated(server_round, (
+                f"secure aggregation did not complete ({len(stage_grid.failed)} of the {len(nodes)} sites failed a "
+                f"stage, each named in its event; a site's masks need secure-threshold {self.threshold:g} of its "
+                "neighbours to remain): the round is not aggregated"))
+        return out
 
     def reference(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
         """Every key of a site's update: the global value sent for a weight, zeros of its shape for a statistic."""

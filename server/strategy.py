@@ -19,6 +19,7 @@ run: ``BudgetedStrategy(FedAvg(...))`` for a network, ``BudgetedStrategy(Private
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable
 
@@ -93,12 +94,22 @@ class BudgetedStrategy(Strategy):
         their instruction.
     eval_metrics : tuple of str
         The metrics of a usable evaluation reply.
+    min_replies : int
+        Fewest usable replies a round's aggregation needs (the run's ``min-clients``); a round with fewer keeps
+        the global model, and an event says why.
+    min_reply_fraction : float
+        Share of the round's sampled nodes whose usable replies it needs as well (``min-reply-fraction``).
+    full_rounds_only : bool
+        Aggregate a secure round only when every sampled site is in the sum (secure aggregation of a head's
+        statistics: a sum without a site would drop its classes from the head, and the difference of two sums
+        would be that site's statistics).
     """
 
     def __init__(self, inner: Strategy, book: RoundBook, reference: dict[str, tuple[int, ...]],
                  is_query_round: Callable[[int], bool], *, identify_timeout: float = IDENTIFY_TIMEOUT_S,
                  buffers: Iterable[str] = (), lr_factor: Callable[[int], float] | None = None,
-                 eval_metrics: tuple[str, ...] = protocol.EVAL_METRICS) -> None:
+                 eval_metrics: tuple[str, ...] = protocol.EVAL_METRICS, min_replies: int = 1,
+                 min_reply_fraction: float = 0.0, full_rounds_only: bool = False) -> None:
         super().__init__()
         self.inner = inner
         self.book = book
@@ -110,6 +121,26 @@ class BudgetedStrategy(Strategy):
         self.eval_metrics = tuple(eval_metrics)
         self._optimiser = _server_optimiser(inner)
         self._base_eta = None if self._optimiser is None else float(self._optimiser.eta)
+        self.min_replies = int(min_replies)
+        self.min_reply_fraction = float(min_reply_fraction)
+        self.full_rounds_only = bool(full_rounds_only)
+        self._usable = 0  # usable replies of the round screen() last saw
+
+    def replies_needed(self, sampled: int) -> int:
+        """Usable replies a round of ``sampled`` nodes needs before it is aggregated."""
+        return max(self.min_replies, math.ceil(self.min_reply_fraction * sampled - 1e-9))
+
+    def too_few(self, server_round: int, usable: int) -> bool:
+        """Whether ``usable`` replies are too few to aggregate ``server_round``; if so the book says why."""
+        sampled = len(self.book.rounds[server_round].nodes)
+        need = self.replies_needed(sampled)
+        if usable >= need:
+            return False
+        self.book.not_aggregated(server_round, (
+            f"{usable} usable repl{'y' if usable == 1 else 'ies'} of the {sampled} node(s) sampled; the run needs "
+            f"{need} (min-clients {self.min_replies}, min-reply-fraction {self.min_reply_fraction:g}), so the "
+            "round is not aggregated and the global model stays"))
+        return True
 
     def summary(self) -> None:
         log.info("\t├──> per-client query budgets (fedal)")
@@ -127,9 +158,10 @@ class BudgetedStrategy(Strategy):
         messages = list(self.inner.configure_train(server_round, weights, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
         query = self.is_query_round(server_round)
-        if query and (unknown := self.book.unidentified(nodes)):
+        makeup = not query and self.book.makeup_due()  # the labels of sites that failed the last query round
+        if (query or makeup) and (unknown := self.book.unidentified(nodes)):
             self._identify(grid, unknown)
-        budgets = self.book.open_round(server_round, nodes, query=query)
+        budgets = self.book.open_round(server_round, nodes, query=query, makeup=makeup)
         out = [protocol.with_budget(m, budgets[m.metadata.dst_node_id], client_factor,
                                     self.book.offline_grant(server_round, m.metadata.dst_node_id)) for m in messages]
         if self.buffers:  # the clients get the whole model, statistics included
@@ -151,6 +183,8 @@ class BudgetedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         good = self.screen(server_round, replies)
+        if self.too_few(server_round, self._usable):
+            return None, self.train_metrics(server_round) if self.book.rounds[server_round].reports else None
         if not good:
             return None, None
         statistics = self._mean_buffers(good)
@@ -189,8 +223,17 @@ class BudgetedStrategy(Strategy):
             used.append(report)
         book.close_round(server_round)
         weight = sum(r.num_examples for r in used)
+        metrics = self.train_metrics(server_round) if used else None
+        if self.too_few(server_round, len(used)):
+            return None, metrics
+        if self.full_rounds_only and (missing := sorted(set(book.rounds[server_round].nodes) - set(reports))):
+            book.not_aggregated(server_round, (
+                f"node(s) {missing} are not in the secure sum: a sum of the others would drop their classes from "
+                "the head, and its difference from a full round's would be their statistics, so the round is not "
+                "aggregated; the labels they and the others asked are summed in the next full round"))
+            return None, metrics
         if aggregate is None or not used or weight <= 0:
-            return None, self.train_metrics(server_round) if used else None
+            return None, metrics
         if refused:  # a site's share cannot be taken out of the sum: the round is dropped whole
             reason = (f"the secure sum holds the update of node(s) {sorted(refused)}, whose report was refused; a "
                       "share of the sum cannot be taken out, so the round is not aggregated")
@@ -242,6 +285,7 @@ class BudgetedStrategy(Strategy):
         in client order (failed, malformed and corrupted ones are logged as events and dropped)."""
         book = self.book
         good = []
+        self._usable = 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -260,6 +304,7 @@ class BudgetedStrategy(Strategy):
             if reason:
                 book.reject(server_round, node, reason, answered=True)
                 continue
+            self._usable += 1
             if report.num_examples <= 0:
                 # no label yet (its people have not answered): the model came back unchanged with
                 # weight 0; leave it out (a round of only such updates would divide by zero)
@@ -275,6 +320,24 @@ class BudgetedStrategy(Strategy):
         # the floating-point sums, and so a rerun with the same seed, the same
         good.sort(key=self._client_order)
         return good
+
+    # ------------------------------------------------------------- checkpoint
+    def _heads(self) -> StatisticsAggregation | None:
+        """The aggregation that sums the head's statistics (head and handover pipelines), or None."""
+        if isinstance(self.inner, HandoverAggregation):
+            return self.inner.heads
+        return self.inner if isinstance(self.inner, StatisticsAggregation) else None
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """What the strategy keeps between rounds besides the model, as arrays for the checkpoint: the sites'
+        last head statistics (:meth:`server.head.StatisticsAggregation.state_arrays`)."""
+        heads = self._heads()
+        return heads.state_arrays() if heads is not None else {}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`state_arrays`' arrays (a resumed run)."""
+        if (heads := self._heads()) is not None and arrays:
+            heads.load_state_arrays(arrays)
 
     def train_metrics(self, server_round: int) -> MetricRecord:
         """Totals over the clients that reported in ``server_round`` (and the labeled-weighted mean loss)."""
@@ -374,4 +437,6 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))
     schedule = cfg.round_lr_factor if cfg.lr_schedule != "constant" else None
     return BudgetedStrategy(inner, book, reference, is_query_round or cfg.is_query_round, buffers=buffers,
-                            lr_factor=schedule, eval_metrics=eval_metrics)
+                            lr_factor=schedule, eval_metrics=eval_metrics, min_replies=cfg.min_clients,
+                            min_reply_fraction=cfg.min_reply_fraction,
+                            full_rounds_only=cfg.secure_aggregation and cfg.pipeline in ("head", "handover"))

@@ -95,9 +95,77 @@ def clean_orphaned_ray(registry: Path | None = None) -> list[int]:
     return stopped
 
 
+def actors(cpus: int | None = None) -> int:
+    """How many client actors a simulation runs: ``cpus``, else ``$FEDAL_CPUS``, else every core."""
+    value = cpus or os.environ.get("FEDAL_CPUS") or os.cpu_count() or 2
+    try:
+        value = int(value)
+    except ValueError:
+        value = 0
+    if value < 1:
+        from fedal.exceptions import ConfigError
+
+        raise ConfigError(f"FEDAL_CPUS must be a whole number of client actors >= 1, got {os.environ['FEDAL_CPUS']!r}")
+    return value
+
+
+#: a client actor's memory before any data (Python, torch, Flower, Ray's worker), and per byte of the data set
+#: held as float32, fitted to the peaks ``simulations/bench/actor_memory.py`` measured (bench_actor_memory.md)
+ACTOR_BASE_BYTES = {"head": 420 * 2**20, "network": 520 * 2**20, "handover": 560 * 2**20}
+ACTOR_BYTES_PER_DATA_BYTE = 2.0
+#: the share of the available memory a simulation may plan to use (Ray stops actors at 95% of the machine's)
+MEMORY_SHARE = 0.85
+
+
+def actor_memory_estimate(cfg: FederationConfig, dataset=None) -> int:
+    """Bytes one client actor of a simulation of ``cfg`` is expected to hold at its peak: a base for the
+    pipeline plus a multiple of the data set's size as float32 (an actor serves every client in turn and
+    keeps the data set and the pools' features it computed)."""
+    import numpy as np
+
+    if dataset is None:
+        from fedal.federation import federation_dataset
+
+        dataset = federation_dataset(cfg)
+    values = (len(dataset.y_train) + len(dataset.y_test)) * int(np.prod(dataset.input_shape))
+    return int(ACTOR_BASE_BYTES.get(cfg.pipeline, ACTOR_BASE_BYTES["network"]) + ACTOR_BYTES_PER_DATA_BYTE * 4 * values)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (``MemAvailable`` of /proc/meminfo), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: FederationConfig, n_actors: int, dataset=None, available: int | None = None) -> int:
+    """Refuse a simulation whose ``n_actors`` client actors (and the ServerApp) would not fit in the memory
+    available; return the bytes it is expected to need."""
+    from fedal.exceptions import ConfigError
+
+    per_actor = actor_memory_estimate(cfg, dataset)
+    need = (n_actors + 1) * per_actor  # the driver (ServerApp, Flower, Ray) weighs about one actor
+    available = available_memory() if available is None else available
+    if available is not None and need > MEMORY_SHARE * available:
+        fits = max(int(MEMORY_SHARE * available // per_actor) - 1, 0)
+        gib = 2**30
+        raise ConfigError(
+            f"this simulation needs about {need / gib:.1f} GiB ({n_actors} client actors of about "
+            f"{per_actor / gib:.2f} GiB each for the {cfg.pipeline} pipeline on {cfg.dataset}, and the server), but "
+            f"{available / gib:.1f} GiB of memory are available; Ray would stop actors when the machine's memory is "
+            f"95% used. " + (f"Run fewer client actors (FEDAL_CPUS={fits} fits), " if fits >= 1 else "")
+            + "set max-train to use part of the data set, or free memory")
+    return need
+
+
 def backend_config(cpus: int | None = None) -> dict:
-    """Ray resources: one CPU per client actor, as many actors as cores (2 on the reference machine)."""
-    cpus = cpus or os.cpu_count() or 2
+    """Ray resources: one CPU per client actor, as many actors as cores (2 on the reference machine; ``$FEDAL_CPUS``
+    sets fewer)."""
+    cpus = actors(cpus)
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True,
@@ -231,6 +299,7 @@ class SimulationRuntime:
             import torch
 
             torch.set_num_threads(1)
+        check_memory(cfg, min(actors(self.cpus), cfg.clients))  # before Ray starts actors that would be killed
         with threadpool_limits(1):
             result = _simulate(cfg, self.cpus, self.verbose, client_app, _server_app())
         self.runs += 1
@@ -291,7 +360,49 @@ def _kept_backend(flower_backend, runtime: SimulationRuntime):
         def terminate(self) -> None:
             runtime.release(self.pool)
 
+        def process_message(self, message, context):
+            """Flower's, but an actor that died (killed by Ray for memory, or its process gone) is replaced by a
+            new one and the message handed to it once: Flower would put the dead actor back into the pool, and
+            every later message it drew would fail."""
+            import ray.exceptions
+
+            try:
+                return flower_backend.process_message(self, message, context)
+            except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as ex:
+                replace_dead_actors(self.pool, ex)
+            return flower_backend.process_message(self, message, context)
+
     return KeptRayBackend
+
+
+def replace_dead_actors(pool, error: BaseException | None = None) -> int:
+    """Replace every actor of Flower's ``pool`` that no longer answers by a new one; return how many.
+
+    The Ray actors of a simulation run the ClientApps; one killed (Ray's memory monitor stops the process that
+    takes the most memory when the machine runs short) never answers again, and Flower keeps it in its pool."""
+    import ray
+
+    dead = []
+    for actor in list(pool.pool):
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=ACTOR_CHECK_S)
+        except Exception:  # noqa: BLE001 - dead or hung: replaced either way
+            dead.append(actor)
+    for actor in dead:
+        try:
+            pool.pool.remove(actor)
+        except ValueError:  # another worker thread drew it meanwhile: its own failure replaces it
+            continue
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        pool.pool.append(pool.create_actor_fn())
+    if dead:
+        reason = f" ({type(error).__name__}: {str(error).splitlines()[0][:200]})" if error is not None else ""
+        logging.getLogger("fedal").warning("%d client actor(s) died%s: replaced by new ones; the message is handed "
+                                           "to a new actor", len(dead), reason)
+    return len(dead)
 
 
 def _add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:

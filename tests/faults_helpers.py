@@ -20,6 +20,16 @@ Faults (of a train message):
 ``crash-in-oracle``
     the process dies while asking the oracle: requests are recorded as pending, no
     answer is, no reply is sent (the labels and pending ids are snapshotted first).
+``kill-actor``
+    the client's whole process (the Ray actor) is killed with SIGKILL before it handles the
+    message, as Ray's memory monitor kills one; it fires once per client and round, so the
+    message handed to a new actor is handled;
+``lie:<metric>=<value>``
+    an honest round, then the reply's report metric says ``value`` (a lying or buggy site).
+
+Faults of a secure-aggregation stage (:func:`stage_fault_mod`, in front of the secure mod):
+``crash-in:<stage>`` (the site fails that stage: ``setup``, ``share_keys``, ...) and
+``short-masked-vector`` (its masked vector is one element short).
 
 Every fault that fires appends one line to ``<output_dir>/faults-log.jsonl``. With a file
 ``<output_dir>/record-received``, every client also writes the digest of the model it
@@ -216,7 +226,21 @@ def fault_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     if fault in ORACLE_FAULTS:
         return _train_with_faulty_oracle(msg, context, fault, out, client, server_round)
+    if fault.startswith(("crash-in:", "short-masked")):  # stage_fault_mod's
+        return call_next(msg, context)
+    if fault == "kill-actor":
+        import signal
+
+        if sum(1 for f in injected(out) if (f["client"], f["round"], f["fault"]) == (client, server_round, fault)) <= 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the first time only: a new actor handles the message
+        return call_next(msg, context)
     reply = call_next(msg, context)
+    if fault.startswith("lie:"):
+        key, value = fault[4:].split("=", 1)
+        metrics = dict(reply.content[protocol.METRICS])
+        metrics[key] = float(value) if "." in value or "e" in value else int(value)
+        reply.content[protocol.METRICS] = MetricRecord(metrics)
+        return reply
     if fault == "crash":
         state_dir = Path(str(context.node_config.get("state-dir") or cfg.client_state_dir))
         snapshot_path(out, client, server_round).write_text(json.dumps({
@@ -226,6 +250,36 @@ def fault_mod(msg: Message, context: Context, call_next) -> Message:
     if fault in CORRUPTIONS:
         return _corrupt(reply, fault)
     raise ValueError(f"unknown fault {fault!r} in the plan")
+
+
+def stage_fault_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod in front of the secure-aggregation mod: a planned ``crash-in:<stage>`` fails that stage of the
+    protocol; ``short-masked-vector`` cuts the last element off the site's masked vector."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from clients.node import NodeConfig
+    from fedal.config import FederationConfig
+
+    if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+    cfg = FederationConfig.from_run_config(dict(context.run_config))
+    client = NodeConfig.from_mapping(dict(context.node_config)).client_id
+    server_round = int(msg.metadata.group_id)
+    out = Path(cfg.output_dir)
+    fault = planned_fault(out, client, server_round)
+    if fault == f"crash-in:{stage}":
+        _log(out, client=client, round=server_round, fault=fault, pid=os.getpid())
+        raise InjectedCrash(f"injected: client {client} died in the {stage} stage of round {server_round}")
+    reply = call_next(msg, context)
+    if fault == "short-masked-vector" and stage == "collect_masked_vectors" and not reply.has_error():
+        _log(out, client=client, round=server_round, fault=fault, pid=os.getpid())
+        record = reply.content.config_records[RECORD_KEY_CONFIGS]
+        vectors = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
+        vectors[-1] = vectors[-1][:-1]
+        record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in vectors]
+    return reply
 
 
 def fault_client_app():
@@ -238,4 +292,4 @@ def fault_client_app():
 
     # Ray ships the app to its workers by pickle; this test module is not importable there
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return client_module.client_app(train_mods=[fault_mod])
+    return client_module.client_app(train_mods=[fault_mod], mods=[stage_fault_mod])

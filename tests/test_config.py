@@ -58,6 +58,8 @@ BAD_VALUES = {
     "fraction_train": 0.0,
     "min_clients": 99,
     "round_timeout": 0.0,
+    "min_reply_fraction": 1.5,
+    "max_failed_rounds": -1,
     "noise_rate": 1.5,
     "noise_kind": "gaussian",
     "client_noise": "0.1,oops",
@@ -88,7 +90,7 @@ BAD_VALUES = {
 # second bad values for settings with two bounds
 MORE_BAD_VALUES = [("total_budget", 49), ("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
                    ("unsure_rate", -0.1), ("verify_threshold", -0.1),
-                   ("momentum", -0.5)]
+                   ("momentum", -0.5), ("min_reply_fraction", -0.1), ("min_reply_fraction", float("nan"))]
 # settings any value of their type is fine for (checked where they are used: data loading)
 FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite", "secure_aggregation"}
 

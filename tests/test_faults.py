@@ -6,13 +6,16 @@ front of ``clients.app``'s own functions, driven by a fault plan file), plus in-
 checks of the strategy, the DP wrapper, the client site and the ``fedal simulate``
 command. At the end pytest prints one line::
 
-    faults: injected=N finished=N labels_lost=N
+    faults: injected=N finished=N labels_lost=N together=N lying=N actors_killed=N aggregated_short=N
 
 ``injected``: faults that fired (in the Ray workers' fault log, or in the test itself);
 ``finished``: scenarios that ran to their end despite their fault (a federation that
 finished all its rounds, a client round that completed, a command that refused bad input
 with its error and exit status); ``labels_lost``: labels (and pending requests) a client
-had recorded before a fault and no longer had after it.
+had recorded before a fault and no longer had after it; ``together``: rounds in which several
+sites failed at once; ``lying``: replies whose report could not be true (refused); ``actors_killed``:
+simulation actors killed under a client (replaced); ``aggregated_short``: rounds aggregated from fewer
+usable replies than the run allows (the tests assert it stays 0).
 """
 from __future__ import annotations
 
@@ -56,9 +59,15 @@ class Tally:
     injected: int = 0
     finished: int = 0
     labels_lost: int = 0
+    together: int = 0
+    lying: int = 0
+    actors_killed: int = 0
+    aggregated_short: int = 0
 
     def line(self) -> str:
-        return f"faults: injected={self.injected} finished={self.finished} labels_lost={self.labels_lost}"
+        return (f"faults: injected={self.injected} finished={self.finished} labels_lost={self.labels_lost} "
+                f"together={self.together} lying={self.lying} actors_killed={self.actors_killed} "
+                f"aggregated_short={self.aggregated_short}")
 
 
 TALLY = Tally()
@@ -121,7 +130,9 @@ def chaos(tmp_path_factory):
     from simulations.engine import run_in_simulation
 
     out = tmp_path_factory.mktemp("chaos")
-    cfg = small_cfg(out, clients=3, rounds=5, round_timeout=ROUND_TIMEOUT)
+    # one fault per client and round, but two sites misbehave in most rounds: min-clients 1 lets the one
+    # usable reply through (the sites failing together are section 8's, under min-clients 2)
+    cfg = small_cfg(out, clients=3, rounds=5, round_timeout=ROUND_TIMEOUT, min_clients=1)
     write_plan(out, CHAOS_PLAN)
     run_in_simulation(cfg, cpus=2, client_app=fault_client_app())
     results = json.loads((out / "results.json").read_text())
@@ -1034,4 +1045,259 @@ def test_ray_processes_of_a_killed_run_are_stopped_by_the_next_one(tmp_path, mon
     stopped = clean_orphaned_ray(tmp_path / "cache" / "ray-drivers")
     assert stopped and _wait_gone(proc.pid, 15) == []
     assert clean_orphaned_ray(tmp_path / "cache" / "ray-drivers") == []  # the marker is gone too
+    TALLY.finished += 1
+
+
+# ================================== 8. sites failing together, lying sites, killed actors
+def _short_rounds(results: dict, cfg: FederationConfig) -> list[int]:
+    """Rounds of ``results`` aggregated from fewer usable replies than ``cfg`` allows (must be none)."""
+    return [r["round"] for r in results["rounds"] if r.get("aggregated") and len(r["clients"]) < cfg.min_clients]
+
+
+def _lying_strategy(tmp_path, **overrides):
+    """A network strategy whose book checks the reports against what it granted (as the ServerApp's does)."""
+    from fedal.budget import BudgetCoordinator
+    from server.book import RoundBook
+    from server.privacy import PrivacySettings
+    from server.strategy import make_strategy
+
+    cfg = FederationConfig(**{**dict(dataset="digits", clients=4, min_clients=2, output_dir=str(tmp_path),
+                                     pipeline="network", initial_labels=10, round_budget=20), **overrides})
+    book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget), PrivacySettings.from_config(cfg),
+                     initial_labels=cfg.initial_labels, offline_budget=cfg.offline_budget)
+    return cfg, make_strategy(cfg, book, _digits_model()), _digits_reference()
+
+
+LIES = [  # (metric, value, what the refusal names)
+    ("num-examples", -5, "num-examples is -5"),
+    ("num-examples", 10**9, "1000000000 labeled"),
+    ("unlabeled-left", 10**12, "unlabeled-left is 1000000000000"),
+    ("queries-used", -3, "queries-used is -3"),
+    ("queries-used", 7, "7 labels asked in round 1, but its budget was 0"),
+    ("pending", -100000, "pending is -100000"),
+    ("offline-spent", -4, "offline-spent is -4"),
+    ("requests-answered", 50, "requests-answered (50) is more than requests-made"),
+    ("mean-uncertainty", 3.5, "mean-uncertainty is 3.5"),
+]
+
+
+@pytest.mark.parametrize("metric, value, named", LIES, ids=[f"{m}={v}" for m, v, _ in LIES])
+def test_a_lying_reply_is_refused_with_an_event_naming_the_site_and_the_round_goes_on(flower_task, tmp_path,
+                                                                                         metric, value, named):
+    from flwr.app import MetricRecord
+
+    _, strategy, ref = _lying_strategy(tmp_path)
+    rng = np.random.default_rng(0)
+    updates = {n: {k: v + rng.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in ref.items()} for n in range(1, 5)}
+    replies = _round(strategy, ref, {n: u for n, u in updates.items()})
+    for msg in replies.values():  # an honest site of round 1 holds its initial set
+        metrics = dict(msg.content[protocol.METRICS])
+        msg.content[protocol.METRICS] = MetricRecord({**metrics, "num-examples": 10})
+    liar = replies[3]
+    liar.content[protocol.METRICS] = MetricRecord({**dict(liar.content[protocol.METRICS]), metric: value})
+    TALLY.injected += 1
+    arrays, metrics = strategy.aggregate_train(1, list(replies.values()))  # no exception: the ServerApp goes on
+    rejected = _events(strategy, 1, "rejected")
+    assert set(rejected) == {3} and named in rejected[3], rejected
+    assert strategy.book.rounds[1].problem_of(2).client == 2  # the event names client 2 (node 3)
+    assert set(strategy.book.rounds[1].reports) == {0, 1, 3}  # its report counts nowhere
+    honest = np.mean([_flat(updates[n]) for n in (1, 2, 4)], axis=0)
+    assert np.allclose(_flat(protocol.state_from_record(arrays)), honest, atol=1e-5)  # FedAvg of the others
+    assert metrics["clients"] == 3 and metrics["pending"] >= 0
+    TALLY.lying += 1
+    TALLY.finished += 1
+
+
+def test_a_pending_lie_cannot_lift_the_total_budget(flower_task, tmp_path):
+    """A pending of -100000 made the last query round's limit (total-budget - labeled - pending) huge."""
+    from flwr.app import MetricRecord
+
+    cfg, strategy, ref = _lying_strategy(tmp_path, total_budget=60, clients=2)
+    replies = _round(strategy, ref, {1: dict(ref), 2: dict(ref)})
+    for node, msg in replies.items():
+        pending = -100000 if node == 2 else 0
+        msg.content[protocol.METRICS] = MetricRecord({**dict(msg.content[protocol.METRICS]), "num-examples": 10,
+                                                      "pending": pending})
+    TALLY.injected += 1
+    strategy.aggregate_train(1, list(replies.values()))
+    book = strategy.book
+    pending = sum(r.pending for r in book.rounds[1].reports.values())
+    assert pending == 0 and sum(book.labeled.values()) == 10  # the liar's report is not in the book
+    TALLY.lying += 1
+
+
+def test_a_round_with_fewer_usable_replies_than_min_clients_keeps_the_model(flower_task, tmp_path):
+    _, strategy, ref = _lying_strategy(tmp_path, clients=5, min_clients=3)
+    moved = {k: v + 1.0 for k, v in ref.items()}
+    replies = _round(strategy, ref, {1: moved, 2: moved, 3: RuntimeError("out of memory"),
+                                     4: RuntimeError("out of memory"), 5: RuntimeError("out of memory")})
+    for msg in replies.values():
+        if not msg.has_error():
+            msg.content[protocol.METRICS] = MetricRecord_with(msg, **{"num-examples": 10})
+    TALLY.injected += 3
+    TALLY.together += 1
+    arrays, metrics = strategy.aggregate_train(1, list(replies.values()))
+    assert arrays is None and metrics["clients"] == 2  # the model stays; the two reports count (their labels)
+    rlog = strategy.book.rounds[1]
+    assert not rlog.aggregated
+    said = [e.describe() for e in rlog.events if e.kind == "not-aggregated"]
+    assert said and "2 usable replies of the 5 node(s) sampled; the run needs 3 (min-clients 3" in said[0], said
+    TALLY.finished += 1
+
+
+def test_min_reply_fraction_asks_for_a_share_of_the_sampled_sites(flower_task, tmp_path):
+    _, strategy, ref = _lying_strategy(tmp_path, clients=4, min_clients=2, min_reply_fraction=1.0)
+    replies = _round(strategy, ref, {1: dict(ref), 2: dict(ref), 3: dict(ref), 4: RuntimeError("gone")})
+    for msg in replies.values():
+        if not msg.has_error():
+            msg.content[protocol.METRICS] = MetricRecord_with(msg, **{"num-examples": 10})
+    assert strategy.aggregate_train(1, list(replies.values()))[0] is None
+    assert "the run needs 4" in strategy.book.rounds[1].events[-1].reason
+
+
+def MetricRecord_with(msg, **values):
+    from flwr.app import MetricRecord
+
+    return MetricRecord({**dict(msg.content[protocol.METRICS]), **values})
+
+
+def _head_reply(client: int, X, y, n_classes: int, round_: int = 1):
+    from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+    from fedal.heads import ClassStatistics
+    from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS
+
+    stats = {**ClassStatistics.from_samples(X, y, n_classes).to_arrays(LABELED_STATS),
+             **ClassStatistics.empty(n_classes, X.shape[1]).to_arrays(PSEUDO_STATS)}
+    return Message(RecordDict({protocol.ARRAYS: protocol.model_record(stats),
+                               protocol.METRICS: MetricRecord({protocol.CLIENT_ID: client})}),
+                   dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_a_site_missing_from_a_head_round_keeps_its_classes_in_the_head(flower_task):
+    """Head pipeline, in the clear: one of three sites, each holding its own classes, replies; the head is solved
+    from its new statistics and the others' last ones, not from its classes alone (0.80 -> 0.34 seen)."""
+    from fedal.heads import ClassStatistics
+    from fedal.models import HeadClassifier
+    from server.head import StatisticsAggregation
+
+    rng = np.random.default_rng(0)
+    n_classes, dim = 3, 4
+    model = HeadClassifier(n_classes, dim)
+    heads = StatisticsAggregation(None, model)
+    data = {c: (rng.normal(c * 3, 1, (20, dim)), np.full(20, c)) for c in range(n_classes)}  # site c holds class c
+    heads.aggregate_train(1, [_head_reply(c, *data[c], n_classes) for c in range(n_classes)])
+    X0, y0 = np.concatenate([data[0][0], rng.normal(0, 1, (5, dim))]), np.full(25, 0)
+    TALLY.injected += 2
+    TALLY.together += 1
+    heads.aggregate_train(2, [_head_reply(0, X0, y0, n_classes)])  # sites 1 and 2 did not reply
+    assert heads.carried == [1, 2]
+    X_all = np.concatenate([X0, data[1][0], data[2][0]])
+    y_all = np.concatenate([y0, data[1][1], data[2][1]])
+    pooled = ClassStatistics.from_samples(X_all, y_all, n_classes)
+    got = ClassStatistics.from_arrays(protocol.state_from_record(heads.global_stats), "stats")
+    assert np.allclose(got.counts, pooled.counts) and np.allclose(got.sums, pooled.sums)
+    assert (model.predict(X_all) == y_all).mean() > 0.9  # every class is still in the head
+    kept = StatisticsAggregation(None, HeadClassifier(n_classes, dim))  # and across a resume (the checkpoint)
+    kept.load_state_arrays(heads.state_arrays())
+    assert sorted(kept.site_stats) == [0, 1, 2]
+    assert np.allclose(kept.site_stats[1][0].sums, heads.site_stats[1][0].sums)
+    TALLY.finished += 1
+
+
+@pytest.fixture(scope="module")
+def together(tmp_path_factory):
+    """3 clients, 5 rounds, min-clients 2: two sites fail together in round 2, client 0's actor is killed in
+    round 3, client 2 lies in round 4."""
+    from simulations.engine import run_in_simulation
+
+    out = tmp_path_factory.mktemp("together")
+    cfg = small_cfg(out, clients=3, rounds=5, round_timeout=ROUND_TIMEOUT)
+    write_plan(out, {1: {2: "crash"}, 2: {2: "crash", 4: "lie:pending=-100000"}, 0: {3: "kill-actor"}})
+    run_in_simulation(cfg, cpus=2, client_app=fault_client_app())
+    results = json.loads((out / "results.json").read_text())
+    fired = injected(out)
+    TALLY.injected += len({(f["client"], f["round"], f["fault"]) for f in fired})
+    TALLY.together += 1
+    TALLY.actors_killed += int(any(f["fault"] == "kill-actor" for f in fired))
+    TALLY.aggregated_short += len(_short_rounds(results, cfg))
+    if [r["round"] for r in results["rounds"]] == list(range(1, cfg.rounds + 1)):
+        TALLY.finished += 1
+    return dict(cfg=cfg, out=out, results=results, fired=fired, rows={r["round"]: r for r in results["rounds"]},
+                events=results["events"])
+
+
+@pytest.mark.slow
+def test_sites_failing_together_leave_the_model_of_the_round_before(together):
+    rows = together["rows"]
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    assert rows[2]["aggregated"] is False and sorted(rows[2]["clients"]) == ["0"]
+    assert rows[2]["accuracy"] == rows[1]["accuracy"]  # the global model stayed
+    said = [e["detail"] for e in together["events"] if e["round"] == 2 and e["kind"] == "not-aggregated"]
+    assert said and "1 usable reply of the 3 node(s) sampled; the run needs 2" in said[0]
+    assert _short_rounds(together["results"], together["cfg"]) == []
+    # their budgets were carried: round 3 sends what round 2's failed sites did not spend
+    assert rows[3]["budget_sent"] >= together["cfg"].round_budget
+
+
+@pytest.mark.slow
+def test_a_killed_actor_is_replaced_and_its_client_takes_part(together):
+    kills = [f for f in together["fired"] if f["fault"] == "kill-actor"]
+    assert len(kills) == 2  # the kill, then the same message on a new actor
+    assert sorted(together["rows"][3]["clients"]) == ["0", "1", "2"] and together["rows"][3]["aggregated"]
+    assert sorted(together["rows"][5]["clients"]) == ["0", "1", "2"]  # and every later round has everyone
+
+
+@pytest.mark.slow
+def test_a_lying_site_in_a_federation_is_refused_and_the_run_goes_on(together):
+    events = [e for e in together["events"] if e["round"] == 4 and e["kind"] == "rejected"]
+    assert any("client 2" in e["detail"] and "pending is -100000" in e["detail"] for e in events), events
+    assert sorted(together["rows"][4]["clients"]) == ["0", "1"] and together["rows"][4]["aggregated"]
+    assert together["rows"][5]["pending"] >= 0
+    TALLY.lying += 1
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_go_on_stops_with_a_resume_command_and_resumes(tmp_path):
+    from simulations.engine import run_in_simulation
+
+    cfg = small_cfg(tmp_path / "out", clients=2, rounds=5, round_timeout=ROUND_TIMEOUT, max_failed_rounds=2)
+    write_plan(cfg.output_dir, {c: {r: "crash" for r in (2, 3)} for c in range(2)})
+    TALLY.injected += 4
+    TALLY.together += 2
+    with pytest.raises(RuntimeError, match=r"no round could be aggregated in the last 2 rounds \(2-3; "
+                                           r"max-failed-rounds = 2\).*died in round 3.*holds round 2.*--resume"):
+        run_in_simulation(cfg, cpus=2, client_app=fault_client_app())
+    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    write_plan(cfg.output_dir, {})  # the sites are back
+    run_in_simulation(dataclasses.replace(cfg, resume=True), cpus=2, client_app=fault_client_app())
+    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4, 5]
+    assert all(r["aggregated"] for r in results["rounds"] if r["round"] >= 3)
+    TALLY.aggregated_short += len(_short_rounds(results, cfg))
+    TALLY.finished += 1
+
+
+def test_the_budget_of_sites_that_failed_the_last_query_round_is_asked_in_the_next_round():
+    """A query round that lost sites' labels (852 of 1,000 seen) makes them up in the round after, even when
+    the schedule has no query round left: the carried labels alone, to the sites that are there."""
+    from fedal.budget import BudgetCoordinator
+    from server.book import RoundBook
+
+    book = RoundBook(BudgetCoordinator("uniform", round_budget=30), initial_labels=10)
+    for node, client in ((11, 0), (12, 1), (13, 2)):
+        book.identify(node, client)
+    sent = book.open_round(5, [11, 12, 13], query=True)
+    assert sorted(sent.values()) == [10, 10, 10]
+    book.record_report(5, 11, _report(0, n=10))
+    book.record_report(5, 12, dataclasses.replace(_report(1, n=10), queries_used=10))
+    book.fail(5, 13, "out of memory")
+    book.close_round(5)
+    TALLY.injected += 1
+    assert book.makeup_due()
+    again = book.open_round(6, [11, 12, 13], query=False, makeup=True)
+    assert sum(again.values()) == 10  # what client 2 did not spend; not another round's budget
+    assert not book.makeup_due()
+    assert book.open_round(7, [11, 12, 13], query=False) == {11: 0, 12: 0, 13: 0}
     TALLY.finished += 1

@@ -233,24 +233,56 @@ def test_secure_network_run_gives_fedavgs_model(tmp_path):
     assert _curve(secure) == _curve(clear)
 
 
-@pytest.mark.slow
-def test_a_site_dropping_out_after_sharing_its_keys_is_survived(tmp_path):
-    """Client 1 dies in round 2 after its keys were shared (in the masking stage): the others' shares remove
-    its masks, and the round's model is the clear run's where client 1 fails the same way."""
+DROPOUT_SETTINGS = dict(pipeline="network", min_class_count=1, clients=4, min_clients=3, rounds=2)
+
+
+@pytest.fixture(scope="module")
+def clear_dropout(tmp_path_factory):
+    """The clear run in which client 1 fails round 2: what a secure run losing client 1 in any stage must give."""
     from faults_helpers import fault_client_app, write_plan
 
-    settings = dict(head_clip_norm=DIGITS_BOUND, min_class_count=1, clients=4, min_clients=3)
-    results = {}
-    for secure in (False, True):
-        cfg = small_config(tmp_path / f"secure-{secure}", secure_aggregation=secure, **settings)
-        write_plan(cfg.output_dir, {1: {2: "crash"}})
-        results[secure] = _run(cfg, client_app=fault_client_app())
-    assert _curve(results[True]) == _curve(results[False])
-    round2 = results[True]["rounds"][1]
-    assert sorted(round2["clients"]) == ["0", "2", "3"]
-    events = [e for e in results[True]["events"] if e["round"] == 2]
-    assert any("collect_masked_vectors" in e["detail"] and "client 1" in e["detail"] for e in events), events
-    assert sorted(results[True]["rounds"][2]["clients"]) == ["0", "1", "2", "3"]  # it is back in round 3
+    cfg = small_config(tmp_path_factory.mktemp("clear-dropout"), **DROPOUT_SETTINGS)
+    write_plan(cfg.output_dir, {1: {2: "crash"}})
+    return _run(cfg, client_app=fault_client_app())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, stage", [("crash", "collect_masked_vectors"), ("crash-in:setup", "setup"),
+                                          ("crash-in:share_keys", "share_keys"),
+                                          ("short-masked-vector", "masked vector was refused")])
+def test_a_site_lost_in_any_stage_leaves_the_round_to_the_others(tmp_path, clear_dropout, fault, stage):
+    """Client 1 of 4 fails round 2 in a stage of the protocol (before it shared its keys: flwr 1.41 alone
+    stopped the round there), or sends a masked vector one element short (which stopped the ServerApp): the
+    round is aggregated from the other three, the model is the clear run's where client 1 fails, and an event
+    names the site and the stage."""
+    from faults_helpers import fault_client_app, write_plan
+
+    cfg = small_config(tmp_path / "secure", secure_aggregation=True, **DROPOUT_SETTINGS)
+    write_plan(cfg.output_dir, {1: {2: fault}})
+    results = _run(cfg, client_app=fault_client_app())
+    assert _curve(results) == _curve(clear_dropout)
+    round2 = results["rounds"][1]
+    assert sorted(round2["clients"]) == ["0", "2", "3"] and round2["aggregated"]
+    events = [e for e in results["events"] if e["round"] == 2]
+    assert any(stage in e["detail"] and "client 1" in e["detail"] for e in events), events
+
+
+@pytest.mark.slow
+def test_a_secure_head_round_without_every_site_is_not_aggregated(tmp_path):
+    """Head pipeline under secure aggregation: a sum without client 1 would drop its classes from the head (and
+    its difference from a full round's sum would be client 1's statistics), so round 2 keeps round 1's head,
+    says why, and round 3, whole again, sums every label asked (client 1's of round 2 too)."""
+    from faults_helpers import fault_client_app, write_plan
+
+    cfg = small_config(tmp_path / "secure", secure_aggregation=True, head_clip_norm=DIGITS_BOUND, min_class_count=1,
+                       clients=4, min_clients=3)
+    write_plan(cfg.output_dir, {1: {2: "crash"}})
+    results = _run(cfg, client_app=fault_client_app())
+    rows = results["rounds"]
+    assert rows[1]["aggregated"] is False and rows[1]["accuracy"] == rows[0]["accuracy"]
+    said = [e["detail"] for e in results["events"] if e["round"] == 2 and e["kind"] == "not-aggregated"]
+    assert said and "not in the secure sum" in said[0], results["events"]
+    assert rows[2]["aggregated"] and sorted(rows[2]["clients"]) == ["0", "1", "2", "3"]
 
 
 # --------------------------------------------------------------------- the minimum count
