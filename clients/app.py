@@ -69,7 +69,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = ClientSite(cfg, node)
     try:
         config = msg.content[protocol.CONFIG] if protocol.CONFIG in msg.content else {}
-        stale_problem(cfg, int(config.get(protocol.SERVER_ROUND, 0)), msg.metadata.created_at)
+        stale_problem(cfg, int(config.get(protocol.SERVER_ROUND, 0)), msg.metadata.created_at, pool=site.pool)
         note_contact(site.pool, node, None)
         n, loss, acc = site.evaluate(protocol.state_from_record(msg.content[protocol.ARRAYS]))
         each = site.evaluate_each()

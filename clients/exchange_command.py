@@ -7,6 +7,7 @@ from pathlib import Path
 from clients.exchange import CLASSES_CSV, ExchangeError, export_requests, import_answers
 from clients.labelstudio import CORRECTION_RULES, DISAGREEMENT_RULES, export_tasks, import_export
 from clients.node import open_site_pool
+from fedal.fileio import writable_folder
 
 FORMATS = ("csv", "label-studio")
 MAX_LISTED = 20  # lines of skipped annotations and corrections printed; the count is always printed
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(pool, data, args: argparse.Namespace) -> int:
+    writable_folder(args.folder, what=f"--folder {args.folder}")  # before a PNG is made
     pending = len(pool.requests("pending"))
     if args.format == "csv":
         if args.document_root:

@@ -32,6 +32,7 @@ Routes (``?token=`` or the ``X-Fedal-Token`` header; POSTs need the header):
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import importlib.resources
 import ipaddress
@@ -459,13 +460,26 @@ class LabelingServer(ThreadingHTTPServer):
             )
         if token is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", token):
             raise ConfigError("--token must be at least 16 characters of A-Z a-z 0-9 _ -")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"--port must be a port number in 0..65535 (0 = a free one), got {port!r}")
+        context = _tls_context(certfile, keyfile) if certfile else None  # checked before the port is taken
+        if keyfile and not certfile:
+            raise ConfigError("--ssl-keyfile needs --ssl-certfile (the certificate it is the key of)")
         self.token = token or secrets.token_urlsafe(24)
         self.service = service
-        super().__init__((host, port), make_handler(service, self.token))
+        try:
+            super().__init__((host, port), make_handler(service, self.token))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use (another `fedal label`, or another program); give "
+                                  "another --port, or --port 0 for a free one") from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"port {port} on {host} needs privileges this user lacks (ports below 1024 do); give "
+                                  "a --port of 1024 or more, or --port 0 for a free one") from None
+            raise ConfigError(f"cannot listen on {host} port {port}: {exc.strerror or exc}; check --host and --port") \
+                from None
         self.scheme = "http"
-        if certfile:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(certfile, keyfile)
+        if context is not None:
             self.socket = context.wrap_socket(self.socket, server_side=True)
             self.scheme = "https"
 
@@ -475,6 +489,24 @@ class LabelingServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         host = f"[{host}]" if ":" in str(host) else host
         return f"{self.scheme}://{host}:{port}/?token={self.token}"
+
+
+def _tls_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
+    """The server's TLS context from ``certfile`` and ``keyfile``; :class:`ConfigError` naming a missing or bad file."""
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path} does not exist (or is not a file); give the PEM file, e.g. made with "
+                              "`openssl req -x509 -newkey rsa:2048 -nodes -keyout key.pem -out cert.pem`")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"--ssl-certfile {certfile}" + (f" with --ssl-keyfile {keyfile}" if keyfile else "")
+                          + f" cannot be used ({exc.reason or exc}): give a PEM certificate and its private key "
+                          "(the key in the certificate file, or with --ssl-keyfile)") from None
+    except OSError as exc:
+        raise ConfigError(f"--ssl-certfile {certfile}: cannot read it ({exc.strerror or exc})") from None
+    return context
 
 
 def open_labeling(state_dir: str | Path, client_id: int, data_path: str | Path, *, labeler: str = "",
@@ -523,6 +555,10 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_label(args: argparse.Namespace) -> int:
     """Serve the page for the parsed ``args`` until Ctrl-C."""
+    if not 0 <= args.port <= 65535:  # the flags first, before the site's files are read
+        raise ConfigError(f"--port must be a port number in 0..65535 (0 = a free one), got {args.port}")
+    if args.ssl_certfile:
+        _tls_context(args.ssl_certfile, args.ssl_keyfile)
     if args.allow_remote and not is_loopback(args.host) and not args.ssl_certfile:
         print("fedal label: warning: serving plain HTTP to the network; the token can be sniffed. "
               "Prefer --ssl-certfile/--ssl-keyfile or an SSH tunnel.", file=sys.stderr)

@@ -11,9 +11,10 @@ For sites whose people already label in Label Studio (the README's "Label Studio
 
 ``tasks.json`` is Label Studio's task import format (a list of ``{"data": {...}}``). Each image is a local
 file named for its site, round and sample (``site-0-round-3-sample-17.png``) and referenced relative to
-the document root Label Studio serves (``/data/local-files/?d=site-0/images/...``), so nothing leaves the
-machine and several sites can share one Label Studio. Each task carries its ``site``, ``request_id``,
-``sample_id`` and ``round``.
+the document root Label Studio serves (``/data/local-files/?d=site-0/images/...``), so no image leaves the
+machine and several sites can share one Label Studio (Label Studio itself reports its errors to its makers'
+Sentry unless started with ``SENTRY_DSN=`` and ``FRONTEND_SENTRY_DSN=`` empty: the README's steps do). Each
+task carries its ``site``, ``request_id``, ``sample_id`` and ``round``.
 
 The import reads, for each request, the submitted annotations (not cancelled; drafts are not
 submitted). Annotations that disagree are settled by ``disagreement``: ``"ground-truth"`` (default) takes
@@ -36,8 +37,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
@@ -289,7 +292,7 @@ def _person(value: object) -> str | None:
         full = " ".join(str(value.get(k) or "").strip() for k in ("first_name", "last_name")).strip()
         return str(value.get("email") or full or (f"user {value['id']}" if "id" in value else "")) or None
     if isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).strip():
-        return f"user {value}" if isinstance(value, int) or str(value).isdigit() else str(value)
+        return f"user {value}" if _int_field(value) is not None else str(value)
     return None
 
 
@@ -337,19 +340,51 @@ def _settle(annotations: list[Annotation], rule: str, name: str) -> tuple[list[A
     why = ("several annotations marked ground truth disagree" if len(truths) > 1 else
            "a tie and no annotation is marked ground truth" if rule == "majority" else
            "no annotation is marked ground truth" if rule == "ground-truth" else "disagreement is refused")
-    fix = ("mark one annotation as ground truth in Label Studio, or settle on one class"
-           + ("" if rule == "majority" else ", or import with --disagreement majority"))
+    if rule == "refuse":  # ground truth settles nothing under this rule
+        fix = ("settle on one class in Label Studio (change or delete the annotations that disagree), or import with "
+               "--disagreement ground-truth (the annotation marked ground truth decides) or --disagreement majority")
+    else:
+        fix = ("mark one annotation as ground truth in Label Studio, or settle on one class"
+               + ("" if rule == "majority" else ", or import with --disagreement majority"))
     return [], f"{name}: annotators chose {sorted(classes)} ({listed}); {why}: {fix}"
 
 
 def _int_field(value: object) -> int | None:
+    """An id fedal wrote (an integer, or a string of plain ASCII digits 0-9), else None: ``str.isdigit`` and ``int``
+    also take superscripts, other scripts' digits ("١" is 1) and signs, none of which fedal writes."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip(), flags=re.ASCII):
+        return int(value.strip())
     return None
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    """Label Studio's ``updated_at`` / ``created_at`` (ISO 8601, e.g. ``2026-12-01T10:00:00.123456Z``) as an aware
+    datetime (UTC when it names no zone); None when absent; :class:`ValueError` when it is not a timestamp."""
+    if text is None or not str(text).strip():
+        return None
+    when = datetime.fromisoformat(str(text).strip())
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _is_timestamp(text: str | None) -> bool:
+    """Whether ``text`` is absent or a timestamp :func:`_timestamp` reads."""
+    try:
+        _timestamp(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _stored_timestamp(text: str | None) -> datetime | None:
+    """A ``given_at`` fedal stored earlier, or None where it is absent or cannot be read (then no order is known)."""
+    try:
+        return _timestamp(text)
+    except ValueError:
+        return None
 
 
 def import_export(pool: Pool, data: LocalData, json_path: str | os.PathLike, *,
@@ -451,8 +486,16 @@ def import_export(pool: Pool, data: LocalData, json_path: str | os.PathLike, *,
             continue
         label, who = index[text], ", ".join(dict.fromkeys(a.given_by for a in giving))
         label_source = source or SOURCE_PREFIX + who
-        origin = {"sample_id": sample_id, "label": label, "given_by": who, "given_at": max(
-            (a.given_at or "" for a in giving), default="") or None,
+        unreadable = [a for a in giving if not _is_timestamp(a.given_at)]
+        if unreadable:  # stored, it would be compared with every later answer's time: refused, this task only
+            bad = unreadable[0]
+            out.skipped.append(f"{bad.reference}: its updated_at (else created_at) {bad.given_at!r} is not a timestamp (Label Studio "
+                               "writes ISO 8601, e.g. 2026-12-01T10:00:00.000000Z): not recorded; export again from "
+                               "Label Studio without editing the file")
+            continue
+        saved = [(_timestamp(a.given_at), a.given_at) for a in giving if _timestamp(a.given_at) is not None]
+        given_at, given_str = max(saved, key=lambda t: t[0]) if saved else (None, None)  # the newest of them
+        origin = {"sample_id": sample_id, "label": label, "given_by": who, "given_at": given_str,
                   "reference": f"{REFERENCE_PREFIX}{path.name}: {'; '.join(a.reference for a in giving)}"}
         status = req["status"]
         if status == PENDING:
@@ -479,7 +522,8 @@ def import_export(pool: Pool, data: LocalData, json_path: str | os.PathLike, *,
                                f"Label Studio, which says {text!r}: kept {was}; change it on the labeling page if "
                                "Label Studio is right")
             continue
-        if before_at and origin["given_at"] and origin["given_at"] < before_at:
+        recorded_at = _stored_timestamp(before_at)
+        if recorded_at is not None and given_at is not None and given_at < recorded_at:
             out.skipped.append(f"{name}: this export's annotation of request {request_id} ({text!r}, saved "
                                f"{origin['given_at']}) is older than the one recorded (saved {before_at}): not changed; "
                                "import the newest export")

@@ -8,6 +8,7 @@ silently ignored.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ NODE_KEYS = {
     "offline-max-hours": "hours `fedal site` may go on asking with the last global model (default 72)",
     "offline-budget": "most labels this site asks for while offline; lowers the server's grant, never raises it "
                       "(default: the grant)",
-    "suggest": "show people the model's class and confidence on the labeling page (default false)",
+    "suggest": "show people the model's class and confidence on the labeling page (default false); `fedal site` "
+               "computes them, so it must run beside the SuperNode (without it the page shows none)",
     "secure-only": "answer a train message only under secure aggregation, whatever the run says: the server never "
                    "sees this site's update in the clear (default false)",
 }
@@ -135,6 +137,9 @@ def _number(node_config: dict, key: str, kind: type, *, low: float):
     except (TypeError, ValueError):
         raise ConfigError(f"node config {key} must be {'an integer' if kind is int else 'a number'}, "
                           f"got {node_config[key]!r}") from None
+    if math.isnan(value):  # NaN compares false with everything: every check below would let it through
+        raise ConfigError(f"node config {key} must be a number, got nan (not a number); give a number of "
+                          f"{'hours' if 'hours' in key else 'seconds'}")
     if value < low:
         raise ConfigError(f"node config {key} must be >= {low}, got {value!r}")
     return value

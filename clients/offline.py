@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +37,58 @@ from clients.node import NodeConfig
 from clients.oracles import FileOracle, HumanOracle
 from clients.site import ClientSite
 from fedal.config import FederationConfig
-from fedal.exceptions import ConfigError, DataFileError, ProtocolError
+from fedal.exceptions import ConfigError, DataFileError, OutputError, ProtocolError
 from fedal.heads import ClassStatistics
 from fedal.messages import TrainInstruction, TrainReport
 from fedal.models.handover_adapter import HandoverClassifier
 from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS, HeadClassifier
-from fedal.offline import (LAST_CONTACT, LAST_CONTACT_ROUND, LAST_REPLY, OFFLINE_AFTER, OFFLINE_GRANT, OFFLINE_LOOP,
-                           OFFLINE_MAX_HOURS, SUGGESTIONS, GlobalSnapshot, link_status, snapshot_path)
+from fedal.offline import (CLOCK_SAMPLES, LAST_CONTACT, LAST_CONTACT_CLOCK, LAST_CONTACT_ROUND, LAST_REPLY,
+                           OFFLINE_AFTER, OFFLINE_GRANT, OFFLINE_LOOP, OFFLINE_MAX_HOURS, SERVER_CLOCK, SUGGESTIONS,
+                           GlobalSnapshot, clock_reading, link_status, message_age, snapshot_path)
 from fedal.pool import PENDING
 
 #: offline requests waiting for an answer at once (default): people get the next ones from a model that learnt
 #: from the last answers
 DEFAULT_BATCH = 5
+
+
+@contextmanager
+def site_lock(state_dir: str | os.PathLike, client_id: int):
+    """Hold ``<state_dir>/client-<id>.site.lock`` (``flock``) while the ``with`` block runs: one ``fedal site`` per
+    site. The lock goes with the process, however it ends (even SIGKILL); the file stays, with the last holder's pid.
+
+    Raises
+    ------
+    ConfigError
+        Another process holds it (named by its pid).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock (the grant is still checked in each write transaction)
+        yield
+        return
+    path = Path(state_dir) / f"client-{int(client_id)}.site.lock"
+    try:
+        handle = open(path, "a+", encoding="ascii")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc}): `fedal site` writes in the state folder as "
+                          "the SuperNode does; run it as the user the SuperNode runs as") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(f"another `fedal site` (pid {holder}) already runs for client {client_id} on {state_dir} "
+                              f"(it holds {path}); one loop per site: leave that one running, or stop it first "
+                              f"(kill {holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def state_dir_of(cfg: FederationConfig, node: NodeConfig) -> Path:
@@ -62,13 +103,23 @@ def effective_grant(granted: int, node: NodeConfig) -> int:
 
 def note_contact(pool, node: NodeConfig, server_round: int | None) -> None:
     """Record in the site database that a message from the server came now (and the node's offline settings,
-    which the labeling page reads)."""
+    which the labeling page reads; with ``suggest`` off, the model's suggestions leave the page)."""
+    reading = clock_reading()
     with pool.transaction():
-        pool.set_meta(LAST_CONTACT, repr(time.time()))
+        pool.set_meta(LAST_CONTACT, repr(reading["wall"]))
+        pool.set_meta(LAST_CONTACT_CLOCK, json.dumps(reading))  # how long ago, whatever is done to the wall clock
         if server_round is not None:
             pool.set_meta(LAST_CONTACT_ROUND, server_round)
         pool.set_meta(OFFLINE_AFTER, node.offline_after)
         pool.set_meta(OFFLINE_MAX_HOURS, node.offline_max_hours)
+        if not node.suggest:
+            clear_suggestions(pool)
+
+
+def clear_suggestions(pool) -> None:
+    """Take the model's suggestions off the labeling page (the node's ``suggest`` is off)."""
+    if pool.get_meta(SUGGESTIONS, "{}") != "{}":
+        pool.set_meta(SUGGESTIONS, "{}")
 
 
 class ServerContact:
@@ -111,7 +162,7 @@ class ServerContact:
         self.node_config = _resolved(node_config)
         previous = self._previous()
         server_round = instruction.server_round
-        stale_problem(cfg, server_round, sent_at)
+        stale_problem(cfg, server_round, sent_at, pool=site.pool)
         if previous is not None and previous.run_id == self.run_id and previous.server_round > server_round:
             raise ProtocolError(f"the train message of round {server_round} is older than round "
                                 f"{previous.server_round}, which this site already handled in run {self.run_id}: "
@@ -153,16 +204,41 @@ class ServerContact:
         return dataclasses.replace(report, offline_spent=offline_spent)
 
 
-def stale_problem(cfg: FederationConfig, server_round: int, sent_at: float | None) -> None:
-    """Raise :class:`ProtocolError` if a message of ``server_round`` made at ``sent_at`` is older than the run's
-    ``round-timeout``: the server no longer waits for its reply."""
+def stale_problem(cfg: FederationConfig, server_round: int, sent_at: float | None, *, pool=None) -> None:
+    """Raise :class:`ProtocolError` if a message of ``server_round`` made at ``sent_at`` (the server's clock) is older
+    than the run's ``round-timeout``: the server no longer waits for its reply.
+
+    The site's clock and the server's need not agree: with the site's ``pool`` the age is measured against the
+    freshest of the last messages (:func:`fedal.offline.message_age`; this one is kept among them), so a site clock
+    minutes or hours ahead is not taken for a message that waited; without it, the two clocks are assumed to agree.
+    """
     if sent_at is None or not sent_at > 0:
         return
-    age = time.time() - float(sent_at)
-    if age > cfg.round_timeout:
-        raise ProtocolError(f"the message of round {server_round} was made {age:.0f} s ago, longer than the run's "
-                            f"round-timeout ({cfg.round_timeout:g} s): the server stopped waiting for its reply (it "
-                            "waited at the SuperLink while this site was away); not handled")
+    now = clock_reading()
+    if pool is None:
+        age, offset, reference = now["wall"] - float(sent_at), now["wall"] - float(sent_at), False
+    else:
+        try:
+            seen = [s for s in json.loads(pool.get_meta(SERVER_CLOCK, "[]")) if isinstance(s, dict)
+                    and all(isinstance(s.get(k), (int, float)) for k in ("offset", "wall"))]
+        except (ValueError, TypeError):  # damaged: start measuring anew
+            seen = []
+        age, offset, reference = message_age(float(sent_at), seen, now)
+        pool.set_meta(SERVER_CLOCK, json.dumps([*seen, {"offset": offset, **now}][-CLOCK_SAMPLES:]))
+    if age <= cfg.round_timeout:
+        return
+    if reference:
+        raise ProtocolError(
+            f"the message of round {server_round} was made about {age:.0f} s before it reached this site, longer than "
+            f"the run's round-timeout ({cfg.round_timeout:g} s): the server stopped waiting for its reply (it waited "
+            f"at the SuperLink while this site was away); not handled (its age is measured against the freshest of "
+            f"this site's last {CLOCK_SAMPLES} messages, whatever the difference between its clock and the server's: "
+            f"by this site's clock it came {offset:.0f} s after its time, the freshest {offset - age:.0f} s after)")
+    raise ProtocolError(
+        f"the message of round {server_round} is {age:.0f} s older than this site's clock, longer than the run's "
+        f"round-timeout ({cfg.round_timeout:g} s): either it waited at the SuperLink while this site was away (the "
+        "server stopped waiting for its reply), or this site's clock is ahead of the server's by that much (check "
+        "both clocks, e.g. `timedatectl`); not handled")
 
 
 def _resolved(node_config: dict) -> dict:
@@ -244,8 +320,11 @@ class OfflineSite:
                 state = "spent"
             room = min(left, self.batch - self._waiting())
             if state == "offline" and room > 0 and len(pool.unlabeled_ids()):
+                # the grant and the batch are checked again in the transaction that writes the requests: another
+                # process asking at the same moment (a second `fedal site`, cron's --once) cannot make both exceed them
                 asked = site.learner.query(room, round=None, timeout_s=site.query_timeout,
-                                           offline_grant=snapshot.server_round)
+                                           offline_grant=snapshot.server_round, offline_budget=budget,
+                                           most_waiting=self.batch)
                 if not isinstance(site.oracle, (HumanOracle, FileOracle)):  # a simulated oracle answers now
                     site.learner.teach(round=None)
                 elif isinstance(site.oracle, FileOracle):
@@ -254,10 +333,13 @@ class OfflineSite:
                 self._own_copy()
         if node.suggest:
             self._suggest()
+        else:  # turned off since: the page shows none
+            clear_suggestions(pool)
         spent = pool.offline_spent(grant_round=snapshot.server_round)
         out = {"state": state, "round": snapshot.server_round, "budget": budget, "spent": spent,
                "left": max(budget - spent, 0), "asked": len(asked), "waiting": self._waiting(),
-               "labeled": pool.counts()["labeled"], "offline_since": status.offline_since}
+               "labeled": pool.counts()["labeled"], "offline_since": status.offline_since,
+               "clock_problem": status.clock_problem}
         pool.set_meta(OFFLINE_LOOP, json.dumps({"pid": os.getpid(), "at": time.time(), "state": state}))
         return out
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from run_local_deployment import CONNECTION, free_port, last_error  # a sibling script: this folder is on sys.path
 
 from fedal.config import FederationConfig, absolute_paths
-from fedal.exceptions import FedalError
+from fedal.exceptions import ConfigError, FedalError
 from fedal.fileio import toml_value
 
 
@@ -54,11 +54,41 @@ def run_config_overrides(overrides: list[str]) -> dict:
     """The ``--run-config`` overrides (``"key=value ..."`` strings or one TOML file, as ``flwr run`` reads them) as
     one dict, with every path made absolute against the current directory, where the user typed them: the run's
     processes work in the app folder (:func:`fedal.config.absolute_paths`)."""
+    import click
     from flwr.common.config import parse_config_args
 
     if len(overrides) == 1 and overrides[0].endswith(".toml"):
         overrides = [str(Path(overrides[0]).expanduser().resolve())]
-    return absolute_paths(parse_config_args(overrides))
+    try:
+        parsed = parse_config_args(overrides)
+    except click.ClickException as exc:  # Flower's own message names no pair: find the one it cannot read
+        raise ConfigError(f"--run-config {' '.join(overrides)!r} cannot be read: {_bad_pair(overrides) or exc.message}"
+                          ) from None
+    return absolute_paths(parsed)
+
+
+def _bad_pair(overrides: list[str]) -> str | None:
+    """What is wrong with the first ``key=value`` of ``overrides`` that is not one (as ``flwr run`` reads them)."""
+    import shlex
+
+    for text in overrides:
+        if text.endswith(".toml"):
+            return None
+        try:
+            pairs = shlex.split(text)
+        except ValueError as exc:
+            return f"{exc} (a quote is not closed)"
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                return f"{pair!r} is not key=value"
+            try:
+                tomllib.loads(f"v = {value}")
+            except tomllib.TOMLDecodeError:
+                return (f"the value of {key} ({value!r}) is neither a number, nor true/false, nor a string in quotes; "
+                        f"write e.g. rounds=3 or dataset=\"digits\" (inside the shell's quotes: "
+                        f"--run-config 'rounds=3 dataset=\"digits\"')")
+    return None
 
 
 def run_config_clients(app: Path, overrides: dict) -> int:

@@ -239,17 +239,31 @@ def check_classes(y_train: np.ndarray, y_test: np.ndarray, path, train_key: str,
                                 f"n-classes {n_classes}")
         return int(n_classes)
     count = int(present.max()) + 1
-    missing = np.setdiff1d(np.arange(count), present)
-    if len(missing):
+    if count > len(present):  # some class below the largest label never occurs (counted, not listed: no range built)
         raise DataFileError(
-            f"data file {path}: {train_key} uses class ids up to {count - 1} but {len(missing)} of them never occur "
-            f"(e.g. {missing[:5].tolist()}); labels must be 0..K-1 with every class present. Fix the labels, or "
-            "declare the number of classes with --n-classes if some are absent on purpose")
+            f"data file {path}: {train_key} uses class ids up to {count - 1} but {count - len(present)} of them never "
+            f"occur (e.g. {_absent(present)}); labels must be 0..K-1 with every class present "
+            f"({len(present)} distinct labels here). Fix the labels, or declare the number of classes with "
+            "--n-classes if some are absent on purpose")
     unseen = np.setdiff1d(np.unique(y_test), present)
     if len(unseen):
         raise DataFileError(f"data file {path}: {test_key} holds classes {unseen[:5].tolist()} that {train_key} lacks; "
                             "no model can learn them. Remove them from the test split, or declare --n-classes")
     return count
+
+
+def _absent(present: np.ndarray, most: int = 5) -> list[int]:
+    """The first ``most`` non-negative integers missing from the sorted unique ``present``, without building
+    the range up to its largest value (a label of 10**9 must not cost gigabytes)."""
+    out, expected = [], 0
+    for value in present.tolist():
+        while expected < value and len(out) < most:
+            out.append(expected)
+            expected += 1
+        if len(out) >= most:
+            break
+        expected = value + 1
+    return out
 
 
 def _images(a: np.ndarray, path: Path, key: str) -> np.ndarray:

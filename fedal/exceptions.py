@@ -47,3 +47,8 @@ class ProtocolError(FedalError, ValueError):
 
 class OracleError(FedalError, RuntimeError):
     """An oracle failed to answer (timed out, errored)."""
+
+
+class OutputError(FedalError, OSError):
+    """A file or folder cannot be written (read-only, a file where a folder should be, no space left): the
+    message names the path, the reason and what to give instead."""

@@ -7,7 +7,10 @@ written back.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedal.exceptions import ConfigError, DataFileError
+from fedal.exceptions import ConfigError, DataFileError, OutputError
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -29,14 +32,64 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
         Content; text is written as UTF-8.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {_why(exc, path)}; give a folder this user can write "
+                          "to") from None
     return path
+
+
+def writable_folder(folder: str | os.PathLike, *, what: str) -> Path:
+    """``folder``, created if needed, after checking that a file can be written in it (by writing one and removing
+    it: permissions, a read-only mount and a file where the folder should be all show, even to root).
+
+    Parameters
+    ----------
+    folder : path
+        The folder a command will write into.
+    what : str
+        How the user gave it, for the message (``"--output-dir runs/a"``).
+
+    Raises
+    ------
+    OutputError
+        Naming the folder, the reason and the fix, before any work is done.
+    """
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedal-write-check-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{what}: cannot write into {folder}: {_why(exc, folder)}; give a folder this "
+                          "user can write to") from None
+    return folder
+
+
+def _why(exc: OSError, path: Path) -> str:
+    """What ``exc`` means for writing at ``path``, in words (a file in the way is named)."""
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{blocker} is a file, not a folder"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied (the folder is not writable for this user)"
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the disk"
+    return exc.strerror or str(exc)
 
 
 def shown_path(path: str | os.PathLike) -> str:
@@ -72,9 +125,16 @@ def read_npz(path: str | os.PathLike, *, what: str = "data file", missing_hint: 
     """
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if path.stat().st_size and head != b"PK\x03\x04":  # np.load would call anything else "pickled data"
+            raise DataFileError(f"{what} {path} is not a .npz archive (it does not begin as a zip file: damaged, or "
+                                f"another kind of file); {damaged_hint}")
         with np.load(path, allow_pickle=False) as archive:
             wanted = archive.files if keys is None else [key for key in keys if key in archive.files]
             return {key: archive[key] for key in wanted}
+    except DataFileError:
+        raise
     except FileNotFoundError:
         raise DataFileError(f"{what} {shown_path(path)} does not exist; {missing_hint}") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:

@@ -89,8 +89,9 @@ class ActiveLearner:
 
     # ------------------------------------------------------------------- steps
     def query(self, budget: int, *, round: int | None = None, timeout_s: float | None = None,
-              offline_grant: int | None = None) -> np.ndarray:
-        """Select up to ``budget`` unlabeled samples and mark them pending.
+              offline_grant: int | None = None, offline_budget: int | None = None,
+              most_waiting: int | None = None) -> np.ndarray:
+        """Select up to ``budget`` unlabeled samples and mark them pending; return the ids asked for.
 
         Parameters
         ----------
@@ -102,6 +103,9 @@ class ActiveLearner:
             Seconds after which an unanswered request may be expired.
         offline_grant : int, optional
             Asked while the server is away, against the offline budget of this round (:meth:`Pool.request`).
+        offline_budget, most_waiting : int, optional
+            With ``offline_grant``: limits checked in the transaction that writes the requests (:meth:`Pool.request`),
+            so a concurrent process cannot make the two exceed them.
         """
         candidates = self.pool.unlabeled_ids()
         skipped = self.pool.skipped_ids()
@@ -129,8 +133,8 @@ class ActiveLearner:
             self.last_batch_diversity = batch_diversity(emb[chosen], emb, np.random.default_rng(step_seed))
         else:
             self.last_batch_diversity = math.nan
-        self.pool.request(ids, round=round, timeout_s=timeout_s, offline_grant=offline_grant)
-        return ids
+        return self.pool.request(ids, round=round, timeout_s=timeout_s, offline_grant=offline_grant,
+                                 offline_budget=offline_budget, most_waiting=most_waiting)
 
     def teach(self, *, round: int | None = None) -> tuple[int, list[str]]:
         """Ask the oracle about every pending sample and record valid answers.

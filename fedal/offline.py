@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,75 @@ DEFAULT_OFFLINE_MAX_HOURS = 72.0
 LAST_CONTACT, LAST_CONTACT_ROUND, LAST_REPLY = "last-contact", "last-contact-round", "last-reply"
 OFFLINE_AFTER, OFFLINE_MAX_HOURS, OFFLINE_LOOP = "offline-after", "offline-max-hours", "offline-loop"
 OFFLINE_GRANT, SUGGESTIONS = "offline-grant", "suggestions"
+#: the machine's clocks at the last contact (:func:`clock_reading`), and the clock offsets of the last messages
+LAST_CONTACT_CLOCK, SERVER_CLOCK = "last-contact-clock", "server-clock"
+#: messages whose clock offset is kept: the freshest of them tells how far this site's clock is from the server's
+CLOCK_SAMPLES = 20
+#: seconds a clock may seem to run backwards (two processes' readings, rounding) before it counts as set back
+CLOCK_TOLERANCE_S = 60.0
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def clock_reading(at: float | None = None) -> dict:
+    """This machine's clocks: ``wall`` (``time.time()``), ``boot`` (an id of this boot, "" where the system does not
+    say) and ``up`` (seconds since boot, counting suspend; unaffected by setting the wall clock).
+
+    ``at`` (a ``time.time()`` value) gives the reading the clocks will show then if nobody sets the wall clock.
+    Two readings of the same boot tell how much time passed whatever was done to the wall clock meanwhile
+    (:func:`seconds_between`); of different boots, the wall clock is all there is.
+    """
+    wall = time.time()
+    clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    up = time.clock_gettime(clock)
+    try:
+        boot = _BOOT_ID.read_text().strip()
+    except OSError:
+        boot = ""
+    shift = 0.0 if at is None else float(at) - wall
+    return {"wall": wall + shift, "boot": boot, "up": up + shift}
+
+
+def _same_boot(then: dict, now: dict) -> bool:
+    return bool(then.get("boot")) and then.get("boot") == now.get("boot") and isinstance(then.get("up"), (int, float))
+
+
+def seconds_between(then: dict, now: dict) -> float:
+    """Seconds from the reading ``then`` to the reading ``now`` (:func:`clock_reading`): by the boot clock on the
+    same boot (a wall clock set forward or back meanwhile changes nothing), else by the wall clock."""
+    if _same_boot(then, now):
+        return float(now["up"]) - float(then["up"])
+    return float(now["wall"]) - float(then["wall"])
+
+
+def wall_clock_step(then: dict, now: dict) -> float:
+    """How far the wall clock was set (forward > 0) between the readings ``then`` and ``now`` of the same boot (what
+    it moved beyond the time that passed); 0 across boots.
+
+    Parameters
+    ----------
+    then, now : dict
+        Clock readings (``wall``: the wall clock, ``up``: the boot clock, ``boot``: the boot's id).
+    """
+    if not _same_boot(then, now):
+        return 0.0
+    return (float(now["wall"]) - float(then["wall"])) - (float(now["up"]) - float(then["up"]))
+
+
+def message_age(sent_at: float, seen: list[dict], now: dict) -> tuple[float, float, bool]:
+    """How long ago a message was made, as this site can tell: ``(age, offset, reference)``.
+
+    ``sent_at`` is the message's time by the server's clock; ``offset`` how far this site's clock reads past it
+    (its own wall clock now minus ``sent_at``); ``seen`` the offsets of the last messages with the clocks when
+    they came (:data:`SERVER_CLOCK`). The two clocks need not agree: the freshest of those messages (the least
+    offset, corrected for any setting of this site's clock since) measures how far apart they are, and a
+    message is as old as its offset exceeds that one's. ``reference`` says whether there was one (the first
+    message a site gets is its own reference: age 0).
+    """
+    offset = float(now["wall"]) - float(sent_at)
+    past = [float(s["offset"]) + wall_clock_step(s, now) for s in seen]
+    if not past:
+        return 0.0, offset, False
+    return max(offset - min(past), 0.0), offset, True
 
 
 def snapshot_path(state_dir: str | os.PathLike, client_id: int) -> Path:
@@ -109,18 +179,75 @@ class GlobalSnapshot:
             raise ConfigError(f"there is no stored global model {path}: the site keeps one from its first train "
                               "message on; let the SuperNode take part in one round first (and check --state-dir and "
                               "--client-id)")
-        arrays = read_npz(path, what="stored global model", damaged_hint="let the site take part in one more round",
+        fix = (f"delete {path}: the site's next train message writes it again (`fedal site` waits for it, and no label "
+               "is lost: they are all in the site's database)")
+        arrays = read_npz(path, what="stored global model", damaged_hint=fix,
                           keys=None if models else ("meta", "included_ids", "sent_ids"))
+
+        def bad(problem: str) -> DataFileError:
+            return DataFileError(f"stored global model {path} {problem}; {fix}")
+
         try:
             meta = json.loads(str(arrays["meta"]))
-            state = {k: arrays[f"state/{k}"] for k in meta["keys"]} if models else {}
-        except (KeyError, ValueError) as exc:
-            raise DataFileError(f"{path} is not a stored global model of this fedal version ({exc}); let the site "
-                                "take part in one more round to write it again") from None
-        stats = {k[len("stats/"):]: v for k, v in arrays.items() if k.startswith("stats/")} or None
-        return cls(meta["run_id"], meta["server_round"], meta["received_at"], state, stats,
-                   arrays["included_ids"], arrays["sent_ids"], meta["replied"], meta["offline_budget"], meta["run_config"],
-                   meta["node_config"])
+        except KeyError:
+            raise bad("has no 'meta' entry (not written by fedal, or damaged)") from None
+        except ValueError as exc:
+            raise bad(f"has a 'meta' entry that is not JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise bad(f"has a 'meta' entry that is a {type(meta).__name__}, not an object")
+        missing = [k for k in _META_KINDS if k not in meta]
+        if missing:
+            raise bad(f"lacks {', '.join(repr(k) for k in missing)} in its 'meta' entry (written by another fedal "
+                      "version, or damaged)")
+        for key, (kinds, what) in _META_KINDS.items():
+            value, kinds = meta[key], kinds if isinstance(kinds, tuple) else (kinds,)
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+            if ok and key in ("run_id", "server_round", "offline_budget"):
+                ok = value >= (1 if key == "server_round" else 0)
+            if ok and key == "received_at":
+                ok = math.isfinite(value)
+            if ok and key == "keys":
+                ok = all(isinstance(k, str) for k in value)
+            if not ok:
+                raise bad(f"has {key} = {value!r} in its 'meta' entry; expected {what}")
+        ids = {}
+        for key in ("included_ids", "sent_ids"):
+            if key not in arrays:
+                raise bad(f"has no {key!r} array")
+            a = arrays[key]
+            if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                raise bad(f"has a {key!r} array of shape {a.shape} and type {a.dtype}; expected integer sample ids")
+            ids[key] = a.astype(np.int64)
+        state = {}
+        stats = None
+        if models:
+            absent = [k for k in meta["keys"] if f"state/{k}" not in arrays]
+            if absent:
+                raise bad(f"lacks the model arrays {absent[:5]} its 'meta' entry lists")
+            state = {k: arrays[f"state/{k}"] for k in meta["keys"]}
+            stats = {k[len("stats/"):]: v for k, v in arrays.items() if k.startswith("stats/")} or None
+            for name, value in [*state.items(), *(stats or {}).items()]:
+                if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+                    raise bad(f"holds {name!r} of type {value.dtype}; a model array must be numeric")
+                if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+                    raise bad(f"holds {int((~np.isfinite(value)).sum())} NaN or infinite value(s) in {name!r} (damaged, "
+                              "or a server whose model diverged)")
+        return cls(int(meta["run_id"]), int(meta["server_round"]), float(meta["received_at"]), state, stats,
+                   ids["included_ids"], ids["sent_ids"], bool(meta["replied"]), int(meta["offline_budget"]),
+                   meta["run_config"], meta["node_config"])
+
+
+#: the entries of a stored global model's ``meta``: accepted types and what they are, for the message
+_META_KINDS = {
+    "run_id": (int, "a run id (an integer >= 0)"),
+    "server_round": (int, "a round (an integer >= 1)"),
+    "received_at": ((int, float), "a time (a finite number of seconds)"),
+    "offline_budget": (int, "an offline budget (an integer >= 0)"),
+    "replied": (bool, "true or false"),
+    "run_config": (dict, "the run's settings (an object)"),
+    "node_config": (dict, "the node's settings (an object)"),
+    "keys": (list, "the names of the model's arrays (a list of strings)"),
+}
 
 
 @dataclass(frozen=True)
@@ -131,6 +258,8 @@ class LinkStatus:
     (``time.time()`` of the last message, None before any), ``last_round``, ``offline_since`` (the last
     contact, when not connected), ``offline_after`` and ``max_offline_s`` (how long a site may go on alone),
     and ``expired`` (it has been offline longer than that: it asks for no more labels).
+    ``clock_problem`` says, when not None, that this site's clock reads earlier than it did at the last contact (it
+    was set back while the machine was off): the site then counts as offline, without a time since.
     """
 
     connected: bool
@@ -140,6 +269,7 @@ class LinkStatus:
     offline_after: float
     max_offline_s: float
     expired: bool
+    clock_problem: str | None = None
 
 
 def link_status(meta, now: float | None = None, *, offline_after: float | None = None,
@@ -147,17 +277,29 @@ def link_status(meta, now: float | None = None, *, offline_after: float | None =
     """The :class:`LinkStatus` of a site at time ``now`` (default: now) from its database's ``meta``
     (``meta(key, default)``, e.g. ``Pool.get_meta``); ``offline_after`` and ``max_offline_hours`` default to
     what the ClientApp stored, else :data:`DEFAULT_OFFLINE_AFTER_S` and :data:`DEFAULT_OFFLINE_MAX_HOURS`."""
-    now = time.time() if now is None else now
+    reading = clock_reading(at=now)
     after = float(meta(OFFLINE_AFTER, DEFAULT_OFFLINE_AFTER_S)) if offline_after is None else float(offline_after)
     hours = float(meta(OFFLINE_MAX_HOURS, DEFAULT_OFFLINE_MAX_HOURS)) if max_offline_hours is None else \
         float(max_offline_hours)
     last = meta(LAST_CONTACT, None)
     last = None if last is None else float(last)
     round_ = meta(LAST_CONTACT_ROUND, None)
-    connected = last is not None and now - last < after
-    since = None if connected or last is None else last
+    if last is None:
+        return LinkStatus(False, None, None if round_ is None else int(round_), None, after, hours * 3600.0, False)
+    try:  # the clocks at the contact: elapsed time by the boot clock, whatever the wall clock did since
+        then = json.loads(meta(LAST_CONTACT_CLOCK, "null")) or {"wall": last}
+        elapsed = seconds_between(then, reading)
+    except (ValueError, TypeError, KeyError, AttributeError):  # a database written before, or damaged
+        elapsed = reading["wall"] - last
+    problem = None
+    if elapsed < -CLOCK_TOLERANCE_S:
+        problem = (f"this site's clock reads {-elapsed:.0f} s earlier than at the last message from the server: it "
+                   "was set back, so how long the server has been away is unknown; set the clock right (e.g. NTP, "
+                   "`timedatectl`)")
+    connected = problem is None and elapsed < after
+    since = None if connected else last
     return LinkStatus(connected, last, None if round_ is None else int(round_), since, after, hours * 3600.0,
-                      since is not None and now - since > hours * 3600.0)
+                      not connected and elapsed > hours * 3600.0, problem)
 
 
 def standing(pool, now: float | None = None) -> dict:
@@ -174,4 +316,5 @@ def standing(pool, now: float | None = None) -> dict:
             "offline_since": status.offline_since, "offline_after": status.offline_after,
             "max_offline_hours": status.max_offline_s / 3600.0, "expired": status.expired,
             "offline_budget": budget, "offline_spent": spent, "offline_left": max(budget - spent, 0),
-            "answers_waiting": waiting, "site_loop": json.loads(pool.get_meta(OFFLINE_LOOP, "null"))}
+            "answers_waiting": waiting, "site_loop": json.loads(pool.get_meta(OFFLINE_LOOP, "null")),
+            "clock_problem": status.clock_problem}

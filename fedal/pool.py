@@ -271,8 +271,9 @@ class Pool:
             )
 
     def request(self, ids: Iterable[int], *, round: int | None = None, timeout_s: float | None = None,
-                offline_grant: int | None = None) -> None:
-        """Mark unlabeled samples as pending, recording one request each.
+                offline_grant: int | None = None, offline_budget: int | None = None,
+                most_waiting: int | None = None) -> np.ndarray:
+        """Mark unlabeled samples as pending, recording one request each; return the ids requested.
 
         Parameters
         ----------
@@ -285,15 +286,24 @@ class Pool:
         offline_grant : int, optional
             The request is made while the server is away, against the offline budget granted in this
             round (see :meth:`offline_spent`), recorded in the same transaction.
+        offline_budget, most_waiting : int, optional
+            With ``offline_grant``: the grant's offline budget, and the most offline requests waiting for an answer
+            at once. Both are counted inside the write transaction (SQLite's ``BEGIN IMMEDIATE``: one writer at a
+            time), so two processes asking at once never exceed them: the ids beyond them, and those another
+            process asked for since they were chosen, are left out (the returned ids are what was requested).
         """
         ids = [int(i) for i in ids]
-        if not ids:
-            return
         if len(set(ids)) != len(ids):
             raise ConfigError("request ids must be distinct")
+        if not ids:
+            return np.zeros(0, np.int64)
         now = time.time()
         deadline = None if timeout_s is None else now + float(timeout_s)
         with self._tx() as db:
+            if offline_grant is not None and (offline_budget is not None or most_waiting is not None):
+                ids = self._offline_room(db, ids, int(offline_grant), offline_budget, most_waiting)
+                if not ids:
+                    return np.zeros(0, np.int64)
             for start in range(0, len(ids), 900):
                 self._check_state(db, ids[start : start + 900], UNLABELED, "request labels")
             db.executemany("UPDATE samples SET state = 'pending' WHERE id = ?", ((i,) for i in ids))
@@ -304,6 +314,29 @@ class Pool:
             if offline_grant is not None:
                 db.execute("INSERT INTO offline_requests (request_id, grant_round) SELECT id, ? FROM requests "
                            "ORDER BY id DESC LIMIT ?", (int(offline_grant), len(ids)))  # the rows just inserted
+        return np.asarray(ids, dtype=np.int64)
+
+    def _offline_room(self, db, ids: list[int], grant_round: int, budget: int | None, most_waiting: int | None
+                      ) -> list[int]:
+        """Of ``ids``, those still unlabeled, cut to the room the offline ``budget`` of ``grant_round`` and
+        ``most_waiting`` leave now (read in the caller's write transaction)."""
+        spent, waiting = db.execute(
+            "SELECT COALESCE(SUM(o.grant_round = ? AND r.status IN ('pending', 'answered', 'skipped')), 0), "
+            "COALESCE(SUM(r.status = 'pending'), 0) FROM offline_requests o JOIN requests r ON r.id = o.request_id",
+            (grant_round,)).fetchone()
+        room = len(ids)
+        if budget is not None:
+            room = min(room, int(budget) - int(spent))
+        if most_waiting is not None:
+            room = min(room, int(most_waiting) - int(waiting))
+        if room <= 0:
+            return []
+        free = set()
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            free.update(r[0] for r in db.execute(f"SELECT id FROM samples WHERE state = 'unlabeled' AND id IN "
+                                                 f"({','.join('?' * len(chunk))})", chunk))
+        return [i for i in ids if i in free][:room]
 
     def check_label(self, label: object, *,
                     then: str = "the request stays pending: answer again with a valid class") -> int:

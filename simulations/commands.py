@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError
-from fedal.fileio import atomic_write
+from fedal.fileio import atomic_write, writable_folder
 from fedal.oracle import NOISE_KINDS
 
 
@@ -106,6 +106,9 @@ def _local_out_path(given: str) -> Path:
     folder = next(p for p in path.parents if p.exists())  # checked now, not after minutes of training
     if not folder.is_dir():
         raise ConfigError(f"--out {given}: {folder} is a file, not a folder; give another path")
+    if path.is_dir():
+        raise ConfigError(f"--out {given}: {path} is a folder; give a file name, or the folder with a / at the end")
+    writable_folder(path.parent, what=f"--out {given}")  # a read-only folder fails now, not after the whole run
     return path
 
 
@@ -176,6 +179,7 @@ def run_split(args: argparse.Namespace) -> int:
         given["min_clients"] = given["clients"]  # the split does not care how many must answer a round
     if given:
         cfg = FederationConfig.from_mapping(given, base=cfg)
+    writable_folder(args.out, what=f"--out {args.out}")
     paths = split_sites(cfg, args.out, include_labels=not args.no_labels)
     for cid, path in enumerate(paths):
         site = load_site(path, cid)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedal.config import FederationConfig
 from fedal.exceptions import ConfigError
+from fedal.fileio import writable_folder
 
 
 def _field_help() -> dict[str, str]:
@@ -53,7 +54,8 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
 
 
 #: settings a resumed run may change (everything else must be what the checkpoint's run had)
-RESUMABLE = ("rounds", "resume", "overwrite", "round-timeout", "min-clients", "after-stop")
+RESUMABLE = ("rounds", "resume", "overwrite", "round-timeout", "min-clients", "min-reply-fraction", "max-failed-rounds",
+             "after-stop")
 
 
 def previous_run(cfg: FederationConfig) -> list[str]:
@@ -66,8 +68,11 @@ def previous_run(cfg: FederationConfig) -> list[str]:
 
 
 def _prepare_output(cfg: FederationConfig) -> Path:
-    """Check that the run may use ``cfg.output_dir`` and clear a run it replaces; before Ray starts."""
+    """Check that the run may use ``cfg.output_dir`` (and write there) and clear a run it replaces; before Ray
+    starts."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} is a file, not a folder; give a folder (it is created if needed)")
     if cfg.resume:
         state = out / "checkpoint" / "state.json"
         if not state.is_file():
@@ -78,18 +83,20 @@ def _prepare_output(cfg: FederationConfig) -> Path:
         if changed:
             listed = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:6])
             raise ConfigError(f"--resume continues the run in {out}, but these settings differ from it: {listed}; "
-                              "give the run's own settings (only rounds, round-timeout, min-clients and after-stop "
-                              "may change), or start a new run without --resume")
+                              "give the run's own settings (only rounds, round-timeout, min-clients, min-reply-fraction, "
+                              "max-failed-rounds and after-stop may change), or start a new run without --resume")
+        _check_writable(cfg)
         return out
     found = previous_run(cfg)
     if found and not cfg.overwrite:
         raise ConfigError(f"{out} holds another run ({', '.join(found)}); pass --resume to continue it, "
                           "--overwrite to replace it, or --output-dir for a new folder")
+    _check_writable(cfg)  # before anything of the run it replaces is removed
     for name in ("results.json", "results.csv", "curve.png"):
         if (out / name).is_file():
             (out / name).unlink()
     if (out / "checkpoint").is_dir():
-        for name in ("model.npz", "state.json"):
+        for name in ("model.npz", "server.npz", "state.json"):
             (out / "checkpoint" / name).unlink(missing_ok=True)
     # remove only the previous run's client databases: the state folder may be one the user
     # also keeps other files in (``--output-dir .`` from the repo root has ./clients = the package)
@@ -99,6 +106,23 @@ def _prepare_output(cfg: FederationConfig) -> Path:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _check_writable(cfg: FederationConfig) -> None:
+    """:class:`~fedal.exceptions.OutputError` now, if the run could not write its results or its clients' databases."""
+    writable_folder(cfg.output_dir, what=f"--output-dir {cfg.output_dir}")
+    writable_folder(cfg.client_state_dir, what=f"--state-dir {cfg.client_state_dir}" if cfg.state_dir else
+                    f"the clients' state folder {cfg.client_state_dir} (--output-dir)")
+
+
+def baseline_config(cfg: FederationConfig, baseline: str) -> FederationConfig:
+    """The run of ``--baseline``: ``cfg`` with the ``baseline`` strategy, in ``<output-dir>/baseline-<name>``
+    (:class:`ConfigError` for a strategy name that is not registered, before the main run)."""
+    try:
+        return cfg.replace(strategy=baseline, strategy_options="", output_dir=str(Path(cfg.output_dir) /
+                           f"baseline-{baseline}"), state_dir="", resume=False, overwrite=True)
+    except ConfigError as exc:
+        raise ConfigError(f"--baseline {baseline}: {exc}") from None
 
 
 def stopped_before(cfg: FederationConfig) -> dict | None:
@@ -130,10 +154,27 @@ def summary_table(rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget_lines(rounds: list[dict]) -> list[str]:
+    """A line for each round that asked fewer labels than its budget sent, or that was not aggregated."""
+    lines = []
+    for r in rounds:
+        sent, asked = r.get("budget_sent", 0), sum(c["queried"] for c in r["clients"].values())
+        lost = sent - sum(c["budget"] for c in r["clients"].values())  # sent to sites whose report did not come
+        if asked < sent:
+            lines.append(f"round {r['round']}: asked {asked} of the {sent} labels its budget sent"
+                         + (f"; {lost} went to sites that failed and are carried to the next query round" if lost
+                            else " (the sites' pools had no more to ask)"))
+        if r.get("aggregated") is False:
+            lines.append(f"round {r['round']}: not aggregated: the model of the round before stayed (see its event)")
+    return lines
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     from fedal.federation import check_federation, partition_table
 
     cfg = config_from_args(args)
+    if args.baseline:  # a typo must not wait for the end of the main run
+        baseline_config(cfg, args.baseline)
     # every check that can fail runs before the output folder is touched or Ray starts
     ds = check_federation(cfg)
     table = partition_table(cfg)
@@ -189,6 +230,8 @@ def _run_and_report(args: argparse.Namespace, cfg: FederationConfig, out: Path, 
           f"in {elapsed:.1f} s")
     for event in results.get("events", []):
         print(f"  round {event['round']}: {event['kind']} {event['detail']}")
+    for line in budget_lines(rounds):
+        print(line)
     for r in rounds:
         if r.get("stopped"):
             s = r["stopped"]
@@ -225,8 +268,7 @@ def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runt
     curves go to ``<output-dir>/curve.png``."""
     from server.results import plot_curves, run_title
 
-    base = cfg.replace(strategy=baseline, strategy_options="", output_dir=str(Path(cfg.output_dir) /
-                       f"baseline-{baseline}"), state_dir="", resume=False, overwrite=True)
+    base = baseline_config(cfg, baseline)
     _prepare_output(base)
     print(f"baseline: the same federation with strategy {base.strategy}")
     try:

@@ -305,3 +305,21 @@ def test_class_ids_must_be_a_full_range_unless_a_class_count_is_declared(tmp_pat
     assert load_npz(path, n_classes=4).n_classes == 4
     with pytest.raises(DataFileError, match="not below the declared n-classes 3"):
         load_npz(path, n_classes=3)
+
+
+def test_a_huge_label_is_refused_without_allocating_a_range_up_to_it(tmp_path):
+    """A label of 10**7 in an npz (a typo, a damaged file): check_classes counted the absent classes by building every
+    class id up to it (10**9 took 7.45 GiB); now it names them with no memory to speak of."""
+    import tracemalloc
+
+    images = np.zeros((3, 28, 28), np.uint8)
+    np.savez(tmp_path / "huge.npz", x_train=images, y_train=np.array([0, 1, 10**7]), x_test=images[:1],
+             y_test=np.array([0]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFileError, match=r"up to 10000000 but 9999998 of them never occur \(e\.g\. \[2, 3, 4, 5, 6\]\)"):
+            load_npz(tmp_path / "huge.npz")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB to check three labels"

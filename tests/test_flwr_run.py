@@ -98,3 +98,10 @@ def test_app_folder_without_pyproject_is_refused(tmp_path):
     result = run_script(str(tmp_path), timeout=120)
     assert result.returncode == 2
     assert "has no pyproject.toml" in result.stderr
+
+
+def test_a_run_config_value_flwr_cannot_read_is_named_without_a_traceback():
+    result = run_script("--run-config", "rounds=abc", timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--run-config 'rounds=abc' cannot be read: the value of rounds ('abc') is neither a number" in result.stderr
+    assert "Traceback" not in result.stderr and "SuperLink on" not in result.stdout

@@ -490,3 +490,55 @@ def test_the_readme_label_studio_section_names_only_flags_that_exist(capsys):
     assert flags and {f for f in flags if f not in helps} == set()
     for line in ("recorded 2 label(s), corrected 0", "absolute local path", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="):
         assert line in section
+
+
+# ------------------------------------------------------------------ issue 32, item 4
+@pytest.mark.parametrize("bad", ["--1", "+-1", "¹", "١", "-1", " 1 2", "0x3"])
+@pytest.mark.parametrize("field", ["request_id", "sample_id"])
+def test_ids_that_are_not_plain_ascii_digits_are_refused_for_their_task(site, tmp_path, bad, field):
+    """`str.isdigit` and `int` took "¹" (and crashed on it), signs ("--1" crashed) and other scripts' digits ("١" was
+    read as 1); fedal writes plain ASCII digits, so anything else is the task data edited."""
+    pool, data, tasks = site
+    export = label_studio_export(tasks, {request_of(tasks, 3): "class 2", request_of(tasks, 5): "class 1"})
+    export[0]["data"][field] = bad
+    with pytest.raises(ExchangeError, match=re.escape(f"task 1: {field} {bad!r} is not an integer")) as refused:
+        import_export(pool, data, write(tmp_path, export))
+    assert "1 problem(s), nothing was recorded" in str(refused.value)
+    assert pool.counts()["labeled"] == 0
+
+
+def test_an_updated_at_that_is_not_a_timestamp_is_refused_for_its_task_only(site, tmp_path):
+    pool, data, tasks = site
+    export = label_studio_export(tasks, {request_of(tasks, 3): "class 2", request_of(tasks, 5): "class 1"})
+    export[0]["annotations"][0]["updated_at"] = "yesterday"
+    result = import_export(pool, data, write(tmp_path, export))
+    assert result.recorded == 1 and {r["id"]: r["label"] for r in pool.label_records()} == {5: 1}
+    assert "task 1, annotation 101: its updated_at (else created_at) 'yesterday' is not a timestamp" in result.skipped[0]
+    assert 3 in pool.pending_ids().tolist()
+
+
+def test_a_stored_time_that_cannot_be_read_or_another_zone_does_not_block_later_corrections(site, tmp_path):
+    """Times are compared as times, not as text: an unreadable one an earlier fedal stored orders nothing (it made
+    every later correction "older"), and 07:30Z is later than 08:00+01:00."""
+    pool, data, tasks = site
+    before, after = corrected(tasks, 7, "class 1", "class 3")
+    import_export(pool, data, write(tmp_path, before))
+    with pool._tx() as db:  # as an earlier fedal stored it
+        db.execute("UPDATE label_origins SET given_at = 'yesterday' WHERE sample_id = 7")
+    assert import_export(pool, data, write(tmp_path, after)).corrected == 1
+    with pool._tx() as db:
+        db.execute("UPDATE label_origins SET given_at = '2026-12-02T08:00:00+01:00' WHERE sample_id = 7")
+    after[2]["annotations"][0]["result"][0]["value"]["choices"] = ["class 0"]
+    after[2]["annotations"][0]["updated_at"] = "2026-12-02T07:30:00Z"
+    assert import_export(pool, data, write(tmp_path, after)).corrected == 1
+    assert {r["id"]: r["label"] for r in pool.label_records()} == {7: 0}
+
+
+def test_the_refuse_rule_advises_what_settles_a_disagreement_under_it(site, tmp_path):
+    pool, data, tasks = site
+    with pytest.raises(ExchangeError) as refused:
+        import_export(pool, data, write(tmp_path, disagreeing(tasks, 5, ["class 1", "class 2"], 1)),
+                      disagreement="refuse")
+    message = str(refused.value)
+    assert "disagreement is refused" in message and "ground truth in Label Studio" not in message
+    assert "settle on one class in Label Studio" in message and "--disagreement ground-truth" in message

@@ -402,3 +402,214 @@ def test_a_handover_site_adds_its_labels_to_the_stored_sums_and_fine_tunes_its_n
     assert any(not np.array_equal(got[k], state[k]) for k in state if k.startswith(NET_PREFIX))
     assert copy.serving == "head"
     loop.close()
+
+
+# ------------------------------------------------------------------ issue 32, item 4: the offline site's faults
+def test_two_overlapping_site_steps_never_spend_more_than_the_grant(tmp_path):
+    """Two `fedal site` steps on one state folder, the second choosing its requests while the first writes its own:
+    the grant is counted in the transaction that writes the requests, so together they ask for 12, not 24."""
+    fed = Federation(tmp_path, offline_budget=12)
+    fed.round(1)
+    fed.round(2)
+    first, second = OfflineSite(tmp_path / "state", 1, batch=12), OfflineSite(tmp_path / "state", 1, batch=12)
+    first._open()
+    query = first.site.learner.query
+
+    def overlapped(*args, **kwargs):  # the other step runs between this one's budget check and its writes
+        assert second.step(now=later())["asked"] == 12
+        return query(*args, **kwargs)
+
+    first.site.learner.query = overlapped
+    out = first.step(now=later())
+    pool = first.site.pool
+    assert pool.offline_spent(grant_round=2) == 12 == len(pool.offline_requests())
+    assert (out["asked"], out["spent"], out["state"]) == (0, 12, "offline")
+    asked = [r["sample_id"] for r in pool.requests()]
+    assert len(asked) == len(set(asked))
+    first.close()
+    second.close()
+
+
+def test_a_second_fedal_site_loop_on_one_state_dir_is_refused_naming_the_first(tmp_path, capsys):
+    import os
+
+    from clients.offline import site_lock
+
+    fed = Federation(tmp_path)
+    fed.round(1)
+    argv = ["site", "--state-dir", str(tmp_path / "state"), "--client-id", "1", "--once"]
+    with site_lock(tmp_path / "state", 1):  # a loop that runs (its lock, held by this process)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"another `fedal site` (pid {os.getpid()}) already runs for client 1" in err and "Traceback" not in err
+    assert cli.main(argv) == 0  # released when its holder ends
+    assert "connected (model of round 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["offline-after", "offline-max-hours", "label-wait", "query-timeout"])
+@pytest.mark.parametrize("value", ["nan", float("nan")])
+def test_nan_node_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"node config {key} must be a number, got nan"):
+        NodeConfig.from_mapping({"client-id": 0, key: value})
+
+
+def test_a_mistyped_state_dir_is_refused_instead_of_waiting_for_ever(tmp_path, capsys, monkeypatch):
+    def waited(seconds):
+        raise AssertionError("fedal site waited for a state folder that will never appear")
+
+    monkeypatch.setattr("clients.site_command.time.sleep", waited)
+    assert cli.main(["site", "--state-dir", str(tmp_path / "nosuch"), "--client-id", "0"]) == 2
+    assert f"--state-dir {tmp_path / 'nosuch'} does not exist" in capsys.readouterr().err
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "client-0.db").write_bytes(b"")
+    (state / "client-2.db").write_bytes(b"")
+    assert cli.main(["site", "--state-dir", str(state), "--client-id", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no state of client 1" in err and "it holds the state of client(s) 0, 2: check --client-id" in err
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["site", "--state-dir", str(tmp_path / "afile"), "--client-id", "0"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_suggestions_leave_the_labeling_page_when_the_site_turns_them_off(tmp_path):
+    from clients.labeling import LabelingService
+    from clients.node import NODE_KEYS
+    from fedal.sitedata import load_site
+
+    fed = Federation(tmp_path, offline_budget=4)
+    fed.round(1)
+    fed.round(2)
+    fed.nodes[1].update({"oracle": "web", "suggest": True})
+    fed.round(3)
+    loop = OfflineSite(tmp_path / "state", 1, batch=4)
+    loop.step(now=later())
+    data = load_site(fed.nodes[1]["data-path"], 1)
+    assert any("suggestion" in p for p in LabelingService(loop.site.pool, data).state()["pending"])
+    loop.close()
+    fed.nodes[1]["suggest"] = False  # the SuperNode restarted without them: its next message takes them off
+    fed.round(4)
+    loop = OfflineSite(tmp_path / "state", 1, batch=4)
+    loop._open()
+    page = LabelingService(loop.site.pool, data).state()
+    assert page["pending"] and not any("suggestion" in p for p in page["pending"])
+    loop.step(now=later())
+    assert not any("suggestion" in p for p in LabelingService(loop.site.pool, data).state()["pending"])
+    loop.close()
+    # the node table says who computes them
+    assert "`fedal site`" in NODE_KEYS["suggest"] and "must run" in NODE_KEYS["suggest"]
+    from pathlib import Path
+
+    row = next(line for line in (Path(__file__).parents[1] / "docs" / "DEPLOYMENT.md").read_text().splitlines()
+               if line.startswith("| `suggest` |"))
+    assert "`fedal site`" in row and "must run" in row
+
+
+def _rewrite_snapshot(path, *, meta=None, arrays=None, raw: bytes | None = None) -> None:
+    if raw is not None:
+        path.write_bytes(raw)
+        return
+    with np.load(path, allow_pickle=False) as f:
+        content = {k: f[k] for k in f.files}
+    stored = json.loads(str(content["meta"]))
+    if meta is not None:
+        meta(stored)
+        content["meta"] = np.asarray(json.dumps(stored))
+    if arrays is not None:
+        arrays(content)
+    np.savez(path, **content)
+
+
+def _drop_grant(meta):
+    del meta["offline_budget"]
+
+
+def _text_grant(meta):
+    meta["offline_budget"] = "twelve"
+
+
+def _nan_weights(content):
+    key = next(k for k in content if k.startswith("state/") and np.issubdtype(content[k].dtype, np.floating))
+    content[key] = np.full_like(content[key], np.nan)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (dict(meta=_drop_grant), "lacks 'offline_budget' in its 'meta' entry"),
+    (dict(meta=_text_grant), "has offline_budget = 'twelve' in its 'meta' entry; expected an offline budget"),
+    (dict(arrays=_nan_weights), "NaN or infinite value(s)"),
+    (dict(raw=bytes(range(256)) * 4), "is not a .npz archive (it does not begin as a zip file"),
+])
+def test_a_damaged_stored_global_model_is_named_with_what_is_wrong_and_the_fix(tmp_path, capsys, damage, problem):
+    fed = Federation(tmp_path)
+    fed.round(1)
+    fed.round(2)
+    path = snapshot_path(tmp_path / "state", 1)
+    _rewrite_snapshot(path, **damage)
+    assert cli.main(["site", "--state-dir", str(tmp_path / "state"), "--client-id", "1", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and str(path) in err, err
+    assert f"delete {path}: the site's next train message writes it again" in err
+    assert "pickled" not in err and "Traceback" not in err
+    fed.round(3)  # as it says: the next round writes it again
+    assert GlobalSnapshot.load(path).server_round == 3
+
+
+def test_a_site_clock_hours_ahead_of_the_server_s_takes_every_round_and_still_refuses_a_stale_one(tmp_path):
+    """The site's clock is two hours ahead of the server's (round-timeout 60 s): its messages are measured against
+    the freshest it had, so each round is taken; one that waited ten minutes at the SuperLink is refused, and the
+    message does not blame a SuperLink for what a clock could do."""
+    fed = Federation(tmp_path)
+    fed.cfg = fed.cfg.replace(round_timeout=60.0)
+    fed.round(1)
+    node = NodeConfig.from_mapping(fed.nodes[1])
+
+    def deliver(server_round: int, sent_at: float) -> None:
+        site = ClientSite(fed.cfg, node)
+        try:
+            ServerContact(site, fed.cfg, node, run_id=RUN_ID, run_config=fed.cfg.to_run_config(),
+                          node_config=fed.nodes[1], global_state=fed.state, global_stats=fed.stats,
+                          instruction=TrainInstruction(server_round, 4, offline_budget=5), sent_at=sent_at)
+        finally:
+            site.close()
+
+    for server_round in (2, 3, 4):
+        deliver(server_round, time.time() - 7200)  # the server's clock reads two hours earlier than the site's
+    with pytest.raises(ProtocolError, match="waited at the SuperLink") as refused:
+        deliver(4, time.time() - 7200 - 600)
+    assert "by this site's clock it came 7800 s after its time, the freshest 7200 s after" in str(refused.value)
+
+
+def test_a_wall_clock_set_forward_or_back_does_not_fake_the_server_s_presence(tmp_path, monkeypatch):
+    from clients.offline import note_contact, stale_problem
+
+    pool = Pool(3, size=10)
+    node = NodeConfig.from_mapping({"client-id": 0, "offline-after": 900})
+    cfg = site_config(tmp_path, round_timeout=60.0)
+    stale_problem(cfg, 1, time.time(), pool=pool)  # a fresh message: the clocks agree
+    note_contact(pool, node, 1)
+    wall, boot = time.time, time.clock_gettime
+    # 2000 s pass (by the boot clock) and the wall clock is set back a day: the server is away all the same
+    monkeypatch.setattr(time, "clock_gettime", lambda clock: boot(clock) + 2000)
+    monkeypatch.setattr(time, "time", lambda: wall() - 86400)
+    status = standing(pool)
+    assert not status["connected"] and status["clock_problem"] is None
+    # set forward an hour instead: a fresh message (made 2000 s after the first, by the server's clock) reads an hour
+    # older than it is by the wall clock, and is taken all the same; one made ten minutes before that is not
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600)
+    stale_problem(cfg, 2, wall() + 2000, pool=pool)
+    with pytest.raises(ProtocolError, match="about 600 s before it reached this site"):
+        stale_problem(cfg, 2, wall() + 1400, pool=pool)
+    pool.close()
+
+
+def test_a_clock_set_back_while_the_machine_was_off_is_said_not_shown_as_connected():
+    from fedal.offline import LAST_CONTACT, LAST_CONTACT_CLOCK
+
+    pool = Pool(3, size=10)
+    later_contact = time.time() + 5000  # the last message came at a time the clock now reads as to come
+    pool.set_meta(LAST_CONTACT, repr(later_contact))
+    pool.set_meta(LAST_CONTACT_CLOCK, json.dumps({"wall": later_contact, "boot": "another boot", "up": 10.0}))
+    status = standing(pool)
+    assert not status["connected"]
+    assert "clock reads 5000 s earlier than at the last message from the server" in status["clock_problem"]
+    pool.close()

@@ -132,6 +132,7 @@ function renderLink() {  // connected or offline since when, offline budget left
   if (l.last_contact === null) text = "Not yet in touch with the server";
   else if (l.connected) text = `Connected to the server (last message ${when(l.last_contact)})`;
   else text = `Offline since ${when(l.offline_since)}` + (l.expired ? " (too long: no new questions)" : "");
+  if (l.clock_problem) text += ` (${l.clock_problem})`;  // the site's clock was set back
   text += ` · offline budget: ${l.offline_left} of ${l.offline_budget} left`;
   const n = l.answers_waiting;
   text += n ? ` · ${n} answer${n === 1 ? "" : "s"} waiting to be sent` : " · no answers waiting to be sent";
