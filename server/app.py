@@ -284,7 +284,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
     finally:  # the plot is drawn once more with every recorded round, whatever ended the run
         recorder.finish()
     if not heard and cfg.rounds >= start_round and not STOP_REQUESTED.is_set():
-        reasons = sorted({e.reason for r in book.rounds.values() for e in r.events})
+        reasons = sorted({e.reason for r in book.rounds.values() for e in r.events if e.node is not None})
         raise FederationFailed(f"every client failed every round ({len(book.rounds)} rounds); the clients said: "
                                + "; ".join(reasons[:3]))
     return recorder

@@ -111,7 +111,7 @@ def actors(cpus: int | None = None) -> int:
 
 #: a client actor's memory before any data (Python, torch, Flower, Ray's worker), and per byte of the data set
 #: held as float32, fitted to the peaks ``simulations/bench/actor_memory.py`` measured (bench_actor_memory.md)
-ACTOR_BASE_BYTES = {"head": 420 * 2**20, "network": 520 * 2**20, "handover": 560 * 2**20}
+ACTOR_BASE_BYTES = {"head": 420 * 2**20, "network": 520 * 2**20, "handover": 640 * 2**20}
 ACTOR_BYTES_PER_DATA_BYTE = 2.0
 #: the share of the available memory a simulation may plan to use (Ray stops actors at 95% of the machine's)
 MEMORY_SHARE = 0.85

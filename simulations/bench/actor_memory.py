@@ -91,13 +91,14 @@ class Sampler(threading.Thread):
 
 
 def measure(preset: str, rounds: int, cpus: int) -> dict:
-    from fedal.config import FederationConfig
+    from simulations.compare import load_preset
     from simulations.engine import actor_memory_estimate, run_in_simulation
 
-    cfg = FederationConfig.from_toml(ROOT / "simulations" / "presets" / f"{preset}.toml")
+    cfg, options = load_preset(ROOT / "simulations" / "presets" / f"{preset}.toml")
+    seed = int((options.get("seeds") or [cfg.seed])[0])  # a seed the preset's partition can be drawn with
     with tempfile.TemporaryDirectory(prefix="fedal-mem-") as out:
-        data_dir = cfg.data_dir if Path(cfg.data_dir).is_absolute() else str(SHARED_DATA_DIR)
-        cfg = dataclasses.replace(cfg, rounds=rounds, output_dir=out, data_dir=data_dir, eval_every=1,
+        data_dir = cfg.data_dir if not cfg.data_dir or Path(cfg.data_dir).is_absolute() else str(SHARED_DATA_DIR)
+        cfg = dataclasses.replace(cfg, rounds=rounds, output_dir=out, data_dir=data_dir, eval_every=1, seed=seed,
                                   overwrite=True).validate()
         sampler = Sampler()
         sampler.start()
