@@ -47,8 +47,14 @@ def flower_task(monkeypatch):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Say loudly at the end when the browser tests could not run (no Chromium on this machine)."""
+    """Say loudly at the end when the browser tests or the live Label Studio test could not run (no Chromium, no
+    Label Studio on this machine)."""
     skipped = terminalreporter.stats.get("skipped", [])
+    if any("test_labelstudio_live" in getattr(report, "nodeid", "") for report in skipped):
+        terminalreporter.write_line(
+            "NOTE: the round trip against a real Label Studio was skipped: export "
+            'FEDAL_LABEL_STUDIO="$(bash .ci/install-label-studio.sh)" (its own cached venv) and run it again',
+            yellow=True, bold=True)
     if any("test_browser" in getattr(report, "nodeid", "") for report in skipped):
         terminalreporter.write_line(
             "NOTE: the labeling page's browser tests were skipped: install Chromium and its driver "

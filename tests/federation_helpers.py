@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -212,6 +214,52 @@ def require_deployment_tools(deploy) -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+# ------------------------------------------------------ waiting for events, not for time
+#: seconds a deployment test waits for an event (a node online, a round recorded, a line in a log) before it fails:
+#: generous, because a busy machine (CI, other jobs beside it) makes every step slower; a test never sleeps for a
+#: fixed time and then asserts, it waits for the event and fails with what it waited for
+EVENT_TIMEOUT = 300.0
+
+
+def wait_for(what: str, predicate, dep, procs=(), timeout: float = EVENT_TIMEOUT, poll: float = 0.2):
+    """Wait until ``predicate()`` is true (return its value); fail (AssertionError naming ``what``, with the SuperLink
+    log) when ``timeout`` seconds pass or when the SuperLink of ``dep`` or one of ``procs`` exits meanwhile
+    (``dep`` None: watch only ``procs``)."""
+    deadline = time.monotonic() + timeout
+    watched = ([] if dep is None else [dep.superlink]) + list(procs)
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for proc in watched:
+            if proc.poll() is not None:
+                log = Path(proc.log_path).read_text(errors="replace")[-3000:] if hasattr(proc, "log_path") else ""
+                raise AssertionError(f"{proc.args[0]} exited with {proc.returncode} while waiting for {what}:\n{log}")
+        if time.monotonic() > deadline:
+            log = "" if dep is None else "; SuperLink log:\n" + dep.log_tail(dep.superlink)
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{log}")
+        time.sleep(poll)
+
+
+def node_statuses(dep) -> dict[int, str]:
+    """Node id -> status (``registered``, ``online``, ``offline``, ...) of every SuperNode the SuperLink knows
+    (``flwr supernode list``)."""
+    deploy = sys.modules[type(dep).__module__]  # deploy/run_local_deployment.py, as the test loaded it
+    out = dep.run_cmd([deploy.BIN / "flwr", "supernode", "list", deploy.CONNECTION, "--format", "json"], show=False)
+    reply = json.loads(out[out.index("{"):])
+    return {int(n["node-id"]): n["status"] for n in reply.get("nodes", [])}
+
+
+def wait_nodes(dep, sites, status: str = "online", timeout: float = EVENT_TIMEOUT) -> None:
+    """Wait until the SuperLink reports every site of ``sites`` (registered: ``site.node_id`` known) as ``status``:
+    e.g. every SuperNode connected before a run is submitted, so the ServerApp's first round has them all (it waits
+    only a few seconds for the run's nodes, less than a SuperNode may take to start on a busy machine)."""
+    want = {site.node_id for site in sites}
+    procs = [site.process for site in sites if site.process is not None and status == "online"]
+    wait_for(f"SuperNode(s) {sorted(want)} to be {status} at the SuperLink",
+             lambda: all(node_statuses(dep).get(node) == status for node in want), dep, procs, timeout, poll=1.0)
 
 
 # ------------------------------------------------------------ secure aggregation

@@ -1,4 +1,6 @@
-"""Label Studio exports for the tests, in the shape Label Studio 1.23 writes (Export -> JSON).
+"""Label Studio exports for the tests, in the shape Label Studio 1.23 writes (Export -> JSON); the live test
+(``tests/test_labelstudio_live.py``, against the Label Studio CI installs) checks that every field made up here is in
+its real export.
 
 Written from its documented format (https://labelstud.io/guide/export#Label-Studio-JSON-format-of-annotated-tasks)
 and from what its export held on a real server: a list of tasks, each with ``id`` (Label Studio's task id),
@@ -45,7 +47,7 @@ def ls_task(task_id: int, data: dict, annotations: list[dict], drafts: list[dict
     """One exported task."""
     return {"id": task_id, "annotations": annotations, "file_upload": "tasks.json", "drafts": drafts or [],
             "predictions": [], "data": data, "meta": {}, "created_at": "2026-12-01T09:00:00.000000Z",
-            "updated_at": "2026-12-01T10:00:00.000000Z", "inner_id": task_id,
+            "updated_at": "2026-12-01T10:00:00.000000Z", "allow_skip": True, "inner_id": task_id,
             "total_annotations": sum(not a["was_cancelled"] for a in annotations),
             "cancelled_annotations": sum(bool(a["was_cancelled"]) for a in annotations),
             "total_predictions": 0, "comment_count": 0, "unresolved_comment_count": 0,
