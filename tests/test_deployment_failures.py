@@ -7,7 +7,6 @@ SuperLink's folder, did not find the data.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,16 +16,10 @@ from pathlib import Path
 import pytest
 from federation_helpers import require_deployment_tools
 
+from tests.test_deployment import _deploy_module
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "run_local_deployment.py"
-
-
-def _deploy_module():
-    spec = importlib.util.spec_from_file_location("run_local_deployment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

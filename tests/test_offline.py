@@ -274,8 +274,8 @@ def test_an_expired_site_asks_nothing_and_a_file_site_exports_its_offline_reques
     loop.close()
 
 
-def test_suggestions_reach_the_labeling_page_only_where_the_site_turned_them_on(tmp_path):
-    from clients.labeling import LabelingService
+def _offline_site_with_suggestions(tmp_path):
+    """Site 1 of a federation, web oracle with suggestions on, after one offline step: (federation, loop, data)."""
     from fedal.sitedata import load_site
 
     fed = Federation(tmp_path, offline_budget=4)
@@ -285,7 +285,13 @@ def test_suggestions_reach_the_labeling_page_only_where_the_site_turned_them_on(
     fed.round(3)
     loop = OfflineSite(tmp_path / "state", 1, batch=4)
     loop.step(now=later())
-    data = load_site(fed.nodes[1]["data-path"], 1)
+    return fed, loop, load_site(fed.nodes[1]["data-path"], 1)
+
+
+def test_suggestions_reach_the_labeling_page_only_where_the_site_turned_them_on(tmp_path):
+    from clients.labeling import LabelingService
+
+    fed, loop, data = _offline_site_with_suggestions(tmp_path)
     page = LabelingService(loop.site.pool, data).state()
     offline = [p for p in page["pending"] if p["offline"]]
     assert len(offline) == 4 and all(0 <= p["suggestion"]["confidence"] <= 1 for p in offline)
@@ -475,16 +481,8 @@ def test_a_mistyped_state_dir_is_refused_instead_of_waiting_for_ever(tmp_path, c
 def test_suggestions_leave_the_labeling_page_when_the_site_turns_them_off(tmp_path):
     from clients.labeling import LabelingService
     from clients.node import NODE_KEYS
-    from fedal.sitedata import load_site
 
-    fed = Federation(tmp_path, offline_budget=4)
-    fed.round(1)
-    fed.round(2)
-    fed.nodes[1].update({"oracle": "web", "suggest": True})
-    fed.round(3)
-    loop = OfflineSite(tmp_path / "state", 1, batch=4)
-    loop.step(now=later())
-    data = load_site(fed.nodes[1]["data-path"], 1)
+    fed, loop, data = _offline_site_with_suggestions(tmp_path)
     assert any("suggestion" in p for p in LabelingService(loop.site.pool, data).state()["pending"])
     loop.close()
     fed.nodes[1]["suggest"] = False  # the SuperNode restarted without them: its next message takes them off
