@@ -292,6 +292,34 @@ class LocalDeployment:
         ])
         return site.process
 
+    def node_statuses(self) -> dict[int, str]:
+        """Node id -> status (``registered``, ``online``, ``offline``, ...) of every SuperNode the SuperLink
+        knows (``flwr supernode list``)."""
+        out = self.run_cmd([BIN / "flwr", "supernode", "list", CONNECTION, "--format", "json"], show=False)
+        reply = json.loads(out[out.index("{"):])
+        return {int(n["node-id"]): n["status"] for n in reply.get("nodes", [])}
+
+    def wait_online(self, sites: list[Site] | None = None, timeout: float = 180) -> None:
+        """Wait until the SuperLink reports every site's SuperNode online, so the run's first round has them all
+        (the ServerApp waits only seconds for its nodes, less than a SuperNode may take on a busy machine). A site
+        whose process ended, or one still not online after ``timeout`` seconds, is named with its log."""
+        sites = self.site_list if sites is None else sites
+        deadline = time.monotonic() + timeout
+        while True:
+            for site in sites:
+                if site.process is not None and site.process.poll() is not None:
+                    raise DeploymentError(f"site {site.client_id}'s SuperNode exited (code {site.process.returncode}) "
+                                          f"before it came online; its log:\n{self.log_tail(site.process)}")
+            statuses = self.node_statuses()
+            waiting = [site for site in sites if statuses.get(site.node_id) != "online"]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(f"site {s.client_id} ({statuses.get(s.node_id, 'unknown')})" for s in waiting)
+                raise DeploymentError(f"{names} not online at the SuperLink after {timeout:.0f} s; the first "
+                                      f"one's log:\n{self.log_tail(waiting[0].process) if waiting[0].process else ''}")
+            time.sleep(1.0)
+
     def submit(self, **settings) -> int:
         """``flwr run`` the fedal app in this repository (with more fedal ``settings``, kebab-case, which may name
         another ``output-dir``); return the run id."""
@@ -368,13 +396,14 @@ class LocalDeployment:
         self.stop()
 
     def start_all(self) -> None:
-        """prepare, SuperLink, register every site, SuperNodes."""
+        """prepare, SuperLink, register every site, SuperNodes, and wait until every one is online."""
         self.prepare()
         self.start_superlink()
         for site in self.site_list:
             self.register(site)
         for site in self.site_list:
             self.start_supernode(site)
+        self.wait_online()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,24 +142,24 @@ class Pool:
     def _init_ids(self, ids: np.ndarray) -> None:
         if len(np.unique(ids)) != len(ids):
             raise ConfigError("pool sample ids must be unique")
-        stored = self._db.execute("SELECT value FROM meta WHERE key='n_classes'").fetchone()
-        if stored is not None:
-            if int(stored[0]) != self.n_classes:
-                raise ConfigError(
-                    f"database {self.path} holds a pool with {stored[0]} classes, not {self.n_classes}; "
-                    "use a new state directory for a different data set"
-                )
-            have = self._ids_where(None)
-            if len(have) != len(ids) or not np.array_equal(np.sort(have), np.sort(ids)):
-                raise ConfigError(
-                    f"database {self.path} holds a pool of {len(have)} samples that differs from the "
-                    f"{len(ids)} given; the local data changed since the pool was made: restore it or "
-                    "use a new state directory"
-                )
-            return
-        with self._tx() as db:
-            db.execute("INSERT INTO meta VALUES ('n_classes', ?)", (str(self.n_classes),))
-            db.executemany("INSERT INTO samples VALUES (?, 'unlabeled')", ((int(i),) for i in ids))
+        with self._tx() as db:  # one transaction: two processes opening a new database make one pool
+            stored = db.execute("SELECT value FROM meta WHERE key='n_classes'").fetchone()
+            if stored is None:
+                db.execute("INSERT INTO meta VALUES ('n_classes', ?)", (str(self.n_classes),))
+                db.executemany("INSERT INTO samples VALUES (?, 'unlabeled')", ((int(i),) for i in ids))
+                return
+        if int(stored[0]) != self.n_classes:
+            raise ConfigError(
+                f"database {self.path} holds a pool with {stored[0]} classes, not {self.n_classes}; "
+                "use a new state directory for a different data set"
+            )
+        have = self._ids_where(None)
+        if len(have) != len(ids) or not np.array_equal(np.sort(have), np.sort(ids)):
+            raise ConfigError(
+                f"database {self.path} holds a pool of {len(have)} samples that differs from the "
+                f"{len(ids)} given; the local data changed since the pool was made: restore it or "
+                "use a new state directory"
+            )
 
     def close(self) -> None:
         """Close the database connection."""

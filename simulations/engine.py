@@ -238,6 +238,7 @@ class SimulationRuntime:
         self.cpus, self.verbose = cpus, verbose
         self.runs = 0
         self.pools_built = 0  # actor pools built: 1 unless one had to be replaced
+        self.actors_replaced = 0  # actors that died inside a run and were replaced there
         self._pool = None
         self._marker: Path | None = None
         self._restore: list[tuple] = []
@@ -369,7 +370,7 @@ def _kept_backend(flower_backend, runtime: SimulationRuntime):
             try:
                 return flower_backend.process_message(self, message, context)
             except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as ex:
-                replace_dead_actors(self.pool, ex)
+                runtime.actors_replaced += replace_dead_actors(self.pool, ex)
             return flower_backend.process_message(self, message, context)
 
     return KeptRayBackend

@@ -244,12 +244,8 @@ def wait_for(what: str, predicate, dep, procs=(), timeout: float = EVENT_TIMEOUT
 
 
 def node_statuses(dep) -> dict[int, str]:
-    """Node id -> status (``registered``, ``online``, ``offline``, ...) of every SuperNode the SuperLink knows
-    (``flwr supernode list``)."""
-    deploy = sys.modules[type(dep).__module__]  # deploy/run_local_deployment.py, as the test loaded it
-    out = dep.run_cmd([deploy.BIN / "flwr", "supernode", "list", deploy.CONNECTION, "--format", "json"], show=False)
-    reply = json.loads(out[out.index("{"):])
-    return {int(n["node-id"]): n["status"] for n in reply.get("nodes", [])}
+    """Node id -> status of every SuperNode the SuperLink knows (``flwr supernode list``)."""
+    return dep.node_statuses()
 
 
 def wait_nodes(dep, sites, status: str = "online", timeout: float = EVENT_TIMEOUT) -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from federation_helpers import EVENT_TIMEOUT, require_deployment_tools, wait_for, wait_nodes
+from federation_helpers import EVENT_TIMEOUT, require_deployment_tools, wait_for
 
 from fedal.config import FederationConfig
 from fedal.federation import federation_dataset
@@ -55,7 +55,6 @@ def deployment(deploy, tmp_path_factory):
     dep = deploy.LocalDeployment(tmp_path_factory.mktemp("deployment"), sites=2, run_config=RUN_CONFIG, verbose=False)
     try:
         dep.start_all()
-        wait_nodes(dep, dep.site_list)  # both connected: the run's first round has both (the ServerApp waits 15 s)
         yield dep
     finally:
         dep.stop()

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from federation_helpers import require_deployment_tools, wait_nodes
+from federation_helpers import require_deployment_tools
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def deployment(deploy, tmp_path_factory):
             dep.register(site)
         for site in dep.site_list:
             dep.start_supernode(site)
-        wait_nodes(dep, dep.site_list)  # both connected: each run's first round has both (the ServerApp waits 15 s)
+        dep.wait_online()  # both connected: each run's first round has both (the ServerApp waits 15 s)
         yield dep
     finally:
         dep.stop()

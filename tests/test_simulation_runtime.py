@@ -77,7 +77,8 @@ def test_a_dead_actor_is_replaced_before_the_next_run(tmp_path):
         except RuntimeError:
             pass  # whether the crashed run fails or goes on without client 1 is the engine's business
         runtime.run(after)
-        assert runtime.pools_built == 2
+        # the dead actor was replaced: inside the crashed run (a new actor took its message), or by a new pool
+        assert runtime.actors_replaced + (runtime.pools_built - 1) >= 1
     assert [len(r[3]) for r in _curve(after)] == [3, 3]  # every client took part in both rounds
 
 
