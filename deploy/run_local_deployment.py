@@ -43,6 +43,8 @@ from fedal.federation import check_federation
 from fedal.fileio import toml_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "deploy") not in sys.path:  # fleet_gateway.py beside this script, however this one was loaded
+    sys.path.insert(0, str(REPO_ROOT / "deploy"))
 CONNECTION = "fedal-local"
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec
 
@@ -90,6 +92,8 @@ class Site:
     port: int = 0
     process: subprocess.Popen | None = None
     node_id: int | None = None
+    gate: subprocess.Popen | None = None  # its `fedal gate`, when the deployment pins the app
+    gate_port: int = 0
     extra: str = ""  # more node config, e.g. 'label-wait=10 offline-after=15'
 
     def node_config(self) -> str:
@@ -120,7 +124,10 @@ class LocalDeployment:
     run_config: dict = field(default_factory=dict)
     oracle: str = "simulated"
     verbose: bool = True
-    superlink_port: int = 0
+    superlink_port: int = 0  # the SuperLink, on loopback: the coordinator's flwr CLI and ServerApp only
+    gateway: bool = True  # the sites reach the SuperLink through deploy/fleet_gateway.py (the Fleet API only)
+    pin_app: bool = True  # each site runs `fedal gate` accepting only this checkout's app (clients/gate.py)
+    fleet_port: int = 0  # the gateway's port: the sites' address of the coordinator
     processes: list[subprocess.Popen] = field(default_factory=list)
     site_list: list[Site] = field(default_factory=list)
     output_dir: Path | None = None  # of the last run submitted
@@ -130,6 +137,8 @@ class LocalDeployment:
         for sub in ("certs", "keys", "sites", "state", "server", "logs", "flwr"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         self.superlink_port = self.superlink_port or free_port()
+        self.fleet_port = (self.fleet_port or free_port()) if self.gateway else self.superlink_port
+        self.accepted_app: str | None = None  # the app hash the site gates accept
         self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
                     "FLWR_HOME": str(self.workdir / "flwr")}
@@ -138,7 +147,13 @@ class LocalDeployment:
     # ------------------------------------------------------------- helpers
     @property
     def address(self) -> str:
+        """The SuperLink's own address (the Control API: the coordinator's ``flwr`` CLI)."""
         return f"127.0.0.1:{self.superlink_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """The address the sites are given: the gateway's (or the SuperLink's, without one)."""
+        return f"127.0.0.1:{self.fleet_port}"
 
     @property
     def ca(self) -> Path:
@@ -251,7 +266,8 @@ class LocalDeployment:
         return absolute_paths({"clients": self.sites, "min-clients": self.sites, **self.run_config})
 
     def start_superlink(self, timeout: float = 60) -> None:
-        """Start the SuperLink with TLS and SuperNode authentication; wait until it serves TLS."""
+        """Start the SuperLink with TLS and SuperNode authentication on loopback; wait until it serves TLS; then
+        the gateway in front of it (unless ``gateway`` is off)."""
         certs = self.workdir / "certs"
         self.superlink = self.spawn("superlink", [
             BIN / "flower-superlink", "--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile", certs / "server.crt",
@@ -268,11 +284,56 @@ class LocalDeployment:
             try:
                 with socket.create_connection(("127.0.0.1", self.superlink_port), timeout=2) as raw:
                     with context.wrap_socket(raw, server_hostname="127.0.0.1"):
-                        return
+                        break
             except (OSError, ssl.SSLError):
                 time.sleep(0.5)
-        raise DeploymentError(f"the SuperLink did not accept TLS connections within {timeout} s:\n"
-                              f"{self.log_tail(self.superlink)}")
+        else:
+            raise DeploymentError(f"the SuperLink did not accept TLS connections within {timeout} s:\n"
+                                  f"{self.log_tail(self.superlink)}")
+        if self.gateway:
+            self.start_gateway()
+
+    def start_gateway(self) -> None:
+        """nginx on the sites' address, forwarding the Fleet API only to the SuperLink (deploy/fleet_gateway.py)."""
+        from fleet_gateway import FleetGateway, GatewayError
+
+        certs = self.workdir / "certs"
+        gateway = FleetGateway(self.fleet_address, self.address, certs / "server.crt", certs / "server.key",
+                               certs / "ca.crt", self.workdir / "gateway")
+        self._show(gateway.command())
+        try:
+            proc = gateway.start()
+        except GatewayError as exc:
+            raise DeploymentError(f"the gateway did not start: {exc}") from exc
+        proc.log_path = gateway.log_path  # type: ignore[attr-defined]
+        self.processes.append(proc)
+        self.gateway_process = gateway
+
+    def gate_tls(self, site: Site) -> Path:
+        return self.workdir / "gates" / f"site-{site.client_id}"
+
+    def start_gate(self, site: Site, timeout: float = 60) -> subprocess.Popen:
+        """The site's gate (``fedal gate``), accepting only this checkout's app; its SuperNode connects through it."""
+        if self.accepted_app is None:
+            from clients.gate import app_hash
+
+            self.accepted_app = app_hash(REPO_ROOT)  # the FAB `flwr run .` builds from this checkout
+        site.gate_port = site.gate_port or free_port()
+        proc = self.spawn(f"gate-{site.client_id}", [
+            BIN / "fedal", "gate", "--superlink", self.fleet_address, "--root-certificates", self.ca,
+            "--accept-app", self.accepted_app, "--listen", f"127.0.0.1:{site.gate_port}",
+            "--tls-dir", self.gate_tls(site)])
+        site.gate = proc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DeploymentError(f"site {site.client_id}'s gate exited with {proc.returncode}:\n{self.log_tail(proc)}")
+            try:
+                socket.create_connection(("127.0.0.1", site.gate_port), timeout=1).close()
+                return proc
+            except OSError:
+                time.sleep(0.2)
+        raise DeploymentError(f"site {site.client_id}'s gate did not listen within {timeout:.0f} s:\n{self.log_tail(proc)}")
 
     def register(self, site: Site) -> int:
         """``flwr supernode register``: allow this site's public key; return its node id."""
@@ -284,9 +345,15 @@ class LocalDeployment:
         return site.node_id
 
     def start_supernode(self, site: Site, name: str | None = None, max_wait: float = 60) -> subprocess.Popen:
-        """Start one SuperNode with its key and node config."""
+        """Start one SuperNode with its key and node config: through its gate (TLS on loopback with the gate's own
+        CA; the gate speaks TLS to the coordinator), or straight to the coordinator's address without one."""
+        if self.pin_app and site.gate is None:
+            self.start_gate(site)
+        link = (["--superlink", f"127.0.0.1:{site.gate_port}", "--root-certificates", self.gate_tls(site) / "gate-ca.crt"]
+                if self.pin_app else
+                ["--superlink", self.fleet_address, "--root-certificates", self.ca])
         site.process = self.spawn(name or f"supernode-{site.client_id}", [
-            BIN / "flower-supernode", "--superlink", self.address, "--root-certificates", self.ca,
+            BIN / "flower-supernode", *link,
             "--auth-supernode-private-key", site.key, "--node-config", site.node_config(),
             "--port", site.port, "--max-wait-time", max_wait,
         ])
@@ -353,7 +420,9 @@ class LocalDeployment:
         last_status = start
         while time.monotonic() - start < timeout:
             time.sleep(1)
-            for proc in [self.superlink, *(s.process for s in self.site_list)]:
+            gateway = getattr(self, "gateway_process", None)
+            for proc in [self.superlink, gateway and gateway.process, *(s.process for s in self.site_list),
+                         *(s.gate for s in self.site_list)]:
                 if proc is not None and proc.poll() is not None:
                     raise DeploymentError(f"{proc.args[0]} exited with {proc.returncode} during the run:\n"
                                           f"{self.log_tail(proc)}")
@@ -396,7 +465,8 @@ class LocalDeployment:
         self.stop()
 
     def start_all(self) -> None:
-        """prepare, SuperLink, register every site, SuperNodes, and wait until every one is online."""
+        """prepare, SuperLink, gateway, register every site, gates and SuperNodes, and wait until every one is
+        online."""
         self.prepare()
         self.start_superlink()
         for site in self.site_list:
@@ -418,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="any other fedal setting, e.g. --set round-budget=20 (repeatable)")
     parser.add_argument("--workdir", default=None, help="where everything is written (default: a new temp folder)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
+    parser.add_argument("--no-gateway", action="store_true",
+                        help="sites reach the SuperLink itself, Control API included (measurements only)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="no site gate: the SuperNodes run any app the coordinator submits (measurements only)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through `with`: stop every process
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedal-deploy-"))
@@ -432,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     typed = cfg.to_run_config()
     settings = {key.replace("_", "-"): typed[key.replace("_", "-")] for key in given}
     print(f"working in {workdir}", flush=True)
-    with LocalDeployment(workdir, sites=args.sites, run_config=settings, oracle=args.oracle) as dep:
+    with LocalDeployment(workdir, sites=args.sites, run_config=settings, oracle=args.oracle,
+                         gateway=not args.no_gateway, pin_app=not args.no_pin) as dep:
         try:
             dep.start_all()
             run_id = dep.submit()

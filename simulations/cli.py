@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from clients import exchange_command, labeling, site_command
+from clients import exchange_command, gate, labeling, site_command
 from fedal.exceptions import FedalError
 from simulations import commands, compare, simulate
 
@@ -40,6 +40,8 @@ COMMANDS: dict[str, Command] = {
                     site_command.add_arguments, site_command.run),
     "exchange": Command("export a client's pending queries to files / import the filled CSV",
                         exchange_command.add_arguments, exchange_command.run),
+    "gate": Command("a site's gate to the coordinator: only the apps the site accepted reach its SuperNode",
+                    gate.add_arguments, gate.run),
     "split": Command("write one data file per site (deployment: each site holds only its own data)",
                      commands.add_split_arguments, commands.run_split),
     "strategies": Command("list the registered query strategies",

@@ -204,10 +204,12 @@ def train_replies(strategy, state, updates, server_round=1):
 
 
 def require_deployment_tools(deploy) -> None:
-    """Skip (fail under CI) a deployment test when openssl, ssh-keygen or Flower's executables are missing."""
+    """Skip (fail under CI) a deployment test when openssl, ssh-keygen, nginx (the coordinator's gateway) or Flower's
+    executables are missing."""
     import pytest
 
     missing = [tool for tool in ("openssl", "ssh-keygen") if not shutil.which(tool)]
+    missing += [] if Path(shutil.which("nginx") or "/usr/sbin/nginx").is_file() else ["nginx"]
     missing += [tool for tool in ("flower-superlink", "flower-supernode", "flwr") if not (deploy.BIN / tool).exists()]
     if missing:
         reason = f"{missing} not found: run .ci/install-system.sh and install fedal into the venv"
