@@ -34,6 +34,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clients.labeling import is_loopback
 from fedal.exceptions import ConfigError
 
 LOG = logging.getLogger("fedal.gate")
@@ -71,17 +72,6 @@ def split_address(address: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{what} {address!r} is not host:port (e.g. 127.0.0.1:9095)")
     return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def gate_certificates(folder: str | Path) -> tuple[Path, Path, Path]:

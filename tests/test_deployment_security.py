@@ -10,7 +10,6 @@ owner-only.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from federation_helpers import require_deployment_tools, wait_for
+from test_deployment import _deploy_module
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
@@ -34,11 +34,7 @@ OUTSIDER = "outsider"
 
 @pytest.fixture(scope="module")
 def deploy():
-    spec = importlib.util.spec_from_file_location("run_local_deployment", REPO / "deploy" / "run_local_deployment.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _deploy_module()
 
 
 @pytest.fixture(scope="module")
