@@ -54,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
                                 node_config=dict(context.node_config), global_state=global_state,
                                 global_stats=protocol.global_stats_of(msg.content), instruction=instruction,
                                 sent_at=msg.metadata.created_at)
-        state, report = site.train(global_state, instruction)
+        state, report = site.train(global_state, instruction, global_stats=protocol.global_stats_of(msg.content))
         report = contact.report(report)
     finally:
         site.close()

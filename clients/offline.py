@@ -41,7 +41,7 @@ from fedal.exceptions import ConfigError, DataFileError, OutputError, ProtocolEr
 from fedal.heads import ClassStatistics
 from fedal.messages import TrainInstruction, TrainReport
 from fedal.models.handover_adapter import HandoverClassifier
-from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS, HeadClassifier
+from fedal.models.head_adapter import LABELED_STATS, POOL_STATS, PSEUDO_STATS, HeadClassifier
 from fedal.offline import (CLOCK_SAMPLES, LAST_CONTACT, LAST_CONTACT_CLOCK, LAST_CONTACT_ROUND, LAST_REPLY,
                            OFFLINE_AFTER, OFFLINE_GRANT, OFFLINE_LOOP, OFFLINE_MAX_HOURS, SERVER_CLOCK, SUGGESTIONS,
                            GlobalSnapshot, clock_reading, link_status, message_age, snapshot_path)
@@ -375,6 +375,8 @@ class OfflineSite:
         """The stored global head plus the labels given since (features ``X`` of the labeled ``ids``): exact from
         the stored global sums; without them (an untrained global head) the site's own labels only."""
         snapshot = self.snapshot
+        if snapshot.global_stats is not None and f"{POOL_STATS}.counts" in snapshot.global_stats:
+            return  # a private run's sums are noisy and their noise unknown here: the stored global head serves
         if snapshot.global_stats is not None:
             new = ~np.isin(ids, snapshot.included_ids)
             added, _, _ = head.statistics(X[new] if new.any() else np.zeros((0, head.dim)), labels[new])

@@ -7,8 +7,11 @@ message.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import secrets
 import sys
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from clients.node import NodeConfig, open_site_pool
 from clients.oracles import FileOracle, make_oracle
 from fedal.config import FederationConfig
 from fedal.data import LocalData
+from fedal.dp import centring
 from fedal.features import featurizer_for, model_inputs
 from fedal.kpi import label_entropy, oracle_use
 from fedal.federation import client_data
@@ -32,6 +36,28 @@ from fedal.secure import FixedPoint, renew_released
 from fedal.seeds import client_seed, local_model_seed
 from fedal.sitedata import load_site
 from fedal.strategies import WithViews
+
+
+log = logging.getLogger("fedal.client")
+#: a private run's report: what the server still needs (budgets, progress), nothing computed over the labels
+PRIVATE_REPORT_BLANK = {"train_loss": math.nan, "label_entropy": math.nan, "batch_diversity": math.nan,
+                        "auto_labeled": 0, "auto_correct": -1}
+
+
+def private_report(report: TrainReport, keep_uncertainty: bool) -> TrainReport:
+    """``report`` as a private run sends it: the loss, the class balance and the batch's spread (functions of the
+    labels and their features) and self-training's counts left out; the pool's mean uncertainty only where the
+    budget policy or a stopping rule reads it (docs/PRIVACY.md lists what stays and why)."""
+    blank = dict(PRIVATE_REPORT_BLANK)
+    if not keep_uncertainty:
+        blank["mean_uncertainty"] = math.nan
+    return dataclasses.replace(report, **blank)
+
+
+def secure_random() -> np.random.Generator:
+    """A generator seeded from the operating system's entropy: a private run's noise must not follow from the run's
+    seed, which the server knows."""
+    return np.random.default_rng(secrets.randbits(128))
 
 
 class ClientSite:
@@ -73,12 +99,17 @@ class ClientSite:
         #: the labeled samples whose statistics the last :meth:`train` sent (head and hand-over pipelines; None
         #: before): a site's offline copy adds the others to the server's sums (:mod:`clients.offline`)
         self.sent_ids: np.ndarray | None = None
+        #: private run: the most releases one of this site's samples has been in, and the centre of the last reply's
+        #: labels (:meth:`_private_release`; the codec scales the labels' noise to its clip)
+        self.dp_releases = 0
+        self.dp_centre = None
 
     def close(self) -> None:
         """Close the database."""
         self.pool.close()
 
-    def train(self, global_state: dict, instruction: TrainInstruction) -> tuple[dict, TrainReport]:
+    def train(self, global_state: dict, instruction: TrainInstruction,
+              global_stats: dict | None = None) -> tuple[dict, TrainReport]:
         """Label the initial set if needed, query within the round's budget, train; return (arrays, report).
 
         The arrays are the locally trained network (``pipeline = "network"``) or the class
@@ -90,6 +121,9 @@ class ClientSite:
             The global model (network weights or head).
         instruction : TrainInstruction
             The round, its query budget (checked by the instruction itself) and FedProx's weight.
+        global_stats : dict, optional
+            The server's summed statistics the message carried (head pipeline; a private run centres its labels on
+            the pools' mean read from them).
         """
         server_round, budget = instruction.server_round, instruction.query_budget
         self.model.set_state(global_state)
@@ -127,7 +161,9 @@ class ClientSite:
             mean_unc = self._pool_uncertainty()
         X, y = self.learner.labeled_data()
         auto = auto_correct = 0
-        if self.cfg.pipeline == "head":
+        if self.cfg.head_private:
+            arrays, loss = self._private_release(instruction, global_stats), math.nan
+        elif self.cfg.pipeline == "head":
             arrays, loss, auto, auto_correct = self._head_statistics(X, y)
         elif self.cfg.pipeline == "handover":
             arrays, loss, auto, auto_correct = self._handover_update(X, y, instruction)
@@ -149,8 +185,81 @@ class ClientSite:
             auto_correct=auto_correct, requests_made=made, requests_answered=answered, answer_seconds=wait,
             batch_diversity=self.learner.last_batch_diversity if queried >= 2 else math.nan,
             label_entropy=label_entropy(y, self.data.n_classes), labels_reviewed=reviewed,
+            dp_releases=self.dp_releases,
         )
+        if self.cfg.head_private:
+            report = private_report(report, keep_uncertainty=self.cfg.budget_policy == "uncertainty"
+                                    or "uncertainty" in self.cfg.stop_when)
         return arrays, report
+
+    # ------------------------------------------------------------- private run (fedal.dp)
+    def _private_release(self, instruction: TrainInstruction, global_stats: dict | None) -> dict:
+        """This round's private reply (:mod:`fedal.dp`): the counts and sums of the labels the server's sums do not
+        hold yet (in a release round, centred on the pools' mean of ``global_stats``), and the pool's statistics
+        until the sums hold them, with this site's noise (in the clear all of it; under secure aggregation the codec
+        adds the site's share on the integer grid).
+
+        The site's ledger (in its database) keeps what each reply held. ``instruction.dp_included``, the rounds whose
+        reply of this site the server added, settles them: a reply the sums hold is never sent again; one they do
+        not hold is sent again. In the clear every send is a release, counted, at most ``head-dp-releases`` per
+        sample (a label that would need more is held back, logged); under secure aggregation a reply outside the sum
+        was never unmasked, so only the one that reached it counts. With ``dp_included`` None (the server does not
+        know this site yet) nothing is settled and what waits is not sent again."""
+        server_round, included = instruction.server_round, instruction.dp_included
+        pool, noise = self.pool, self.private_noise()
+        ledger = json.loads(pool.get_meta("dp-ledger", "{}"))
+        settled = set(json.loads(pool.get_meta("dp-settled", "[]")))
+        sends = {int(k): v for k, v in json.loads(pool.get_meta("dp-sends", "{}")).items()}
+        pool_state = json.loads(pool.get_meta("dp-pool", '{"settled": false, "sends": 0}'))
+        if included is not None:
+            for key in [k for k in ledger if int(k) < server_round]:
+                if int(key) in included:
+                    settled.update(ledger[key]["labels"])
+                    pool_state["settled"] = pool_state["settled"] or ledger[key]["pool"]
+                del ledger[key]
+        ledger.pop(str(server_round), None)  # a message delivered again: its reply is made anew
+        waiting = {i for entry in ledger.values() for i in entry["labels"]}
+        pool_waiting = any(entry["pool"] for entry in ledger.values())
+        centre = centring(global_stats, self.cfg.head_clip_norm)
+        send = []
+        if instruction.dp_release and centre is not None:
+            limit = self.cfg.head_dp_releases if not noise.secure else None
+            ids, labels = pool.labels()
+            fresh = [(int(i), int(k)) for i, k in zip(ids, labels) if int(i) not in settled and int(i) not in waiting]
+            held = [i for i, _ in fresh if limit is not None and sends.get(i, 0) >= limit]
+            send = [(i, k) for i, k in fresh if limit is None or sends.get(i, 0) < limit]
+            if held:
+                log.warning("round %d: %d label(s) are held back: each was in %d replies that did not reach the "
+                            "server's sums, the most head-dp-releases allows", server_round, len(held), limit)
+        for i, _ in send:
+            sends[i] = sends.get(i, 0) + 1
+        send_pool = not pool_state["settled"] and not pool_waiting
+        if send_pool:
+            pool_state["sends"] += 1
+        ledger[str(server_round)] = {"labels": [i for i, _ in send], "pool": send_pool}
+        pool.set_meta("dp-ledger", json.dumps(ledger))
+        pool.set_meta("dp-settled", json.dumps(sorted(settled)))
+        pool.set_meta("dp-sends", json.dumps({str(k): v for k, v in sorted(sends.items())}))
+        pool.set_meta("dp-pool", json.dumps(pool_state))
+        if noise.secure:  # only a reply inside the unmasked sum released anything
+            self.dp_releases = 1 if settled or pool_state["settled"] else 0
+        else:
+            self.dp_releases = max([pool_state["sends"], *sends.values()])
+        send_ids = np.array([i for i, _ in send], dtype=np.int64)
+        self.sent_ids = np.array(sorted(settled | waiting | set(send_ids.tolist())), dtype=np.int64)
+        X_sent = self.X_pool[self.learner.rows(send_ids)] if len(send_ids) else np.zeros((0,) + self.X_pool.shape[1:])
+        arrays = self.model.private_statistics(X_sent, np.array([k for _, k in send], dtype=np.int64),
+                                               self.X_pool if send_pool else None, centre=centre)
+        if not noise.secure:
+            arrays = noise.centred(centre).add_gaussian(arrays, secure_random())
+        self.dp_centre = centre
+        return arrays
+
+    def private_noise(self):
+        """The run's :class:`fedal.dp.StatisticsNoise` (the server computes the same)."""
+        from fedal.dp import run_noise
+
+        return run_noise(self.cfg, self.data.n_classes, self.model.dim)
 
     def _head_statistics(self, X: np.ndarray, y: np.ndarray) -> tuple[dict, float, int, int]:
         """Class statistics of the labeled samples and, self-training, of the pool samples the global
@@ -185,8 +294,10 @@ class ClientSite:
         return self.X_pool[self.learner.rows(sent_ids)], np.array([k for _, k in pairs], dtype=np.int64)
 
     def secure_codec(self) -> FixedPoint:
-        """The fixed-point encoding of this run's secure aggregation (the server's is the same)."""
-        return secure_codec(self.cfg, self.model)
+        """The fixed-point encoding of this run's secure aggregation (the server's is the same; in a private run it
+        adds this site's share of the noise, drawn from the operating system's entropy)."""
+        return secure_codec(self.cfg, self.model, noise_rng=secure_random() if self.cfg.head_private else None,
+                            centre=self.dp_centre)
 
     def _handover_update(self, X: np.ndarray, y: np.ndarray, instruction: TrainInstruction
                          ) -> tuple[dict, float, int, int]:

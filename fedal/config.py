@@ -80,8 +80,16 @@ class FederationConfig:
         Head pipeline: scale every feature vector to at most this L2 norm (0 = off); bounds one sample's share
         of the statistics, needed by head-dp-noise.
     head_dp_noise : float
-        Head pipeline: the server adds Gaussian noise of std head-dp-noise x sqrt(1 + C^2 + C^4) (C =
-        head-clip-norm) to every summed statistic before solving the heads (sample-level DP; 0 = none).
+        Head pipeline, private run (:mod:`fedal.dp`): the noise multiplier sigma that every site adds to the
+        statistics of its new labels before they leave it (its share of it under secure aggregation); 0 = none.
+        Give this or head-dp-epsilon.
+    head_dp_epsilon : float
+        Head pipeline, private run: the epsilon (at dp-delta) of each labeled sample over the whole run; the noise
+        multiplier is the smallest that keeps head-dp-releases releases of a sample within it (0 = not private).
+    head_dp_releases : int
+        Private run in the clear: the most replies one label may be in (1 + the times it is sent again because a
+        reply did not reach the sums); a label that would need more is held back. Under secure aggregation a reply
+        outside the sum was never unmasked: one release per sample, whatever this says.
     strategy : str
         Query strategy name (see ``fedal strategies``).
     strategy_options : str
@@ -262,6 +270,8 @@ class FederationConfig:
     head_shrinkage: float = -1.0
     head_clip_norm: float = 0.0
     head_dp_noise: float = 0.0
+    head_dp_epsilon: float = 0.0
+    head_dp_releases: int = 2
     strategy: str = "entropy"
     strategy_options: str = ""
     initial_strategy: str = DEFAULT_COLD_START
@@ -440,10 +450,17 @@ class FederationConfig:
         need(self.dp_mode in DP_MODES, f"dp-mode must be one of {DP_MODES}, got {self.dp_mode!r}")
         need(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), e.g. 1e-5 (below 1 / clients), got {self.dp_delta}")
         need(self.head_clip_norm >= 0, f"head-clip-norm must be >= 0 (0 = no clipping), got {self.head_clip_norm}")
-        need(self.head_dp_noise >= 0, f"head-dp-noise must be >= 0, got {self.head_dp_noise}")
-        need(self.head_dp_noise == 0 or (self.head_clip_norm > 0 and self.pipeline == "head"),
-             f"head-dp-noise {self.head_dp_noise} needs pipeline = head and head-clip-norm > 0 (the noise is scaled "
-             "by what one clipped sample can add); set e.g. --head-clip-norm 5")
+        need(self.head_dp_noise >= 0 and math.isfinite(self.head_dp_noise),
+             f"head-dp-noise must be a finite number >= 0, got {self.head_dp_noise}")
+        need(self.head_dp_epsilon >= 0 and math.isfinite(self.head_dp_epsilon), f"head-dp-epsilon must be a finite "
+             f"number >= 0 (0 = not private; leave it 0 for no noise), got {self.head_dp_epsilon}")
+        need(self.head_dp_noise == 0 or self.head_dp_epsilon == 0, f"give head-dp-epsilon ({self.head_dp_epsilon}) or "
+             f"head-dp-noise ({self.head_dp_noise}), not both: the noise follows from the epsilon")
+        need(self.head_dp_releases >= 1, f"head-dp-releases must be >= 1, got {self.head_dp_releases}")
+        need(not self.head_private or (self.head_clip_norm > 0 and self.pipeline == "head"),
+             f"a private run (head-dp-epsilon / head-dp-noise) needs pipeline = head and head-clip-norm > 0 (the "
+             f"noise is scaled by what one clipped sample can add), got pipeline = {self.pipeline!r}, head-clip-norm "
+             f"= {self.head_clip_norm}; set e.g. --set head-clip-norm=8")
         need(self.min_class_count >= -1, f"min-class-count must be >= 0 (-1 = the default: 2 without secure "
              f"aggregation), got {self.min_class_count}")
         need(0 < self.secure_threshold <= 1, f"secure-threshold must be in (0, 1] (the share of a site's neighbours "
@@ -478,8 +495,21 @@ class FederationConfig:
              "head-dp-noise works with secure aggregation)")
 
     @property
+    def head_private(self) -> bool:
+        """Whether the sites add differential privacy noise to the statistics they send (:mod:`fedal.dp`)."""
+        return self.head_dp_noise > 0 or self.head_dp_epsilon > 0
+
+    @property
+    def self_training(self) -> float:
+        """The pseudo-label threshold the head uses: 0 in a private run (the self-trained statistics of the pool
+        would be released again every round, outside the noise's guarantee)."""
+        return 0.0 if self.head_private else self.pseudo_label_threshold
+
+    @property
     def clear_min_count(self) -> int:
         """The fewest labels of a class whose statistics a site sends (and renews) in the clear (1 = any)."""
+        if self.head_private:  # the noise, not a minimum count, protects a small class
+            return 1
         if self.min_class_count >= 0:
             return max(self.min_class_count, 1)
         return 1 if self.secure_aggregation or self.pipeline == "network" else 2

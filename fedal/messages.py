@@ -14,9 +14,10 @@ from fedal.exceptions import ProtocolError
 
 #: the config key of each instruction field
 INSTRUCTION_KEYS = {"server_round": "server-round", "query_budget": "query-budget", "proximal_mu": "proximal-mu",
-                    "lr_factor": "lr-factor", "offline_budget": "offline-budget"}
+                    "lr_factor": "lr-factor", "offline_budget": "offline-budget", "dp_included": "dp-included",
+                    "dp_release": "dp-release"}
 #: keys a train message may leave out (their defaults apply)
-OPTIONAL_INSTRUCTION_KEYS = ("proximal_mu", "lr_factor", "offline_budget")
+OPTIONAL_INSTRUCTION_KEYS = ("proximal_mu", "lr_factor", "offline_budget", "dp_included", "dp_release")
 
 #: the reply metric of each field (kebab-case, as Flower metrics are named)
 REPORT_KEYS = {
@@ -37,6 +38,7 @@ REPORT_KEYS = {
     "label_entropy": "label-entropy",        # class balance of the site's labels, 0..1 (-1 = no label)
     "labels_reviewed": "labels-reviewed",    # second readings so far (verify-threshold; 0 = none)
     "offline_spent": "offline-spent",        # labels asked while the server was away, not reported before
+    "dp_releases": "dp-releases",            # private run: the most replies one of the site's samples was in (0 = none)
 }
 NOT_MEASURED = -1.0
 #: the largest count a report may hold (a site's pool is far smaller; a larger one is a lie or a bug)
@@ -62,6 +64,12 @@ class TrainInstruction:
     offline_budget : int
         Labels the site may ask for on its own if the server becomes unreachable after this round (the
         run's ``offline-budget``, granted in advance; 0 = none). It replaces any earlier grant.
+    dp_included : tuple of int, optional
+        Private run (:mod:`fedal.dp`): the rounds whose reply of this site the server added to its sums (on the
+        wire a string of comma-separated rounds); None when the server does not know this site yet.
+    dp_release : bool
+        Private run: whether this round's reply carries the site's new labels (the server releases them on a
+        schedule, :func:`fedal.dp.release_due`); the pool's statistics go in every reply until the sums hold them.
     """
 
     server_round: int
@@ -69,6 +77,8 @@ class TrainInstruction:
     proximal_mu: float = 0.0
     lr_factor: float = 1.0
     offline_budget: int = 0
+    dp_included: tuple[int, ...] | None = None
+    dp_release: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (("server_round", 1), ("query_budget", 0), ("offline_budget", 0)):
@@ -85,6 +95,21 @@ class TrainInstruction:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 <= f <= 1:
             raise ProtocolError(f"the instruction's lr-factor is {f!r}, not a number in [0, 1]")
         object.__setattr__(self, "lr_factor", float(f))
+        included = self.dp_included
+        if isinstance(included, str):
+            try:
+                included = tuple(int(r) for r in included.split(",") if r.strip())
+            except ValueError:
+                raise ProtocolError(f"the instruction's dp-included is {self.dp_included!r}, not rounds separated by "
+                                    "commas") from None
+        if included is not None:
+            included = tuple(included)
+            if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in included):
+                raise ProtocolError(f"the instruction's dp-included is {self.dp_included!r}, not rounds >= 1")
+        object.__setattr__(self, "dp_included", included)
+        if self.dp_release not in (True, False, 0, 1):
+            raise ProtocolError(f"the instruction's dp-release is {self.dp_release!r}, not 0 or 1")
+        object.__setattr__(self, "dp_release", bool(self.dp_release))
 
     @classmethod
     def from_config(cls, config: dict) -> "TrainInstruction":
@@ -97,7 +122,8 @@ class TrainInstruction:
                                 f"(keys: {sorted(config)}); the server and this client run different fedal versions")
         return cls(config[INSTRUCTION_KEYS["server_round"]], config[INSTRUCTION_KEYS["query_budget"]],
                    config.get(INSTRUCTION_KEYS["proximal_mu"], 0.0), config.get(INSTRUCTION_KEYS["lr_factor"], 1.0),
-                   config.get(INSTRUCTION_KEYS["offline_budget"], 0))
+                   config.get(INSTRUCTION_KEYS["offline_budget"], 0), config.get(INSTRUCTION_KEYS["dp_included"]),
+                   config.get(INSTRUCTION_KEYS["dp_release"], 1))
 
 
 @dataclass(frozen=True)
@@ -114,7 +140,8 @@ class TrainReport:
     (median wait for an answer), ``batch_diversity`` (this round's batch against a random one)
     and ``label_entropy`` (class balance of the site's labels), ``labels_reviewed`` (second
     readings of answers a confident model disagreed with, so far), and ``offline_spent`` (labels the
-    site asked for while the server was away and reports for the first time, against its offline budget). Means that could not be measured (no trained model yet, no label to train on) are
+    site asked for while the server was away and reports for the first time, against its offline budget), and in a
+    private run ``dp_releases`` (the most releases one of its samples has been in, :mod:`fedal.dp`). Means that could not be measured (no trained model yet, no label to train on) are
     ``-1`` on the wire and ``NaN`` here.
     """
 
@@ -135,6 +162,7 @@ class TrainReport:
     label_entropy: float = float("nan")
     labels_reviewed: int = 0
     offline_spent: int = 0
+    dp_releases: int = 0
 
     def problem(self) -> str | None:
         """Why this report cannot be a site's honest one on its own terms, or None: a count below 0 (``-1`` is

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -75,11 +75,19 @@ class FixedPoint:
         statistics are sent.
     clip_norm : float
         The L2 norm a site's change of the weights is clipped to (``secure-clip-norm``).
+    noise : StatisticsNoise, optional
+        A private run's noise (:mod:`fedal.dp`): its arrays are encoded on the noise's grid.
+    noise_rng : numpy.random.Generator, optional
+        On a site of a private run: where its Skellam share of the noise is drawn from (None on the server).
     """
 
     max_count: int
     feature_bound: float
     clip_norm: float
+    #: a private run's noise (:mod:`fedal.dp`): its arrays are encoded on the noise's grid (:meth:`key_step`)
+    noise: object = None
+    #: on a site of a private run: where its Skellam share of the noise is drawn from (None on the server)
+    noise_rng: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_count < 2 ** 31:
@@ -99,9 +107,20 @@ class FixedPoint:
         half a step per site, so at most ``sites x step / 2`` in a sum)."""
         return self.bound(kind) / 2.0 ** STEP_BITS
 
+    def key_step(self, key: str) -> float:
+        """The step of the array ``key``: its kind's (:meth:`step`), or in a private run the noise's grid for the
+        arrays the noise covers (the whole noise is 2^20 steps, so rounding is a millionth of it)."""
+        if self.noise is not None:
+            from fedal.dp import BLOCK_SHARE
+
+            if key in BLOCK_SHARE:
+                return self.noise.step(key)
+        return self.step(kind_of(key))
+
     # ------------------------------------------------------------------ device side
     def encode(self, arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], weight: int,
-               on_clip: Callable[[float], None] | None = None) -> list[np.ndarray]:
+               on_clip: Callable[[float], None] | None = None,
+               noise_out: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """The :data:`LIMBS` limb vectors, highest first (float64 holding integers), of a site's reply ``arrays``.
 
         Parameters
@@ -115,6 +134,9 @@ class FixedPoint:
         on_clip : callable, optional
             Called with the change's L2 norm when ``clip_norm`` clips it (the sum is then not FedAvg's mean of the
             site's own weights).
+        noise_out : dict, optional
+            Private run: filled with this site's noise share per array, in real units (what a curious site knows
+            of its own noise; the attack tests use it).
         """
         if not 0 <= weight <= self.max_count:
             raise ValueError(f"this site's {weight} labeled samples exceed secure-max-count {self.max_count}: the "
@@ -133,7 +155,12 @@ class FixedPoint:
             kind = kind_of(key)
             value = changes[key] * (scale * weight) if kind == CHANGE else np.asarray(arrays[key], np.float64)
             flat = _upper(value) if kind == SCATTER else value.ravel()
-            fixed = np.rint(flat / self.step(kind))
+            fixed = np.rint(flat / self.key_step(key))
+            if self.noise_rng is not None and self.noise is not None and key_is_noised(key):
+                share = self.noise.skellam_share(fixed.size, self.noise_rng)  # this site's share, before masking
+                fixed = fixed + share
+                if noise_out is not None:
+                    noise_out[key] = share * self.key_step(key)
             if fixed.size and np.max(np.abs(fixed)) > 2.0 ** STEP_BITS:
                 raise ValueError(f"array {key!r} of this site's update exceeds the secure aggregation range "
                                  f"(|value| <= {self.bound(kind):g}): raise secure-max-count, or clip the features "
@@ -179,7 +206,7 @@ class FixedPoint:
         out, offset = OrderedDict(), 0
         for key in sorted(reference):
             kind, ref = kind_of(key), np.asarray(reference[key])
-            part = value[offset: offset + sizes[key]] * self.step(kind)
+            part = value[offset: offset + sizes[key]] * self.key_step(key)
             offset += sizes[key]
             if kind == SCATTER:
                 out[key] = _symmetric(part, ref.shape[0])
@@ -189,6 +216,13 @@ class FixedPoint:
             else:
                 out[key] = part.reshape(ref.shape)
         return OrderedDict((k, out[k]) for k in reference)
+
+
+def key_is_noised(key: str) -> bool:
+    """Whether a private run's noise covers the array ``key`` (:data:`fedal.dp.BLOCK_SHARE`)."""
+    from fedal.dp import BLOCK_SHARE
+
+    return key in BLOCK_SHARE
 
 
 def _changes(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedal.budget import BudgetCoordinator
 from fedal.config import FederationConfig
+from fedal.dp import released_entries, run_noise
 from fedal.exceptions import ConfigError, FedalError
 from fedal.features import featurizer_for, model_inputs
 from fedal.federation import federation_dataset
@@ -28,7 +29,7 @@ from fedal.models.handover_adapter import serving_of
 from fedal.seeds import reinit_seed
 from server.book import RoundBook
 from server.handover import HEAD_ACC, NET_ACC, handover_due, serve_network
-from server.privacy import PrivacySettings
+from server.privacy import PrivacySettings, statistics_report
 from server.results import RunRecorder
 from server.strategy import make_strategy
 
@@ -162,12 +163,22 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                      PrivacySettings.from_config(cfg), offline_budget=cfg.offline_budget,
                      rounds=cfg.rounds, initial_labels=cfg.initial_labels)
     strategy = make_strategy(cfg, book, model, is_query_round=lambda r: cfg.is_query_round(r) and book.stopped is None)
+    private_noise = run_noise(cfg, model.n_classes, model.dim) if cfg.head_private else None
+    if private_noise is not None:
+        planned = statistics_report(cfg, private_noise, released_entries(model.n_classes, model.dim), 0)
+        log.warning("private run: every site adds noise of multiplier %.3f to what it sends (%s); each labeled sample "
+                    "is in at most %d releases: epsilon %.3f at delta %g planned for the whole run", planned["noise_multiplier"],
+                    "its share of it, under secure aggregation" if private_noise.secure else "all of it, in the clear",
+                    planned["releases_planned"], planned["epsilon_planned"], cfg.dp_delta)
     secure = None
     if cfg.secure_aggregation:
         from fedal.models import secure_codec
         from server.secure import SecureTraining
 
-        secure = SecureTraining(strategy, secure_codec(cfg, model), cfg.secure_threshold, timeout=cfg.round_timeout,
+        heads = strategy.inner if cfg.head_private else None
+        codec = ((lambda: secure_codec(cfg, model, centre=heads.centre())) if heads is not None
+                 else secure_codec(cfg, model))
+        secure = SecureTraining(strategy, codec, cfg.secure_threshold, timeout=cfg.round_timeout,
                                 listener=lambda *stage: [listener(*stage) for listener in SECURE_LISTENERS])
     criteria = cfg.stopping_criteria()
     recorder = RunRecorder(cfg.output_dir, cfg.to_run_config())
@@ -270,6 +281,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                 row.update(serving=served, head_accuracy=each["head"][1], network_accuracy=each["network"][1])
             row["kpi"] = round_kpis(recorder.rounds[0] if recorder.rounds else row, row)
             privacy = book.privacy_report()
+            if private_noise is not None:
+                privacy = statistics_report(cfg, private_noise, released_entries(model.n_classes, model.dim),
+                                            book.dp_releases_made)
             if privacy is not None:
                 row["privacy"] = privacy
             if query and criteria and (fired := check_stopping(cfg, book, criteria, row, server_round)):

@@ -106,6 +106,8 @@ class RoundBook:
         self.initial_labels = initial_labels
         #: client -> labels it was granted so far: the initial set, every round's budget, every offline grant
         self.granted: dict[int, int] = {}
+        #: private run: the most replies any site said one of its samples was in (fedal.dp)
+        self.dp_releases_made = 0
 
     # ------------------------------------------------------------- identities
     def client_of(self, node: int) -> int | None:
@@ -209,6 +211,7 @@ class RoundBook:
             self.reject(server_round, node, reason, answered=True)
             return reason
         rlog.reports[client] = report
+        self.dp_releases_made = max(self.dp_releases_made, int(report.dp_releases))
         self.labeled[client] = report.num_examples
         self.coordinator.report(client, report.unlabeled_left, report.mean_uncertainty)
         if client in rlog.assigned:
@@ -289,7 +292,8 @@ class RoundBook:
                                 "labels_reviewed": r.labels_reviewed,
                                 "offline_budget": int(rlog.offline_granted.get(client, 0)),
                                 "offline_spent": r.offline_spent,
-                                "offline_deducted": self._deducted(server_round, client)}
+                                "offline_deducted": self._deducted(server_round, client),
+                                "dp_releases": r.dp_releases}
         return out
 
     def _deducted(self, server_round: int, client: int) -> int:
@@ -311,7 +315,8 @@ class RoundBook:
                 "privacy": None if self.accountant is None else self.accountant.state_dict(),
                 "history": [asdict(h) for h in self.history], "stopped": self.stopped,
                 "offline_unreported": [{"client": c, "labels": n} for c, n in sorted(self.offline_unreported.items())],
-                "granted": [{"client": c, "labels": n} for c, n in sorted(self.granted.items())]}
+                "granted": [{"client": c, "labels": n} for c, n in sorted(self.granted.items())],
+                "dp_releases_made": self.dp_releases_made}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` (node identities are not kept: node ids change between runs)."""
@@ -325,6 +330,7 @@ class RoundBook:
             self.granted = {int(r["client"]): int(r["labels"]) for r in state["granted"]}
         else:  # a checkpoint of an older fedal: what each client was granted is unknown, so it is not checked
             self.initial_labels = None
+        self.dp_releases_made = int(state.get("dp_releases_made", 0))
         if self.accountant is not None:
             self.accountant.load_state_dict(state.get("privacy"))
 

@@ -149,36 +149,25 @@ class PrivacySettings:
     def from_config(cls, cfg) -> "PrivacySettings | None":
         """The settings of the run ``cfg``; None when differential privacy is off.
 
-        ``mode`` ``server`` / ``client``: client-level DP of the network updates (``dp-*``);
-        ``statistics``: sample-level DP of the head pipeline's summed statistics (``head-dp-noise``).
+        ``mode`` ``server`` / ``client``: client-level DP of the network updates (``dp-*``). The head pipeline's
+        private run (``head-dp-epsilon``) adds its noise on the sites: :mod:`fedal.dp`, :func:`statistics_report`.
         """
         sampled = max(int(cfg.clients * cfg.fraction_train), cfg.min_clients)  # as Flower's FedAvg samples
-        if cfg.pipeline == "head" and cfg.head_dp_noise > 0:
-            return cls("statistics", cfg.head_clip_norm, cfg.head_dp_noise, sampled, cfg.clients, cfg.dp_delta, "sum")
         if cfg.dp_clipping_norm <= 0:
             return None
         return cls(cfg.dp_mode, cfg.dp_clipping_norm, cfg.dp_noise_multiplier, sampled, cfg.clients, cfg.dp_delta,
                    cfg.aggregation)
 
     def accounted(self) -> bool:
-        """Whether an epsilon holds: noise is added and the aggregate is a noisy mean (or sum of statistics)."""
-        return self.noise_multiplier > 0 and (self.aggregation in ACCOUNTABLE or self.mode == "statistics")
-
-    def statistics_sensitivity(self) -> float:
-        """L2 change of the summed statistics (count, sums, scatter) when one sample of norm <= C joins:
-        ``sqrt(1 + C^2 + C^4)``."""
-        c = self.clipping_norm
-        return math.sqrt(1.0 + c * c + c ** 4)
+        """Whether an epsilon holds: noise is added and the aggregate is a noisy mean."""
+        return self.noise_multiplier > 0 and self.aggregation in ACCOUNTABLE
 
     def release(self, aggregated: int) -> GaussianPrivacyEvent:
         """The privacy event of a round that aggregated ``aggregated`` of the sampled clients' replies.
 
         Network updates: the noise is calibrated for the sampled clients (std ``sigma C / n``), the
         mean of ``m`` updates has sensitivity ``C / m``: the effective multiplier is ``sigma m / n``.
-        Statistics: the noise is ``sigma`` times the sensitivity of one sample, whoever holds it.
         """
-        if self.mode == "statistics":
-            return GaussianPrivacyEvent(self.noise_multiplier, max(aggregated, 1), max(self.population, aggregated, 1))
         return GaussianPrivacyEvent(self.noise_multiplier * aggregated / self.sampled_clients, aggregated,
                                     max(self.population, aggregated))
 
@@ -189,10 +178,6 @@ class PrivacySettings:
                   "epsilon": None, "note": ""}
         if self.noise_multiplier <= 0:
             report["note"] = "clipping only, no noise: no differential privacy guarantee"
-        elif self.mode == "statistics":
-            report["epsilon"] = accountant.get_epsilon(self.delta)
-            report["note"] = ("sample-level (epsilon, delta)-DP of the released heads (one labeled or pool sample "
-                              "of any site), Renyi DP accounting")
         elif self.aggregation not in ACCOUNTABLE:
             report["note"] = (f"aggregation {self.aggregation!r} is not a noisy mean of the clipped updates; "
                               f"epsilon is computed for {', '.join(ACCOUNTABLE)} only")
@@ -200,3 +185,21 @@ class PrivacySettings:
             report["epsilon"] = accountant.get_epsilon(self.delta)
             report["note"] = "client-level (epsilon, delta)-DP of the released models, Renyi DP accounting"
         return report
+
+
+def statistics_report(cfg, noise, entries: dict[str, int], releases_made: int) -> dict:
+    """A private head run's privacy (:mod:`fedal.dp`): the noise, the epsilon planned for each labeled sample (its
+    :func:`fedal.dp.planned_releases` releases of its label and of its pool) and the epsilon spent so far (the most replies any site
+    says one of its samples was in, ``releases_made``), both at ``dp-delta``, per labeled sample, whole run."""
+    from fedal.dp import ACCOUNTING_METHOD, planned_releases, sample_epsilon
+
+    made, planned = max(int(releases_made), 0), planned_releases(cfg)
+    return {"mode": "statistics-on-sites", "secure": noise.secure, "noise_multiplier": noise.noise_multiplier,
+            "clipping_norm": noise.clip_norm, "fewest_sites_in_a_sum": noise.fewest_sites if noise.secure else 1,
+            "delta": cfg.dp_delta, "releases_planned": planned, "releases_made": made,
+            "epsilon_planned": sample_epsilon(noise, planned, cfg.dp_delta, entries, pool_releases=planned),
+            "epsilon": sample_epsilon(noise, made, cfg.dp_delta, entries, pool_releases=min(made, planned)),
+            "accounting": ACCOUNTING_METHOD,
+            "note": ("sample-level (epsilon, delta)-DP of everything the sites' statistics release over the run (one "
+                     "labeled or pool sample of any site, add or remove), against the server and against a site that "
+                     "knows its own noise; the noise is added on the sites")}

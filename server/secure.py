@@ -177,8 +177,9 @@ class SecureTraining:
     ----------
     strategy : BudgetedStrategy
         The run's strategy: it picks the nodes, gives their budgets and aggregates the decoded sum.
-    codec : FixedPoint
-        The run's fixed-point encoding (the sites use the same).
+    codec : FixedPoint or callable
+        The run's fixed-point encoding (the sites use the same), or what gives it for the round about to start (a
+        private run's grid follows the labels' centre).
     threshold : float
         ``secure-threshold``: the share of a site's neighbours whose shares rebuild its masks.
     timeout : float, optional
@@ -205,8 +206,9 @@ class SecureTraining:
     def __call__(self, grid: Grid, server_round: int, arrays: ArrayRecord):
         """Run the round's training under the protocol; return what ``aggregate_train`` would (arrays, metrics)."""
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        codec = self.codec() if callable(self.codec) else self.codec  # a private run's grid follows its centre
         nodes = [m.metadata.dst_node_id for m in messages]
-        size = self.codec.encoded_size(self.reference(arrays))
+        size = codec.encoded_size(self.reference(arrays))
         stage_grid = _StageGrid(grid, {m.metadata.dst_node_id: m.content for m in messages}, self.listener,
                                 masked_shapes=[(1,), *[(size,)] * LIMBS])
         plan = _RoundPlan(grid, nodes)
@@ -226,7 +228,7 @@ class SecureTraining:
         if plan.mean is not None and len(reports) == len(plan.summed):
             sums = [np.rint(m * len(plan.summed)) for m in plan.mean]  # the workflow divides by the sites summed
             reference = self.reference(arrays)
-            aggregate = lambda total_weight: self.codec.decode(sums, reference, total_weight)  # noqa: E731
+            aggregate = lambda total_weight: codec.decode(sums, reference, total_weight)  # noqa: E731
         else:  # the protocol stopped (fewer sites than the threshold remained): the reports count, no sum
             reports = dict(stage_grid.reports)
         failed = {n: r for n, r in stage_grid.failed.items() if n not in reports}

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedal.config import FederationConfig
+from fedal.dp import run_noise
 from fedal.flower import protocol
 from fedal.models import HandoverClassifier, HeadClassifier
 from server import handover
@@ -167,6 +168,16 @@ class BudgetedStrategy(Strategy):
         if self.buffers:  # the clients get the whole model, statistics included
             for m in out:
                 m.content[protocol.ARRAYS] = arrays
+        heads = self._heads()
+        if heads is not None and heads.noise is not None:  # each site learns which of its replies the sums hold
+            labels = sum(self.book.labeled.values()) + sum(budgets.values())
+            last = self.book.rounds_in_run is not None and server_round >= self.book.rounds_in_run
+            release = heads.plan_release(server_round, labels, last)
+            for m in out:
+                m.content[protocol.CONFIG][protocol.DP_RELEASE] = int(release)
+                client = self.book.client_of(m.metadata.dst_node_id)
+                if client is not None:
+                    m.content[protocol.CONFIG][protocol.DP_INCLUDED] = heads.included_for(client)
         return out
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
@@ -247,13 +258,14 @@ class BudgetedStrategy(Strategy):
             protocol.ARRAYS: protocol.model_record({k: v for k, v in total.items() if k not in self.buffers}),
             protocol.METRICS: MetricRecord({protocol.WEIGHT_KEY: weight})}),
             dst_node_id=0, message_type=MessageType.TRAIN)
-        return self._aggregate(server_round, [summed], statistics, contributors=len(used)), \
-            self.train_metrics(server_round)
+        return self._aggregate(server_round, [summed], statistics, contributors=len(used),
+                               clients=[r.client_id for r in used]), self.train_metrics(server_round)
 
-    def _aggregate(self, server_round: int, good: list[Message], statistics: dict, contributors: int | None = None):
+    def _aggregate(self, server_round: int, good: list[Message], statistics: dict, contributors: int | None = None,
+                   clients: list[int] | None = None):
         """The inner strategy's aggregate of the replies ``good`` (the buffers' ``statistics`` put back)."""
         if contributors is not None and isinstance(self.inner, StatisticsAggregation):
-            arrays, _ = self.inner.aggregate_train(server_round, good, contributors=contributors)
+            arrays, _ = self.inner.aggregate_train(server_round, good, contributors=contributors, clients=clients)
         else:
             arrays, _ = self.inner.aggregate_train(server_round, good)
         if arrays is not None and statistics:
@@ -421,6 +433,8 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
     eval_metrics = protocol.EVAL_METRICS
     if isinstance(model, HandoverClassifier):  # (no DP: the settings refuse it)
         reference, buffers, eval_metrics = model.update_shapes(), model.buffer_keys(), handover.EVAL_METRICS
+    elif isinstance(model, HeadClassifier) and cfg.head_private:
+        reference = HeadClassifier.private_statistics_shapes(model.n_classes, model.dim)
     elif isinstance(model, HeadClassifier):
         reference = HeadClassifier.statistics_shapes(model.n_classes, model.dim)
     else:
@@ -431,7 +445,7 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
     if isinstance(model, HandoverClassifier):
         inner = HandoverAggregation(inner, model)
     elif isinstance(model, HeadClassifier):
-        inner = StatisticsAggregation(inner, model, book.privacy, book.accountant, seed=cfg.seed)
+        inner = StatisticsAggregation(inner, model, run_noise(cfg, model.n_classes, model.dim))
     elif book.privacy is not None:
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))
@@ -439,4 +453,5 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
     return BudgetedStrategy(inner, book, reference, is_query_round or cfg.is_query_round, buffers=buffers,
                             lr_factor=schedule, eval_metrics=eval_metrics, min_replies=cfg.min_clients,
                             min_reply_fraction=cfg.min_reply_fraction,
-                            full_rounds_only=cfg.secure_aggregation and cfg.pipeline in ("head", "handover"))
+                            full_rounds_only=(cfg.secure_aggregation and cfg.pipeline in ("head", "handover")
+                                              and not cfg.head_private))  # a private run's increments wait for no one

@@ -25,6 +25,8 @@ BAD_VALUES = {
     "head_shrinkage": 2.0,
     "head_clip_norm": -1.0,
     "head_dp_noise": 1.0,
+    "head_dp_epsilon": -1.0,
+    "head_dp_releases": 0,
     "strategy": "nope",
     "strategy_options": "no_such_option=3",
     "initial_strategy": "entropy",
@@ -90,7 +92,8 @@ BAD_VALUES = {
 # second bad values for settings with two bounds
 MORE_BAD_VALUES = [("total_budget", 49), ("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
                    ("unsure_rate", -0.1), ("verify_threshold", -0.1),
-                   ("momentum", -0.5), ("min_reply_fraction", -0.1), ("min_reply_fraction", float("nan"))]
+                   ("momentum", -0.5), ("min_reply_fraction", -0.1), ("min_reply_fraction", float("nan")),
+                   ("head_dp_epsilon", 3.0), ("head_dp_epsilon", float("inf"))]
 # settings any value of their type is fine for (checked where they are used: data loading)
 FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite", "secure_aggregation"}
 

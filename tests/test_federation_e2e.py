@@ -36,7 +36,7 @@ def test_results_json_has_config_and_one_row_per_round(run):
         for entry in row["clients"].values():
             counts = {"budget", "queried", "labeled", "labels_added", "pending", "unlabeled", "auto_labeled",
                       "requests_made", "requests_answered", "labels_reviewed", "offline_budget", "offline_spent",
-                      "offline_deducted"}
+                      "offline_deducted", "dp_releases"}
             assert set(entry) == counts | {"mean_uncertainty", "train_loss", "auto_correct", "answer_seconds",
                                            "batch_diversity", "label_entropy"}
             assert all(isinstance(entry[k], int) for k in counts)

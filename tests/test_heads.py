@@ -205,28 +205,3 @@ def test_clipping_bounds_every_feature_vector_the_head_sees():
     labeled, _, _ = model.statistics(X, y)
     assert np.all(np.linalg.norm(model._features(X), axis=1) <= 2.0 + 1e-9)
     assert np.trace(labeled.scatter) <= len(y) * 4.0 + 1e-6  # sum of squared norms, each <= C^2
-
-
-def test_noise_on_the_summed_statistics_has_the_calibrated_scale_and_is_accounted():
-    from fedal.config import FederationConfig
-    from server.head import StatisticsAggregation
-    from server.privacy import GaussianAccountant, PrivacySettings, privacy_config
-
-    cfg = FederationConfig(clients=5, head_clip_norm=3.0, head_dp_noise=2.0)
-    settings = PrivacySettings.from_config(cfg)
-    assert settings.mode == "statistics" and settings.accounted()
-    accountant = GaussianAccountant(privacy_config(cfg.dp_delta, cfg.clients))
-    agg = StatisticsAggregation(None, HeadClassifier(4, 30), settings, accountant, seed=0)
-    zero = ClassStatistics.empty(4, 30)
-    noisy = agg.noisy(zero)
-    expected = 2.0 * np.sqrt(1 + 9 + 81)
-    assert np.std(np.concatenate([noisy.sums.ravel(), noisy.scatter[np.triu_indices(30)]])) == pytest.approx(
-        expected, rel=0.1)
-    np.testing.assert_array_equal(noisy.scatter, noisy.scatter.T)
-    assert np.all(noisy.counts >= 0)
-    accountant.compose(settings.release(5))
-    report = settings.report(accountant)
-    assert report["releases"] == 1 and report["epsilon"] == pytest.approx(accountant.get_epsilon(cfg.dp_delta))
-    assert "sample-level" in report["note"]
-    with pytest.raises(ConfigError, match="head-clip-norm > 0"):
-        FederationConfig(head_dp_noise=1.0)

@@ -57,7 +57,8 @@ def test_captured_replies_are_what_the_server_recorded():
                "train-loss": "train_loss", "auto-labeled": "auto_labeled", "auto-labeled-correct": "auto_correct",
                "requests-made": "requests_made", "requests-answered": "requests_answered",
                "answer-seconds": "answer_seconds", "batch-diversity": "batch_diversity", "label-entropy": "label_entropy",
-               "labels-reviewed": "labels_reviewed", "offline-spent": "offline_spent"}
+               "labels-reviewed": "labels_reviewed", "offline-spent": "offline_spent",
+               "dp-releases": "dp_releases"}
     assert sorted(kept_as) == sorted(protocol.TRAIN_METRICS)
 
     def sent(entry):

@@ -65,8 +65,9 @@ GLOBAL_STATS = "global-stats"
 WEIGHT_KEY = "num-examples"  # Flower strategies weight updates by this metric
 
 # server -> client (the fields of fedal.messages.TrainInstruction)
-SERVER_ROUND, QUERY_BUDGET, PROXIMAL_MU, LR_FACTOR, OFFLINE_BUDGET = (
-    INSTRUCTION_KEYS[k] for k in ("server_round", "query_budget", "proximal_mu", "lr_factor", "offline_budget"))
+SERVER_ROUND, QUERY_BUDGET, PROXIMAL_MU, LR_FACTOR, OFFLINE_BUDGET, DP_INCLUDED, DP_RELEASE = (
+    INSTRUCTION_KEYS[k] for k in ("server_round", "query_budget", "proximal_mu", "lr_factor", "offline_budget",
+                                  "dp_included", "dp_release"))
 # client-side DP: the norm each client clips its update to (Flower's own key, set by fedal's DP wrapper)
 DP_CLIPPING_NORM = KEY_CLIPPING_NORM
 #: the query a node answers with its client id (message type ``query.client_id``)

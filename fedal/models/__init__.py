@@ -107,7 +107,7 @@ def model_for(cfg, input_shape: tuple[int, ...], n_classes: int, *, seed: int,
 
 def _head(cfg, dim: int, n_classes: int, seed: int, raw_shape) -> HeadClassifier:
     return HeadClassifier(n_classes, dim, shrinkage=None if cfg.head_shrinkage < 0 else cfg.head_shrinkage,
-                          pseudo_label_threshold=cfg.pseudo_label_threshold, seed=seed,
+                          pseudo_label_threshold=cfg.self_training, seed=seed,
                           clip_norm=statistics_clip_norm(cfg, raw_shape))
 
 
@@ -166,10 +166,14 @@ def augmentation_for(augment: str, dataset: str, input_shape: tuple[int, ...]) -
     return "shift-flip" if Path(str(dataset)).stem.lower() in FLIP_INVARIANT else "shift"
 
 
-def secure_codec(cfg, model):
+def secure_codec(cfg, model, noise_rng=None, centre=None):
     """The fixed-point encoding of secure aggregation for ``model`` (:class:`fedal.secure.FixedPoint`): the same on
     every site and on the server, from the run's settings ``cfg`` (``secure-max-count``, ``secure-clip-norm``) and
-    the head's clip norm."""
+    the head's clip norm; in a private run on the noise's grid (the labels' scaled to ``centre``'s clip), and on a site
+    with ``noise_rng`` adding its share."""
+    from fedal.dp import run_noise
     from fedal.secure import FixedPoint
 
-    return FixedPoint(max_count=cfg.secure_max_count, feature_bound=feature_bound(model), clip_norm=cfg.secure_clip_norm)
+    noise = run_noise(cfg, model.n_classes, model.dim).centred(centre) if cfg.head_private else None
+    return FixedPoint(max_count=cfg.secure_max_count, feature_bound=feature_bound(model), clip_norm=cfg.secure_clip_norm,
+                      noise=noise, noise_rng=noise_rng)

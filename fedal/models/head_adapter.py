@@ -32,6 +32,8 @@ from fedal.heads import ClassStatistics, LDAHead, log_loss, pseudo_labels
 #: names of the two heads in the state, and of the two statistics a site sends
 HEAD, LABELED_HEAD = "head", "labeled-head"
 LABELED_STATS, PSEUDO_STATS = "stats", "pseudo"
+#: the pool's statistics in a private run's reply (:mod:`fedal.dp`)
+POOL_STATS = "pool"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,36 @@ class HeadClassifier:
         self.labeled_head = LDAHead.from_statistics(labeled, self.shrinkage)
         has_pseudo = pseudo is not None and pseudo.total > 0
         self.head = LDAHead.from_statistics(labeled + pseudo, self.shrinkage) if has_pseudo else self.labeled_head
+
+    def fit_private(self, labeled: ClassStatistics, pool: ClassStatistics, noise: dict[str, float],
+                    centre: np.ndarray) -> None:
+        """Set the head from a private run's noisy sums (``labeled``: the labels' counts and sums, centred on
+        ``centre``; ``pool``: the pools'; ``noise``: the variance of each array's entries)
+        (:meth:`fedal.heads.LDAHead.from_private`); no self-training."""
+        self.labeled_head = self.head = LDAHead.from_private(labeled, pool, noise, self.shrinkage, centre=centre)
+
+    def private_statistics(self, X: np.ndarray, y: np.ndarray, pool: np.ndarray | None,
+                           centre=None) -> dict[str, np.ndarray]:
+        """A private reply's arrays, before noise: the counts and sums of the labeled features ``X`` (labels ``y``),
+        centred and clipped by ``centre`` (:class:`fedal.dp.Centre`; labels are sent only once there is one), and the
+        count, sum and scatter of the ``pool`` rows (None: none sent), clipped (:mod:`fedal.dp`)."""
+        X = self._features(X) if len(X) else np.zeros((0, self.dim))
+        if len(X):
+            if centre is None:
+                raise ConfigError("a private reply's labels are centred on the pools' mean: none is known yet")
+            X = centre.apply(X)
+        stats = ClassStatistics.from_samples(X, y, self.n_classes)
+        rows = self._features(pool) if pool is not None and len(pool) else np.zeros((0, self.dim))
+        whole = ClassStatistics.from_samples(rows, np.zeros(len(rows), np.int64), 1)
+        return {**{f"{LABELED_STATS}.{k}": v for k, v in (("counts", stats.counts), ("sums", stats.sums))},
+                **whole.to_arrays(POOL_STATS)}
+
+    @staticmethod
+    def private_statistics_shapes(n_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of a private reply's arrays (:meth:`private_statistics`) for ``n_classes`` classes of ``dim``
+        features."""
+        return {f"{LABELED_STATS}.counts": (n_classes,), f"{LABELED_STATS}.sums": (n_classes, dim),
+                **ClassStatistics.shapes(1, dim, POOL_STATS)}
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, unlabeled: np.ndarray | None = None, **_ignored) -> float:
         """Train on features ``X`` and labels ``y`` (and, self-training, the ``unlabeled`` rows the new
