@@ -86,6 +86,10 @@ class FederationConfig:
     head_dp_epsilon : float
         Head pipeline, private run: the epsilon (at dp-delta) of each labeled sample over the whole run; the noise
         multiplier is the smallest that keeps head-dp-releases releases of a sample within it (0 = not private).
+    head_dp_release_growth : float
+        Private run: the labels are released when the federation holds this many times the labels of the last
+        release (and in the last round); larger = fewer releases, less noise in the final sums, a staler head
+        during the run (> 1).
     head_dp_releases : int
         Private run in the clear: the most replies one label may be in (1 + the times it is sent again because a
         reply did not reach the sums); a label that would need more is held back. Under secure aggregation a reply
@@ -272,6 +276,7 @@ class FederationConfig:
     head_dp_noise: float = 0.0
     head_dp_epsilon: float = 0.0
     head_dp_releases: int = 2
+    head_dp_release_growth: float = 1.5
     strategy: str = "entropy"
     strategy_options: str = ""
     initial_strategy: str = DEFAULT_COLD_START
@@ -457,6 +462,9 @@ class FederationConfig:
         need(self.head_dp_noise == 0 or self.head_dp_epsilon == 0, f"give head-dp-epsilon ({self.head_dp_epsilon}) or "
              f"head-dp-noise ({self.head_dp_noise}), not both: the noise follows from the epsilon")
         need(self.head_dp_releases >= 1, f"head-dp-releases must be >= 1, got {self.head_dp_releases}")
+        need(self.head_dp_release_growth > 1 and math.isfinite(self.head_dp_release_growth),
+             f"head-dp-release-growth must be a finite number > 1 (e.g. 1.5: release when the labels have grown "
+             f"half again), got {self.head_dp_release_growth}")
         need(not self.head_private or (self.head_clip_norm > 0 and self.pipeline == "head"),
              f"a private run (head-dp-epsilon / head-dp-noise) needs pipeline = head and head-clip-norm > 0 (the "
              f"noise is scaled by what one clipped sample can add), got pipeline = {self.pipeline!r}, head-clip-norm "

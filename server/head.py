@@ -55,9 +55,12 @@ class StatisticsAggregation(Strategy):
         Solves the heads from the summed statistics (its shrinkage, classes and features).
     noise : StatisticsNoise, optional
         A private run's noise: the replies are noisy increments, added up (see the module docstring).
+    release_growth : float
+        A private run releases the labels when they have grown this many times (:func:`fedal.dp.release_due`).
     """
 
-    def __init__(self, inner: Strategy, model: HeadClassifier, noise: StatisticsNoise | None = None) -> None:
+    def __init__(self, inner: Strategy, model: HeadClassifier, noise: StatisticsNoise | None = None,
+                 release_growth: float = 1.5) -> None:
         super().__init__()
         self.inner = inner
         self.model = model
@@ -73,6 +76,7 @@ class StatisticsAggregation(Strategy):
         self.release_rounds: dict[int, Centre] = {}
         self.pool_included: set[int] = set()
         self.last_released = 0
+        self.release_growth = float(release_growth)
         #: the summed (noisy, with DP) statistics the current heads were solved from; sent with the next round
         self.global_stats: ArrayRecord | None = None
         #: client -> the (labeled, self-trained) statistics of its last usable reply, in the clear: a site that
@@ -193,7 +197,7 @@ class StatisticsAggregation(Strategy):
         """Whether ``server_round`` releases the sites' labels (:func:`fedal.dp.release_due`; ``labels``: what the
         sites will hold after its queries); decided before its messages are sent, and kept."""
         centre = self.centre()
-        if centre is None or not release_due(labels, self.last_released, last_round):
+        if centre is None or not release_due(labels, self.last_released, last_round, self.release_growth):
             self.release_rounds.pop(int(server_round), None)
             return False
         self.release_rounds[int(server_round)] = centre

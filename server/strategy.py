@@ -445,7 +445,8 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
     if isinstance(model, HandoverClassifier):
         inner = HandoverAggregation(inner, model)
     elif isinstance(model, HeadClassifier):
-        inner = StatisticsAggregation(inner, model, run_noise(cfg, model.n_classes, model.dim))
+        inner = StatisticsAggregation(inner, model, run_noise(cfg, model.n_classes, model.dim),
+                                      release_growth=cfg.head_dp_release_growth)
     elif book.privacy is not None:
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))

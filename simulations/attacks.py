@@ -140,7 +140,8 @@ def _observe(settings: dict, rounds: int, drop: dict[int, Iterable[int]] | None,
     first = ClientSite(cfg, nodes[0], datas[0])
     model = model_for(cfg, first.X_pool.shape[1:], first.data.n_classes, seed=cfg.seed, raw_shape=first.data.input_shape)
     first.close()
-    server = StatisticsAggregation(FedAvg(), model, run_noise(cfg, model.n_classes, model.dim))
+    server = StatisticsAggregation(FedAvg(), model, run_noise(cfg, model.n_classes, model.dim),
+                                   release_growth=cfg.head_dp_release_growth)
     obs = Observed(cfg, cfg.head_clip_norm or float("inf"))
     budget = cfg.round_budget // cfg.clients
     test = None

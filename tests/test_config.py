@@ -27,6 +27,7 @@ BAD_VALUES = {
     "head_dp_noise": 1.0,
     "head_dp_epsilon": -1.0,
     "head_dp_releases": 0,
+    "head_dp_release_growth": 1.0,
     "strategy": "nope",
     "strategy_options": "no_such_option=3",
     "initial_strategy": "entropy",

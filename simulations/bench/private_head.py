@@ -74,8 +74,9 @@ def main(argv=None) -> int:
 
 def table(record: dict, at: list[int]) -> str:
     """The accuracy at the rounds ``at`` (mean +- spread over the seeds) and seconds per round of each setting."""
-    first = record["rows"][0]["runs"][0]["labels"]
-    head = " | ".join(f"{first[str(r)]} labels" for r in at)
+    first = record["rows"][0]["runs"]
+    head = " | ".join(f"round {r} ({min(run['labels'][str(r)] for run in first)}-"
+                      f"{max(run['labels'][str(r)] for run in first)} labels)" for r in at)
     lines = [f"Private head pipeline, BloodMNIST alpha=0.1, 10 sites, secure aggregation, random queries, "
              f"seeds {record['seeds']} (`{record['command']}`)", "",
              f"| setting | {head} | s / round |", "|---|" + "---:|" * (len(at) + 1)]
