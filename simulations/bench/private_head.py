@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.bench.common import ROOT, SHARED_DATA_DIR, command_line, machine_info, save_result
+from simulations.bench.common import ROOT, SHARED_DATA_DIR, command_line, machine_info, portable, save_result
 
 BASE = {"dataset": "bloodmnist", "data-dir": str(SHARED_DATA_DIR), "max-train": 0, "clients": 10, "min-clients": 10,
         "partition": "dirichlet", "alpha": 0.1, "initial-strategy": "random", "initial-labels": 5, "round-budget": 50,
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             print(f"{label}, seed {seed}: " + ", ".join(f"{obs.labels[r]} labels {obs.accuracy[r]:.3f}" for r in at),
                   flush=True)
         rows.append({"setting": label, "runs": runs})
-    record = {"command": command_line("simulations.bench.private_head", argv), "settings": BASE, "clip": CLIP,
+    record = {"command": command_line("simulations.bench.private_head", argv), "settings": portable(BASE), "clip": CLIP,
               "rounds": args.rounds, "seeds": args.seeds, "machine": machine_info(), "rows": rows}
     save_result(args.out, "bench_private_head", record, table(record, at))
     return 0
