@@ -21,7 +21,7 @@ from clients.node import NodeConfig, open_site_pool
 from clients.oracles import FileOracle, make_oracle
 from fedal.config import FederationConfig
 from fedal.data import LocalData
-from fedal.dp import centring
+from fedal.dp import centring, run_noise
 from fedal.features import featurizer_for, model_inputs
 from fedal.kpi import label_entropy, oracle_use
 from fedal.federation import client_data
@@ -257,8 +257,6 @@ class ClientSite:
 
     def private_noise(self):
         """The run's :class:`fedal.dp.StatisticsNoise` (the server computes the same)."""
-        from fedal.dp import run_noise
-
         return run_noise(self.cfg, self.data.n_classes, self.model.dim)
 
     def _head_statistics(self, X: np.ndarray, y: np.ndarray) -> tuple[dict, float, int, int]:

@@ -36,6 +36,7 @@ sample-level, add-or-remove-one labeled sample of any site, over the whole run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -302,7 +303,16 @@ def noise_for_epsilon(target: float, releases: int, delta: float, clip_norm: flo
                       entries: dict[str, int], dim: int = 1) -> float:
     """The smallest noise multiplier whose :func:`sample_epsilon` with ``releases`` label releases (and as many of
     the pool) stays within ``target`` at ``delta``, for features clipped to ``clip_norm`` in ``dim`` dimensions,
-    releases of ``entries`` values (:func:`released_entries`) and secure sums of at least ``fewest_sites`` sites."""
+    releases of ``entries`` values (:func:`released_entries`) and secure sums of at least ``fewest_sites`` sites.
+    Computed once per settings (every site and the server ask for it with every message)."""
+    return _noise_for(float(target), int(releases), float(delta), float(clip_norm), int(fewest_sites),
+                      tuple(sorted(entries.items())), int(dim))
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_for(target: float, releases: int, delta: float, clip_norm: float, fewest_sites: int,
+               entries_items: tuple, dim: int) -> float:
+    entries = dict(entries_items)
     if not (target > 0 and math.isfinite(target)):
         raise ConfigError(f"head-dp-epsilon must be > 0, got {target}")
 

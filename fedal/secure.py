@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedal.dp import BLOCK_SHARE
 from fedal.exceptions import ConfigError
 
 #: bits of one limb, limbs of a value, and bits of the signed fixed-point value
@@ -110,11 +111,8 @@ class FixedPoint:
     def key_step(self, key: str) -> float:
         """The step of the array ``key``: its kind's (:meth:`step`), or in a private run the noise's grid for the
         arrays the noise covers (the whole noise is 2^20 steps, so rounding is a millionth of it)."""
-        if self.noise is not None:
-            from fedal.dp import BLOCK_SHARE
-
-            if key in BLOCK_SHARE:
-                return self.noise.step(key)
+        if self.noise is not None and key in BLOCK_SHARE:
+            return self.noise.step(key)
         return self.step(kind_of(key))
 
     # ------------------------------------------------------------------ device side
@@ -220,8 +218,6 @@ class FixedPoint:
 
 def key_is_noised(key: str) -> bool:
     """Whether a private run's noise covers the array ``key`` (:data:`fedal.dp.BLOCK_SHARE`)."""
-    from fedal.dp import BLOCK_SHARE
-
     return key in BLOCK_SHARE
 
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedal.budget import BudgetCoordinator
 from fedal.config import FederationConfig
-from fedal.dp import released_entries, run_noise
+from fedal.dp import released_entries
 from fedal.exceptions import ConfigError, FedalError
 from fedal.features import featurizer_for, model_inputs
 from fedal.federation import federation_dataset
@@ -163,7 +163,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                      PrivacySettings.from_config(cfg), offline_budget=cfg.offline_budget,
                      rounds=cfg.rounds, initial_labels=cfg.initial_labels)
     strategy = make_strategy(cfg, book, model, is_query_round=lambda r: cfg.is_query_round(r) and book.stopped is None)
-    private_noise = run_noise(cfg, model.n_classes, model.dim) if cfg.head_private else None
+    private_noise = strategy.inner.noise if cfg.head_private else None  # the head aggregation's (fedal.dp)
     if private_noise is not None:
         planned = statistics_report(cfg, private_noise, released_entries(model.n_classes, model.dim), 0)
         log.warning("private run: every site adds noise of multiplier %.3f to what it sends (%s); each labeled sample "
@@ -175,8 +175,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         from fedal.models import secure_codec
         from server.secure import SecureTraining
 
-        heads = strategy.inner if cfg.head_private else None
-        codec = ((lambda: secure_codec(cfg, model, centre=heads.centre())) if heads is not None
+        codec = ((lambda: secure_codec(cfg, model, centre=strategy.inner.centre())) if cfg.head_private
                  else secure_codec(cfg, model))
         secure = SecureTraining(strategy, codec, cfg.secure_threshold, timeout=cfg.round_timeout,
                                 listener=lambda *stage: [listener(*stage) for listener in SECURE_LISTENERS])

@@ -166,9 +166,8 @@ class StatisticsAggregation(Strategy):
         labeled = ClassStatistics(sums[f"{LABELED_STATS}.counts"], sums[f"{LABELED_STATS}.sums"],
                                   np.zeros((self.model.dim, self.model.dim)))
         pool = ClassStatistics.from_arrays(sums, POOL_STATS)
-        first = min(self.release_rounds) if self.release_rounds else None
         try:
-            self.model.fit_private(labeled, pool, self.private_variance, self.release_rounds[first].mean)
+            self.model.fit_private(labeled, pool, self.private_variance, self.centre().mean)
         except ConfigError as exc:  # too little signal above the noise yet: the head stays as it was
             log.warning("round %d: the private head is not solved yet: %s", server_round, exc)
         present = self.model.head.present.sum() if self.model.head is not None else 0

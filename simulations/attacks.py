@@ -60,8 +60,6 @@ class Observed:
     global_stats: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     #: round -> client -> what the site itself added to the sum: its reply and its noise share (secure, private)
     own: dict[int, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
-    #: round -> client -> labels it had received by then (query rounds add; the simulated oracle answers at once)
-    labels_added: dict[int, dict[int, int]] = field(default_factory=dict)
     #: client -> its labeled samples' clipped feature vectors (the ground truth the attacks are scored on)
     truth: dict[int, np.ndarray] = field(default_factory=dict)
     #: round -> the global head's accuracy on the federation's test set (with ``evaluate``)
@@ -148,7 +146,7 @@ def _observe(settings: dict, rounds: int, drop: dict[int, Iterable[int]] | None,
     for server_round in range(1, rounds + 1):
         state = model.get_state()
         query = server_round > 1 and cfg.is_query_round(server_round)
-        replies, own, added, present = {}, {}, {}, []
+        replies, own, present = {}, {}, []
         release = True
         if cfg.head_private:  # as the server's strategy decides it (server.strategy.BudgetedStrategy)
             held = sum(len(v) for v in obs.truth.values())
@@ -168,7 +166,6 @@ def _observe(settings: dict, rounds: int, drop: dict[int, Iterable[int]] | None,
                                         global_stats=sent_stats)
             ids, _ = site.pool.labels()
             obs.truth[c] = site.model._features(site.X_pool[site.learner.rows(ids)]) if len(ids) else np.zeros((0, 1))
-            added[c] = report.labels_added
             if codec is not None:
                 noise: dict[str, np.ndarray] = {}
                 limbs = site.secure_codec().encode(arrays, state, report.num_examples, noise_out=noise)
@@ -180,7 +177,7 @@ def _observe(settings: dict, rounds: int, drop: dict[int, Iterable[int]] | None,
             present.append(c)
             site.close()
         obs.replies[server_round], obs.own[server_round] = replies, own
-        obs.labels_added[server_round], obs.present[server_round] = added, present
+        obs.present[server_round] = present
         if codec is not None:  # what SecAgg+ unmasks: the integer sum of the present sites' limbs
             limb_sums = [sum(own[c]["limbs"][i] for c in present) for i in range(len(own[present[0]]["limbs"]))]
             reference = {k: np.zeros(np.shape(v)) for k, v in replies[present[0]].items()}
@@ -237,30 +234,25 @@ def _labeled(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def server_view(obs: Observed) -> dict[int, dict[str, np.ndarray]]:
     """Round -> the labels' statistics the server holds after it: the decoded sum (secure; in a private run the
-    running total of the sums it received, which is all it has) or the total of the replies received so far."""
-    out, running = {}, {}
+    running total of the sums it received, which is all it has), or the sum of every site's last reply (clear; in a
+    private run the running total of the replies, each an increment)."""
+    out, total, last = {}, {}, {}
     for r in sorted(obs.replies):
         if obs.secure:
-            got = obs.sums.get(r)
-            if got is None:
+            if r not in obs.sums:
                 continue
-            if obs.private:
-                running = {k: running.get(k, 0.0) + v for k, v in got.items()}
-                out[r] = dict(running)
-            else:
-                out[r] = got
+            received = [obs.sums[r]]
         else:
-            if obs.private:
-                for reply in obs.replies[r].values():
-                    running = {k: running.get(k, 0.0) + v for k, v in reply.items()}
-            else:  # a clear reply is the site's whole statistics: the server's view is their sum
-                running = {**running, **{c: reply for c, reply in obs.replies[r].items()}}
-                total = {}
-                for reply in running.values():
-                    total = {k: total.get(k, 0.0) + v for k, v in reply.items()}
-                out[r] = total
-                continue
-            out[r] = dict(running)
+            received = list(obs.replies[r].values())
+            last.update(obs.replies[r])
+        if obs.private:
+            for arrays in received:
+                total = {k: total.get(k, 0.0) + v for k, v in arrays.items()}
+            out[r] = dict(total)
+        elif obs.secure:  # a clear-statistics sum holds every site's whole statistics
+            out[r] = obs.sums[r]
+        else:  # a clear reply is the site's whole statistics
+            out[r] = {k: sum(reply[k] for reply in last.values()) for k in next(iter(last.values()))}
     return out
 
 

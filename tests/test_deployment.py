@@ -52,12 +52,10 @@ def deploy():
 def deployment(deploy, tmp_path_factory):
     """SuperLink + two registered SuperNodes; stopped (process groups) whatever the tests do."""
     require_deployment_tools(deploy)
-    dep = deploy.LocalDeployment(tmp_path_factory.mktemp("deployment"), sites=2, run_config=RUN_CONFIG, verbose=False)
-    try:
+    with deploy.LocalDeployment(tmp_path_factory.mktemp("deployment"), sites=2, run_config=RUN_CONFIG,
+                                verbose=False) as dep:  # stopped on leaving, whatever the tests do
         dep.start_all()
         yield dep
-    finally:
-        dep.stop()
 
 
 def test_two_sites_train_over_tls_and_the_global_model_improves(deployment):

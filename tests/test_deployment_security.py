@@ -42,12 +42,10 @@ def deployment(deploy, tmp_path_factory):
     """SuperLink on loopback, the gateway on the sites' address, two sites each behind its gate; stopped whatever
     the tests do."""
     require_deployment_tools(deploy)
-    dep = deploy.LocalDeployment(tmp_path_factory.mktemp("secured"), sites=2, run_config=RUN_CONFIG, verbose=False)
-    try:
+    with deploy.LocalDeployment(tmp_path_factory.mktemp("secured"), sites=2, run_config=RUN_CONFIG,
+                                verbose=False) as dep:  # stopped on leaving, whatever the tests do
         dep.start_all()
         yield dep
-    finally:
-        dep.stop()
 
 
 def _outsider_home(dep, folder: Path) -> dict:
