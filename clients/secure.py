@@ -73,9 +73,14 @@ def summable_reply(msg: Message, context: Context, arrays: dict, report: TrainRe
     samples), with weight 1 and the ``report``'s scalars, in the ``fitres`` records Flower's mod masks."""
     check_settings(context)
     sent = protocol.state_from_record(msg.content[protocol.ARRAYS])
-    limbs = codec.encode(arrays, sent, report.num_examples, on_clip=lambda norm: log.warning(
-        "this site's change of the weights has L2 norm %.3g, clipped to secure-clip-norm %.3g before it is summed; "
-        "raise secure-clip-norm if that is not meant", norm, codec.clip_norm))
+    if codec.equal_weights:  # differential privacy: clipping is the mechanism, not an accident
+        on_clip = lambda norm: log.info("this site's change of the weights has L2 norm %.3g, clipped to "  # noqa: E731
+                                        "dp-clipping-norm %.3g", norm, codec.clip_norm)
+    else:
+        on_clip = lambda norm: log.warning(  # noqa: E731
+            "this site's change of the weights has L2 norm %.3g, clipped to secure-clip-norm %.3g before it is "
+            "summed; raise secure-clip-norm if that is not meant", norm, codec.clip_norm)
+    limbs = codec.encode(arrays, sent, report.num_examples, on_clip=on_clip)
     return Message(RecordDict({
         FITRES_PARAMETERS: ArrayRecord({str(i): Array(a) for i, a in enumerate(limbs)}),
         FITRES_WEIGHT: MetricRecord({"num_examples": 1}),

@@ -187,7 +187,7 @@ class ClientSite:
             label_entropy=label_entropy(y, self.data.n_classes), labels_reviewed=reviewed,
             dp_releases=self.dp_releases,
         )
-        if self.cfg.head_private:
+        if self.cfg.sites_add_noise:
             report = private_report(report, keep_uncertainty=self.cfg.budget_policy == "uncertainty"
                                     or "uncertainty" in self.cfg.stop_when)
         return arrays, report
@@ -294,7 +294,7 @@ class ClientSite:
     def secure_codec(self) -> FixedPoint:
         """The fixed-point encoding of this run's secure aggregation (the server's is the same; in a private run it
         adds this site's share of the noise, drawn from the operating system's entropy)."""
-        return secure_codec(self.cfg, self.model, noise_rng=secure_random() if self.cfg.head_private else None,
+        return secure_codec(self.cfg, self.model, noise_rng=secure_random() if self.cfg.sites_add_noise else None,
                             centre=self.dp_centre)
 
     def _handover_update(self, X: np.ndarray, y: np.ndarray, instruction: TrainInstruction

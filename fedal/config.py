@@ -235,7 +235,9 @@ class FederationConfig:
     dp_noise_multiplier : float
         Differential privacy: Gaussian noise of std multiplier x clipping norm / sampled clients on the aggregate (0 = none).
     dp_mode : str
-        Where updates are clipped: ``server`` (the server clips what it receives) or ``client`` (each client clips before sending).
+        Where updates are clipped: ``server`` (the server clips what it receives) or ``client`` (each client clips
+        before sending). Under secure aggregation only ``client``, and the sites add the noise too: each adds an
+        integer share before masking, so the sum the server unmasks is already noisy (:class:`fedal.dp.UpdateNoise`).
     dp_delta : float
         The delta at which the privacy budget epsilon is reported.
     secure_aggregation : bool
@@ -498,9 +500,21 @@ class FederationConfig:
         need(self.aggregation in ("fedavg", "fedprox", "fedadam", "fedavgm"), f"aggregation {self.aggregation!r} "
              "needs every site's update, which secure aggregation hides from the server: use fedavg, fedprox, "
              "fedadam or fedavgm, or secure-aggregation = false")
-        need(self.dp_clipping_norm == 0, "network differential privacy (dp-clipping-norm) clips and screens each "
-             "site's update on the server, which secure aggregation hides: use one of the two (the head pipeline's "
-             "head-dp-noise works with secure aggregation)")
+        need(self.dp_clipping_norm == 0 or self.dp_mode == "client", "under secure aggregation the server never "
+             "sees a site's update, so it cannot clip it or noise it: set dp-mode = \"client\" (each site clips its "
+             "update and adds its share of the noise before masking), or secure-aggregation = false")
+
+    @property
+    def distributed_dp(self) -> bool:
+        """Whether the sites add differential privacy noise to the network updates they send under secure
+        aggregation (:class:`fedal.dp.UpdateNoise`): the server unmasks a sum that is already noisy."""
+        return self.secure_aggregation and self.dp_clipping_norm > 0 and self.dp_noise_multiplier > 0
+
+    @property
+    def sites_add_noise(self) -> bool:
+        """Whether the sites add differential privacy noise to what they send (head statistics or network updates):
+        their reports then leave out the scalars computed from their labels (:func:`clients.site.private_report`)."""
+        return self.head_private or self.distributed_dp
 
     @property
     def head_private(self) -> bool:

@@ -173,13 +173,11 @@ class StatisticsNoise:
 
     def share_variance_steps(self) -> float:
         """The variance, in grid steps, of the Skellam share a site adds to each entry."""
-        return 4.0 ** GRID_BITS / (self.fewest_sites - 1)
+        return share_variance_steps(self.fewest_sites)
 
     def skellam_share(self, size: int, rng: np.random.Generator) -> np.ndarray:
-        """A site's integer noise share of ``size`` entries, drawn from ``rng``: Poisson(v/2) - Poisson(v/2), variance
-        ``v``."""
-        half = self.share_variance_steps() / 2.0
-        return rng.poisson(half, size).astype(np.int64) - rng.poisson(half, size).astype(np.int64)
+        """A site's integer noise share of ``size`` entries, drawn from ``rng`` (:func:`skellam_share`)."""
+        return skellam_share(size, self.fewest_sites, rng)
 
     # ------------------------------------------------------------ accounting
     def effective_multiplier(self, part: str, entries: int) -> float:
@@ -187,13 +185,92 @@ class StatisticsNoise:
         multiplier in the clear; under secure aggregation the Skellam bound on the grid, with the rounding of each
         entry counted in the sensitivity, for a site that knows its own share (the server faces one share more)."""
         sigma = self.multiplier(part)
-        if not self.secure:
-            return sigma
-        mu = (self.fewest_sites - 1) * self.share_variance_steps()
-        scale = 2.0 ** GRID_BITS / sigma  # one sample's L2 change, in steps, before rounding
-        l2 = scale + math.sqrt(entries)  # each entry's rounding moves it by at most one step more
-        l1 = math.sqrt(entries) * scale + entries
-        return skellam_noise_multiplier(l1, l2, mu)
+        return skellam_multiplier(sigma, entries, self.fewest_sites) if self.secure else sigma
+
+
+def share_variance_steps(fewest_sites: int) -> float:
+    """The variance, in grid steps, of the Skellam share each site adds to an entry, so that the shares of any
+    ``fewest_sites - 1`` sites make the whole noise, ``2^GRID_BITS`` steps of std."""
+    return 4.0 ** GRID_BITS / (fewest_sites - 1)
+
+
+def skellam_share(size: int, fewest_sites: int, rng: np.random.Generator) -> np.ndarray:
+    """A site's integer noise share of ``size`` entries, drawn from ``rng``, for sums of at least ``fewest_sites``
+    sites: Poisson(v/2) - Poisson(v/2), of variance ``v`` = :func:`share_variance_steps`."""
+    half = share_variance_steps(fewest_sites) / 2.0
+    return rng.poisson(half, size).astype(np.int64) - rng.poisson(half, size).astype(np.int64)
+
+
+def skellam_multiplier(sigma: float, entries: int, fewest_sites: int) -> float:
+    """The Gaussian noise multiplier whose Renyi DP bounds one secure release of ``entries`` values with noise
+    multiplier ``sigma`` on the grid (the whole noise ``2^GRID_BITS`` steps), faced by a site that knows its own share
+    (``fewest_sites - 1`` shares remain; the server faces one more): one unit of sensitivity is ``2^GRID_BITS / sigma``
+    steps, and each entry's rounding moves it by at most one step more."""
+    mu = (fewest_sites - 1) * share_variance_steps(fewest_sites)
+    scale = 2.0 ** GRID_BITS / sigma
+    l2 = scale + math.sqrt(entries)
+    l1 = math.sqrt(entries) * scale + entries
+    return skellam_noise_multiplier(l1, l2, mu)
+
+
+@dataclass(frozen=True)
+class UpdateNoise:
+    """Distributed differential privacy of network updates under secure aggregation (``dp-clipping-norm`` and
+    ``dp-noise-multiplier`` with ``secure-aggregation = true``).
+
+    Each site clips its change of the weights to ``C`` (``dp-clipping-norm``) on the device, weighs it 1 (the mean
+    of equal-weight updates, McMahan et al. 2018) and adds an integer Skellam share on the secure grid, sized so that
+    the shares of any ``k - 1`` of the ``k`` sites in a sum make noise of std ``sigma C`` on every entry of the sum:
+    the server unmasks a sum that was noisy before it left the sites, and a site that knows its own share still faces
+    the noise of the others. One site's whole update moves the sum by at most ``C``: the guarantee is client-level
+    (a site's whole data set, so every labeled sample of it), add-or-remove-one, per round, composed over the rounds.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        ``sigma``: the noise std on the sum over the clipping norm, as the weakest observer faces it.
+    clip_norm : float
+        ``C``, the L2 norm each site's change of the weights is clipped to.
+    fewest_sites : int
+        The fewest sites a secure sum holds (:func:`fewest_in_sum`), at least 2.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    fewest_sites: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(f"dp-noise-multiplier must be > 0, got {self.noise_multiplier}")
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ConfigError(f"dp-clipping-norm must be > 0, got {self.clip_norm}")
+        if self.fewest_sites < 2:
+            raise ConfigError(f"distributed noise needs sums of at least 2 sites, got {self.fewest_sites}")
+
+    def step(self) -> float:
+        """The grid step of a weight's change: the whole noise, ``sigma C``, is ``2^GRID_BITS`` steps."""
+        return self.noise_multiplier * self.clip_norm / 2.0 ** GRID_BITS
+
+    def skellam_share(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        """A site's integer noise share of ``size`` entries, drawn from ``rng`` (:func:`skellam_share`)."""
+        return skellam_share(size, self.fewest_sites, rng)
+
+    def sum_std(self, sites: int) -> float:
+        """The noise std of one entry of a sum of ``sites`` sites' updates, in the weights' units."""
+        return self.step() * math.sqrt(sites * share_variance_steps(self.fewest_sites))
+
+    def effective_multiplier(self, entries: int) -> float:
+        """The Gaussian noise multiplier whose Renyi DP bounds one round's sum of updates of ``entries`` values."""
+        return skellam_multiplier(self.noise_multiplier, entries, self.fewest_sites)
+
+
+def network_noise(cfg) -> UpdateNoise | None:
+    """The distributed noise of the network updates of the run ``cfg``, None unless it adds some
+    (:attr:`fedal.config.FederationConfig.distributed_dp`)."""
+    if not cfg.distributed_dp:
+        return None
+    sampled = max(int(cfg.clients * cfg.fraction_train), cfg.min_clients)
+    return UpdateNoise(cfg.dp_noise_multiplier, cfg.dp_clipping_norm, fewest_in_sum(sampled, cfg.secure_threshold))
 
 
 def release_due(labels: int, last_released: int, last_round: bool, growth: float = 1.5) -> bool:

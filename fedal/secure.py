@@ -80,6 +80,12 @@ class FixedPoint:
         A private run's noise (:mod:`fedal.dp`): its arrays are encoded on the noise's grid.
     noise_rng : numpy.random.Generator, optional
         On a site of a private run: where its Skellam share of the noise is drawn from (None on the server).
+    update_noise : UpdateNoise, optional
+        Distributed DP of network updates (:class:`fedal.dp.UpdateNoise`): the weights' changes are encoded on its
+        grid and, on a site (``noise_rng``), carry its Skellam share.
+    equal_weights : bool
+        Every site's change weighs 1 instead of its labeled samples (differential privacy: ``clip_norm`` is then the
+        sensitivity of the sum to one site), and the server divides the sum by the sites in it.
     """
 
     max_count: int
@@ -89,6 +95,10 @@ class FixedPoint:
     noise: object = None
     #: on a site of a private run: where its Skellam share of the noise is drawn from (None on the server)
     noise_rng: object = field(default=None, compare=False, repr=False)
+    #: distributed DP of network updates (:class:`fedal.dp.UpdateNoise`): the changes' grid and noise shares
+    update_noise: object = None
+    #: every site's change weighs 1 (differential privacy), the server divides the sum by the sites in it
+    equal_weights: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_count < 2 ** 31:
@@ -113,6 +123,8 @@ class FixedPoint:
         arrays the noise covers (the whole noise is 2^20 steps, so rounding is a millionth of it)."""
         if self.noise is not None and key in BLOCK_SHARE:
             return self.noise.step(key)
+        if self.update_noise is not None and kind_of(key) == CHANGE:
+            return self.update_noise.step()
         return self.step(kind_of(key))
 
     # ------------------------------------------------------------------ device side
@@ -128,7 +140,7 @@ class FixedPoint:
         sent : mapping
             The global model the site was sent (the weights' changes are taken from it).
         weight : int
-            The site's labeled samples, the weight of its change in FedAvg.
+            The site's labeled samples, the weight of its change in FedAvg (1 with ``equal_weights``).
         on_clip : callable, optional
             Called with the change's L2 norm when ``clip_norm`` clips it (the sum is then not FedAvg's mean of the
             site's own weights).
@@ -143,6 +155,8 @@ class FixedPoint:
         for key in keys:
             if not np.all(np.isfinite(np.asarray(arrays[key], dtype=np.float64))):
                 raise ValueError(f"array {key!r} of this site's update holds NaN or Inf: it is not sent")
+        if self.equal_weights:
+            weight = 1
         changes = _changes(arrays, sent)
         norm = _norm(changes)
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0  # bounded on the device
@@ -154,8 +168,9 @@ class FixedPoint:
             value = changes[key] * (scale * weight) if kind == CHANGE else np.asarray(arrays[key], np.float64)
             flat = _upper(value) if kind == SCATTER else value.ravel()
             fixed = np.rint(flat / self.key_step(key))
-            if self.noise_rng is not None and self.noise is not None and key_is_noised(key):
-                share = self.noise.skellam_share(fixed.size, self.noise_rng)  # this site's share, before masking
+            source = self._noise_source(key)
+            if source is not None:
+                share = source.skellam_share(fixed.size, self.noise_rng)  # this site's share, before masking
                 fixed = fixed + share
                 if noise_out is not None:
                     noise_out[key] = share * self.key_step(key)
@@ -172,6 +187,16 @@ class FixedPoint:
             value = (value - low) >> LIMB_BITS
         limbs.append(value)
         return [limb.astype(np.float64) for limb in reversed(limbs)]
+
+    def _noise_source(self, key: str):
+        """What adds this site's noise share to the array ``key`` (None: no noise, or not on a site)."""
+        if self.noise_rng is None:
+            return None
+        if self.noise is not None and key_is_noised(key):
+            return self.noise
+        if self.update_noise is not None and kind_of(key) == CHANGE:
+            return self.update_noise
+        return None
 
     # ------------------------------------------------------------------ server side
     def encoded_size(self, reference: Mapping[str, np.ndarray]) -> int:
@@ -191,7 +216,7 @@ class FixedPoint:
             Every key of the replies with, for weights, the global value sent (its shape and dtype), for
             statistics an array of their shape.
         total_weight : int
-            The summed labeled samples of the sites in the sum.
+            The summed labeled samples of the sites in the sum (with ``equal_weights``: the sites in the sum).
         """
         if len(limb_sums) != LIMBS:
             raise ValueError(f"the secure sum holds {len(limb_sums)} vectors, not the {LIMBS} limbs of fedal's encoding")

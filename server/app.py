@@ -14,6 +14,7 @@ import math
 import threading
 import time
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -159,8 +160,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
     dataset = federation_dataset(cfg)
     X_test = model_inputs(featurizer_for(cfg.features, dataset.input_shape, cfg.pipeline), dataset.X_test)
     model = model_for(cfg, X_test.shape[1:], dataset.n_classes, seed=cfg.seed, raw_shape=dataset.input_shape)
+    # the values of a network update (network DP under secure aggregation accounts the rounding of each)
+    entries = sum(int(np.size(v)) for v in model.get_state().values()) if cfg.dp_clipping_norm > 0 else 0
     book = RoundBook(BudgetCoordinator(cfg.budget_policy, cfg.round_budget, cfg.client_cap),
-                     PrivacySettings.from_config(cfg), offline_budget=cfg.offline_budget,
+                     PrivacySettings.from_config(cfg, entries=entries), offline_budget=cfg.offline_budget,
                      rounds=cfg.rounds, initial_labels=cfg.initial_labels)
     strategy = make_strategy(cfg, book, model, is_query_round=lambda r: cfg.is_query_round(r) and book.stopped is None)
     private_noise = strategy.inner.noise if cfg.head_private else None  # the head aggregation's (fedal.dp)
@@ -170,6 +173,12 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                     "is in at most %d releases: epsilon %.3f at delta %g planned for the whole run", planned["noise_multiplier"],
                     "its share of it, under secure aggregation" if private_noise.secure else "all of it, in the clear",
                     planned["releases_planned"], planned["epsilon_planned"], cfg.dp_delta)
+    if book.privacy is not None and book.privacy.mode == "distributed" and book.privacy.accounted():
+        p = book.privacy
+        log.warning("private network updates: every site clips its update to %g and adds its share of noise of "
+                    "multiplier %g before masking (any %d sites of a sum carry all of it): client-level epsilon %.3f "
+                    "at delta %g planned for %d rounds", p.clipping_norm, p.noise_multiplier, p.fewest_sites - 1,
+                    p.distributed_epsilon(cfg.rounds), p.delta, cfg.rounds)
     secure = None
     if cfg.secure_aggregation:
         from fedal.models import secure_codec

@@ -9,6 +9,7 @@ the privacy spent means for the run's aggregation.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ RDP_ORDERS = np.array([1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) 
 #: aggregations whose output is the (noisy) mean of the clipped updates
 ACCOUNTABLE = ("fedavg", "fedprox")
 ACCOUNTING_METHOD = "rdp-gaussian-no-amplification"
+#: the mode of network DP under secure aggregation: the sites clip and add the noise (:class:`fedal.dp.UpdateNoise`)
+DISTRIBUTED = "distributed"
 
 
 def privacy_config(delta: float, population: int) -> PrivacyConfig:
@@ -132,9 +135,12 @@ class GaussianAccountant:
 class PrivacySettings:
     """A run's differential privacy settings (``dp-*`` in :class:`fedal.config.FederationConfig`).
 
-    Attributes: ``mode`` (``server`` or ``client`` clipping), ``clipping_norm``,
-    ``noise_multiplier``, ``sampled_clients`` (per round), ``population`` (clients),
-    ``delta`` and ``aggregation`` (the Flower strategy that averages the clipped updates).
+    Attributes: ``mode`` (``server`` or ``client`` clipping, ``distributed`` under secure
+    aggregation: the sites clip and add the noise), ``clipping_norm``, ``noise_multiplier``,
+    ``sampled_clients`` (per round), ``population`` (clients), ``delta``, ``aggregation``
+    (the Flower strategy that averages the clipped updates), and for ``distributed``
+    ``fewest_sites`` (the fewest a secure sum holds), ``entries`` (values in an update) and
+    ``rounds`` (the releases planned).
     """
 
     mode: str
@@ -144,32 +150,64 @@ class PrivacySettings:
     population: int
     delta: float
     aggregation: str
+    fewest_sites: int = 1
+    entries: int = 0
+    rounds: int = 0
 
     @classmethod
-    def from_config(cls, cfg) -> "PrivacySettings | None":
-        """The settings of the run ``cfg``; None when differential privacy is off.
+    def from_config(cls, cfg, entries: int = 0) -> "PrivacySettings | None":
+        """The settings of the run ``cfg`` whose updates hold ``entries`` values; None when differential privacy is
+        off.
 
-        ``mode`` ``server`` / ``client``: client-level DP of the network updates (``dp-*``). The head pipeline's
-        private run (``head-dp-epsilon``) adds its noise on the sites: :mod:`fedal.dp`, :func:`statistics_report`.
+        ``mode`` ``server`` / ``client``: client-level DP of the network updates (``dp-*``), noise added by the
+        server; ``distributed`` (under secure aggregation): noise added by the sites before masking
+        (:class:`fedal.dp.UpdateNoise`). The head pipeline's private run (``head-dp-epsilon``) adds its noise on
+        the sites: :mod:`fedal.dp`, :func:`statistics_report`.
         """
+        from fedal.dp import fewest_in_sum
+
         sampled = max(int(cfg.clients * cfg.fraction_train), cfg.min_clients)  # as Flower's FedAvg samples
         if cfg.dp_clipping_norm <= 0:
             return None
+        if cfg.secure_aggregation:
+            return cls(DISTRIBUTED, cfg.dp_clipping_norm, cfg.dp_noise_multiplier, sampled, cfg.clients, cfg.dp_delta,
+                       cfg.aggregation, fewest_in_sum(sampled, cfg.secure_threshold), int(entries), int(cfg.rounds))
         return cls(cfg.dp_mode, cfg.dp_clipping_norm, cfg.dp_noise_multiplier, sampled, cfg.clients, cfg.dp_delta,
-                   cfg.aggregation)
+                   cfg.aggregation, rounds=int(cfg.rounds))
 
     def accounted(self) -> bool:
-        """Whether an epsilon holds: noise is added and the aggregate is a noisy mean."""
-        return self.noise_multiplier > 0 and self.aggregation in ACCOUNTABLE
+        """Whether an epsilon holds: noise is added and the aggregate is a noisy mean (under distributed noise any
+        server optimiser's state is post-processing of the noisy sum)."""
+        return self.noise_multiplier > 0 and (self.mode == DISTRIBUTED or self.aggregation in ACCOUNTABLE)
+
+    @functools.cached_property
+    def distributed_multiplier(self) -> float:
+        """``distributed``: the Gaussian multiplier whose Renyi DP bounds one round's noisy sum (the Skellam shares
+        of the ``fewest_sites - 1`` other sites a curious site faces, :class:`fedal.dp.UpdateNoise`)."""
+        from fedal.dp import UpdateNoise
+
+        return UpdateNoise(self.noise_multiplier, self.clipping_norm, self.fewest_sites).effective_multiplier(
+            max(self.entries, 1))
 
     def release(self, aggregated: int) -> GaussianPrivacyEvent:
         """The privacy event of a round that aggregated ``aggregated`` of the sampled clients' replies.
 
         Network updates: the noise is calibrated for the sampled clients (std ``sigma C / n``), the
         mean of ``m`` updates has sensitivity ``C / m``: the effective multiplier is ``sigma m / n``.
+        Distributed: the sum has sensitivity ``C`` and at least ``k - 1`` shares of noise ``sigma C``
+        (:attr:`distributed_multiplier`), however many sites it holds.
         """
+        if self.mode == DISTRIBUTED:
+            return GaussianPrivacyEvent(self.distributed_multiplier, aggregated, max(self.population, aggregated))
         return GaussianPrivacyEvent(self.noise_multiplier * aggregated / self.sampled_clients, aggregated,
                                     max(self.population, aggregated))
+
+    def distributed_epsilon(self, releases: int) -> float:
+        """``distributed``: epsilon at ``delta`` of ``releases`` rounds (dp-accounting's Renyi accountant at the
+        integer orders the Skellam bound holds at)."""
+        from fedal.dp import epsilon
+
+        return epsilon([(self.distributed_multiplier, int(releases))], self.delta)
 
     def report(self, accountant: GaussianAccountant) -> dict:
         """Settings and privacy spent so far (``epsilon`` None where no guarantee holds)."""
@@ -178,6 +216,11 @@ class PrivacySettings:
                   "epsilon": None, "note": ""}
         if self.noise_multiplier <= 0:
             report["note"] = "clipping only, no noise: no differential privacy guarantee"
+        elif self.mode == DISTRIBUTED:
+            report.update(epsilon=self.distributed_epsilon(accountant.num_releases),
+                          epsilon_planned=self.distributed_epsilon(self.rounds), fewest_sites_in_a_sum=self.fewest_sites,
+                          note=("client-level (epsilon, delta)-DP of every secure sum the server unmasked (each site "
+                                "adds its Skellam share before masking), Renyi DP accounting (dp-accounting)"))
         elif self.aggregation not in ACCOUNTABLE:
             report["note"] = (f"aggregation {self.aggregation!r} is not a noisy mean of the clipped updates; "
                               f"epsilon is computed for {', '.join(ACCOUNTABLE)} only")

@@ -17,6 +17,12 @@ sums; FedAvg's mean of the weights) and hands it to the rest of the strategy cha
 reply. Sites that drop out after sharing their keys are unmasked by the others' shares
 (SecAgg+); a round where fewer than the threshold remain is not aggregated.
 
+With network differential privacy (``dp-clipping-norm``, ``dp-noise-multiplier``) the sites
+clip their changes, weigh them alike and add their shares of the noise before masking
+(:class:`fedal.dp.UpdateNoise`): the sum the workflow unmasks is already noisy, the
+decoded aggregate is the mean over the sites in it, and every unmasked sum is composed in
+the round book's accountant, aggregated or not.
+
 What the server can no longer do is screen one site's update (NaN, shape, norm): each site
 bounds its own contribution on the device instead (:mod:`clients.secure`), and a round
 whose sum holds a report the server refuses is dropped whole, since a contribution cannot
@@ -225,10 +231,17 @@ class SecureTraining:
                 stage_grid.failed[node] = "secure aggregation needs at least 2 sites in the round"
         reports = {n: stage_grid.reports[n] for n in plan.summed if n in stage_grid.reports}
         aggregate = None
+        book = self.strategy.book
+        if plan.mean is not None and book.privacy is not None and book.privacy.accounted():
+            # a sum unmasked is a release, whether or not the round goes on to aggregate it
+            book.accountant.compose(book.privacy.release(len(plan.summed)))
         if plan.mean is not None and len(reports) == len(plan.summed):
             sums = [np.rint(m * len(plan.summed)) for m in plan.mean]  # the workflow divides by the sites summed
             reference = self.reference(arrays)
-            aggregate = lambda total_weight: codec.decode(sums, reference, total_weight)  # noqa: E731
+            sites = len(plan.summed)
+            # equal weights (differential privacy): the mean of the sites' clipped changes
+            aggregate = lambda total_weight: codec.decode(  # noqa: E731
+                sums, reference, sites if codec.equal_weights else total_weight)
         else:  # the protocol stopped (fewer sites than the threshold remained): the reports count, no sum
             reports = dict(stage_grid.reports)
         failed = {n: r for n, r in stage_grid.failed.items() if n not in reports}

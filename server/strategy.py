@@ -45,6 +45,7 @@ from server import handover
 from fedal.messages import TrainReport
 from server.book import RoundBook, RoundEvent
 from server.dp import PrivateAggregation
+from server.privacy import DISTRIBUTED
 from server.handover import HandoverAggregation
 from server.head import StatisticsAggregation
 
@@ -447,7 +448,7 @@ def make_strategy(cfg: FederationConfig, book: RoundBook, model, is_query_round=
     elif isinstance(model, HeadClassifier):
         inner = StatisticsAggregation(inner, model, run_noise(cfg, model.n_classes, model.dim),
                                       release_growth=cfg.head_dp_release_growth)
-    elif book.privacy is not None:
+    elif book.privacy is not None and book.privacy.mode != DISTRIBUTED:  # distributed: the sites clip and noise
         inner = PrivateAggregation(inner, book.privacy, book.accountant,
                                    refuse=lambda rnd, node, reason: book.reject(rnd, node, reason, answered=False))
     schedule = cfg.round_lr_factor if cfg.lr_schedule != "constant" else None

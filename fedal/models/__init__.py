@@ -170,10 +170,13 @@ def secure_codec(cfg, model, noise_rng=None, centre=None):
     """The fixed-point encoding of secure aggregation for ``model`` (:class:`fedal.secure.FixedPoint`): the same on
     every site and on the server, from the run's settings ``cfg`` (``secure-max-count``, ``secure-clip-norm``) and
     the head's clip norm; in a private run on the noise's grid (the labels' scaled to ``centre``'s clip), and on a site
-    with ``noise_rng`` adding its share."""
-    from fedal.dp import run_noise
+    with ``noise_rng`` adding its share. With network differential privacy (``dp-clipping-norm``) every site's change
+    is clipped to that norm and weighs 1, and with ``dp-noise-multiplier`` carries the site's share of the noise."""
+    from fedal.dp import network_noise, run_noise
     from fedal.secure import FixedPoint
 
     noise = run_noise(cfg, model.n_classes, model.dim).centred(centre) if cfg.head_private else None
-    return FixedPoint(max_count=cfg.secure_max_count, feature_bound=feature_bound(model), clip_norm=cfg.secure_clip_norm,
-                      noise=noise, noise_rng=noise_rng)
+    private_updates = cfg.secure_aggregation and cfg.dp_clipping_norm > 0  # clipped to dp-clipping-norm, weight 1
+    return FixedPoint(max_count=cfg.secure_max_count, feature_bound=feature_bound(model),
+                      clip_norm=cfg.dp_clipping_norm if private_updates else cfg.secure_clip_norm,
+                      noise=noise, noise_rng=noise_rng, update_noise=network_noise(cfg), equal_weights=private_updates)
