@@ -17,6 +17,8 @@ The grey levels a person sees are the ones kept:
   its lookup table) are scaled from their bit depth (``BitsStored``) to 0..255.
 - Raster files of 8 bits per sample keep their values; 16-bit, 32-bit and float grey images (modes
   ``I;16``, ``I``, ``F`` ...) are mapped from the image's own min..max to 0..255.
+- DICOM padding pixels (Pixel Padding Value, up to Pixel Padding Range Limit: the air outside a CT's
+  field of view) are left out of the min..max and read as black.
 - A constant image (min equal to max where min..max is the rule) reads as all zeros.
 
 Nothing is downloaded and nothing is printed: pydicom's and Pillow's warnings about a file are silenced
@@ -220,7 +222,7 @@ def _read_raster(path: Path, size: int) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
-        raise ImageRefused(path, f"truncated or corrupt image ({type(exc).__name__}: {exc}): re-export "
+        raise ImageRefused(path, f"truncated or corrupt image ({_short(exc)}): re-export "
                                  "or copy the file again") from None
 
 
@@ -233,9 +235,9 @@ def _raster_values(path: Path, img) -> np.ndarray:
         img = img.convert(mode)
     elif mode == "PA":
         img, mode = img.convert("RGBA"), "RGBA"
-    elif mode in ("RGBa", "La"):  # premultiplied alpha: already composited on black
-        img = img.convert("RGB" if mode == "RGBa" else "L")
-        mode = img.mode
+    elif mode in ("RGBa", "La"):  # premultiplied alpha: un-premultiplied, then composited below
+        mode = mode.upper()
+        img = img.convert(mode)
     elif mode not in ("L", "LA", "RGB", "RGBA") and mode.startswith(("RGB", "CMYK", "YCbCr", "LAB", "HSV")):
         img, mode = img.convert("RGB"), "RGB"
     if mode in ("L", "LA", "RGB", "RGBA"):
@@ -267,7 +269,7 @@ def _read_dicom(path: Path) -> np.ndarray:
     except InvalidDicomError as exc:
         raise ImageRefused(path, f"not a DICOM file ({exc}): remove it from the folder or re-export it") from None
     except Exception as exc:  # pydicom raises many kinds on a damaged file
-        raise ImageRefused(path, f"not a readable DICOM file ({type(exc).__name__}: {exc}): re-export it "
+        raise ImageRefused(path, f"not a readable DICOM file ({_short(exc)}): re-export it "
                                  "from the PACS or copy it again") from None
     try:
         return _dicom_values(path, ds)
@@ -316,8 +318,13 @@ def _dicom_values(path: Path, ds) -> np.ndarray:
         return (arr.astype(np.float32) * np.float32(255.0 / (2 ** bits - 1))).clip(0, 255)
     if samples != 1:
         raise ImageRefused(path, f"{samples} samples per pixel with {photometric}: export as MONOCHROME2 or RGB")
-    grey = _dicom_grey(ds, arr)
-    return 255.0 - grey if photometric == "MONOCHROME1" else grey
+    padding = _padding_mask(ds, arr)
+    grey = _dicom_grey(ds, arr, padding)
+    if photometric == "MONOCHROME1":
+        grey = 255.0 - grey
+    if padding is not None:
+        grey[padding] = 0.0
+    return grey
 
 
 _PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT",
@@ -341,8 +348,21 @@ def _set_missing_transfer_syntax(ds) -> None:
                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _dicom_grey(ds, arr: np.ndarray) -> np.ndarray:
-    """Modality LUT, then the VOI LUT or the first window, else min..max: float32 in 0..255."""
+def _padding_mask(ds, arr: np.ndarray):
+    """The pixels outside the scanned field (Pixel Padding Value, up to its Range Limit), or None."""
+    value = ds.get("PixelPaddingValue")
+    if not isinstance(value, numbers.Integral):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if isinstance(limit, numbers.Integral):
+        mask = (arr >= min(value, limit)) & (arr <= max(value, limit))
+    else:
+        mask = arr == value
+    return mask if mask.any() and not mask.all() else None
+
+
+def _dicom_grey(ds, arr: np.ndarray, padding=None) -> np.ndarray:
+    """Modality LUT, then the VOI LUT or the first window, else min..max (padding left out): float32 in 0..255."""
     from pydicom.pixels import apply_modality_lut, apply_voi
 
     values = apply_modality_lut(arr, ds)
@@ -356,7 +376,7 @@ def _dicom_grey(ds, arr: np.ndarray) -> np.ndarray:
     window = _window(ds)
     if window is not None:
         return _apply_window(values, *window)
-    return _stretch(values)
+    return _stretch(values if padding is None else np.where(padding, np.nan, values))
 
 
 def _window(ds):

@@ -91,6 +91,21 @@ def test_ct_with_rescale_reads_and_is_not_constant():
     assert ct.std() > 20 and ct.max() > 200  # min..max of Hounsfield units (no window in the file)
 
 
+def test_ct_padding_is_black_and_left_out_of_the_range(tmp_path):
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    pixels = ds.pixel_array.copy()
+    pixels[:, :16] = -2000  # stored values outside the field of view
+    ds.PixelData = pixels.tobytes()
+    ds.PixelPaddingValue = -2000
+    padded = tmp_path / "padded.dcm"
+    ds.save_as(padded)
+    got = read_image(padded, 128, 1)[0]  # 128 x 128 file at size 128: no resampling
+    assert (got[:, :16] == 0).all()
+    reference = read_image(dicom_file("CT_small.dcm"), 128, 1)[0]
+    assert got[:, 16:].max() >= 250 and got[:, 16:].min() <= 5  # the body's own range, not -2000..max
+    assert np.corrcoef(got[:, 16:].ravel(), reference[:, 16:].ravel())[0, 1] > 0.99
+
+
 def test_mr_window_is_applied():
     path = dicom_file("MR_small.dcm")  # Window Center 600, Width 1600
     ds = pydicom.dcmread(path)
