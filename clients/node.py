@@ -24,7 +24,10 @@ NODE_KEYS = {
     "client-id": "the site's client id (0, 1, ...), the one identity it has in the federation",
     "partition-id": "the client id in a simulation (set by Flower)",
     "num-partitions": "the number of simulated clients (set by Flower; not used)",
-    "data-path": "the site's own data file (fedal split); default: its share of the simulated data set",
+    "data-path": "the site's own data: a file (fedal split) or a folder of images (PNG, JPEG, TIFF, BMP, DICOM; "
+                 "class subfolders or a labels.csv give labels that exist); default: its share of the simulated data set",
+    "labels-csv": "a folder site: the CSV (path,label) of labels already given (default <data-path>/labels.csv)",
+    "test-path": "a folder site: a folder of labeled images (class subfolders or its labels.csv) as the local test set",
     "state-dir": "folder of the site's SQLite database (default: the run's state-dir)",
     "oracle": f"who answers label requests: {', '.join(ORACLE_KINDS)}",
     "query-timeout": "seconds a label request waits for an answer before it expires (overrides the run's)",
@@ -73,6 +76,10 @@ class NodeConfig:
     secure_only : bool
         ``secure-only``: the site refuses a train message that does not come with Flower's SecAgg+ protocol
         (:mod:`clients.secure`), so a server that turns secure aggregation off gets nothing from it.
+    labels_csv : str
+        ``labels-csv``: a folder site's CSV of labels already given ("" = ``labels.csv`` in the folder, if any).
+    test_path : str
+        ``test-path``: a folder site's labeled local test set ("" = none).
     """
 
     client_id: int
@@ -87,6 +94,22 @@ class NodeConfig:
     offline_budget: int | None = None
     suggest: bool = False
     secure_only: bool = False
+    labels_csv: str = ""
+    test_path: str = ""
+
+    @property
+    def folder(self) -> bool:
+        """Whether ``data-path`` is a folder of image files (:mod:`fedal.imagefolder`)."""
+        return bool(self.data_path) and Path(self.data_path).expanduser().is_dir()
+
+    def site_folders(self) -> tuple[str, str]:
+        """A folder site's pool and test folders: ``data-path`` and ``test-path``, or, for a site folder as ``fedal
+        split --format png|dicom`` writes it (``pool/`` and ``test/`` in it), its two subfolders."""
+        root = Path(self.data_path).expanduser()
+        if (root / "pool").is_dir():
+            test = self.test_path or (str(root / "test") if (root / "test").is_dir() else "")
+            return str(root / "pool"), test
+        return self.data_path, self.test_path
 
     @classmethod
     def from_mapping(cls, node_config: dict[str, Any]) -> "NodeConfig":
@@ -116,7 +139,8 @@ class NodeConfig:
                    offline_after=_number(node_config, "offline-after", float, low=0) if "offline-after" in node_config
                    else DEFAULT_OFFLINE_AFTER_S, offline_max_hours=hours,
                    offline_budget=_number(node_config, "offline-budget", int, low=0) if "offline-budget" in node_config
-                   else None, suggest=_flag(node_config, "suggest"), secure_only=_flag(node_config, "secure-only"))
+                   else None, suggest=_flag(node_config, "suggest"), secure_only=_flag(node_config, "secure-only"),
+                   labels_csv=str(node_config.get("labels-csv", "")), test_path=str(node_config.get("test-path", "")))
 
 
 def _flag(node_config: dict, key: str) -> bool:
@@ -145,11 +169,13 @@ def _number(node_config: dict, key: str, kind: type, *, low: float):
     return value
 
 
-def open_site_pool(state_dir: str | Path, client_id: int, data: LocalData, *, create: bool = True) -> Pool:
+def open_site_pool(state_dir: str | Path, client_id: int, data: LocalData, *, create: bool = True,
+                   grow: bool = False) -> Pool:
     """The durable pool of client ``client_id``: ``<state_dir>/client-<id>.db``, sized for its ``data``.
 
     ``create=False`` (the labeling page, the file exchange) refuses to make a new, empty
-    database, which would mean a wrong ``state_dir`` or ``client_id``.
+    database, which would mean a wrong ``state_dir`` or ``client_id``. ``grow`` (a folder
+    site): samples new since the last open join the pool.
     """
     path = Path(state_dir) / f"client-{client_id}.db"
     if not create and not path.is_file():
@@ -157,4 +183,4 @@ def open_site_pool(state_dir: str | Path, client_id: int, data: LocalData, *, cr
             f"there is no client database {path}; give the state-dir and client-id of the SuperNode's node config "
             "(the file appears when the client handles its first round)"
         )
-    return Pool(data.n_classes, size=len(data.y_pool), path=path)
+    return Pool(data.n_classes, size=len(data.y_pool), path=path, grow=grow)

@@ -34,7 +34,7 @@ from fedal.oracle import VerifyingOracle
 from fedal.pool import PENDING
 from fedal.secure import FixedPoint, renew_released
 from fedal.seeds import client_seed, local_model_seed
-from fedal.sitedata import load_site
+from fedal.sitedata import at_run_size, load_folder_site, load_site
 from fedal.strategies import WithViews
 
 
@@ -77,11 +77,24 @@ class ClientSite:
     def __init__(self, cfg: FederationConfig, node: NodeConfig, data: LocalData | None = None) -> None:
         self.cfg = cfg
         self.client_id = node.client_id
-        if data is None:
-            data = load_site(node.data_path, self.client_id) if node.data_path else client_data(cfg, self.client_id)
-        self.data = data
         state_dir = Path(node.state_dir or cfg.client_state_dir)
-        self.pool = open_site_pool(state_dir, self.client_id, self.data)
+        if not node.data_path and cfg.site_data:  # a simulation whose clients read their own files
+            node = dataclasses.replace(node, data_path=cfg.site_path(self.client_id))
+        gone = None
+        #: what the scans of a folder site's files found (:class:`fedal.imagefolder.ScanReport`), else empty
+        self.scans: list = []
+        if data is None and node.folder:  # the site's own image files: new ones join, gone ones are marked
+            pool_folder, test_folder = node.site_folders()
+            data, gone, self.scans = load_folder_site(cfg, pool_folder, state_dir, self.client_id,
+                                                      labels_csv=node.labels_csv, test_path=test_folder)
+        elif data is None:
+            data = load_site(node.data_path, self.client_id) if node.data_path else client_data(cfg, self.client_id)
+        self.data = data = at_run_size(cfg, data)
+        self.pool = open_site_pool(state_dir, self.client_id, self.data, grow=gone is not None)
+        if gone is not None:
+            self.pool.set_gone(gone)
+            if node.oracle != "simulated":  # labels the folder already gives start the labeled set
+                self._take_given_labels()
         timeout = cfg.query_timeout if node.query_timeout is None else node.query_timeout
         self.query_timeout = timeout if timeout > 0 else None
         seed = client_seed(cfg.seed, self.client_id)
@@ -107,6 +120,15 @@ class ClientSite:
     def close(self) -> None:
         """Close the database."""
         self.pool.close()
+
+    def _take_given_labels(self) -> int:
+        """Add the labels a folder site's files already have (class subfolders, its CSV) to the pool, once: a sample
+        labeled, or asked of someone, keeps what it has. Returns how many were added."""
+        given = np.flatnonzero(self.data.y_pool >= 0)
+        free = np.intersect1d(given, self.pool.unlabeled_ids())
+        if not len(free):
+            return 0
+        return self.pool.add_labeled({int(i): int(self.data.y_pool[i]) for i in free}, source="site-folder")
 
     def train(self, global_state: dict, instruction: TrainInstruction,
               global_stats: dict | None = None) -> tuple[dict, TrainReport]:

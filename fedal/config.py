@@ -24,6 +24,8 @@ AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrim
 DP_MODES = ("server", "client")
 PIPELINES = ("head", "network", "handover")
 NETWORKS = ("smallcnn", "convnet")
+#: how an image of another size or aspect is brought to the run's square input size (``resize-policy``)
+RESIZE_POLICIES = ("pad", "crop")
 #: ConvNet's normalisations (:data:`fedal.models.nets.NORMS` says what each is)
 NORMS = ("batch", "group", "none")
 #: optimizers of a local fit, learning-rate schedules within one fit, training-time augmentations of images
@@ -71,6 +73,17 @@ class FederationConfig:
     features : str
         ``auto`` (image descriptors for images with the head pipeline, the inputs as they are otherwise),
         ``raw`` (the inputs flattened) or ``descriptors`` (HOG, LBP and intensity statistics of images).
+    input_size : int
+        Images: the side every image is brought to (0 = the data set's own: 28 for MedMNIST). A site's own files
+        (a folder, :mod:`fedal.imagefolder`) are read at it, the server's test set and the simulated sites' images
+        resized to it; 28, 64, 128 and 224 are the sizes the networks and descriptors are made for.
+    site_data : str
+        Simulation: where each client reads its own data instead of its share of ``dataset``, a path with ``{id}``
+        for the client id (e.g. ``sites/site-{id}/pool``: a folder of image files, :mod:`fedal.imagefolder`, or a
+        ``.npz`` of ``fedal split``); "" = the share. A deployed site's node config ``data-path`` overrides it.
+    resize_policy : str
+        How an image of another size or aspect is brought to ``input_size`` x ``input_size``: ``pad`` (the longer
+        side to the size, black borders) or ``crop`` (the shorter side to the size, the centre kept).
     pseudo_label_threshold : float
         Head pipeline: pool samples the global head classifies with at least this confidence join a client's
         statistics with that class (self-training, on the device; 0 = off).
@@ -272,6 +285,9 @@ class FederationConfig:
     local_test_fraction: float = 0.2
     pipeline: str = "head"
     features: str = "auto"
+    input_size: int = 0
+    resize_policy: str = "pad"
+    site_data: str = ""
     pseudo_label_threshold: float = 0.9
     head_shrinkage: float = -1.0
     head_clip_norm: float = 0.0
@@ -363,6 +379,12 @@ class FederationConfig:
         need(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
         need(self.pipeline in PIPELINES, f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         need(self.features in FEATURES, f"features must be one of {FEATURES}, got {self.features!r}")
+        need(self.input_size == 0 or 8 <= self.input_size <= 512, f"input-size must be 0 (the data set's own) or a "
+             f"side in 8..512 pixels (28, 64, 128, 224), got {self.input_size}")
+        need(not self.site_data or "{id}" in self.site_data, f"site-data must hold {{id}} where the client id goes "
+             f"(e.g. \"sites/site-{{id}}/pool\"), got {self.site_data!r}")
+        need(self.resize_policy in RESIZE_POLICIES, f"resize-policy must be one of {RESIZE_POLICIES} (pad: the longer "
+             f"side to input-size with black borders; crop: the shorter side, centre kept), got {self.resize_policy!r}")
         need(0 <= self.pseudo_label_threshold <= 1,
              f"pseudo-label-threshold must be in [0, 1] (0 = no self-training), got {self.pseudo_label_threshold}")
         need(self.head_shrinkage == -1 or 0 <= self.head_shrinkage <= 1,
@@ -535,6 +557,10 @@ class FederationConfig:
         if self.min_class_count >= 0:
             return max(self.min_class_count, 1)
         return 1 if self.secure_aggregation or self.pipeline == "network" else 2
+
+    def site_path(self, client_id: int) -> str:
+        """Where client ``client_id`` of a simulation reads its data (``site-data``), "" = its share of the data set."""
+        return self.site_data.replace("{id}", str(int(client_id))) if self.site_data else ""
 
     def round_lr_factor(self, server_round: int) -> float:
         """The factor ``lr-schedule`` gives round ``server_round``'s learning rate (1 with ``constant``):

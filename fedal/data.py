@@ -275,10 +275,10 @@ def _images(a: np.ndarray, path: Path, key: str) -> np.ndarray:
         raise DataFileError(
             f"data file {path}: {key} has shape {a.shape}; expected (N, H, W) or (N, H, W, 1|3) images"
         )
-    if a.shape[-2:] != (28, 28):
+    if min(a.shape[-2:]) < 8:
         raise DataFileError(
-            f"data file {path}: {key} images are {a.shape[-2]}x{a.shape[-1]}; fedal's CNN takes 28x28 "
-            "(use the 28x28 MedMNIST release)"
+            f"data file {path}: {key} images are {a.shape[-2]}x{a.shape[-1]}; fedal takes images of at least 8x8 "
+            "(the run's input-size brings them all to one size)"
         )
     if np.issubdtype(a.dtype, np.floating):
         bad = ~np.isfinite(a).reshape(len(a), -1).all(axis=1)
@@ -287,6 +287,34 @@ def _images(a: np.ndarray, path: Path, key: str) -> np.ndarray:
                                 f"image {int(np.argmax(bad))}); fix or drop them")
     scale = 255.0 if a.dtype == np.uint8 or a.max() > 1.0 else 1.0
     return np.ascontiguousarray(a, dtype=np.float32) / np.float32(scale)
+
+
+def resize_images(X: np.ndarray, size: int, policy: str = "pad") -> np.ndarray:
+    """Images ``X`` (float32 NCHW in [0, 1]) brought to ``size`` x ``size`` by ``policy``: ``pad`` scales the
+    longer side to ``size`` and pads with black, centred; ``crop`` scales the shorter side and keeps the centre.
+    Bilinear with antialiasing (torch); ``X`` itself when it already has the size."""
+    X = np.asarray(X, np.float32)
+    if X.ndim != 4:
+        raise ValueError(f"resize_images takes images (N, C, H, W), got shape {X.shape}")
+    h, w = X.shape[-2:]
+    if (h, w) == (size, size):
+        return X
+    import torch
+    import torch.nn.functional as F
+
+    scale = (size / max(h, w)) if policy == "pad" else (size / min(h, w))
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    out = np.zeros((len(X), X.shape[1], size, size), np.float32)
+    for start in range(0, len(X), 512):  # bounded memory: 512 images at a time
+        t = torch.from_numpy(np.ascontiguousarray(X[start:start + 512]))
+        r = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1).numpy()
+        if policy == "pad":
+            top, left = (size - nh) // 2, (size - nw) // 2
+            out[start:start + 512, :, top:top + nh, left:left + nw] = r
+        else:
+            top, left = (nh - size) // 2, (nw - size) // 2
+            out[start:start + 512] = r[:, :, top:top + size, left:left + size]
+    return out
 
 
 def _labels(a: np.ndarray, path: Path, key: str) -> np.ndarray:

@@ -88,6 +88,14 @@ class ImageDescriptors(Featurizer):
         self.name = (f"descriptors(o={self.orientations},c={self.cell},b={self.block},p={self.lbp_points},"
                      f"r={self.lbp_radius},h={self.bins})")
 
+    @classmethod
+    def for_size(cls, side: int) -> "ImageDescriptors":
+        """The descriptors of images ``side`` pixels wide: the HOG cell and the LBP radius scaled from 28 x 28's (7
+        and 1), so that every input size gives the same 4 x 4 cells and the same number of features."""
+        if side <= 28:
+            return cls()
+        return cls(cell=max(2, round(7 * side / 28)), lbp_radius=max(1, round(side / 28)))
+
     def max_norm(self, input_shape: tuple[int, ...]) -> float:
         """The largest L2 norm a descriptor of an image of ``input_shape`` with values in [0, 1] can have: each
         L2-Hys HOG block has norm at most 1, the LBP histogram's shares sum to 1, and per channel the mean and
@@ -106,6 +114,8 @@ class ImageDescriptors(Featurizer):
         if X.ndim != 4 or X.shape[1] not in (1, 3):
             raise ConfigError(f"image descriptors need images of shape (n, C, H, W) with C = 1 or 3, got {X.shape}; "
                               "use features = \"raw\" for tables")
+        if not len(X):  # no image (a site without a local test set): no row, of the right width
+            return np.zeros((0, self.dim(X.shape[1:])), np.float32)
         out = []
         qs = np.array([10, 50, 90])
         for img in X:
@@ -172,7 +182,7 @@ def featurizer_for(kind: str, input_shape: tuple[int, ...], pipeline: str = "hea
         if not is_image:
             raise ConfigError(f"features = \"descriptors\" needs images (C, H, W); these inputs have shape "
                               f"{tuple(input_shape)}: use features = \"raw\"")
-        return ImageDescriptors()
+        return ImageDescriptors.for_size(min(input_shape[1:]))
     return RawFeatures() if kind == "raw" else None
 
 

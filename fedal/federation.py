@@ -24,8 +24,22 @@ def _dataset(name: str, data_dir: str, seed: int, max_train: int, n_classes: int
 
 
 def federation_dataset(cfg: FederationConfig) -> Dataset:
-    """The data set of the run ``cfg`` (cached per process)."""
-    return _dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.n_classes)
+    """The data set of the run ``cfg`` (cached per process), its images at the run's ``input-size``."""
+    return _sized_dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.n_classes, cfg.input_size,
+                          cfg.resize_policy)
+
+
+@lru_cache(maxsize=2)
+def _sized_dataset(name: str, data_dir: str, seed: int, max_train: int, n_classes: int, size: int,
+                   policy: str) -> Dataset:
+    ds = _dataset(name, data_dir, seed, max_train, n_classes)
+    if not size or ds.kind != "image" or ds.input_shape[-2:] == (size, size):
+        return ds
+    from dataclasses import replace
+
+    from fedal.data import resize_images
+
+    return replace(ds, X_train=resize_images(ds.X_train, size, policy), X_test=resize_images(ds.X_test, size, policy))
 
 
 @lru_cache(maxsize=4)

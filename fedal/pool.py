@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS offline_requests (
     grant_round INTEGER NOT NULL,
     reported_round INTEGER
 );
+-- samples whose file left the site's folder (fedal.imagefolder): never asked for; a label given stays
+CREATE TABLE IF NOT EXISTS gone (
+    sample_id INTEGER PRIMARY KEY REFERENCES samples (id),
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS budgets (
     round INTEGER PRIMARY KEY,
     assigned INTEGER NOT NULL,
@@ -101,10 +106,13 @@ class Pool:
         Number of samples when ``ids`` is not given.
     path : path, optional
         SQLite file for durable state; default in memory.
+    grow : bool
+        A pool that grows (a site's folder, :mod:`fedal.imagefolder`): reopened with more ids, the new ones join
+        as unlabeled; fewer is still an error (no sample is forgotten: one whose file left is :meth:`set_gone`).
     """
 
     def __init__(self, n_classes: int, ids: Iterable[int] | None = None, *, size: int | None = None,
-                 path: str | os.PathLike | None = None) -> None:
+                 path: str | os.PathLike | None = None, grow: bool = False) -> None:
         if n_classes < 2:
             raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
         self.n_classes = int(n_classes)
@@ -122,6 +130,7 @@ class Pool:
             if size is None:
                 raise ConfigError("Pool needs ids or size")
             ids = range(int(size))
+        self.grow = bool(grow)
         self._init_ids(np.asarray(list(ids), dtype=np.int64))
 
     # ----------------------------------------------------------------- plumbing
@@ -154,6 +163,12 @@ class Pool:
                 "use a new state directory for a different data set"
             )
         have = self._ids_where(None)
+        if self.grow and np.isin(have, ids).all():  # a folder's pool: new files join, none is forgotten
+            new = np.setdiff1d(ids, have)
+            if len(new):
+                with self._tx() as db:
+                    db.executemany("INSERT OR IGNORE INTO samples VALUES (?, 'unlabeled')", ((int(i),) for i in new))
+            return
         if len(have) != len(ids) or not np.array_equal(np.sort(have), np.sort(ids)):
             raise ConfigError(
                 f"database {self.path} holds a pool of {len(have)} samples that differs from the "
@@ -185,8 +200,28 @@ class Pool:
         return self._ids_where(None)
 
     def unlabeled_ids(self) -> np.ndarray:
-        """Ids neither labeled nor waiting for an answer (the query candidates)."""
-        return self._ids_where(UNLABELED)
+        """Ids neither labeled nor waiting for an answer (the query candidates), but for those whose file is gone."""
+        rows = self._db.execute("SELECT id FROM samples WHERE state = ? AND id NOT IN (SELECT sample_id FROM gone) "
+                                "ORDER BY id", (UNLABELED,))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def gone_ids(self) -> np.ndarray:
+        """Ids whose file left the site's folder (:meth:`set_gone`), sorted."""
+        return np.fromiter((r[0] for r in self._db.execute("SELECT sample_id FROM gone ORDER BY sample_id")),
+                           dtype=np.int64)
+
+    def set_gone(self, gone: Iterable[int]) -> None:
+        """Mark exactly the ids ``gone`` as gone (their files left the folder): an unlabeled one is never asked for,
+        a label or a request already made stays; an id no longer in ``gone`` (its file came back) is asked again."""
+        gone = sorted({int(i) for i in gone})
+        with self._tx() as db:
+            unknown = [i for i in gone if db.execute("SELECT 1 FROM samples WHERE id = ?", (i,)).fetchone() is None]
+            if unknown:
+                raise UnknownSampleError(f"sample id(s) {unknown[:5]} are not in the pool")
+            since = dict(db.execute("SELECT sample_id, since FROM gone").fetchall())  # when each went, kept
+            db.execute("DELETE FROM gone")
+            now = time.time()
+            db.executemany("INSERT INTO gone VALUES (?, ?)", ((i, since.get(i, now)) for i in gone))
 
     def pending_ids(self) -> np.ndarray:
         """Ids asked of an oracle and not yet answered."""
@@ -210,6 +245,8 @@ class Pool:
         """Number of samples per state."""
         out = {UNLABELED: 0, PENDING: 0, LABELED: 0}
         out.update(dict(self._db.execute("SELECT state, COUNT(*) FROM samples GROUP BY state")))
+        out[UNLABELED] -= self._db.execute("SELECT COUNT(*) FROM gone g JOIN samples s ON s.id = g.sample_id "
+                                           "WHERE s.state = ?", (UNLABELED,)).fetchone()[0]  # not candidates
         return out
 
     def labels(self) -> tuple[np.ndarray, np.ndarray]:

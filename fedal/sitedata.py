@@ -31,7 +31,7 @@ import numpy as np
 
 from fedal.config import FederationConfig
 from fedal.data import LocalData, _images
-from fedal.exceptions import DataFileError
+from fedal.exceptions import ConfigError, DataFileError
 from fedal.federation import client_data
 from fedal.fileio import atomic_write, read_npz
 
@@ -144,8 +144,14 @@ def _site_labels(a, n: int, n_classes: int, path: Path, key: str, *, allow_unkno
     return a.astype(np.int64)
 
 
-def split_sites(cfg: FederationConfig, out_dir: str | os.PathLike, *, include_labels: bool = True) -> list[Path]:
-    """Write ``site-<id>.npz`` for every client of ``cfg``, cut as the simulation cuts it.
+#: what ``fedal split`` writes per site: one ``.npz``, or a folder of PNG or DICOM files (:func:`save_site_folder`)
+SPLIT_FORMATS = ("npz", "png", "dicom")
+
+
+def split_sites(cfg: FederationConfig, out_dir: str | os.PathLike, *, include_labels: bool = True,
+                fmt: str = "npz") -> list[Path]:
+    """Write ``site-<id>.npz`` (or the folder ``site-<id>/``) for every client of ``cfg``, cut as the simulation
+    cuts it.
 
     Parameters
     ----------
@@ -155,7 +161,220 @@ def split_sites(cfg: FederationConfig, out_dir: str | os.PathLike, *, include_la
         Output folder.
     include_labels : bool
         Keep pool ground truth (for simulated oracles); see :func:`save_site`.
+    fmt : str
+        One of :data:`SPLIT_FORMATS`.
     """
+    if fmt not in SPLIT_FORMATS:
+        raise ConfigError(f"the split format must be one of {SPLIT_FORMATS}, got {fmt!r}")
     out = Path(out_dir)
+    if fmt != "npz":
+        return [save_site_folder(out / f"site-{cid}", client_data(cfg, cid), fmt=fmt, include_labels=include_labels)
+                for cid in range(cfg.clients)]
     return [save_site(out / f"site-{cid}.npz", client_data(cfg, cid), include_labels=include_labels)
             for cid in range(cfg.clients)]
+
+
+def save_site_folder(out: str | os.PathLike, data: LocalData, *, fmt: str = "png", include_labels: bool = True,
+                     csv_labels: bool = False) -> Path:
+    """Write one site's images as files, as a hospital would hold them: ``<out>/pool`` and ``<out>/test``.
+
+    PNG: the pool in class subfolders (``pool/<class>/<n>.png``, the ImageFolder convention) with
+    ``include_labels``, else flat (``pool/<n>.png``); the test set always in class subfolders. DICOM: 16-bit
+    MONOCHROME2 (grey, stored as ``v x 257`` with the window that maps it back to ``v``) or 8-bit RGB Secondary
+    Capture files ``<n>.dcm``, the labels in ``labels.csv`` (path,label by class name). Reading the folder at the
+    same size gives back the same pixels (:mod:`fedal.imagefolder`). Returns ``out``.
+
+    Parameters
+    ----------
+    out : path
+        The site's folder (made; must not hold files already).
+    data : LocalData
+        The site's images (float32 NCHW in [0, 1]) and labels.
+    fmt : {"png", "dicom"}
+        The files' format.
+    include_labels : bool
+        Write the pool's labels (class subfolders, or the CSV); the test set's are always written.
+    csv_labels : bool
+        PNG: the files flat in each folder, in the data's order, the labels in ``labels.csv`` (as for DICOM).
+    """
+    if data.kind != "image":
+        raise ConfigError(f"only images can be written as files; this site's data are {data.kind} rows")
+    if fmt not in ("png", "dicom"):
+        raise ConfigError(f"a site folder is written as png or dicom, not {fmt!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} holds files already; give an empty or new folder")
+    for part, X, y, labeled in (("pool", data.X_pool, data.y_pool, include_labels), ("test", data.X_test, data.y_test,
+                                                                                     True)):
+        folder = out / part
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for n, (image, label) in enumerate(zip(X, y)):
+            pixels = np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+            name = data.class_names[int(label)] if labeled and label >= 0 else None
+            if fmt == "png":
+                rel = f"{name}/{n:06d}.png" if name is not None and not csv_labels else f"{n:06d}.png"
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                _write_png(folder / rel, pixels)
+            else:
+                rel = f"{n:06d}.dcm"
+                _write_dicom(folder / rel, pixels)
+            if name is not None and (fmt == "dicom" or csv_labels):
+                rows.append((rel, name))
+        if rows:
+            with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as f:
+                import csv
+
+                writer = csv.writer(f)
+                writer.writerow(["path", "label"])
+                writer.writerows(rows)
+    return out
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    image.save(path, format="PNG")
+
+
+def _write_dicom(path: Path, pixels: np.ndarray) -> None:
+    """A Secondary Capture DICOM file of ``pixels`` (uint8, C x H x W), explicit VR little endian."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = int(pixels.shape[1]), int(pixels.shape[2])
+    ds.PixelRepresentation = 0
+    if pixels.shape[0] == 1:  # 16-bit grey, windowed back to 0..255
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.WindowCenter, ds.WindowWidth = 32768, 65536
+        ds.PixelData = (pixels[0].astype(np.uint16) * 257).tobytes()
+    else:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelData = np.ascontiguousarray(pixels.transpose(1, 2, 0)).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+#: channels of the image data sets fedal knows by name (a folder site reads its files with the run's)
+CHANNELS = {"bloodmnist": 3, "pneumoniamnist": 1, "mnist": 1}
+
+
+def run_layout(cfg: FederationConfig) -> tuple[list[str], int, int]:
+    """The class names, channels and input side of the run ``cfg``'s images: what a folder site reads its files as
+    (the data sets fedal knows by name need no file on the site; any other is read for its layout).
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run (its ``dataset`` and ``input-size``).
+    """
+    from fedal.data import MEDMNIST_CLASSES
+
+    if cfg.dataset in CHANNELS:
+        names = MEDMNIST_CLASSES.get(cfg.dataset) or [str(i) for i in range(10)]
+        return list(names), CHANNELS[cfg.dataset], cfg.input_size or 28
+    ds = federation_dataset(cfg)
+    if ds.kind != "image":
+        raise DataFileError(f"a site's folder of images needs a run of images; the run's data set {cfg.dataset!r} "
+                            "holds table rows: point data-path at a site file (fedal split) instead")
+    return list(ds.class_names), int(ds.input_shape[0]), int(ds.input_shape[-1])
+
+
+def load_folder_site(cfg: FederationConfig, folder, state_dir, client_id: int = 0, *, labels_csv: str = "",
+                     test_path: str = "", scan: bool = True):
+    """A folder site's data: its pool and local test set read from its own image files (:mod:`fedal.imagefolder`),
+    with the ids of the samples whose file is gone and what each scan found.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run (classes, channels, ``input-size``, ``resize-policy``).
+    folder : path
+        The site's image folder (node config ``data-path``).
+    state_dir : path
+        The site's state folder (the records and the image cache).
+    client_id : int
+        The site's client id.
+    labels_csv : str
+        The CSV of labels already given ("" = ``labels.csv`` in the folder, if any).
+    test_path : str
+        A folder of labeled images as the local test set ("" = none).
+    scan : bool
+        Read the folder for new, changed and gone files first (False: the records as the site last saw them, for
+        the labeling page and the file exchange beside a running site).
+
+    Returns
+    -------
+    (LocalData, numpy.ndarray, list of ScanReport)
+        The data (the pool's rows are the sample ids; ``y_pool`` holds the labels already given, -1 elsewhere),
+        the gone ids, and the scans (pool, then test set; empty with ``scan=False``).
+    """
+    from fedal.imagefolder import ImageFolder
+
+    names, channels, side = run_layout(cfg)
+    opts = dict(size=side, channels=channels, policy=cfg.resize_policy, class_names=names)
+    reports = []
+    with ImageFolder(folder, state_dir, client_id, labels_csv=labels_csv or None, **opts) as pool:
+        if scan:
+            reports.append(pool.scan())
+        X_pool, y_pool, gone = _scaled(pool.images()), pool.labels(), pool.gone_ids()
+    if len(X_pool) == 0:
+        raise DataFileError(f"the site's folder {folder} holds no image fedal can read"
+                            + (": " + "; ".join(reports[0].lines()[1:]) if reports else "")
+                            + "; put PNG, JPEG, TIFF, BMP or DICOM files in it")
+    X_test, y_test = X_pool[:0], np.zeros(0, np.int64)
+    if test_path:
+        with ImageFolder(test_path, state_dir, client_id, part="test", **opts) as test:
+            if scan:
+                reports.append(test.scan())
+            keep = np.setdiff1d(np.flatnonzero(test.labels() >= 0), test.gone_ids())
+            X_test, y_test = _scaled(test.images())[keep], test.labels()[keep]
+    return LocalData(int(client_id), X_pool, y_pool, X_test, y_test, len(names), names, "image"), gone, reports
+
+
+def _scaled(images: np.ndarray) -> np.ndarray:
+    """uint8 images as the models take them: float32 in [0, 1] (divided by 255, as a uint8 ``.npz`` is), 2,048
+    rows at a time (no float copy of the whole cache beside the result)."""
+    out = np.empty(images.shape, np.float32)
+    for start in range(0, len(images), 2048):
+        np.divide(images[start:start + 2048], np.float32(255), out=out[start:start + 2048], dtype=np.float32)
+    return out
+
+
+def at_run_size(cfg: FederationConfig, data: LocalData) -> LocalData:
+    """A site's ``data`` with its images at the run's input size (``input-size``, else 28 for the data sets fedal
+    knows by name), by the run's ``resize-policy``; tables and images already at the size as they are.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run.
+    data : LocalData
+        The site's data (a ``.npz`` may hold images of another size).
+    """
+    side = cfg.input_size or (28 if cfg.dataset in CHANNELS else 0)
+    if data.kind != "image" or not side or data.input_shape[-2:] == (side, side):
+        return data
+    if cfg.dataset in CHANNELS and data.input_shape[0] != CHANNELS[cfg.dataset]:
+        raise DataFileError(f"this site's images have {data.input_shape[0]} channel(s); the run's data set "
+                            f"{cfg.dataset} has {CHANNELS[cfg.dataset]}: write the site's data with those")
+    from dataclasses import replace
+
+    from fedal.data import resize_images
+
+    return replace(data, X_pool=resize_images(data.X_pool, side, cfg.resize_policy),
+                   X_test=resize_images(data.X_test, side, cfg.resize_policy) if len(data.X_test) else
+                   np.zeros((0, data.input_shape[0], side, side), np.float32))

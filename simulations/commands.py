@@ -162,7 +162,10 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
                             help=f"as in fedal simulate (default {value!r})")
     parser.add_argument("--config", help="TOML file with settings (flags override it)")
-    parser.add_argument("--out", required=True, help="folder for site-<id>.npz")
+    parser.add_argument("--out", required=True, help="folder for site-<id>.npz (or the folders site-<id>/)")
+    parser.add_argument("--format", default="npz", choices=("npz", "png", "dicom"),
+                        help="npz: one file per site; png / dicom: a folder of image files per site, as a hospital "
+                             "holds them (site-<id>/pool, site-<id>/test; labels in class subfolders or labels.csv)")
     parser.add_argument("--no-labels", action="store_true",
                         help="leave the pool labels out (sites whose people label; no simulated oracle)")
 
@@ -180,7 +183,14 @@ def run_split(args: argparse.Namespace) -> int:
     if given:
         cfg = FederationConfig.from_mapping(given, base=cfg)
     writable_folder(args.out, what=f"--out {args.out}")
-    paths = split_sites(cfg, args.out, include_labels=not args.no_labels)
+    paths = split_sites(cfg, args.out, include_labels=not args.no_labels, fmt=args.format)
+    if args.format != "npz":
+        for path in paths:
+            pool = sum(1 for p in (path / "pool").rglob("*") if p.suffix in (".png", ".dcm"))
+            test = sum(1 for p in (path / "test").rglob("*") if p.suffix in (".png", ".dcm"))
+            print(f"{path}: {pool} pool images, {test} local test images ({args.format}); a SuperNode reads it with "
+                  f"--node-config 'data-path=\"{path / 'pool'}\" test-path=\"{path / 'test'}\"'")
+        return 0
     for cid, path in enumerate(paths):
         site = load_site(path, cid)
         counts = np.bincount(site.y_pool[site.y_pool >= 0], minlength=site.n_classes)

@@ -51,8 +51,26 @@ def test_small_cnn_rejects_the_wrong_input():
     with pytest.raises(ValueError, match="1 or 3"):
         SmallCNN(2, 5)
     model = TorchClassifier(lambda: SmallCNN(1, 5), 5)
-    with pytest.raises(ValueError, match=r"\(n, 1, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"\(n, 1, S, S\) with S >= 28"):
         model.forward(images(2, 3))
+
+
+@pytest.mark.parametrize("side", [28, 64, 128, 224])
+def test_both_networks_take_every_supported_input_size_with_the_same_weights_shape_at_28(side):
+    import torch
+
+    from fedal.models import build_model
+    from fedal.models.nets import ConvNet
+
+    for network in ("smallcnn", "convnet"):
+        model = build_model((3, side, side), 8, network=network, norm="group")
+        probs, _ = model.forward(np.zeros((2, 3, side, side), np.float32))
+        assert probs.shape == (2, 8)
+    # at 28 x 28 the ConvNet is the one it always was: a 3 x 3 first convolution; above, it strides by side / 28
+    first = ConvNet(3, 8, input_size=side).features[0]
+    assert first.stride == ((max(1, side // 28),) * 2) and first.kernel_size[0] == (3 if side < 56 else 2 * (side // 28) + 1)
+    assert list(ConvNet(3, 8, input_size=side).state_dict()) == list(ConvNet(3, 8).state_dict())
+    assert torch.is_tensor(first.weight)
 
 
 def test_mlp_outputs(digits):

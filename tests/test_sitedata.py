@@ -94,7 +94,7 @@ def test_hand_made_site_files_in_every_image_layout(tmp_path):
     ({"x_pool": np.zeros((3, 4)), "class_names": np.array(["a", "b"]), "x_test": np.zeros((2, 4))}, "no y_test"),
     ({"x_pool": np.zeros((3, 4)), "class_names": np.array(["a", "b"]), "x_test": np.zeros((2, 5)),
       "y_test": [0, 1]}, "differ from x_pool rows"),
-    ({"x_pool": np.zeros((3, 14, 14)), "class_names": np.array(["a", "b"])}, "takes 28x28"),
+    ({"x_pool": np.zeros((3, 6, 6)), "class_names": np.array(["a", "b"])}, "at least 8x8"),
     ({"x_pool": np.zeros((0, 4)), "class_names": np.array(["a", "b"]), "kind": np.array("table")}, "x_pool is empty"),
 ])
 def test_bad_site_files_are_named(tmp_path, arrays, message):

@@ -35,8 +35,8 @@ FLIP_INVARIANT = ("bloodmnist", "pathmnist", "dermamnist")
 
 def build_model(input_shape: tuple[int, ...], n_classes: int, *, network: str = "smallcnn", norm: str = "group",
                 **kwargs) -> TorchClassifier:
-    """The torch model for an input shape: ``network`` (a SmallCNN or a ConvNet) for (C, 28, 28) images, else
-    an MLP.
+    """The torch model for an input shape: ``network`` (a SmallCNN or a ConvNet) for square (C, S, S) images of
+    S >= 28 pixels (28, 64, 128, 224: the networks scale their first stride or their pooling), else an MLP.
 
     Parameters
     ----------
@@ -54,10 +54,10 @@ def build_model(input_shape: tuple[int, ...], n_classes: int, *, network: str = 
     from fedal.models.nets import MLP, ConvNet, SmallCNN
     from fedal.models.torch_adapter import TorchClassifier
 
-    if len(input_shape) == 3 and input_shape[1:] == (28, 28):
-        channels = input_shape[0]
+    if len(input_shape) == 3 and input_shape[0] in (1, 3) and input_shape[1] == input_shape[2] >= 28:
+        channels, side = input_shape[0], int(input_shape[1])
         if network == "convnet":
-            return TorchClassifier(lambda: ConvNet(channels, n_classes, norm=norm), n_classes, **kwargs)
+            return TorchClassifier(lambda: ConvNet(channels, n_classes, norm=norm, input_size=side), n_classes, **kwargs)
         return TorchClassifier(lambda: SmallCNN(channels, n_classes), n_classes, **kwargs)
     kwargs["augment"] = "none"
     n_features = 1

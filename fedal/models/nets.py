@@ -12,7 +12,7 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks and a dense layer for 28x28 images with 1 or 3 channels.
+    """Two conv blocks and a dense layer for 28x28 images (or larger, pooled to 28x28's maps) with 1 or 3 channels.
 
     Parameters
     ----------
@@ -35,15 +35,18 @@ class SmallCNN(nn.Module):
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
+        # larger inputs are pooled to the 7 x 7 maps of a 28 x 28 input (at 28 x 28 the pooling changes nothing;
+        # it holds no weight, so the model's keys are those of the 28 x 28 network)
+        self.features.append(nn.AdaptiveAvgPool2d((7, 7)))
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, embedding_dim), nn.ReLU())
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(embedding_dim, n_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer embedding of images ``x`` (n, C, 28, 28), shape (n, embedding_dim)."""
-        if x.shape[-3:] != (self.in_channels, 28, 28):
+        if x.ndim != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < 28:
             raise ValueError(
-                f"SmallCNN expects inputs of shape (n, {self.in_channels}, 28, 28), got "
+                f"SmallCNN expects inputs of shape (n, {self.in_channels}, S, S) with S >= 28, got "
                 f"{tuple(x.shape)}; load images with fedal.data (NCHW, scaled to [0, 1])."
             )
         return self.fc(self.features(x))
@@ -153,10 +156,12 @@ class ConvNet(nn.Module):
         Channels of the five convolutions; max-pooling follows the 2nd and 4th.
     dropout : float
         Dropout before the head (also used for MC dropout).
+    input_size : int
+        The side of the input images: above 28 the first convolution strides by ``input_size // 28``.
     """
 
     def __init__(self, in_channels: int, n_classes: int, norm: str = "batch",
-                 widths: tuple[int, ...] = (32, 32, 64, 64, 128), dropout: float = 0.1):
+                 widths: tuple[int, ...] = (32, 32, 64, 64, 128), dropout: float = 0.1, input_size: int = 28):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
@@ -166,14 +171,19 @@ class ConvNet(nn.Module):
         self.norm = norm
         layers: list[nn.Module] = []
         width = in_channels
+        # larger inputs: the first convolution strides by size / 28 (its kernel 2 x stride + 1 wide, so no pixel is
+        # skipped), and the rest of the network sees maps of about 28 x 28's size (28 x 28: a 3 x 3 convolution)
+        stride = max(1, int(input_size) // 28)
         for i, out in enumerate(widths):
             last = i == len(widths) - 1
+            conv = dict(kernel_size=3, padding=1) if i or stride == 1 else dict(
+                kernel_size=2 * stride + 1, stride=stride, padding=stride)
             if norm == "batch":
-                layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out)]
+                layers += [nn.Conv2d(width, out, bias=False, **conv), nn.BatchNorm2d(out)]
             elif norm == "group" and not last:  # GroupNorm just before the pooling would remove each map's mean
-                layers += [WSConv2d(width, out, 3, padding=1, bias=False), nn.GroupNorm(min(8, out), out)]
+                layers += [WSConv2d(width, out, bias=False, **conv), nn.GroupNorm(min(8, out), out)]
             else:
-                layers.append(ScaledWSConv2d(width, out, 3, padding=1))
+                layers.append(ScaledWSConv2d(width, out, **conv))
             layers.append(nn.ReLU())
             if i in (1, 3):
                 layers.append(nn.MaxPool2d(2))
