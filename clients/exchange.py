@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.images import to_png
+from clients.images import sample_png
 from fedal.data import LocalData
 from fedal.exceptions import FedalError, InvalidLabelError
 from fedal.fileio import atomic_write
@@ -83,7 +83,7 @@ def export_requests(pool: Pool, data: LocalData, folder: str | os.PathLike) -> P
             name = f"sample-{sid}.png"
             wanted.add(name)
             if not (images / name).exists():
-                atomic_write(images / name, to_png(data.X_pool[sid]))
+                atomic_write(images / name, sample_png(data, sid))
             row.append(f"{IMAGES_DIR}/{name}")
         else:
             row.extend(f"{v:.6g}" for v in data.X_pool[sid])

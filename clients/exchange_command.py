@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     """Export or import as the parsed ``args`` say; print what happened."""
     from fedal.sitedata import load_site
 
-    data = load_site(args.data_path, args.client_id)
+    data = load_site(args.data_path, args.client_id, args.state_dir)
     with open_site_pool(args.state_dir, args.client_id, data, create=False) as pool:
         if args.action == "export":
             return _export(pool, data, args)

@@ -48,3 +48,11 @@ def to_png(image: np.ndarray, *, scale: int = 4) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
             + _chunk(b"IEND", b""))
+
+
+def sample_png(data, sample_id: int) -> bytes:
+    """PNG of pool sample ``sample_id`` of a site's ``data`` (:class:`fedal.data.LocalData`) for people: a folder
+    site's own file at a size a person reads (``data.view``), else the model's input enlarged 4 times."""
+    if getattr(data, "view", None) is not None:
+        return to_png(data.view(int(sample_id)), scale=1)
+    return to_png(data.X_pool[int(sample_id)], scale=4)

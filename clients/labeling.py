@@ -49,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from clients.images import to_png
+from clients.images import sample_png
 from fedal.exceptions import ConfigError, FedalError, InvalidLabelError, SampleStateError, UnknownSampleError
 from fedal.data import LocalData
 from fedal.offline import SUGGESTIONS, standing
@@ -154,7 +154,7 @@ class LabelingService:
             self._check_known(sample_id, HTTPStatus.NOT_FOUND)
             if self.pool.state_of(sample_id) == UNLABELED:
                 raise LabelingError(HTTPStatus.NOT_FOUND, f"sample {sample_id} is neither asked about nor labeled")
-        return to_png(self.data.X_pool[sample_id], scale=4)
+        return sample_png(self.data, sample_id)
 
     def _view(self, sample_id: int) -> dict:
         """How the page shows a sample: its image address or its feature row."""
@@ -529,7 +529,7 @@ def open_labeling(state_dir: str | Path, client_id: int, data_path: str | Path, 
     from clients.node import open_site_pool
     from fedal.sitedata import load_site
 
-    data: LocalData = load_site(data_path, client_id)
+    data: LocalData = load_site(data_path, client_id, state_dir)
     pool = open_site_pool(state_dir, client_id, data, create=False)
     try:
         return LabelingServer(LabelingService(pool, data, labeler=labeler), **server_kwargs)

@@ -46,7 +46,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from clients.exchange import IMAGES_DIR, MAX_LISTED_PROBLEMS, ExchangeError, request_problem
-from clients.images import to_png
+from clients.images import sample_png
 from fedal.data import LocalData
 from fedal.exceptions import InvalidLabelError
 from fedal.fileio import atomic_write
@@ -152,7 +152,7 @@ def export_tasks(pool: Pool, data: LocalData, folder: str | os.PathLike, *,
         if is_image:
             keep.add(name)
             if not (images / name).exists():
-                atomic_write(images / name, to_png(data.X_pool[sid]))
+                atomic_write(images / name, sample_png(data, sid))
             item["image"] = local_files_url(images / name, root)
         else:
             item["features"] = ", ".join(f"{v:.6g}" for v in data.X_pool[sid])

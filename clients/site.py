@@ -87,6 +87,9 @@ class ClientSite:
             pool_folder, test_folder = node.site_folders()
             data, gone, self.scans = load_folder_site(cfg, pool_folder, state_dir, self.client_id,
                                                       labels_csv=node.labels_csv, test_path=test_folder)
+            for scan in self.scans:  # what changed in the folder, in the SuperNode's log (it stays on the site)
+                if scan.read or scan.back:
+                    log.warning("%s", "\n".join(scan.lines()))
         elif data is None:
             data = load_site(node.data_path, self.client_id) if node.data_path else client_data(cfg, self.client_id)
         self.data = data = at_run_size(cfg, data)

@@ -73,7 +73,9 @@ class LocalData:
 
     Attributes: ``client_id``; ``X_pool``, ``y_pool`` (inputs and ground truth of the pool,
     ``-1`` where unknown); ``X_test``, ``y_test`` (local test set); ``n_classes``;
-    ``class_names``; ``kind`` ("image" or "table").
+    ``class_names``; ``kind`` ("image" or "table"); ``view`` (a folder site's ``sample id -> uint8 (C, S, S)``
+    image at a size a person reads, from the site's own file: :meth:`fedal.imagefolder.ImageFolder.display`;
+    None = the pool's row as the model sees it).
     """
 
     client_id: int
@@ -84,6 +86,7 @@ class LocalData:
     n_classes: int
     class_names: list[str]
     kind: str
+    view: object = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

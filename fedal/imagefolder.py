@@ -195,12 +195,29 @@ class ImageFolder:
     def _check_settings(self) -> None:
         want = {"classes": "\t".join(self.class_names)}
         stored = dict(self._db.execute("SELECT key, value FROM settings").fetchall())
-        if not stored:
-            self._db.executemany("INSERT INTO settings VALUES (?, ?)", want.items())
-            return
-        if stored.get("classes") != want["classes"]:
+        if stored and stored.get("classes") != want["classes"]:
             raise ConfigError(f"the records {self.records} were made for the classes {stored.get('classes', '').split(chr(9))}, "
                               f"not this run's {self.class_names}: use another state-dir for another federation")
+        # the last settings the folder was read with: the labeling page and the exchange open it with them
+        want.update(size=str(self.size), channels=str(self.channels), policy=self.policy, root=str(self.root))
+        self._db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", want.items())
+
+    @classmethod
+    def recorded(cls, state_dir, client_id: int, part: str = "pool") -> "ImageFolder":
+        """The folder of client ``client_id`` as its site last read it (its settings from the records in
+        ``state_dir``; ``part`` as in the constructor): for the labeling page and the file exchange, which run
+        beside the site and read no file anew."""
+        records = Path(state_dir).expanduser() / f"client-{int(client_id)}.{part}.files.db"
+        if not records.is_file():
+            raise ConfigError(f"there are no records of a folder site {records}: the site reads its folder at its first "
+                              "round; give the SuperNode's state-dir and client-id")
+        db = sqlite3.connect(str(records))
+        try:
+            stored = dict(db.execute("SELECT key, value FROM settings").fetchall())
+        finally:
+            db.close()
+        return cls(stored["root"], state_dir, client_id, size=int(stored["size"]), channels=int(stored["channels"]),
+                   policy=stored["policy"], class_names=stored["classes"].split("\t"), part=part)
 
     # ------------------------------------------------------------------ scanning
     def scan(self) -> ScanReport:
@@ -382,6 +399,26 @@ class ImageFolder:
             if label is not None:
                 out[i] = label
         return out
+
+    def display(self, sample_id: int, side: int = 320) -> np.ndarray:
+        """Sample ``sample_id`` as people see it on the labeling page: its own file read at ``side`` pixels when it is
+        still there unchanged, else the cached image (what the model sees) enlarged; uint8 ``(C, side, side)``."""
+        from fedal.imagefiles import ImageRefused, read_image
+
+        row = self._db.execute("SELECT path, bytes, mtime_ns, present FROM files WHERE id = ?",
+                               (int(sample_id),)).fetchone()
+        if row is None:
+            raise KeyError(f"sample {sample_id} is not in the records of {self.root}")
+        path = self.root / row[0]
+        try:
+            st = path.stat()
+            if row[3] and st.st_size == row[1] and st.st_mtime_ns == row[2]:
+                return read_image(path, side, self.channels, self.policy)
+        except (OSError, ImageRefused):
+            pass
+        small = np.asarray(self.images()[int(sample_id)])
+        factor = max(1, side // self.size)
+        return small.repeat(factor, axis=1).repeat(factor, axis=2)
 
     def gone_ids(self) -> np.ndarray:
         """Ids of samples whose file is no longer in the folder."""

@@ -62,15 +62,18 @@ def save_site(path: str | os.PathLike, data: LocalData, *, include_labels: bool 
     return atomic_write(path, buf.getvalue())
 
 
-def load_site(path: str | os.PathLike, client_id: int = 0) -> LocalData:
-    """Read a site file written by :func:`save_site` (or by hand, see the module docstring).
+def load_site(path: str | os.PathLike, client_id: int = 0, state_dir: str | os.PathLike | None = None) -> LocalData:
+    """Read a site file written by :func:`save_site` (or by hand, see the module docstring), or a folder site's
+    data as the site last read it (:func:`load_recorded_site`).
 
     Parameters
     ----------
     path : path
-        The site's ``.npz`` file.
+        The site's ``.npz`` file, or its folder of images.
     client_id : int
         The site's client id (recorded in the returned data).
+    state_dir : path, optional
+        A folder site: the SuperNode's state-dir, where its records are.
 
     Raises
     ------
@@ -78,6 +81,11 @@ def load_site(path: str | os.PathLike, client_id: int = 0) -> LocalData:
         If the file is missing, unreadable or its arrays do not fit together.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        if state_dir is None:
+            raise ConfigError(f"{path} is a folder of images: its site's records are in the SuperNode's state-dir; "
+                              "give it (--state-dir)")
+        return load_recorded_site(path, state_dir, client_id)
     arrays = read_npz(path, what="site data file",
                       missing_hint="write it with `fedal split` or fix data-path in the node config",
                       damaged_hint="write it again")
@@ -331,6 +339,7 @@ def load_folder_site(cfg: FederationConfig, folder, state_dir, client_id: int = 
         if scan:
             reports.append(pool.scan())
         X_pool, y_pool, gone = _scaled(pool.images()), pool.labels(), pool.gone_ids()
+    view = _Display(folder, state_dir, client_id, opts)
     if len(X_pool) == 0:
         raise DataFileError(f"the site's folder {folder} holds no image fedal can read"
                             + (": " + "; ".join(reports[0].lines()[1:]) if reports else "")
@@ -342,7 +351,49 @@ def load_folder_site(cfg: FederationConfig, folder, state_dir, client_id: int = 
                 reports.append(test.scan())
             keep = np.setdiff1d(np.flatnonzero(test.labels() >= 0), test.gone_ids())
             X_test, y_test = _scaled(test.images())[keep], test.labels()[keep]
-    return LocalData(int(client_id), X_pool, y_pool, X_test, y_test, len(names), names, "image"), gone, reports
+    return (LocalData(int(client_id), X_pool, y_pool, X_test, y_test, len(names), names, "image", view=view), gone,
+            reports)
+
+
+class _Display:
+    """A folder site's images as people see them (:meth:`fedal.imagefolder.ImageFolder.display`), opening the
+    records for each image (the labeling page serves from threads; the records are SQLite)."""
+
+    def __init__(self, folder, state_dir, client_id: int, opts: dict) -> None:
+        self.args, self.opts = (folder, state_dir, client_id), opts
+
+    def __call__(self, sample_id: int) -> np.ndarray:
+        from fedal.imagefolder import ImageFolder
+
+        with ImageFolder(*self.args, **self.opts) as folder:
+            return folder.display(sample_id)
+
+
+def load_recorded_site(path, state_dir, client_id: int = 0) -> LocalData:
+    """A folder site's data as its site last read it (no file read anew): for the labeling page and the file
+    exchange beside a running site (:meth:`fedal.imagefolder.ImageFolder.recorded`).
+
+    Parameters
+    ----------
+    path : path
+        The site's folder (the node config's ``data-path``), checked against the records.
+    state_dir : path
+        The SuperNode's state-dir.
+    client_id : int
+        The SuperNode's client-id.
+    """
+    from fedal.imagefolder import ImageFolder
+
+    with ImageFolder.recorded(state_dir, client_id) as pool:
+        given = Path(path).expanduser().resolve()
+        if given not in (pool.root.resolve(), pool.root.resolve().parent):
+            raise ConfigError(f"the site's records in {state_dir} are of the folder {pool.root}, not {path}: give the "
+                              "data-path and state-dir of the same SuperNode")
+        opts = dict(size=pool.size, channels=pool.channels, policy=pool.policy, class_names=pool.class_names)
+        X_pool, y_pool, root = _scaled(pool.images()), pool.labels(), pool.root
+    names = opts["class_names"]
+    return LocalData(int(client_id), X_pool, y_pool, X_pool[:0], np.zeros(0, np.int64), len(names), names, "image",
+                     view=_Display(root, state_dir, client_id, opts))
 
 
 def _scaled(images: np.ndarray) -> np.ndarray:

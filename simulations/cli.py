@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
                         exchange_command.add_arguments, exchange_command.run),
     "gate": Command("a site's gate to the coordinator: only the apps the site accepted reach its SuperNode",
                     gate.add_arguments, gate.run),
+    "scan": Command("read a site's folder of images (PNG, JPEG, TIFF, BMP, DICOM) and say what it found",
+                    commands.add_scan_arguments, commands.run_scan),
     "split": Command("write one data file per site (deployment: each site holds only its own data)",
                      commands.add_split_arguments, commands.run_split),
     "strategies": Command("list the registered query strategies",

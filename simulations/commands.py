@@ -197,3 +197,44 @@ def run_split(args: argparse.Namespace) -> int:
         classes = "pool labels left out" if args.no_labels else f"pool classes {counts.tolist()}"
         print(f"{path}: {len(site.y_pool)} pool samples, {len(site.y_test)} local test samples, {classes}")
     return 0
+
+
+# ------------------------------------------------------------------ fedal scan
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``fedal scan`` to ``parser``."""
+    parser.add_argument("--data-path", required=True, help="the site's folder of images (the node config's data-path)")
+    parser.add_argument("--state-dir", required=True, help="the SuperNode's state-dir (the records and the image cache)")
+    parser.add_argument("--client-id", type=int, default=0, help="the SuperNode's client-id (default 0)")
+    parser.add_argument("--labels-csv", default="", help="the CSV (path,label) of labels already given "
+                        "(default <data-path>/labels.csv)")
+    parser.add_argument("--test-path", default="", help="a folder of labeled images as the local test set")
+    parser.add_argument("--config", help="the run's TOML settings (dataset, input-size, resize-policy)")
+    defaults = FederationConfig()
+    parser.add_argument("--dataset", default=None, help=f"the run's data set: its classes (default {defaults.dataset!r})")
+    parser.add_argument("--input-size", type=int, default=None, help="the run's input size (default: the data set's)")
+    parser.add_argument("--resize-policy", default=None, choices=("pad", "crop"), help="default pad")
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    """Read the folder of the parsed ``args`` as its site will (new and changed files only) and print what it found:
+    files read, refused with their reasons, classes, sizes, labels already given."""
+    from clients.node import NodeConfig
+    from fedal.sitedata import load_folder_site
+
+    cfg = FederationConfig.from_toml(args.config) if args.config else FederationConfig()
+    given = {k: getattr(args, k) for k in ("dataset", "input_size", "resize_policy") if getattr(args, k) is not None}
+    if given:
+        cfg = FederationConfig.from_mapping(given, base=cfg)
+    node = NodeConfig.from_mapping({"client-id": args.client_id, "data-path": args.data_path,
+                                    "labels-csv": args.labels_csv, "test-path": args.test_path})
+    if not node.folder:
+        raise ConfigError(f"--data-path {args.data_path} is not a folder; fedal scan reads a site's folder of images")
+    pool, test = node.site_folders()
+    data, gone, reports = load_folder_site(cfg, pool, args.state_dir, args.client_id, labels_csv=args.labels_csv,
+                                           test_path=test)
+    for report in reports:
+        print("\n".join(report.lines(most_refused=10 ** 6)))
+    size = data.input_shape
+    print(f"pool: {len(data.y_pool) - len(gone)} samples ({len(gone)} gone) at {size[1]}x{size[2]}x{size[0]} "
+          f"({cfg.resize_policy}), {int((data.y_pool >= 0).sum())} with a label; local test set: {len(data.y_test)}")
+    return 0

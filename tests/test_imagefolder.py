@@ -148,3 +148,39 @@ def test_a_simulation_from_png_and_dicom_folders_equals_the_one_from_the_arrays(
         curves[name] = [(r["labels"], r["accuracy"]) for r in rows]
     assert curves["png"] == curves["npz"] and curves["dcm"] == curves["npz"]  # the same pixels: the same run
     assert curves["npz"][-1][1] > 0.5
+
+
+def test_the_labeling_page_shows_the_sites_own_file_and_no_path_leaves_in_a_reply(tmp_path):
+    import struct
+
+    from clients.images import sample_png
+    from clients.node import NodeConfig
+    from clients.site import ClientSite
+    from fedal.config import FederationConfig
+    from fedal.messages import TrainInstruction
+    from fedal.sitedata import load_site
+
+    root = tmp_path / "secret-ward-7"
+    for i in range(8):
+        _png(root / ("basophil" if i < 3 else "eosinophil" if i < 5 else "incoming") / f"patient-{i}.png", i,
+             size=(200, 160))
+    node = NodeConfig.from_mapping({"client-id": 0, "data-path": str(root), "state-dir": str(tmp_path / "state"),
+                                    "oracle": "file"})
+    cfg = FederationConfig.from_mapping({"dataset": "bloodmnist", "clients": 2, "min-clients": 2, "initial-labels": 2,
+                                         "round-budget": 2})
+    site = ClientSite(cfg, node)
+    try:
+        arrays, report = site.train(site.model.get_state(), TrainInstruction(1, 2))
+        # what the reply carries: the report's scalars and the arrays' names (their values are numbers)
+        sent = repr(report.to_metrics()) + repr(sorted(arrays))
+        assert report.pending == 2 and all(np.asarray(v).dtype.kind in "fiub" for v in arrays.values())
+        assert "secret" not in sent and "patient" not in sent and "incoming" not in sent
+    finally:
+        site.close()
+    data = load_site(root, 0, tmp_path / "state")  # the labeling page's view: the records, no file read anew
+    assert data.X_pool.shape == (8, 3, 28, 28) and sorted(data.y_pool.tolist()).count(-1) == 3
+    png = sample_png(data, 0)
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (320, 320)  # the original 200 x 160 file at a size a person reads, not 28 x 28
+    with pytest.raises(Exception, match="state-dir"):
+        load_site(root, 0)
