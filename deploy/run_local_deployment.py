@@ -115,6 +115,9 @@ class LocalDeployment:
         fedal settings (kebab-case) for the run, e.g. ``{"rounds": 2, "dataset": "digits"}``.
     oracle : str
         Node config ``oracle`` of every site (``simulated`` needs the labels in the site files).
+    site_formats : tuple of str
+        What each site holds, in turn: ``npz`` (a ``fedal split`` file), ``png`` (a folder of PNG files in class
+        subfolders) or ``dicom`` (DICOM files with a labels.csv); e.g. ``("png", "dicom")`` for two hospitals.
     verbose : bool
         Print each command before running it.
     """
@@ -123,6 +126,7 @@ class LocalDeployment:
     sites: int = 2
     run_config: dict = field(default_factory=dict)
     oracle: str = "simulated"
+    site_formats: tuple = ("npz",)
     verbose: bool = True
     superlink_port: int = 0  # the SuperLink, on loopback: the coordinator's flwr CLI and ServerApp only
     gateway: bool = True  # the sites reach the SuperLink through deploy/fleet_gateway.py (the Fleet API only)
@@ -237,14 +241,16 @@ class LocalDeployment:
     def prepare(self) -> None:
         """Certificates, one data file and one key pair per site, the CLI's connection."""
         from fedal.config import FederationConfig
-        from fedal.sitedata import split_sites
+        from fedal.sitedata import split_site
 
         self.run_cmd(["bash", REPO_ROOT / "deploy" / "make_certs.sh", self.workdir / "certs"])
         cfg = FederationConfig.from_mapping({**self.fedal_settings(), "output-dir": str(self.workdir / "server")})
         if self.verbose:
             print(f"$ fedal split --dataset {cfg.dataset} --clients {cfg.clients} --out {self.workdir / 'sites'}",
                   flush=True)
-        paths = split_sites(cfg, self.workdir / "sites", include_labels=self.oracle == "simulated")
+        formats = [self.site_formats[cid % len(self.site_formats)] for cid in range(cfg.clients)]
+        paths = [split_site(cfg, cid, self.workdir / "sites", fmt, include_labels=self.oracle == "simulated")
+                 for cid, fmt in enumerate(formats)]
         for cid, path in enumerate(paths):
             key = self.workdir / "keys" / f"site-{cid}"
             self.make_key(key)
@@ -488,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="any other fedal setting, e.g. --set round-budget=20 (repeatable)")
     parser.add_argument("--workdir", default=None, help="where everything is written (default: a new temp folder)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
+    parser.add_argument("--site-format", default="npz", choices=("npz", "png", "dicom", "mixed"),
+                        help="what each site holds: a fedal split file (npz), a folder of PNG files in class "
+                             "subfolders, of DICOM files with a labels.csv, or mixed (site 0 PNG, site 1 DICOM, ...)")
     parser.add_argument("--no-gateway", action="store_true",
                         help="sites reach the SuperLink itself, Control API included (measurements only)")
     parser.add_argument("--no-pin", action="store_true",
@@ -506,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     typed = cfg.to_run_config()
     settings = {key.replace("_", "-"): typed[key.replace("_", "-")] for key in given}
     print(f"working in {workdir}", flush=True)
-    with LocalDeployment(workdir, sites=args.sites, run_config=settings, oracle=args.oracle,
+    formats = ("png", "dicom") if args.site_format == "mixed" else (args.site_format,)
+    with LocalDeployment(workdir, sites=args.sites, run_config=settings, oracle=args.oracle, site_formats=formats,
                          gateway=not args.no_gateway, pin_app=not args.no_pin) as dep:
         try:
             dep.start_all()

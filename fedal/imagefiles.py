@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedal.config import RESIZE_POLICIES  # the run's resize-policy values: one list
 from fedal.exceptions import ConfigError, DataFileError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -43,8 +44,6 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".b
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 """Suffixes (lower case) of DICOM files; a file with the ``DICM`` preamble is DICOM whatever its name."""
 
-RESIZE_POLICIES = ("pad", "crop")
-"""How an image of another aspect becomes square: ``pad`` keeps all of it (black borders), ``crop`` its centre."""
 
 MIN_SIZE = 8
 """The smallest input size :func:`read_image` accepts."""

@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS files (
     label INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_path ON files (path);
+CREATE TABLE IF NOT EXISTS copies (
+    path TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    of_id INTEGER NOT NULL REFERENCES files (id)
+);
 CREATE TABLE IF NOT EXISTS refused (
     path TEXT PRIMARY KEY,
     bytes INTEGER NOT NULL,
@@ -232,6 +238,7 @@ class ImageFolder:
         by_path = {r[0]: r for r in rows}
         by_digest = {r[2]: r for r in rows}
         refused = {r[0]: r for r in db.execute("SELECT path, bytes, mtime_ns, reason FROM refused")}
+        copies = {r[0]: r for r in db.execute("SELECT path, bytes, mtime_ns, of_id FROM copies")}
         self._truncate_cache()
         seen_ids: set[int] = set()
         seen_refused: set[str] = set()
@@ -261,6 +268,11 @@ class ImageFolder:
                 report.refused[rel] = old[3]
                 seen_refused.add(rel)
                 continue
+            copy = copies.get(rel)
+            if copy is not None and copy[1] == st.st_size and copy[2] == st.st_mtime_ns:
+                report.duplicates += 1  # the pixels of another file, unchanged since: nothing to read
+                seen_ids.add(copy[3])  # the sample is still in the folder, whichever of its files remains
+                continue
             report.read += 1
             try:
                 digest = file_digest(path)
@@ -268,6 +280,8 @@ class ImageFolder:
                 if same is not None:  # content known: moved, renamed, restored, or a copy
                     if same[1] in seen_ids:
                         report.duplicates += 1
+                        db.execute("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?)",
+                                   (rel, st.st_size, st.st_mtime_ns, same[1]))
                         continue
                     if not same[5] or same[0] != rel:
                         report.back += int(not same[5])

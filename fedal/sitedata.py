@@ -172,14 +172,34 @@ def split_sites(cfg: FederationConfig, out_dir: str | os.PathLike, *, include_la
     fmt : str
         One of :data:`SPLIT_FORMATS`.
     """
+    return [split_site(cfg, cid, out_dir, fmt, include_labels=include_labels) for cid in range(cfg.clients)]
+
+
+def split_site(cfg: FederationConfig, client_id: int, out_dir: str | os.PathLike, fmt: str = "npz", *,
+               include_labels: bool = True) -> Path:
+    """Write client ``client_id``'s share of ``cfg`` into ``out_dir`` as ``fmt``: ``site-<id>.npz`` or the folder
+    ``site-<id>/`` (:func:`save_site_folder`); return the path.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The federation (as :func:`split_sites`).
+    client_id : int
+        The client.
+    out_dir : path
+        Output folder.
+    fmt : str
+        One of :data:`SPLIT_FORMATS`.
+    include_labels : bool
+        Keep the pool's ground truth (for simulated oracles).
+    """
     if fmt not in SPLIT_FORMATS:
         raise ConfigError(f"the split format must be one of {SPLIT_FORMATS}, got {fmt!r}")
     out = Path(out_dir)
     if fmt != "npz":
-        return [save_site_folder(out / f"site-{cid}", client_data(cfg, cid), fmt=fmt, include_labels=include_labels)
-                for cid in range(cfg.clients)]
-    return [save_site(out / f"site-{cid}.npz", client_data(cfg, cid), include_labels=include_labels)
-            for cid in range(cfg.clients)]
+        return save_site_folder(out / f"site-{client_id}", client_data(cfg, client_id), fmt=fmt,
+                                include_labels=include_labels)
+    return save_site(out / f"site-{client_id}.npz", client_data(cfg, client_id), include_labels=include_labels)
 
 
 def save_site_folder(out: str | os.PathLike, data: LocalData, *, fmt: str = "png", include_labels: bool = True,

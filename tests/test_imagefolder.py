@@ -184,3 +184,16 @@ def test_the_labeling_page_shows_the_sites_own_file_and_no_path_leaves_in_a_repl
     assert (width, height) == (320, 320)  # the original 200 x 160 file at a size a person reads, not 28 x 28
     with pytest.raises(Exception, match="state-dir"):
         load_site(root, 0)
+
+
+def test_a_copy_of_a_file_is_one_sample_and_is_not_read_again(tmp_path):
+    import shutil
+
+    root = tmp_path / "site"
+    shutil.copy(_png(root / "a.png", 1), root / "a-copy.png")
+    with _folder(root, tmp_path / "state") as folder:
+        first = folder.scan()
+        assert (first.files, first.joined, first.duplicates) == (2, 1, 1) and len(folder.images()) == 1
+    with _folder(root, tmp_path / "state") as folder:
+        again = folder.scan()
+        assert (again.read, again.duplicates) == (0, 1)
