@@ -292,6 +292,56 @@ def _images(a: np.ndarray, path: Path, key: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32) / np.float32(scale)
 
 
+class UnitImages:
+    """uint8 images (a memory map of a folder site's cache) that read as float32 in [0, 1] when indexed: a pool of
+    10,000 images of 128 x 128 x 3 holds 492 MB (on disk, paged in as read) instead of 2 GB of floats.
+
+    Indexing (``X[rows]``, ``X[a:b]``) gives float32 arrays divided by 255, as a uint8 ``.npz`` is read;
+    ``np.asarray(X)`` converts it all (what only a whole-array computation needs). :func:`fedal.features.fingerprint`
+    and the image descriptors go through it in chunks.
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        uint8 images ``(N, C, H, W)``.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: np.ndarray) -> None:
+        if raw.dtype != np.uint8 or raw.ndim != 4:
+            raise ValueError(f"UnitImages holds uint8 images (N, C, H, W), got {raw.dtype} {raw.shape}")
+        self.raw = raw
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(N, C, H, W)``."""
+        return tuple(self.raw.shape)
+
+    @property
+    def ndim(self) -> int:
+        """4."""
+        return 4
+
+    @property
+    def size(self) -> int:
+        """Values in all (as an array's)."""
+        return int(self.raw.size)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index) -> np.ndarray:
+        part = np.asarray(self.raw[index])
+        out = np.empty(part.shape, np.float32)
+        np.divide(part, np.float32(255), out=out, dtype=np.float32)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 def resize_images(X: np.ndarray, size: int, policy: str = "pad") -> np.ndarray:
     """Images ``X`` (float32 NCHW in [0, 1]) brought to ``size`` x ``size`` by ``policy``: ``pad`` scales the
     longer side to ``size`` and pads with black, centred; ``crop`` scales the shorter side and keeps the centre.

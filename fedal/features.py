@@ -108,6 +108,8 @@ class ImageDescriptors(Featurizer):
     def transform(self, X: np.ndarray) -> np.ndarray:
         from skimage.feature import hog, local_binary_pattern
 
+        if not isinstance(X, np.ndarray) and len(X) > 1024:  # images read as they go (fedal.data.UnitImages)
+            return np.concatenate([self.transform(X[start:start + 1024]) for start in range(0, len(X), 1024)])
         X = np.asarray(X, dtype=np.float32)
         if X.ndim == 3:
             X = X[:, None]
@@ -189,7 +191,8 @@ def featurizer_for(kind: str, input_shape: tuple[int, ...], pipeline: str = "hea
 def fingerprint(X: np.ndarray) -> str:
     """A short digest of the array ``X`` (shape, dtype and bytes): which pool features belong to."""
     digest = hashlib.sha256(repr((X.shape, str(X.dtype))).encode())
-    digest.update(np.ascontiguousarray(X).tobytes())
+    for start in range(0, max(len(X), 1), 1024):  # the same digest as of all bytes at once, without their copy
+        digest.update(np.ascontiguousarray(X[start:start + 1024]).tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -23,9 +23,19 @@ def _dataset(name: str, data_dir: str, seed: int, max_train: int, n_classes: int
     return load_dataset(name, data_dir or None, seed=seed, max_train=max_train or None, n_classes=n_classes or None)
 
 
+#: channels of the image data sets fedal knows by name (their sides are 28 unless the run's input-size says)
+KNOWN_CHANNELS = {"bloodmnist": 3, "pneumoniamnist": 1, "mnist": 1}
+
+
+def run_side(cfg: FederationConfig) -> int:
+    """The side of the run ``cfg``'s images: ``input-size``, else 28 for the data sets fedal knows by name (0: the
+    data set's own)."""
+    return cfg.input_size or (28 if cfg.dataset in KNOWN_CHANNELS else 0)
+
+
 def federation_dataset(cfg: FederationConfig) -> Dataset:
-    """The data set of the run ``cfg`` (cached per process), its images at the run's ``input-size``."""
-    return _sized_dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.n_classes, cfg.input_size,
+    """The data set of the run ``cfg`` (cached per process), its images at the run's side (:func:`run_side`)."""
+    return _sized_dataset(cfg.dataset, cfg.data_dir, cfg.seed, cfg.max_train, cfg.n_classes, run_side(cfg),
                           cfg.resize_policy)
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from fedal.config import FederationConfig
-from fedal.data import LocalData, _images
+from fedal.data import LocalData, UnitImages, _images
 from fedal.exceptions import ConfigError, DataFileError
-from fedal.federation import client_data
+from fedal.federation import KNOWN_CHANNELS, client_data, run_side
 from fedal.fileio import atomic_write, read_npz
 
 SITE_KEYS = ("x_pool", "y_pool", "x_test", "y_test", "class_names", "kind")
@@ -297,7 +297,7 @@ def _write_dicom(path: Path, pixels: np.ndarray) -> None:
 
 
 #: channels of the image data sets fedal knows by name (a folder site reads its files with the run's)
-CHANNELS = {"bloodmnist": 3, "pneumoniamnist": 1, "mnist": 1}
+CHANNELS = KNOWN_CHANNELS
 
 
 def run_layout(cfg: FederationConfig) -> tuple[list[str], int, int]:
@@ -313,7 +313,7 @@ def run_layout(cfg: FederationConfig) -> tuple[list[str], int, int]:
 
     if cfg.dataset in CHANNELS:
         names = MEDMNIST_CLASSES.get(cfg.dataset) or [str(i) for i in range(10)]
-        return list(names), CHANNELS[cfg.dataset], cfg.input_size or 28
+        return list(names), CHANNELS[cfg.dataset], run_side(cfg)
     ds = federation_dataset(cfg)
     if ds.kind != "image":
         raise DataFileError(f"a site's folder of images needs a run of images; the run's data set {cfg.dataset!r} "
@@ -358,7 +358,7 @@ def load_folder_site(cfg: FederationConfig, folder, state_dir, client_id: int = 
     with ImageFolder(folder, state_dir, client_id, labels_csv=labels_csv or None, **opts) as pool:
         if scan:
             reports.append(pool.scan())
-        X_pool, y_pool, gone = _scaled(pool.images()), pool.labels(), pool.gone_ids()
+        X_pool, y_pool, gone = UnitImages(pool.images()), pool.labels(), pool.gone_ids()
     view = _Display(folder, state_dir, client_id, opts)
     if len(X_pool) == 0:
         raise DataFileError(f"the site's folder {folder} holds no image fedal can read"
@@ -370,7 +370,7 @@ def load_folder_site(cfg: FederationConfig, folder, state_dir, client_id: int = 
             if scan:
                 reports.append(test.scan())
             keep = np.setdiff1d(np.flatnonzero(test.labels() >= 0), test.gone_ids())
-            X_test, y_test = _scaled(test.images())[keep], test.labels()[keep]
+            X_test, y_test = UnitImages(test.images())[keep], test.labels()[keep]
     return (LocalData(int(client_id), X_pool, y_pool, X_test, y_test, len(names), names, "image", view=view), gone,
             reports)
 
@@ -410,19 +410,10 @@ def load_recorded_site(path, state_dir, client_id: int = 0) -> LocalData:
             raise ConfigError(f"the site's records in {state_dir} are of the folder {pool.root}, not {path}: give the "
                               "data-path and state-dir of the same SuperNode")
         opts = dict(size=pool.size, channels=pool.channels, policy=pool.policy, class_names=pool.class_names)
-        X_pool, y_pool, root = _scaled(pool.images()), pool.labels(), pool.root
+        X_pool, y_pool, root = UnitImages(pool.images()), pool.labels(), pool.root
     names = opts["class_names"]
     return LocalData(int(client_id), X_pool, y_pool, X_pool[:0], np.zeros(0, np.int64), len(names), names, "image",
                      view=_Display(root, state_dir, client_id, opts))
-
-
-def _scaled(images: np.ndarray) -> np.ndarray:
-    """uint8 images as the models take them: float32 in [0, 1] (divided by 255, as a uint8 ``.npz`` is), 2,048
-    rows at a time (no float copy of the whole cache beside the result)."""
-    out = np.empty(images.shape, np.float32)
-    for start in range(0, len(images), 2048):
-        np.divide(images[start:start + 2048], np.float32(255), out=out[start:start + 2048], dtype=np.float32)
-    return out
 
 
 def at_run_size(cfg: FederationConfig, data: LocalData) -> LocalData:
@@ -436,7 +427,7 @@ def at_run_size(cfg: FederationConfig, data: LocalData) -> LocalData:
     data : LocalData
         The site's data (a ``.npz`` may hold images of another size).
     """
-    side = cfg.input_size or (28 if cfg.dataset in CHANNELS else 0)
+    side = run_side(cfg)
     if data.kind != "image" or not side or data.input_shape[-2:] == (side, side):
         return data
     if cfg.dataset in CHANNELS and data.input_shape[0] != CHANNELS[cfg.dataset]:

@@ -220,7 +220,7 @@ def test_wrong_keys(tmp_path):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ({"train_images": np.zeros((40, 32, 32), np.uint8)}, "32x32"),
+        ({"train_images": np.zeros((40, 6, 6), np.uint8)}, "at least 8x8"),
         ({"train_images": np.zeros((40, 28, 28, 5), np.uint8)}, "shape"),
         ({"train_images": np.zeros((40, 784), np.uint8)}, "shape"),
         ({"test_labels": -np.ones((10, 1), np.int64)}, "non-negative"),
@@ -229,7 +229,7 @@ def test_wrong_keys(tmp_path):
         ({"train_labels": np.zeros((39, 1), np.int64)}, "40 images but 39 labels"),
         ({"test_images": np.zeros((10, 28, 28, 3), np.uint8)}, "differ"),
     ],
-    ids=["32x32", "5-channels", "flat", "negative-labels", "float-labels", "2d-labels", "count-mismatch",
+    ids=["6x6", "5-channels", "flat", "negative-labels", "float-labels", "2d-labels", "count-mismatch",
          "channel-mismatch"],
 )
 def test_malformed_arrays_are_named(tmp_path, override, match):
@@ -239,10 +239,15 @@ def test_malformed_arrays_are_named(tmp_path, override, match):
     assert "bad.npz" in str(info.value)
 
 
-def test_wrong_image_size_through_load_dataset(tmp_path):
+def test_another_image_size_is_brought_to_the_runs(tmp_path):
+    from fedal.config import FederationConfig
+    from fedal.federation import federation_dataset
+
     write_medmnist(tmp_path / "bloodmnist.npz", shape=(32, 32, 3))
-    with pytest.raises(DataFileError, match="28x28"):
-        load_dataset("bloodmnist", tmp_path)
+    assert load_dataset("bloodmnist", tmp_path).input_shape == (3, 32, 32)  # read as it is
+    for size, want in ((0, 28), (64, 64)):  # the run's input size: 28 for MedMNIST unless input-size says
+        cfg = FederationConfig(dataset="bloodmnist", data_dir=str(tmp_path), input_size=size)
+        assert federation_dataset(cfg).input_shape == (3, want, want)
 
 
 # ---------------------------------------------------------------------- subsampling

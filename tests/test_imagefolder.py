@@ -197,3 +197,20 @@ def test_a_copy_of_a_file_is_one_sample_and_is_not_read_again(tmp_path):
     with _folder(root, tmp_path / "state") as folder:
         again = folder.scan()
         assert (again.read, again.duplicates) == (0, 1)
+
+
+def test_a_folder_pool_reads_as_floats_only_where_indexed_with_the_same_features_and_fingerprint():
+    from fedal.data import UnitImages
+    from fedal.features import ImageDescriptors, fingerprint
+
+    raw = np.random.default_rng(0).integers(0, 256, (1500, 3, 28, 28), dtype=np.uint8)
+    lazy, full = UnitImages(raw), raw.astype(np.float32) / np.float32(255)
+    assert lazy.shape == full.shape and len(lazy) == 1500 and lazy.dtype == np.float32
+    assert np.array_equal(lazy[[3, 1, 2]], full[[3, 1, 2]]) and np.array_equal(lazy[10:20], full[10:20])
+    assert fingerprint(lazy) == fingerprint(full)  # the features cached for the one are the other's
+    small = ImageDescriptors()
+    assert np.array_equal(small.transform(lazy), small.transform(full))  # in chunks of 1,024, the same
+    # larger inputs: the same cells and the same number of features
+    for side in (64, 128):
+        big = ImageDescriptors.for_size(side)
+        assert big.dim((3, side, side)) == small.dim((3, 28, 28)) == 373
