@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +37,8 @@ AUGMENTATIONS = ("none", "shift", "shift-flip")
 LR_SCHEDULES = ("constant", "cosine")
 #: warm-up share of the rounds of ``lr-schedule = cosine``
 WARMUP_SHARE = 0.1
+#: a Ray cluster's address as ``ray-address`` takes it: HOST:PORT, or ray://HOST:PORT (Ray Client)
+RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\-]+:[0-9]{1,5}|(ray://)?\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}")
 #: the one default of every cold start (the initial labeled set): runs, the on-device learner, comparisons
 DEFAULT_COLD_START = "random"
 
@@ -272,6 +275,20 @@ class FederationConfig:
         once it holds this many labels of the class, and renews them only when as many new ones came, so no
         statistic the server reads (or a difference of two rounds) is of fewer samples; classes below the
         count wait on the device (-1 = 2 without secure aggregation, off with it; 0 or 1 = off).
+    ray_address : str
+        Simulation: the Ray cluster the client actors run on: "" (``$RAY_ADDRESS`` where set, else a Ray started on
+        this machine for the run), ``local`` (always a Ray of this machine's own), ``auto`` (the cluster ``ray start``
+        started on this machine) or the head's ``HOST:PORT`` (e.g. ``10.0.0.5:6379``). Every node needs fedal's
+        Python environment and the data dir, output-dir and state-dir at the same paths (docs/CLUSTER.md).
+    actor_cpus : float
+        Simulation: CPUs Ray reserves for each client actor (an actor serves one client at a time; a node holds as
+        many actors as its CPUs allow).
+    actor_gpus : float
+        Simulation: GPUs Ray reserves for each client actor (a fraction shares one GPU, e.g. 0.25 for four actors;
+        0 = none): a node holds no more actors than its GPUs allow, and an actor is placed only where one is free.
+    actor_memory_gib : float
+        Simulation: memory (GiB) Ray reserves for each client actor, so a node holds no more actors than its memory
+        allows (0 = no reservation: as many as its CPUs and GPUs allow).
     """
 
     dataset: str = "digits"
@@ -359,6 +376,10 @@ class FederationConfig:
     secure_clip_norm: float = 100.0
     secure_max_count: int = 2 ** 20
     min_class_count: int = -1
+    ray_address: str = ""
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    actor_memory_gib: float = 0.0
 
     def __post_init__(self) -> None:
         # names and options are stored in one spelling: "Entropy" and "entropy" are one run
@@ -499,6 +520,7 @@ class FederationConfig:
              f"whose shares rebuild its masks), got {self.secure_threshold}")
         need(self.secure_clip_norm > 0, f"secure-clip-norm must be > 0, got {self.secure_clip_norm}")
         need(1 <= self.secure_max_count < 2 ** 31, f"secure-max-count must be in [1, 2^31), got {self.secure_max_count}")
+        self._validate_ray(need)
         if self.secure_aggregation:
             self._validate_secure(need)
         if self.pipeline == "handover":
@@ -510,6 +532,23 @@ class FederationConfig:
             need(self.dp_clipping_norm == 0, "differential privacy clips and noises network updates: set "
                  "pipeline = network to use dp-clipping-norm (the head pipeline sends statistics)")
         return self
+
+    def _validate_ray(self, need) -> None:
+        address = self.ray_address.strip()
+        named = address in ("", "local", "auto")
+        need(named or (RAY_ADDRESS.fullmatch(address) is not None and 1 <= int(address.rsplit(":", 1)[1]) <= 65535),
+             f"ray-address must be "
+             f"\"\" ($RAY_ADDRESS, else a Ray of this machine), \"local\", \"auto\" (the cluster `ray start` started "
+             f"here) or the head node's HOST:PORT (e.g. 10.0.0.5:6379, ray://HOST:PORT for Ray Client), got "
+             f"{self.ray_address!r}")
+        need(self.actor_cpus > 0 and math.isfinite(self.actor_cpus),
+             f"actor-cpus must be a number of CPUs > 0 (e.g. 1, or 0.5 for two actors per core), got {self.actor_cpus}")
+        need(0 <= self.actor_gpus and math.isfinite(self.actor_gpus) and (self.actor_gpus <= 1
+                                                                          or self.actor_gpus.is_integer()),
+             f"actor-gpus must be 0 (no GPU), a share of one GPU in (0, 1] or a whole number of GPUs (Ray gives "
+             f"fractions of one GPU only), got {self.actor_gpus}")
+        need(0 <= self.actor_memory_gib and math.isfinite(self.actor_memory_gib),
+             f"actor-memory-gib must be >= 0 GiB (0 = no reservation), got {self.actor_memory_gib}")
 
     def _validate_secure(self, need) -> None:
         from fedal.secure import MAX_SITES
@@ -709,6 +748,9 @@ def _convert(name: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"setting {kebab} must be {article} {typ}, got {value!r}") from None
 
 
+#: settings that say where a simulation runs, not what it computes: a run may change them when it resumes, and a
+#: comparison's finished run is reused whatever they were
+PLACEMENT_SETTINGS = ("ray-address", "actor-cpus", "actor-gpus", "actor-memory-gib")
 #: settings that name a file or folder (``dataset`` too, when it names an ``.npz`` file)
 PATH_SETTINGS = ("data-dir", "output-dir", "state-dir")
 

@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from fedal.config import FederationConfig, canonical_name, format_options, parse_assignments, parse_options
+from fedal.config import (PLACEMENT_SETTINGS, FederationConfig, canonical_name, format_options, parse_assignments,
+                          parse_options)
 from fedal.exceptions import ConfigError
 from fedal.fileio import read_toml
 
@@ -382,7 +383,8 @@ def run_config(base: FederationConfig, strategy: str, seed: int, out: Path,
 
 
 def finished_rounds(cfg: FederationConfig) -> list[dict] | None:
-    """The rounds of an earlier run with exactly these settings, if it finished."""
+    """The rounds of an earlier run with exactly these settings (where it ran aside: ``ray-address``, ``actor-*``),
+    if it finished."""
     path = Path(cfg.output_dir) / "results.json"
     if not path.is_file():
         return None
@@ -391,7 +393,11 @@ def finished_rounds(cfg: FederationConfig) -> list[dict] | None:
     except json.JSONDecodeError:
         return None
     rows = results.get("rounds") or []
-    if results.get("config") != json.loads(json.dumps(cfg.to_run_config())) or not rows or rows[-1]["round"] != cfg.rounds:
+    def computed(config) -> dict:
+        return {k: v for k, v in (config or {}).items() if k not in PLACEMENT_SETTINGS}
+
+    if (computed(results.get("config")) != computed(json.loads(json.dumps(cfg.to_run_config()))) or not rows
+            or rows[-1]["round"] != cfg.rounds):
         return None  # another run's settings, or unfinished (with eval-every > 1 not every round has a row)
     return results["rounds"]
 
@@ -440,7 +446,18 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--centralized", default=None,
                    help="strategy of the centralized reference: a name, 'best' (best AULC, default) or 'none'")
     p.add_argument("--rerun", action="store_true", help="rerun finished runs instead of reusing them")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="run the client actors on this Ray cluster: auto (the one `ray start` started here) or the "
+                        "head's HOST:PORT (default: $RAY_ADDRESS, else a Ray of this machine); as --set ray-address=")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def compare_settings(args: argparse.Namespace, base: FederationConfig) -> FederationConfig:
+    """The comparison's settings: the preset's ``base`` with ``args``' ``--set`` overrides and ``--ray-address``."""
+    overrides = parse_assignments(args.overrides)
+    if args.ray_address is not None:
+        overrides["ray-address"] = args.ray_address
+    return FederationConfig.from_mapping(overrides, base=base)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -449,7 +466,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from simulations.simulate import _prepare_output
 
     base, options = load_preset(args.preset)
-    base = FederationConfig.from_mapping(parse_assignments(args.overrides), base=base)
+    base = compare_settings(args, base)
     given_data_dir = base.data_dir  # recorded as given: compare.json names no machine's folders
     if base.data_dir and not Path(base.data_dir).is_absolute():  # client processes may run elsewhere
         base = FederationConfig.from_mapping({"data_dir": str(Path(base.data_dir).resolve())}, base=base)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from fedal.config import FederationConfig
+from fedal.exceptions import ConfigError
 from fedal.fileio import toml_value
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -162,15 +163,65 @@ def check_memory(cfg: FederationConfig, n_actors: int, dataset=None, available: 
     return need
 
 
-def backend_config(cpus: int | None = None) -> dict:
-    """Ray resources: one CPU per client actor, as many actors as cores (2 on the reference machine; ``$FEDAL_CPUS``
-    sets fewer)."""
-    cpus = actors(cpus)
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True,
-                      "include_dashboard": False},
-    }
+def ray_address(cfg: FederationConfig) -> str:
+    """The address of the Ray cluster a simulation of ``cfg`` connects to (``ray-address``, else ``$RAY_ADDRESS``, as
+    ``ray.init`` reads it), or "" where it starts a Ray of its own on this machine (``local``, or neither given)."""
+    given = cfg.ray_address.strip()
+    if given == "local":
+        return ""
+    return given or os.environ.get("RAY_ADDRESS", "").strip()
+
+
+def client_resources(cfg: FederationConfig) -> dict:
+    """What Ray reserves for each client actor of a simulation of ``cfg`` (``actor-cpus``, ``actor-gpus``,
+    ``actor-memory-gib``), in the keys of ``ray.remote``'s options."""
+    resources = {"num_cpus": cfg.actor_cpus, "num_gpus": cfg.actor_gpus}
+    if cfg.actor_memory_gib > 0:
+        resources["memory"] = int(cfg.actor_memory_gib * 2**30)
+    return resources
+
+
+def backend_config(cpus: int | None = None, cfg: FederationConfig | None = None) -> dict:
+    """The Simulation Engine's Ray settings for ``cfg`` (default: the default settings).
+
+    On this machine (no ``ray-address``), Ray starts with ``cpus`` CPUs (default ``$FEDAL_CPUS``, else every core)
+    and no GPU unless ``actor-gpus`` asks for one (then Ray finds them); on a cluster, Ray is joined as it is: the
+    nodes say what they hold. Each client actor reserves ``actor-cpus`` (1: one actor per core, as on the reference
+    machine), ``actor-gpus`` and ``actor-memory-gib``."""
+    cfg = cfg or FederationConfig()
+    init_args = {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False}
+    address = ray_address(cfg)
+    if address:
+        init_args["address"] = address  # a running cluster's resources are its own: Ray refuses num_cpus here
+    else:  # "local": a Ray of this run's own, even where $RAY_ADDRESS names a cluster
+        init_args.update(address="local", num_cpus=actors(cpus), num_gpus=None if cfg.actor_gpus > 0 else 0)
+    return {"client_resources": client_resources(cfg), "init_args": init_args}
+
+
+def actor_capacity(nodes: list[dict], resources: dict) -> int:
+    """How many client actors reserving ``resources`` (:func:`client_resources`) the live nodes of ``nodes``
+    (``ray.nodes()``) hold: on each node, the fewest its CPUs, its GPUs and its memory allow. Flower counts CPUs and
+    GPUs only, and an actor beyond a node's memory would wait for it forever."""
+    total = 0
+    wants = {"CPU": resources.get("num_cpus", 1), "GPU": resources.get("num_gpus", 0),
+             "memory": resources.get("memory", 0)}
+    for node in nodes:
+        held = node.get("Resources") or {}
+        if not node.get("Alive", True) or not held:  # a node that left keeps its entry, with no resources
+            continue
+        total += min(int(held.get(key, 0) / need + 1e-9) for key, need in wants.items() if need > 0)
+    return total
+
+
+def no_room_message(nodes: list[dict], resources: dict) -> str:
+    """Why no client actor reserving ``resources`` fits on any live node of ``nodes``, and what to change."""
+    gib = 2**30
+    held = [n.get("Resources") or {} for n in nodes if n.get("Alive", True) and n.get("Resources")]
+    seen = "; ".join(f"CPU {r.get('CPU', 0):g}, GPU {r.get('GPU', 0):g}, memory {r.get('memory', 0) / gib:.1f} GiB"
+                     for r in held) or "none alive"
+    return (f"no node of the Ray cluster holds one client actor of actor-cpus {resources.get('num_cpus', 1):g}, "
+            f"actor-gpus {resources.get('num_gpus', 0):g}, actor-memory-gib {resources.get('memory', 0) / gib:.2f} "
+            f"(the nodes hold: {seen}); lower these settings (actor-gpus 0 runs on CPUs), or add a node that has them")
 
 
 def run_in_simulation(cfg: FederationConfig, *, cpus: int | None = None, verbose: bool = False,
@@ -239,9 +290,12 @@ class SimulationRuntime:
         self.runs = 0
         self.pools_built = 0  # actor pools built: 1 unless one had to be replaced
         self.actors_replaced = 0  # actors that died inside a run and were replaced there
+        self.actors_lost = 0  # actors that died inside a run and could not be (their node left the cluster)
+        self.placement_error: Exception | None = None  # why the actor pool could not be built
         self._pool = None
         self._marker: Path | None = None
         self._restore: list[tuple] = []
+        self._placement: tuple | None = None  # the first run's (Ray address, actor resources): every run's
 
     def __enter__(self) -> "SimulationRuntime":
         from flwr.server.superlink.fleet.vce import vce_api
@@ -300,12 +354,46 @@ class SimulationRuntime:
             import torch
 
             torch.set_num_threads(1)
-        check_memory(cfg, min(actors(self.cpus), cfg.clients))  # before Ray starts actors that would be killed
+        self._check_placement(cfg)
+        if not ray_address(cfg):  # on a cluster, the nodes' own memory is what counts: actor-memory-gib reserves it
+            check_memory(cfg, min(max(int(actors(self.cpus) / cfg.actor_cpus), 1), cfg.clients))
+        if self._pool is None:
+            self._join_ray(cfg)
         with threadpool_limits(1):
-            result = _simulate(cfg, self.cpus, self.verbose, client_app, _server_app())
+            try:
+                result = _simulate(cfg, self.cpus, self.verbose, client_app, _server_app())
+            except RuntimeError:
+                result = None
+                if self.placement_error is None:
+                    raise
         self.runs += 1
+        if self.placement_error is not None:
+            error, self.placement_error = self.placement_error, None
+            raise error
         if not getattr(result, "success", True):
             raise RuntimeError("the federation failed; run again with --verbose to see Flower's log")
+
+    def _join_ray(self, cfg: FederationConfig) -> None:
+        """Start Ray (or join the cluster) as the Simulation Engine does, and refuse a run whose client actor no
+        node holds, before the ServerApp waits for replies that cannot come."""
+        import ray
+        from flwr.server.superlink.fleet.vce.backend import raybackend
+
+        raybackend.RayBackend(backend_config(self.cpus, cfg))  # Flower's own ray.init (the kept backend's)
+        nodes = ray.nodes()
+        if actor_capacity(nodes, client_resources(cfg)) < 1:
+            raise ConfigError(no_room_message(nodes, client_resources(cfg)))
+
+    def _check_placement(self, cfg: FederationConfig) -> None:
+        """Refuse a run whose Ray or actor settings differ from the first run's: Ray and the actors are kept."""
+        placement = (ray_address(cfg), client_resources(cfg))
+        if self._placement is None:
+            self._placement = placement
+        elif placement != self._placement:
+            raise ConfigError(f"the runs of one fedal compare or --baseline share Ray and its client actors: this run "
+                              f"asks for ray-address {placement[0] or 'local'!r} and actors of {placement[1]}, the "
+                              f"first one for {self._placement[0] or 'local'!r} and {self._placement[1]}; give every "
+                              f"run the same ray-address, actor-cpus, actor-gpus and actor-memory-gib")
 
     # ------------------------------------------------------------- the actor pool, for the backend below
     def pool_for(self, build):
@@ -319,6 +407,8 @@ class SimulationRuntime:
         """A run ended: keep ``pool`` if every actor answers and is idle, else stop it (the next run builds one)."""
         import ray
 
+        if pool is None:  # the pool was never built
+            return
         healthy = pool is self._pool and len(pool.pool) == pool.num_actors
         if healthy:
             try:
@@ -352,8 +442,13 @@ def _kept_backend(flower_backend, runtime: SimulationRuntime):
     class KeptRayBackend(flower_backend):
         def build(self, app_fn) -> None:
             def build_pool():
-                flower_backend.build(self, app_fn)
-                return self.pool
+                try:
+                    pool = waiting_actor_pool(self.client_resources, self.actor_kwargs)
+                except ConfigError as exc:  # run() raises it in place of the Simulation Engine's crash
+                    runtime.placement_error = exc
+                    raise
+                pool.add_actors_to_pool(pool.actors_capacity)
+                return pool
 
             self.pool = runtime.pool_for(build_pool)
             self.app_fn = app_fn
@@ -370,17 +465,63 @@ def _kept_backend(flower_backend, runtime: SimulationRuntime):
             try:
                 return flower_backend.process_message(self, message, context)
             except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as ex:
-                runtime.actors_replaced += replace_dead_actors(self.pool, ex)
+                replaced, lost = replace_dead_actors(self.pool, ex)
+                runtime.actors_replaced += replaced
+                runtime.actors_lost += lost
             return flower_backend.process_message(self, message, context)
 
     return KeptRayBackend
 
 
-def replace_dead_actors(pool, error: BaseException | None = None) -> int:
-    """Replace every actor of Flower's ``pool`` that no longer answers by a new one; return how many.
+def waiting_actor_pool(resources: dict, actor_kwargs: dict):
+    """Flower's actor pool of as many actors reserving ``resources`` as the cluster's live nodes hold
+    (:func:`actor_capacity`: memory counted too), whose ``submit`` waits for an idle actor where Flower's would fail.
+
+    The Simulation Engine runs one thread per actor it started with; when a node leaves and its actors cannot be
+    replaced (:func:`replace_dead_actors`), more threads than actors remain, and a message drawn by one of them waits
+    for the next idle actor instead of failing its client.
+
+    Raises
+    ------
+    fedal.exceptions.ConfigError
+        If no live node holds one actor (:func:`no_room_message` says what the nodes hold).
+    """
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+    nodes = ray.nodes()
+    capacity = actor_capacity(nodes, resources)
+    if capacity < 1:
+        raise ConfigError(no_room_message(nodes, resources))
+
+    class WaitingActorPool(BasicActorPool):
+        def submit(self, actor_fn, job):
+            while True:
+                try:
+                    actor = self.pool.pop()  # atomic: the engine's threads draw from one list
+                    break
+                except IndexError:
+                    if self.num_actors < 1:
+                        raise RuntimeError("no client actor is left: the Ray nodes that held them are gone") from None
+                    time.sleep(POLL_S)
+            app_fn, message, cid, context = job
+            future = actor_fn(actor, app_fn, message, cid, context)
+            self._future_to_actor[future] = actor
+            return future
+
+    pool = WaitingActorPool(actor_type=ClientAppActor, client_resources=resources, actor_kwargs=actor_kwargs)
+    pool.actors_capacity = capacity
+    return pool
+
+
+def replace_dead_actors(pool, error: BaseException | None = None) -> tuple[int, int]:
+    """Replace every actor of Flower's ``pool`` that no longer answers by a new one where the cluster has room for
+    it; return ``(replaced, lost)``: the actors replaced, and those left out (the pool runs with fewer).
 
     The Ray actors of a simulation run the ClientApps; one killed (Ray's memory monitor stops the process that
-    takes the most memory when the machine runs short) never answers again, and Flower keeps it in its pool."""
+    takes the most memory when the machine runs short) never answers again, and Flower keeps it in its pool. A node
+    that leaves a cluster takes its actors along, and the nodes left may hold no new one: a replacement that does
+    not start within :data:`ACTOR_CHECK_S` is stopped, not waited for."""
     import ray
 
     dead = []
@@ -389,21 +530,40 @@ def replace_dead_actors(pool, error: BaseException | None = None) -> int:
             ray.get(actor.__ray_ready__.remote(), timeout=ACTOR_CHECK_S)
         except Exception:  # noqa: BLE001 - dead or hung: replaced either way
             dead.append(actor)
+    removed = []
     for actor in dead:
         try:
             pool.pool.remove(actor)
         except ValueError:  # another worker thread drew it meanwhile: its own failure replaces it
             continue
+        removed.append(actor)
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        pool.pool.append(pool.create_actor_fn())
-    if dead:
+    replaced = lost = 0
+    for _ in removed:
+        room = actor_capacity(ray.nodes(), pool.client_resources) - len(pool.pool) - len(pool._future_to_actor)
+        new = pool.create_actor_fn() if room > 0 else None
+        if new is not None:
+            try:
+                ray.get(new.__ray_ready__.remote(), timeout=ACTOR_CHECK_S)
+            except Exception:  # noqa: BLE001 - no node could start it
+                ray.kill(new, no_restart=True)
+                new = None
+        if new is None:
+            pool.num_actors -= 1
+            lost += 1
+        else:
+            pool.pool.append(new)
+            replaced += 1
+    if removed:
         reason = f" ({type(error).__name__}: {str(error).splitlines()[0][:200]})" if error is not None else ""
-        logging.getLogger("fedal").warning("%d client actor(s) died%s: replaced by new ones; the message is handed "
-                                           "to a new actor", len(dead), reason)
-    return len(dead)
+        logging.getLogger("fedal").warning(
+            "%d client actor(s) died%s: %d replaced by new ones, %d not (no Ray node has room for them: the run goes "
+            "on with %d); the message is handed to another actor", len(removed), reason, replaced, lost,
+            pool.num_actors)
+    return replaced, lost
 
 
 def _add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
@@ -464,7 +624,7 @@ def _simulate(cfg: FederationConfig, cpus, verbose: bool, client_app, server_app
             client_app=client_app,
             server_app=server_app,
             backend_name="ray",
-            backend_config=backend_config(cpus),
+            backend_config=backend_config(cpus, cfg),
             server_app_context=context,
             app_dir=app_dir,
             is_app=True,

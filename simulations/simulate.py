@@ -16,7 +16,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from fedal.config import FederationConfig
+from fedal.config import PLACEMENT_SETTINGS, FederationConfig
 from fedal.exceptions import ConfigError
 from fedal.fileio import writable_folder
 
@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
 
 #: settings a resumed run may change (everything else must be what the checkpoint's run had)
 RESUMABLE = ("rounds", "resume", "overwrite", "round-timeout", "min-clients", "min-reply-fraction", "max-failed-rounds",
-             "after-stop")
+             "after-stop", *PLACEMENT_SETTINGS)
 
 
 def previous_run(cfg: FederationConfig) -> list[str]:
@@ -84,7 +84,8 @@ def _prepare_output(cfg: FederationConfig) -> Path:
             listed = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:6])
             raise ConfigError(f"--resume continues the run in {out}, but these settings differ from it: {listed}; "
                               "give the run's own settings (only rounds, round-timeout, min-clients, min-reply-fraction, "
-                              "max-failed-rounds and after-stop may change), or start a new run without --resume")
+                              "max-failed-rounds, after-stop and where it runs: ray-address, actor-* may change), or "
+                              "start a new run without --resume")
         _check_writable(cfg)
         return out
     found = previous_run(cfg)

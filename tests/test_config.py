@@ -92,12 +92,18 @@ BAD_VALUES = {
     "secure_clip_norm": 0.0,
     "secure_max_count": 0,
     "min_class_count": -2,
+    "ray_address": "head-node",
+    "actor_cpus": 0.0,
+    "actor_gpus": 1.5,
+    "actor_memory_gib": -1.0,
 }
 # second bad values for settings with two bounds
 MORE_BAD_VALUES = [("total_budget", 49), ("dp_mode", "local"), ("dp_delta", 1.0), ("client_noise", "0.1,0.2"), ("client_noise", "2,0,0,0,0"),
                    ("unsure_rate", -0.1), ("verify_threshold", -0.1),
                    ("momentum", -0.5), ("min_reply_fraction", -0.1), ("min_reply_fraction", float("nan")),
-                   ("head_dp_epsilon", 3.0), ("head_dp_epsilon", float("inf"))]
+                   ("head_dp_epsilon", 3.0), ("head_dp_epsilon", float("inf")),
+                   ("ray_address", "10.0.0.5:70000"), ("ray_address", "http://10.0.0.5:6379"), ("actor_gpus", -0.5),
+                   ("actor_cpus", float("nan")), ("actor_memory_gib", float("inf"))]
 # settings any value of their type is fine for (checked where they are used: data loading)
 FREE_SETTINGS = {"dataset", "data_dir", "state_dir", "reinit", "resume", "overwrite", "secure_aggregation"}
 
