@@ -218,15 +218,22 @@ def cached_features(featurizer: Featurizer, X: np.ndarray, path: str | Path | No
     if isinstance(featurizer, RawFeatures):
         return featurizer.transform(X)  # nothing to save
     key = f"{featurizer.name}:{fingerprint(X)}"
+    before = None  # the features of the pool as it was, when X only added rows to it (a folder site's new files)
     if path is not None and Path(path).is_file():
         try:
             with np.load(path, allow_pickle=False) as f:
                 if str(f["key"]) == key:
                     return f["features"]
+                old, name = f["features"], str(f["key"]).rsplit(":", 1)[0]
+                if name == featurizer.name and 0 < len(old) < len(X) and \
+                        f"{name}:{fingerprint(_first_rows(X, len(old)))}" == str(f["key"]):
+                    before = old
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is recomputed
     features = _in_memory.get(key)
-    if features is None:
+    if features is None and before is not None:  # only the new rows are computed
+        features = _remember(key, np.concatenate([before, featurizer.transform(_rows_from(X, len(before)))]))
+    elif features is None:
         features = _remember(key, featurizer.transform(X))
     else:
         _in_memory.move_to_end(key)
@@ -235,6 +242,16 @@ def cached_features(featurizer: Featurizer, X: np.ndarray, path: str | Path | No
         np.savez(buf, key=np.asarray(key), features=features)
         atomic_write(path, buf.getvalue())
     return features
+
+
+def _first_rows(X, n: int):
+    """The first ``n`` rows of ``X`` without reading them yet where ``X`` reads as it goes (a folder's pool)."""
+    return type(X)(X.raw[:n]) if hasattr(X, "raw") else X[:n]
+
+
+def _rows_from(X, n: int):
+    """The rows of ``X`` from ``n`` on (as :func:`_first_rows`)."""
+    return type(X)(X.raw[n:]) if hasattr(X, "raw") else X[n:]
 
 
 def _remember(key: str, features: np.ndarray) -> np.ndarray:

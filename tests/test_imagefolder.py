@@ -214,3 +214,18 @@ def test_a_folder_pool_reads_as_floats_only_where_indexed_with_the_same_features
     for side in (64, 128):
         big = ImageDescriptors.for_size(side)
         assert big.dim((3, side, side)) == small.dim((3, 28, 28)) == 373
+
+
+def test_a_grown_pool_computes_features_for_its_new_rows_only(tmp_path, monkeypatch):
+    from fedal.data import UnitImages
+    from fedal.features import ImageDescriptors, cached_features
+
+    raw = np.random.default_rng(1).integers(0, 256, (60, 3, 28, 28), dtype=np.uint8)
+    featurizer, cache = ImageDescriptors(), tmp_path / "features.npz"
+    first = cached_features(featurizer, UnitImages(raw[:50]), cache)
+    seen = []
+    transform = ImageDescriptors.transform
+    monkeypatch.setattr(ImageDescriptors, "transform", lambda self, X: seen.append(len(X)) or transform(self, X))
+    grown = cached_features(featurizer, UnitImages(raw), cache)
+    assert seen == [10] and np.array_equal(grown[:50], first)
+    assert np.array_equal(grown, transform(featurizer, raw.astype(np.float32) / np.float32(255)))
