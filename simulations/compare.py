@@ -396,7 +396,9 @@ def finished_rounds(cfg: FederationConfig) -> list[dict] | None:
     def computed(config) -> dict:
         return {k: v for k, v in (config or {}).items() if k not in PLACEMENT_SETTINGS}
 
-    if (computed(results.get("config")) != computed(json.loads(json.dumps(cfg.to_run_config()))) or not rows
+    from simulations.engine import placed
+
+    if (computed(results.get("config")) != computed(json.loads(json.dumps(placed(cfg).to_run_config()))) or not rows
             or rows[-1]["round"] != cfg.rounds):
         return None  # another run's settings, or unfinished (with eval-every > 1 not every round has a row)
     return results["rounds"]

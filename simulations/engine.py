@@ -172,6 +172,16 @@ def ray_address(cfg: FederationConfig) -> str:
     return given or os.environ.get("RAY_ADDRESS", "").strip()
 
 
+def placed(cfg: FederationConfig) -> FederationConfig:
+    """``cfg`` as the client actors read it: on a cluster (:func:`ray_address`), every relative path made absolute
+    against this process's folder (an actor on another node works in another folder); unchanged on this machine."""
+    if not ray_address(cfg):
+        return cfg
+    from fedal.config import absolute_paths
+
+    return FederationConfig.from_mapping(absolute_paths(cfg.to_run_config()))
+
+
 def client_resources(cfg: FederationConfig) -> dict:
     """What Ray reserves for each client actor of a simulation of ``cfg`` (``actor-cpus``, ``actor-gpus``,
     ``actor-memory-gib``), in the keys of ``ray.remote``'s options."""
@@ -347,6 +357,7 @@ class SimulationRuntime:
 
         if SimulationRuntime._open is not self:
             raise RuntimeError("SimulationRuntime.run needs the runtime open: use `with SimulationRuntime() as r`")
+        cfg = placed(cfg)
         if client_app is None:
             from clients.app import app as client_app
 

@@ -68,6 +68,18 @@ def test_a_gpu_actor_lets_a_local_ray_find_the_gpus(monkeypatch):
     assert backend_config(2, FederationConfig(actor_gpus=1))["init_args"]["num_gpus"] is None  # Ray detects them
 
 
+def test_on_a_cluster_the_actors_get_absolute_paths_from_the_drivers_folder(monkeypatch, tmp_path):
+    from simulations.engine import placed
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = FederationConfig(output_dir="runs/a", data_dir="data", state_dir="")
+    assert placed(cfg) is cfg  # one machine: the actors work in this folder
+    moved = placed(cfg.replace(ray_address="auto"))
+    assert moved.output_dir == str(tmp_path / "runs" / "a") and moved.data_dir == str(tmp_path / "data")
+    assert moved.state_dir == "" and moved.ray_address == "auto"
+
+
 def test_the_pool_holds_what_each_live_node_holds_memory_and_gpus_counted():
     from simulations.engine import actor_capacity
 
