@@ -457,7 +457,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def compare_settings(args: argparse.Namespace, base: FederationConfig) -> FederationConfig:
     """The comparison's settings: the preset's ``base`` with ``args``' ``--set`` overrides and ``--ray-address``."""
     overrides = parse_assignments(args.overrides)
-    if args.ray_address is not None:
+    if getattr(args, "ray_address", None) is not None:  # callers that build their own arguments may leave it out
         overrides["ray-address"] = args.ray_address
     return FederationConfig.from_mapping(overrides, base=base)
 
