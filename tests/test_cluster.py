@@ -226,3 +226,28 @@ def test_a_worker_node_that_crashes_mid_run_is_survived_with_the_head_nodes_acto
     ran = _ran_on(out)
     assert {r["node"] for r in ran if r["round"] == 1} == {cluster.head_node.node_id, worker.node_id}
     assert {r["node"] for r in ran if r["round"] == 3} == {cluster.head_node.node_id}
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+def test_the_cluster_benchmark_refuses_a_bad_setting_before_any_run(capsys):
+    from simulations.bench.cluster import main
+
+    with pytest.raises(SystemExit):
+        main(["--set", "rounds=0"])
+    assert "rounds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--paths", "cluster of 2 nodes"])  # the local Ray is what the others are measured against
+
+
+def test_the_cluster_benchmark_table_flags_runs_that_computed_something_else():
+    from simulations.bench.cluster import NO_GPU, table
+
+    run = {"wall_seconds": 10.0, "run_seconds": 8.0, "labels": 145, "accuracy": [0.5, 0.6]}
+    record = {"command": "python -m simulations.bench.cluster", "machine": {"nproc": 2, "cpu": "cpu"},
+              "settings": {"rounds": 2}, "gpu": NO_GPU,
+              "runs": {"local Ray": [run, {**run, "wall_seconds": 14.0}],
+                       "cluster of 2 nodes": [{**run, "wall_seconds": 12.0, "accuracy": [0.5, 0.7]}, run]}}
+    text = table(record)
+    assert "| local Ray | 10.0, 14.0 | 12.0 | 1.00x |" in text
+    assert "| cluster of 2 nodes | 12.0, 10.0 | 11.0 | 0.92x |" in text and "**no**" in text
+    assert "shortened" in text and "not measured" in text
