@@ -18,7 +18,7 @@ from fedal.data import MEDMNIST_CLASSES, load_dataset
 from fedal.sitedata import _write_dicom, _write_png
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
-ROUNDS, NEW = 4, 6
+ROUNDS, NEW = 3, 6
 HANDOVER = {"pipeline": "handover", "network": "convnet", "norm": "group", "local-optimizer": "sgd", "lr": 1.0,
             "local-steps": 1, "batch-size": 32, "weight-decay": 0.0005, "aggregation": "fedadam", "server-lr": 0.003,
             "budget-policy": "pool", "initial-strategy": "random"}
@@ -74,7 +74,7 @@ def test_two_hospitals_run_from_their_own_png_and_dicom_folders_and_new_files_jo
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert all(sorted(r["clients"]) == ["0", "1"] for r in rounds)
-    assert rounds[-1]["labels"] == 2 * (5 + (ROUNDS - 1) * 5) or rounds[-1]["labels"] > rounds[0]["labels"]
+    assert rounds[-1]["labels"] > rounds[0]["labels"]  # the sites kept asking and answering
     for site, n in zip(dep.site_list, before):
         with sqlite3.connect(site.state_dir / f"client-{site.client_id}.db") as db:
             samples = db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
