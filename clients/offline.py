@@ -393,6 +393,6 @@ class OfflineSite:
             self._own_copy()
         out = {}
         if len(ids) and site.learner.model_ready:
-            probs, _ = site.model.forward(site.X_pool[site.learner.rows(ids)])
+            probs, _ = site.model.forward(site.learner.inputs(ids))
             out = {str(int(i)): [int(p.argmax()), round(float(p.max()), 4)] for i, p in zip(ids, probs)}
         site.pool.set_meta(SUGGESTIONS, json.dumps(out))

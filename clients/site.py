@@ -357,7 +357,7 @@ class ClientSite:
         what a second reading (``verify-threshold``) is decided on."""
         if not self.learner.model_ready:
             return None
-        probs, _ = self.model.forward(self.X_pool[self.learner.rows(ids)])
+        probs, _ = self.model.forward(self.learner.inputs(ids))
         return probs.argmax(axis=1), probs.max(axis=1)
 
     def _count_reviews(self) -> int:
@@ -389,7 +389,7 @@ class ClientSite:
         ids = self.pool.unlabeled_ids()
         if len(ids) == 0:
             return 0.0
-        probs, _ = self.model.forward(self.X_pool[self.learner.rows(ids)])
+        probs, _ = self.model.forward(self.learner.inputs(ids))
         return pool_uncertainty(probs)[0]
 
     def evaluate(self, global_state: dict) -> tuple[int, float, float]:

@@ -337,6 +337,10 @@ class UnitImages:
         np.divide(part, np.float32(255), out=out, dtype=np.float32)
         return out
 
+    def take(self, rows) -> "UnitImages":
+        """The images at ``rows``, still uint8 (read as floats when indexed)."""
+        return UnitImages(np.asarray(self.raw[np.asarray(rows, dtype=np.int64)]))
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype, copy=False)

@@ -82,6 +82,12 @@ class ActiveLearner:
         """Rows of ``X`` that hold the given sample ids."""
         return np.fromiter((self._row[int(i)] for i in ids), dtype=np.int64, count=len(ids))
 
+    def inputs(self, ids: Sequence[int]):
+        """The inputs of the sample ids ``ids``, for a model to score: rows of ``X``; a folder's images stay uint8
+        until a batch reads them (:class:`fedal.data.UnitImages`)."""
+        rows = self.rows(ids)
+        return self.X.take(rows) if hasattr(self.X, "take") and not isinstance(self.X, np.ndarray) else self.X[rows]
+
     def labeled_data(self) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and labels of the labeled set."""
         ids, labels = self.pool.labels()
@@ -119,9 +125,9 @@ class ActiveLearner:
             self.fit()
         use_cold = len(labeled) == 0
         strategy = self.cold_start if use_cold else self.strategy
-        ctx = QueryContext(candidates, self.X[self.rows(candidates)],
+        ctx = QueryContext(candidates, self.inputs(candidates),
                            model=None if use_cold and not strategy.needs_model else self.model,
-                           labeled_X=self.X[self.rows(labeled)])
+                           labeled_X=self.inputs(labeled))
         step_seed = query_seed(self.seed, len(self.history))
         ids = strategy.query(ctx, budget, seed=step_seed)
         if self.model_ready and len(candidates) and ctx.model is not None:  # nothing labeled yet: no model to ask

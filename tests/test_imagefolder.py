@@ -229,3 +229,31 @@ def test_a_grown_pool_computes_features_for_its_new_rows_only(tmp_path, monkeypa
     grown = cached_features(featurizer, UnitImages(raw), cache)
     assert seen == [10] and np.array_equal(grown[:50], first)
     assert np.array_equal(grown, transform(featurizer, raw.astype(np.float32) / np.float32(255)))
+
+
+def _image_strategies() -> list[str]:
+    """The strategies that score images (not those of the closed-form head's features)."""
+    from fedal.strategies import available_strategies, get_strategy
+
+    return [n for n in available_strategies() if not get_strategy(n).needs_closed_form]
+
+
+@pytest.mark.parametrize("name", _image_strategies())
+def test_every_strategy_picks_the_same_samples_from_a_uint8_pool_as_from_floats(name):
+    from fedal.data import UnitImages
+    from fedal.models import build_model
+    from fedal.strategies import QueryContext, get_strategy
+
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (40, 3, 28, 28), dtype=np.uint8)
+    full = raw.astype(np.float32) / np.float32(255)
+    model = build_model((3, 28, 28), 3, seed=0, epochs=1)
+    model.fit(full[:9], np.arange(9) % 3)
+    ids = np.arange(9, 40)
+    picks = []
+    for X in (UnitImages(raw), full):
+        taken = X.take(ids) if isinstance(X, UnitImages) else X[ids]
+        labeled = X.take(np.arange(9)) if isinstance(X, UnitImages) else X[:9]
+        ctx = QueryContext(ids, taken, model=model, labeled_X=labeled)
+        picks.append(sorted(get_strategy(name).query(ctx, 5, seed=0).tolist()))
+    assert picks[0] == picks[1]
