@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedal.data import UnitImages
 from fedal.exceptions import ConfigError
 from fedal.fileio import atomic_write
 
@@ -108,7 +109,7 @@ class ImageDescriptors(Featurizer):
     def transform(self, X: np.ndarray) -> np.ndarray:
         from skimage.feature import hog, local_binary_pattern
 
-        if not isinstance(X, np.ndarray) and len(X) > 1024:  # images read as they go (fedal.data.UnitImages)
+        if isinstance(X, UnitImages) and len(X) > 1024:  # a folder's uint8 pool: read 1,024 images at a time
             return np.concatenate([self.transform(X[start:start + 1024]) for start in range(0, len(X), 1024)])
         X = np.asarray(X, dtype=np.float32)
         if X.ndim == 3:
@@ -245,13 +246,13 @@ def cached_features(featurizer: Featurizer, X: np.ndarray, path: str | Path | No
 
 
 def _first_rows(X, n: int):
-    """The first ``n`` rows of ``X`` without reading them yet where ``X`` reads as it goes (a folder's pool)."""
-    return type(X)(X.raw[:n]) if hasattr(X, "raw") else X[:n]
+    """The first ``n`` rows of ``X``, a folder's uint8 pool kept unread (:class:`fedal.data.UnitImages`)."""
+    return UnitImages(X.raw[:n]) if isinstance(X, UnitImages) else X[:n]
 
 
 def _rows_from(X, n: int):
     """The rows of ``X`` from ``n`` on (as :func:`_first_rows`)."""
-    return type(X)(X.raw[n:]) if hasattr(X, "raw") else X[n:]
+    return UnitImages(X.raw[n:]) if isinstance(X, UnitImages) else X[n:]
 
 
 def _remember(key: str, features: np.ndarray) -> np.ndarray:

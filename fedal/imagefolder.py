@@ -228,18 +228,38 @@ class ImageFolder:
     # ------------------------------------------------------------------ scanning
     def scan(self) -> ScanReport:
         """Bring the records and the cache up to date with the folder; return what was found."""
-        from fedal.imagefiles import ImageRefused, file_digest, is_image_file, read_image
-
         start = time.perf_counter()
         report = ScanReport(folder=str(self.root))
         known_labels = self._csv_labels()
         db = self._db
-        rows = db.execute("SELECT path, id, digest, bytes, mtime_ns, present FROM files").fetchall()
+        rows = db.execute("SELECT path, id, digest, bytes, mtime_ns, present, label FROM files").fetchall()
         by_path = {r[0]: r for r in rows}
         by_digest = {r[2]: r for r in rows}
         refused = {r[0]: r for r in db.execute("SELECT path, bytes, mtime_ns, reason FROM refused")}
         copies = {r[0]: r for r in db.execute("SELECT path, bytes, mtime_ns, of_id FROM copies")}
         self._truncate_cache()
+        db.execute("BEGIN IMMEDIATE")  # one transaction: a scan of 10,000 unchanged files is one commit, not 10,000
+        try:
+            self._scan_files(report, known_labels, by_path, by_digest, refused, copies)
+        except BaseException:
+            db.execute("ROLLBACK")  # the pixels appended past the records are cut at the next open
+            raise
+        db.execute("COMMIT")
+        for label, n in db.execute("SELECT label, COUNT(*) FROM files WHERE present = 1 AND label IS NOT NULL "
+                                   "GROUP BY label ORDER BY label"):
+            report.classes[self.class_names[label]] = n
+        report.unlabeled = db.execute("SELECT COUNT(*) FROM files WHERE present = 1 AND label IS NULL").fetchone()[0]
+        report.sizes = Counter({(w, h): n for w, h, n in db.execute(
+            "SELECT width, height, COUNT(*) FROM files WHERE present = 1 GROUP BY width, height")})
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _scan_files(self, report: ScanReport, known_labels: dict, by_path: dict, by_digest: dict, refused: dict,
+                    copies: dict) -> None:
+        """The walk of :meth:`scan`, inside its transaction: each file seen, read where new or changed."""
+        from fedal.imagefiles import ImageRefused, file_digest, is_image_file, read_image
+
+        db = self._db
         seen_ids: set[int] = set()
         seen_refused: set[str] = set()
         for path in self._walk():
@@ -259,9 +279,9 @@ class ImageFolder:
             row = by_path.get(rel)
             if row is not None and row[3] == st.st_size and row[4] == st.st_mtime_ns:
                 seen_ids.add(row[1])  # unchanged
-                if not row[5]:
-                    report.back += 1
-                db.execute("UPDATE files SET present = 1, label = ? WHERE id = ?", (label, row[1]))
+                report.back += int(not row[5])
+                if not row[5] or row[6] != label:  # back, or a label given (or taken back) in the folder
+                    db.execute("UPDATE files SET present = 1, label = ? WHERE id = ?", (label, row[1]))
                 continue
             old = refused.get(rel)
             if old is not None and old[1] == st.st_size and old[2] == st.st_mtime_ns:
@@ -283,8 +303,7 @@ class ImageFolder:
                         db.execute("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?)",
                                    (rel, st.st_size, st.st_mtime_ns, same[1]))
                         continue
-                    if not same[5] or same[0] != rel:
-                        report.back += int(not same[5])
+                    report.back += int(not same[5])
                     db.execute("UPDATE files SET path = ?, bytes = ?, mtime_ns = ?, present = 1, label = ? "
                                "WHERE id = ?", (rel, st.st_size, st.st_mtime_ns, label, same[1]))
                     seen_ids.add(same[1])
@@ -307,7 +326,7 @@ class ImageFolder:
                 report.joined += 1
             db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
                        (new_id, rel, digest, st.st_size, st.st_mtime_ns, width, height, label))
-            by_digest[digest] = (rel, new_id, digest, st.st_size, st.st_mtime_ns, 1)
+            by_digest[digest] = (rel, new_id, digest, st.st_size, st.st_mtime_ns, 1, label)
             seen_ids.add(new_id)
             refused.pop(rel, None)
             db.execute("DELETE FROM refused WHERE path = ?", (rel,))
@@ -318,14 +337,6 @@ class ImageFolder:
         stale = [p for p in refused if p not in seen_refused]
         db.executemany("DELETE FROM refused WHERE path = ?", ((p,) for p in stale))
         report.gone = len(gone)
-        for label, n in db.execute("SELECT label, COUNT(*) FROM files WHERE present = 1 AND label IS NOT NULL "
-                                   "GROUP BY label ORDER BY label"):
-            report.classes[self.class_names[label]] = n
-        report.unlabeled = db.execute("SELECT COUNT(*) FROM files WHERE present = 1 AND label IS NULL").fetchone()[0]
-        report.sizes = Counter({(w, h): n for w, h, n in db.execute(
-            "SELECT width, height, COUNT(*) FROM files WHERE present = 1 GROUP BY width, height")})
-        report.seconds = time.perf_counter() - start
-        return report
 
     def _walk(self):
         for dirpath, dirnames, filenames in os.walk(self.root):

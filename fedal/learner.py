@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedal.config import DEFAULT_COLD_START
+from fedal.data import UnitImages
 from fedal.exceptions import ConfigError, InvalidLabelError, OracleError
 from fedal.kpi import batch_diversity
 from fedal.oracle import UNSURE, Oracle
@@ -86,7 +87,7 @@ class ActiveLearner:
         """The inputs of the sample ids ``ids``, for a model to score: rows of ``X``; a folder's images stay uint8
         until a batch reads them (:class:`fedal.data.UnitImages`)."""
         rows = self.rows(ids)
-        return self.X.take(rows) if hasattr(self.X, "take") and not isinstance(self.X, np.ndarray) else self.X[rows]
+        return self.X.take(rows) if isinstance(self.X, UnitImages) else self.X[rows]
 
     def labeled_data(self) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and labels of the labeled set."""

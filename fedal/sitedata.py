@@ -23,6 +23,7 @@ A site file holds:
 """
 from __future__ import annotations
 
+import csv
 import io
 import os
 from pathlib import Path
@@ -251,8 +252,6 @@ def save_site_folder(out: str | os.PathLike, data: LocalData, *, fmt: str = "png
                 rows.append((rel, name))
         if rows:
             with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as f:
-                import csv
-
                 writer = csv.writer(f)
                 writer.writerow(["path", "label"])
                 writer.writerows(rows)
@@ -296,10 +295,6 @@ def _write_dicom(path: Path, pixels: np.ndarray) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-#: channels of the image data sets fedal knows by name (a folder site reads its files with the run's)
-CHANNELS = KNOWN_CHANNELS
-
-
 def run_layout(cfg: FederationConfig) -> tuple[list[str], int, int]:
     """The class names, channels and input side of the run ``cfg``'s images: what a folder site reads its files as
     (the data sets fedal knows by name need no file on the site; any other is read for its layout).
@@ -311,9 +306,9 @@ def run_layout(cfg: FederationConfig) -> tuple[list[str], int, int]:
     """
     from fedal.data import MEDMNIST_CLASSES
 
-    if cfg.dataset in CHANNELS:
+    if cfg.dataset in KNOWN_CHANNELS:
         names = MEDMNIST_CLASSES.get(cfg.dataset) or [str(i) for i in range(10)]
-        return list(names), CHANNELS[cfg.dataset], run_side(cfg)
+        return list(names), KNOWN_CHANNELS[cfg.dataset], run_side(cfg)
     ds = federation_dataset(cfg)
     if ds.kind != "image":
         raise DataFileError(f"a site's folder of images needs a run of images; the run's data set {cfg.dataset!r} "
@@ -430,9 +425,9 @@ def at_run_size(cfg: FederationConfig, data: LocalData) -> LocalData:
     side = run_side(cfg)
     if data.kind != "image" or not side or data.input_shape[-2:] == (side, side):
         return data
-    if cfg.dataset in CHANNELS and data.input_shape[0] != CHANNELS[cfg.dataset]:
+    if cfg.dataset in KNOWN_CHANNELS and data.input_shape[0] != KNOWN_CHANNELS[cfg.dataset]:
         raise DataFileError(f"this site's images have {data.input_shape[0]} channel(s); the run's data set "
-                            f"{cfg.dataset} has {CHANNELS[cfg.dataset]}: write the site's data with those")
+                            f"{cfg.dataset} has {KNOWN_CHANNELS[cfg.dataset]}: write the site's data with those")
     from dataclasses import replace
 
     from fedal.data import resize_images

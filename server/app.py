@@ -178,7 +178,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
         log.warning("private network updates: every site clips its update to %g and adds its share of noise of "
                     "multiplier %g before masking (any %d sites of a sum carry all of it): client-level epsilon %.3f "
                     "at delta %g planned for %d rounds", p.clipping_norm, p.noise_multiplier, p.fewest_sites - 1,
-                    p.distributed_epsilon(cfg.rounds), p.delta, cfg.rounds)
+                    p.planned_epsilon, p.delta, cfg.rounds)
     secure = None
     if cfg.secure_aggregation:
         from fedal.models import secure_codec

@@ -202,6 +202,11 @@ class PrivacySettings:
         return GaussianPrivacyEvent(self.noise_multiplier * aggregated / self.sampled_clients, aggregated,
                                     max(self.population, aggregated))
 
+    @functools.cached_property
+    def planned_epsilon(self) -> float:
+        """``distributed``: epsilon at ``delta`` of all ``rounds`` (:meth:`distributed_epsilon`), computed once."""
+        return self.distributed_epsilon(self.rounds)
+
     def distributed_epsilon(self, releases: int) -> float:
         """``distributed``: epsilon at ``delta`` of ``releases`` rounds (dp-accounting's Renyi accountant at the
         integer orders the Skellam bound holds at)."""
@@ -218,7 +223,7 @@ class PrivacySettings:
             report["note"] = "clipping only, no noise: no differential privacy guarantee"
         elif self.mode == DISTRIBUTED:
             report.update(epsilon=self.distributed_epsilon(accountant.num_releases),
-                          epsilon_planned=self.distributed_epsilon(self.rounds), fewest_sites_in_a_sum=self.fewest_sites,
+                          epsilon_planned=self.planned_epsilon, fewest_sites_in_a_sum=self.fewest_sites,
                           note=("client-level (epsilon, delta)-DP of every secure sum the server unmasked (each site "
                                 "adds its Skellam share before masking), Renyi DP accounting (dp-accounting)"))
         elif self.aggregation not in ACCOUNTABLE:
