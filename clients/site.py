@@ -284,17 +284,23 @@ class ClientSite:
         """The run's :class:`fedal.dp.StatisticsNoise` (the server computes the same)."""
         return run_noise(self.cfg, self.data.n_classes, self.model.dim)
 
-    def _head_statistics(self, X: np.ndarray, y: np.ndarray) -> tuple[dict, float, int, int]:
+    def _head_statistics(self, X: np.ndarray, y: np.ndarray, *, with_loss: bool = True
+                         ) -> tuple[dict, float, int, int]:
         """Class statistics of the labeled samples and, self-training, of the pool samples the global
-        head is confident about: ``(arrays, loss of the global head on the labels, auto-labeled, right)``.
+        head is confident about: ``(arrays, loss of the global head on the labels, auto-labeled, right)``
+        (the loss NaN without ``with_loss``).
         With ``min-class-count`` above 1 (the default without secure aggregation), of the released labeled
         samples only, and of the classes with that many self-trained samples (:meth:`_released`)."""
         unlabeled_rows = self.learner.rows(self.pool.unlabeled_ids())
         ready = self.learner.model_ready
-        loss = self.model.evaluate(X, y)[0] if ready and len(y) else math.nan
+        loss = self.model.evaluate(X, y)[0] if with_loss and ready and len(y) else math.nan
         X_sent, y_sent = self._released()
-        labeled, pseudo, added = self.model.statistics(X_sent, y_sent, self.X_pool[unlabeled_rows] if ready else None,
-                                                       min_count=self.cfg.clear_min_count)
+        # the head reads a row's features only: a hand-over row's input part is not copied for it
+        head, cols = ((self.model.head, slice(0, self.model.head.dim)) if isinstance(self.model, HandoverClassifier)
+                      else (self.model, slice(None)))
+        labeled, pseudo, added = head.statistics(X_sent[:, cols], y_sent,
+                                                 self.X_pool[unlabeled_rows, cols] if ready else None,
+                                                 min_count=self.cfg.clear_min_count)
         truth = self.data.y_pool[unlabeled_rows[added.positions]]
         correct = int(np.sum(truth == added.labels)) if np.all(truth >= 0) else -1  # -1: no ground truth here
         arrays = {**labeled.to_arrays(LABELED_STATS), **pseudo.to_arrays(PSEUDO_STATS)}
@@ -327,7 +333,8 @@ class ClientSite:
         """The head's statistics (as :meth:`_head_statistics`) and the locally trained network, with the serving
         flag as received: ``(arrays, the network's loss, auto-labeled, right)``. The network learns from the labels
         only (the head's pseudo-labels in its batches cost it 4-5 points on BloodMNIST: BENCHMARKS.md)."""
-        head_arrays, _, auto, auto_correct = self._head_statistics(X, y)
+        # (the serving model's loss on the labels is not sent: a network's pass over them would grow every round)
+        head_arrays, _, auto, auto_correct = self._head_statistics(X, y, with_loss=False)
         model = self.model
         loss = math.nan
         if len(y):

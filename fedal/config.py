@@ -176,7 +176,7 @@ class FederationConfig:
     eval_every : int
         Evaluate the global model (and record a result row and a checkpoint) every k rounds, before each
         query round (and at it, with stop-when) and after the last round (1 = every round); hundreds of short
-        rounds need not pay a test pass each.
+        rounds need not pay a test pass each. A k-th round just before one of the others is left out.
     aggregation : str
         Flower strategy: fedavg, fedprox, fedadam, fedavgm, fedmedian, fedtrimmedavg, krum.
     proximal_mu : float
@@ -613,11 +613,16 @@ class FederationConfig:
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     def is_eval_round(self, server_round: int) -> bool:
-        """Whether ``server_round`` evaluates and records a row: every ``eval-every``-th round, round 1, the
-        round before each query round (the model that scores the pools), each query round when a stopping
-        criterion reads its row (``stop-when``), and the last round."""
-        return (self.eval_every == 1 or server_round in (1, self.rounds) or server_round % self.eval_every == 0
-                or self.is_query_round(server_round + 1)
+        """Whether ``server_round`` evaluates and records a row: round 1, the round before each query round
+        (the model that scores the pools), each query round when a stopping criterion reads its row
+        (``stop-when``), the last round, and every ``eval-every``-th round, unless the next round is one of
+        the others (one round more of training changes little: no test pass is paid twice in a row for it)."""
+        if self.eval_every == 1 or self._must_evaluate(server_round):
+            return True
+        return server_round % self.eval_every == 0 and not self._must_evaluate(server_round + 1)
+
+    def _must_evaluate(self, server_round: int) -> bool:
+        return (server_round in (1, self.rounds) or self.is_query_round(server_round + 1)
                 or (bool(self.stop_when.strip()) and self.is_query_round(server_round)))
 
     def query_strategy(self):

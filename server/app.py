@@ -276,7 +276,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                     log.warning("round %d: the network takes over from the head (local test accuracy %.4f vs %.4f)",
                                 server_round, client_eval[NET_ACC], client_eval[HEAD_ACC])
             model.set_state(protocol.state_from_record(arrays))
-            loss, acc = model.evaluate(X_test, dataset.y_test)
+            # the hand-over: both models on the test set, the serving one's numbers are the row's (one pass each)
+            each = model.evaluate_each(X_test, dataset.y_test) if served is not None else None
+            loss, acc = each[served] if each is not None else model.evaluate(X_test, dataset.y_test)
             row = {"round": server_round, "labels": int(sum(book.labeled.values())), "accuracy": acc, "loss": loss,
                    "client_accuracy": float(client_eval["eval-acc"]) if client_eval else None,
                    "query_round": query, "clients": book.clients_row(server_round),
@@ -284,8 +286,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round=None) -> RunRecor
                    "budget_sent": int(sum(rlog.assigned.values())),
                    "pending": int(train_metrics["pending"]) if train_metrics else 0,
                    "seconds": round(time.perf_counter() - t0, 2)}
-            if served is not None:  # what each model would give, and which one serves
-                each = model.evaluate_each(X_test, dataset.y_test)
+            if each is not None:  # what each model would give, and which one serves
                 row.update(serving=served, head_accuracy=each["head"][1], network_accuracy=each["network"][1])
             row["kpi"] = round_kpis(recorder.rounds[0] if recorder.rounds else row, row)
             privacy = book.privacy_report()

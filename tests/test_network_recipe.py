@@ -181,6 +181,11 @@ def test_eval_rounds_are_every_kth_the_eves_of_query_rounds_and_the_ends():
     stopping = FederationConfig(rounds=12, query_every=5, eval_every=4, stop_when="plateau")
     assert [r for r in range(1, 13) if stopping.is_eval_round(r)] == [1, 2, 4, 6, 7, 8, 11, 12]
     assert all(FederationConfig(rounds=5).is_eval_round(r) for r in range(1, 6))
+    # an eval-every round just before a round evaluated anyway is left out: no two test passes in a row
+    aligned = FederationConfig(rounds=61, query_every=30, eval_every=30)  # queries in rounds 2, 32
+    assert [r for r in range(1, 62) if aligned.is_eval_round(r)] == [1, 31, 61]
+    assert [r for r in range(1, 62) if FederationConfig(rounds=61, query_every=30, eval_every=20).is_eval_round(r)] \
+        == [1, 20, 31, 40, 61]
 
 
 def test_the_rounds_lr_factor_travels_in_the_instruction():
