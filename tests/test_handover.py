@@ -75,6 +75,27 @@ def test_the_state_carries_both_models_and_the_flag():
     assert set(model.buffer_keys()) == {SERVING} | {NET_PREFIX + k for k in model.net.buffer_keys()}
 
 
+def test_budget_aware_picks_typical_head_features_while_the_head_serves_then_the_networks_margin():
+    from fedal.strategies import QueryContext, get_strategy
+    from fedal.strategies.uncertainty import margin
+
+    X, y = _data()
+    rows = model_inputs(featurizer_for("auto", (64,), "handover"), X)
+    rows[:, 64:] = np.random.default_rng(1).normal(size=(60, 64)) * 100  # pixels that would swamp a clustering
+    model = _model()
+    model.fit(rows[:12], y[:12], unlabeled=rows[12:])  # the head is confident: a plain model would be past the switch
+    strategy = get_strategy("budget_aware")
+    ctx = QueryContext(np.arange(12, 60), rows[12:], model=model, labeled_X=rows[:12])
+    assert strategy.low_budget(ctx)
+    typical = get_strategy("typiclust").query(QueryContext(np.arange(12, 60), X[12:], labeled_X=X[:12]), 5, seed=3)
+    assert np.array_equal(strategy.query(ctx, 5, seed=3), typical)  # the head's features, not the rows
+    model.serving = "network"
+    ctx = QueryContext(np.arange(12, 60), rows[12:], model=model, labeled_X=rows[:12])
+    assert not strategy.low_budget(ctx)
+    scores = margin(model.net.forward(rows[12:, 64:])[0])
+    assert set(strategy.query(ctx, 5, seed=3).tolist()) == set((12 + np.argsort(-scores)[:5]).tolist())
+
+
 def test_the_model_needs_the_inputs_shape_and_the_settings_refuse_dp():
     with pytest.raises(ConfigError, match="raw_shape"):
         model_for(_cfg(), (128,), 3, seed=0)

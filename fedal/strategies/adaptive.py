@@ -5,7 +5,10 @@
   win at low budgets, uncertain ones later). The switch needs no tuning per data set: the
   model is "weak" while it is confident (top probability >= ``confidence``) on less than
   ``coverage`` of the candidates, the regime in which self-training cannot yet label most
-  of the pool by itself.
+  of the pool by itself. A hand-over model (:class:`~fedal.models.handover_adapter.HandoverClassifier`)
+  is weak while its head serves: the typical samples of the head's features until the
+  network takes over, then the network's own margin (the head's margin picks batches that
+  teach both models less than random ones at those budgets, BENCHMARKS.md §0.5).
 * ``eer``: expected error reduction (Roy & McCallum, ICML 2001): the candidate whose
   label, in expectation over the model's own prediction, leaves the smallest expected
   error on the pool. Retraining once per candidate and class is what made it
@@ -20,6 +23,7 @@ import numpy as np
 from fedal.checks import require_int, require_number
 from fedal.exceptions import ConfigError
 from fedal.heads import ABSENT, auto_shrinkage
+from fedal.models.handover_adapter import SERVES, HandoverClassifier
 from fedal.strategies.base import QueryContext, QueryStrategy, top_k
 from fedal.strategies.coldstart import TypiClust
 from fedal.strategies.registry import register
@@ -32,7 +36,8 @@ class BudgetAware(QueryStrategy):
 
     Hacohen et al., ICML 2022 (typicality at low budgets, uncertainty at high budgets);
     the switch is the share of candidates the model classifies with top probability at
-    least ``confidence``.
+    least ``confidence``; with a hand-over model, the network taking over (TypiClust on
+    the head's features while the head serves, then the network's margin).
 
     Parameters
     ----------
@@ -46,15 +51,24 @@ class BudgetAware(QueryStrategy):
         self.confidence = require_number("confidence", confidence, low=0, high=1, low_open=True)
         self.coverage = require_number("coverage", coverage, low=0, high=1, low_open=True)
         self.low = TypiClust(use_embeddings=True)
+        self.features_low = TypiClust(use_embeddings=False)
 
     def low_budget(self, ctx: QueryContext) -> bool:
-        """Whether the model is still in the low-budget regime on the candidates of ``ctx``."""
+        """Whether the model is still in the low-budget regime on the candidates of ``ctx``: a hand-over
+        model while its head serves, any other while it is confident on less than ``coverage`` of them."""
+        if isinstance(ctx.model, HandoverClassifier):
+            return ctx.model.serving == SERVES[0]
         return bool(np.mean(ctx.probs().max(axis=1) >= self.confidence) < self.coverage)
 
     def _select(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
-        if self.low_budget(ctx):
-            return self.low._select(ctx, budget, rng)
-        return top_k(margin(ctx.probs()), budget, rng)
+        if not self.low_budget(ctx):
+            return top_k(margin(ctx.probs()), budget, rng)
+        if isinstance(ctx.model, HandoverClassifier):  # typical in the head's features, not in raw pixels
+            model = ctx.model
+            labeled = None if ctx.labeled_X is None or len(ctx.labeled_X) == 0 else model.features(ctx.labeled_X)
+            return self.features_low._select(QueryContext(ctx.ids, model.features(ctx.X), labeled_X=labeled),
+                                             budget, rng)
+        return self.low._select(ctx, budget, rng)
 
 
 @register("eer")
