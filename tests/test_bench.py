@@ -66,6 +66,27 @@ def test_fl_gap_benchmark_names_its_result_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_fl_gap_digits.json", "bench_fl_gap_digits.md"]
 
 
+def test_fl_gap_pooled_only_trains_the_reference_with_the_norm_asked(tmp_path, monkeypatch):
+    import fedal.models
+    from simulations.bench.fl_gap import main
+
+    norms, build = [], fedal.models.build_model
+    monkeypatch.setattr(fedal.models, "build_model", lambda *a, **kw: norms.append(kw["norm"]) or build(*a, **kw))
+
+    preset = ROOT / "simulations" / "presets" / "digits_tiny.toml"
+    args = ["--preset", str(preset), "--labels-per-client", "20", "--rounds", "2", "--seeds", "0", "--pooled-only",
+            "--variants", "ConvNet GroupNorm + FedAdam (1 step)", "--report-rounds", "2", "--pooled-epochs", "2",
+            "--out", str(tmp_path)]
+    group = main(args)
+    batch = main(args + ["--pooled-norm", "batch", "--name", "batch"])
+    name = "ConvNet GroupNorm + FedAdam (1 step)"
+    assert set(group["curves"]) == {f"{name} | centralized"}  # no federated run
+    assert norms == ["group", "batch"]
+    assert 0 <= batch["curves"][f"{name} | centralized"][0][0] <= 1
+    assert "(pooled labels, batch norm)" in (tmp_path / "batch.md").read_text()
+    assert "(pooled labels)" in (tmp_path / "bench_fl_gap.md").read_text()
+
+
 @pytest.mark.slow
 def test_noise_benchmark_runs_compare_per_oracle_setting(tmp_path):
     from simulations.bench.noise import main, setting_overrides

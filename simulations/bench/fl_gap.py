@@ -62,6 +62,14 @@ VARIANTS = {
     # server (FedAdam): the federation takes the step pooled Adam takes on the union of the clients' batches
     "ConvNet GroupNorm + FedAdam (1 step)": {**RECIPE, "norm": "group"},
     "ConvNet no norm + FedAdam (1 step)": {**RECIPE, "norm": "none"},
+    # fewer, longer rounds: two local SGD steps per round (the second from the first's weights: no longer exactly
+    # the union's gradient), at the client learning rate given
+    "ConvNet GroupNorm + FedAdam (2 steps at lr 1)": {**RECIPE, "norm": "group", "local-steps": 2},
+    "ConvNet GroupNorm + FedAdam (2 steps at lr 0.1)": {**RECIPE, "norm": "group", "local-steps": 2, "lr": 0.1},
+    # fewer rounds, each the union's gradient of twice the batch (still exact: one step per round)
+    "ConvNet GroupNorm + FedAdam (1 step of 64)": {**RECIPE, "norm": "group", "batch-size": 64},
+    "ConvNet GroupNorm + FedAdam (1 step of 64 at server lr 0.005)": {**RECIPE, "norm": "group", "batch-size": 64,
+                                                                      "server-lr": 0.005},
     # the sites' unlabeled pools in each step: FixMatch's consistency loss (fedal.models.TorchClassifier)
     "ConvNet GroupNorm + FedAdam (1 step) + consistency": {**RECIPE, "norm": "group", "consistency": 1.0},
     # BatchNorm needs mixed batches: a client's batch of one or two classes gives it other statistics
@@ -80,8 +88,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pool's share)")
     p.add_argument("--pooled-epochs", type=int, default=40,
                    help="epochs of the pooled reference of the ConvNet variants (one fit, one-cycle schedule)")
+    p.add_argument("--pooled-norm", default="", choices=["", "group", "batch", "none"],
+                   help="norm of the pooled reference's network (default: the variant's own): `batch` is the "
+                        "standard pooled training a federation of one-class batches cannot use")
+    p.add_argument("--pooled-only", action="store_true",
+                   help="train only the pooled references (no federated run): the reference rows of a table")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a federation setting for every variant (e.g. max-train=0 for all training images)")
+                   help="a federation setting for every variant, over the variant's own (e.g. max-train=0 for all "
+                        "training images)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -204,14 +218,15 @@ def federated_curve(cfg, sets, rounds: int, ds, evaluate_at=None, lda_head: bool
     return curve
 
 
-def pooled_reference(cfg, sets, ds, epochs: int) -> float:
+def pooled_reference(cfg, sets, ds, epochs: int, norm: str = "") -> float:
     """Test accuracy of the same network trained well on the pooled labels: one fit of ``epochs`` with
-    :data:`POOLED` (AdamW, one-cycle) and the run's augmentation and weight decay."""
+    :data:`POOLED` (AdamW, one-cycle) and the run's augmentation and weight decay; ``norm`` replaces the
+    run's norm (``batch``: BatchNorm, which pooled batches of every class can use)."""
     from fedal.models import augmentation_for, build_model
 
     X = np.concatenate([s[0] for s in sets])
     y = np.concatenate([s[1] for s in sets])
-    model = build_model(X.shape[1:], ds.n_classes, network=cfg.network, norm=cfg.norm, epochs=epochs,
+    model = build_model(X.shape[1:], ds.n_classes, network=cfg.network, norm=norm or cfg.norm, epochs=epochs,
                         weight_decay=cfg.weight_decay, seed=cfg.seed,
                         augment=augmentation_for(cfg.augment, cfg.dataset, X.shape[1:]), **POOLED)
     model.fit(X, y)
@@ -247,7 +262,8 @@ def table(results: dict) -> str:
     for name, curves in results["curves"].items():
         mean = np.mean(curves, axis=0)
         if name.endswith(" | centralized"):
-            lines.append(f"| {name.replace(' | ', ': ')} (pooled labels) | "
+            norm = results["args"].get("pooled_norm")
+            lines.append(f"| {name.replace(' | ', ': ')} (pooled labels{f', {norm} norm' if norm else ''}) | "
                          + " | ".join(f"{mean[r - 1]:.3f}" for r in shown) + " | - |")
             continue
         central = np.mean(results["curves"][f"{name} | centralized"], axis=0)
@@ -287,7 +303,8 @@ def main(argv=None) -> dict:
             settings = {k: v for k, v in VARIANTS[name].items() if k != LDA_HEAD}
             lda_head = bool(VARIANTS[name].get(LDA_HEAD))
             # the run is --rounds long: a learning-rate schedule spans those rounds
-            vcfg = FederationConfig.from_mapping({**settings, "rounds": args.rounds}, base=cfg)
+            vcfg = FederationConfig.from_mapping({**settings, "rounds": args.rounds,
+                                                  **parse_assignments(args.overrides)}, base=cfg)
             sets = labeled_sets(vcfg, args.labels_per_client, seed, args.total_labels)  # the same in every variant
             if name == args.variants[0]:
                 total_labels.append(sum(len(s[1]) for s in sets))
@@ -297,16 +314,18 @@ def main(argv=None) -> dict:
                 fed, central, diff = head_curves(vcfg, sets, args.rounds, X_test, ds.y_test)
                 max_prob_difference[f"{name}-seed{seed}"] = diff
             else:
-                fed = federated_curve(vcfg, sets, args.rounds, ds, args.report_rounds, lda_head)
+                fed = None if args.pooled_only else federated_curve(vcfg, sets, args.rounds, ds, args.report_rounds,
+                                                                     lda_head)
                 if vcfg.network == "convnet":  # trained well once on the pooled labels: the same value every round
-                    central = [pooled_reference(vcfg, sets, ds, args.pooled_epochs)] * args.rounds
+                    central = [pooled_reference(vcfg, sets, ds, args.pooled_epochs, args.pooled_norm)] * args.rounds
                 else:
                     central = centralized_curve(vcfg, sets, args.rounds, ds, args.report_rounds, lda_head)
-            curves.setdefault(name, []).append(fed)
+            if fed is not None:
+                curves.setdefault(name, []).append(fed)
             curves.setdefault(f"{name} | centralized", []).append(central)
             seconds[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
-            print(f"seed {seed} {name}: final {fed[-1]:.4f} (centralized {central[-1]:.4f}), "
-                  f"{seconds[f'{name}-seed{seed}']:.0f} s", flush=True)
+            print(f"seed {seed} {name}: final {'-' if fed is None else f'{fed[-1]:.4f}'} (centralized "
+                  f"{central[-1]:.4f}), {seconds[f'{name}-seed{seed}']:.0f} s", flush=True)
     results = {"command": "python -m simulations.bench.fl_gap " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": machine_info(), "args": portable({k: v for k, v in vars(args).items()}),
                "variants": {v: VARIANTS[v] for v in args.variants}, "seeds": args.seeds,
