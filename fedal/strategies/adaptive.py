@@ -7,8 +7,9 @@
   ``coverage`` of the candidates, the regime in which self-training cannot yet label most
   of the pool by itself. A hand-over model (:class:`~fedal.models.handover_adapter.HandoverClassifier`)
   is weak while its head serves: the typical samples of the head's features until the
-  network takes over, then the network's own margin (the head's margin picks batches that
-  teach both models less than random ones at those budgets, BENCHMARKS.md §0.5).
+  network takes over, then the network's own margin. Measured on BloodMNIST (BENCHMARKS.md
+  §0.6): typical batches teach the head more than random ones and than the head's margin
+  at 145-335 labels, but the network that learned from them takes over weaker.
 * ``eer``: expected error reduction (Roy & McCallum, ICML 2001): the candidate whose
   label, in expectation over the model's own prediction, leaves the smallest expected
   error on the pool. Retraining once per candidate and class is what made it
