@@ -462,10 +462,18 @@ def compare_settings(args: argparse.Namespace, base: FederationConfig) -> Federa
     return FederationConfig.from_mapping(overrides, base=base)
 
 
+def _stopped(name: str, seed: int, before: int, total: int, out: Path, *, at_once: bool) -> int:
+    """Say where a comparison stopped by Ctrl-C, and how to go on; the exit code (130)."""
+    how = "at once, within its round" if at_once else "after the round under way"
+    print(f"fedal compare: stopped {how} in run {name} seed {seed} ({before} of {total} runs before it are in {out}); "
+          "the same command goes on: finished runs are reused, the stopped one starts again", file=sys.stderr)
+    return 130
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from fedal.strategies import available_strategies
     from simulations.engine import SimulationRuntime
-    from simulations.simulate import _prepare_output
+    from simulations.simulate import _prepare_output, stop_on_ctrl_c
 
     base, options = load_preset(args.preset)
     base = compare_settings(args, base)
@@ -506,30 +514,35 @@ def run_compare(args: argparse.Namespace) -> int:
     by_seed: dict[str, dict[int, tuple[list, list]]] = {s: {} for s in strategies}
     kpis: dict[str, dict[int, dict]] = {s: {} for s in strategies}  # each run's last-round KPIs
     timings, failed = {}, []
+    todo = [(seed, name) for seed in seeds for name in strategies]
     with SimulationRuntime(verbose=args.verbose) as runtime:  # Ray and the client actors start once for all runs
-        for seed in seeds:
-            for name in strategies:
-                cfg = run_config(base, name, seed, out, per_strategy)
-                rounds = None if args.rerun else finished_rounds(cfg)
-                t0 = time.perf_counter()
-                if rounds is None:
-                    _prepare_output(cfg)
-                    try:
+        for done, (seed, name) in enumerate(todo):
+            cfg = run_config(base, name, seed, out, per_strategy)
+            rounds = None if args.rerun else finished_rounds(cfg)
+            t0 = time.perf_counter()
+            if rounds is None:
+                _prepare_output(cfg)
+                try:
+                    with stop_on_ctrl_c("fedal compare") as stop:
                         runtime.run(cfg)
-                    except RuntimeError as exc:
-                        failed.append(f"{name} seed {seed}: {exc}")
-                    rounds = finished_rounds(cfg)
-                    if rounds is None:
-                        failed.append(f"{name} seed {seed}: did not finish {cfg.rounds} rounds (see {cfg.output_dir})")
-                        continue
-                    status = "ran"
-                else:
-                    status = "reused"
-                timings[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
-                by_seed[name][seed] = ([r["labels"] for r in rounds], [r["accuracy"] for r in rounds])
-                kpis[name][seed] = run_kpis(rounds)
-                print(f"  {name:>14s} seed {seed}: {rounds[-1]['labels']} labels, accuracy "
-                      f"{rounds[-1]['accuracy']:.4f} ({status}, {timings[f'{name}-seed{seed}']:.0f} s)", flush=True)
+                except RuntimeError as exc:
+                    failed.append(f"{name} seed {seed}: {exc}")
+                except KeyboardInterrupt:  # the second Ctrl-C
+                    return _stopped(name, seed, done, len(todo), out, at_once=True)
+                if stop.is_set():
+                    return _stopped(name, seed, done, len(todo), out, at_once=False)
+                rounds = finished_rounds(cfg)
+                if rounds is None:
+                    failed.append(f"{name} seed {seed}: did not finish {cfg.rounds} rounds (see {cfg.output_dir})")
+                    continue
+                status = "ran"
+            else:
+                status = "reused"
+            timings[f"{name}-seed{seed}"] = round(time.perf_counter() - t0, 1)
+            by_seed[name][seed] = ([r["labels"] for r in rounds], [r["accuracy"] for r in rounds])
+            kpis[name][seed] = run_kpis(rounds)
+            print(f"  {name:>14s} seed {seed}: {rounds[-1]['labels']} labels, accuracy "
+                  f"{rounds[-1]['accuracy']:.4f} ({status}, {timings[f'{name}-seed{seed}']:.0f} s)", flush=True)
     # per-seed comparisons pair runs by seed: keep the seeds every strategy finished
     complete = [seed for seed in seeds if all(seed in by_seed[name] for name in strategies)]
     if len(complete) < len(seeds):

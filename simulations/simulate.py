@@ -8,6 +8,7 @@ defaults. Writes ``results.json``, ``results.csv``, ``curve.png`` and a checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shlex
@@ -290,16 +291,12 @@ def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runt
     return 0
 
 
-def _run_with_progress(cfg: FederationConfig, runtime) -> bool:
-    """Run the federation in ``runtime`` (a :class:`~simulations.engine.SimulationRuntime`) with a progress bar;
-    return True if Ctrl-C stopped it early.
-
-    The first Ctrl-C asks the server to stop after the round under way (that round is not
-    recorded; the checkpoint holds the last finished one); a second one stops at once.
-    """
+@contextlib.contextmanager
+def stop_on_ctrl_c(command: str):
+    """While inside: the first Ctrl-C asks the server to stop after the round under way
+    (:data:`server.app.STOP_REQUESTED`; that round is not recorded, the checkpoint holds the last finished one),
+    a second one raises :class:`KeyboardInterrupt` at once. ``command`` names the command in the message."""
     import signal
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from server import app as server_app
 
@@ -307,14 +304,27 @@ def _run_with_progress(cfg: FederationConfig, runtime) -> bool:
         if server_app.STOP_REQUESTED.is_set():
             raise KeyboardInterrupt
         server_app.STOP_REQUESTED.set()
-        print("\nfedal simulate: stopping after the round under way (Ctrl-C again to stop at once)",
+        print(f"\n{command}: stopping after the round under way (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
 
     server_app.STOP_REQUESTED.clear()
     previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield server_app.STOP_REQUESTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
-    with Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
-                  TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
+
+def _run_with_progress(cfg: FederationConfig, runtime) -> bool:
+    """Run the federation in ``runtime`` (a :class:`~simulations.engine.SimulationRuntime`) with a progress bar;
+    return True if Ctrl-C stopped it early (:func:`stop_on_ctrl_c`)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from server import app as server_app
+
+    progress = Progress(TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
+    with stop_on_ctrl_c("fedal simulate") as stop, progress:
         task = progress.add_task("starting Ray..." if runtime.runs == 0 else "starting...", total=cfg.rounds)
 
         def on_round(row: dict) -> None:
@@ -326,5 +336,4 @@ def _run_with_progress(cfg: FederationConfig, runtime) -> bool:
             runtime.run(cfg)
         finally:
             server_app.ROUND_HOOKS.remove(on_round)
-            signal.signal(signal.SIGINT, previous)
-    return server_app.STOP_REQUESTED.is_set()
+        return stop.is_set()

@@ -166,3 +166,38 @@ def test_savings_by_budget_has_one_entry_per_label_count_the_last_trained():
     rows = savings_by_budget([50, 145, 145, 240], [0.5, 0.6, 0.7, 0.8], [50, 145, 145, 240], [0.5, 0.6, 0.7, 0.8])
     assert [r["budget"] for r in rows] == [50, 145, 240]
     assert rows[1]["target"] == 0.7
+
+
+def test_ctrl_c_stops_a_comparison_after_the_round_under_way_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import simulations.engine
+    from server import app as server_app
+
+    ran = []
+
+    class Runtime:  # the Simulation Engine's runtime, without Ray: the first run gets a Ctrl-C in its round
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, cfg):
+            ran.append(cfg.strategy)
+            os.kill(os.getpid(), signal.SIGINT)  # the handler sets the flag; the server stops after the round
+            assert server_app.STOP_REQUESTED.is_set()
+
+    monkeypatch.setattr(simulations.engine, "SimulationRuntime", Runtime)
+    previous = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--preset", str(PRESETS / "digits_tiny.toml"), "--output-dir", str(out)]) == 130
+    assert ran == ["random"]  # no run started after it
+    err = capsys.readouterr().err
+    assert "stopping after the round under way" in err
+    assert "stopped after the round under way in run random seed 0 (0 of" in err and "the same command goes on" in err
+    assert signal.getsignal(signal.SIGINT) is previous  # Ctrl-C is the shell's again
