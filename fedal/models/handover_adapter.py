@@ -61,6 +61,9 @@ class HandoverClassifier:
     uses_unlabeled = True
     #: expected error reduction's closed-form update reads feature rows, which these rows are not
     closed_form = False
+    #: a query strategy may read :attr:`serving` and :meth:`features` (``budget_aware``: typical samples of the
+    #: head's features while the head serves)
+    hands_over = True
 
     def __init__(self, head: HeadClassifier, net: TorchClassifier, input_shape: tuple[int, ...]) -> None:
         if head.n_classes != net.n_classes:

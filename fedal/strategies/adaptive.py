@@ -24,7 +24,6 @@ import numpy as np
 from fedal.checks import require_int, require_number
 from fedal.exceptions import ConfigError
 from fedal.heads import ABSENT, auto_shrinkage
-from fedal.models.handover_adapter import SERVES, HandoverClassifier
 from fedal.strategies.base import QueryContext, QueryStrategy, top_k
 from fedal.strategies.coldstart import TypiClust
 from fedal.strategies.registry import register
@@ -57,19 +56,25 @@ class BudgetAware(QueryStrategy):
     def low_budget(self, ctx: QueryContext) -> bool:
         """Whether the model is still in the low-budget regime on the candidates of ``ctx``: a hand-over
         model while its head serves, any other while it is confident on less than ``coverage`` of them."""
-        if isinstance(ctx.model, HandoverClassifier):
-            return ctx.model.serving == SERVES[0]
+        if hands_over(ctx.model):
+            return ctx.model.serving == "head"
         return bool(np.mean(ctx.probs().max(axis=1) >= self.confidence) < self.coverage)
 
     def _select(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
         if not self.low_budget(ctx):
             return top_k(margin(ctx.probs()), budget, rng)
-        if isinstance(ctx.model, HandoverClassifier):  # typical in the head's features, not in raw pixels
+        if hands_over(ctx.model):  # typical in the head's features, not in raw pixels
             model = ctx.model
             labeled = None if ctx.labeled_X is None or len(ctx.labeled_X) == 0 else model.features(ctx.labeled_X)
             return self.features_low._select(QueryContext(ctx.ids, model.features(ctx.X), labeled_X=labeled),
                                              budget, rng)
         return self.low._select(ctx, budget, rng)
+
+
+def hands_over(model) -> bool:
+    """Whether ``model`` is a hand-over model (:class:`~fedal.models.handover_adapter.HandoverClassifier`: its
+    ``serving`` says which of its head and network answers, ``features`` gives the head's part of a row)."""
+    return getattr(model, "hands_over", False) is True
 
 
 @register("eer")
