@@ -295,14 +295,21 @@ def _run_baseline(cfg: FederationConfig, baseline: str, rounds: list[dict], runt
 def stop_on_ctrl_c(command: str):
     """While inside: the first Ctrl-C asks the server to stop after the round under way
     (:data:`server.app.STOP_REQUESTED`; that round is not recorded, the checkpoint holds the last finished one),
-    a second one raises :class:`KeyboardInterrupt` at once. ``command`` names the command in the message."""
+    a second one raises :class:`KeyboardInterrupt` at once. ``command`` names the command in the message.
+
+    Yields an event of its own that stays set after the block if Ctrl-C came; the server's flag is cleared on the
+    way out, so a later run in the same process (a test session, a notebook) is not stopped before its first round."""
     import signal
+    import threading
 
     from server import app as server_app
 
+    asked = threading.Event()
+
     def interrupt(signum, frame):
-        if server_app.STOP_REQUESTED.is_set():
+        if asked.is_set():
             raise KeyboardInterrupt
+        asked.set()
         server_app.STOP_REQUESTED.set()
         print(f"\n{command}: stopping after the round under way (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
@@ -310,9 +317,10 @@ def stop_on_ctrl_c(command: str):
     server_app.STOP_REQUESTED.clear()
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
-        yield server_app.STOP_REQUESTED
+        yield asked
     finally:
         signal.signal(signal.SIGINT, previous)
+        server_app.STOP_REQUESTED.clear()
 
 
 def _run_with_progress(cfg: FederationConfig, runtime) -> bool:

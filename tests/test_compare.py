@@ -201,3 +201,4 @@ def test_ctrl_c_stops_a_comparison_after_the_round_under_way_and_says_how_to_go_
     assert "stopping after the round under way" in err
     assert "stopped after the round under way in run random seed 0 (0 of" in err and "the same command goes on" in err
     assert signal.getsignal(signal.SIGINT) is previous  # Ctrl-C is the shell's again
+    assert not server_app.STOP_REQUESTED.is_set()  # a later run in this process is not stopped before round 1
