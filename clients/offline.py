@@ -5,8 +5,9 @@ Two halves share the site's state folder:
 * the ClientApp, with every train message (:class:`ServerContact`): notes the contact in the
   site database, keeps the global model it received (with the round, the offline budget the
   server granted, the run's and the node's settings) in ``client-<id>.global.npz``
-  (:class:`fedal.offline.GlobalSnapshot`, written atomically), and reports in its reply the
-  labels asked offline since its last reply;
+  (:class:`fedal.offline.GlobalSnapshot`, written atomically; once the reply is made, the labels it
+  sent in ``client-<id>.reply.json`` beside it), and reports in its reply the labels asked offline
+  since its last reply;
 * ``fedal site --state-dir DIR --client-id N`` (:class:`OfflineSite`), a process the site runs
   beside its SuperNode and labeling page. While the server has been silent for longer than
   the node's ``offline-after`` it scores the pool with its own copy of the model (the stored
@@ -176,14 +177,12 @@ class ServerContact:
                 self.included = previous.included_ids
         note_contact(site.pool, node, server_round)
         # kept as soon as it arrives: a site cut off in the middle of the round still has it
-        self._save(np.zeros(0, np.int64), replied=False)
+        self.snapshot = GlobalSnapshot(self.run_id, server_round, time.time(), dict(self.state), self.stats,
+                                       self.included, np.zeros(0, np.int64), False, instruction.offline_budget,
+                                       self.run_config, self.node_config)
+        self.snapshot.save(self.path)
         site.pool.set_meta(OFFLINE_GRANT, json.dumps({"round": server_round, "budget": effective_grant(
             instruction.offline_budget, node)}))  # what the labeling page shows
-
-    def _save(self, sent_ids: np.ndarray, *, replied: bool) -> None:
-        GlobalSnapshot(self.run_id, self.instruction.server_round, time.time(), dict(self.state), self.stats,
-                       self.included, sent_ids, replied, self.instruction.offline_budget, self.run_config,
-                       self.node_config).save(self.path)
 
     def _previous(self) -> GlobalSnapshot | None:
         if not self.path.is_file():
@@ -198,7 +197,7 @@ class ServerContact:
         pool, server_round = self.site.pool, self.instruction.server_round
         offline_spent = pool.report_offline(server_round)
         sent = self.site.sent_ids  # the labels in this reply's statistics (min-class-count holds some back)
-        self._save(pool.labeled_ids() if sent is None else sent, replied=True)
+        self.snapshot.save_reply(self.path, pool.labeled_ids() if sent is None else sent)  # the model is on disk
         note_contact(pool, self.node, server_round)  # the site was busy with the server until now
         pool.set_meta(LAST_REPLY, repr(time.time()))
         return dataclasses.replace(report, offline_spent=offline_spent)

@@ -112,6 +112,13 @@ def snapshot_path(state_dir: str | os.PathLike, client_id: int) -> Path:
     return Path(state_dir) / f"client-{client_id}.global.npz"
 
 
+def reply_path(snapshot: str | os.PathLike) -> Path:
+    """Beside the stored global model ``snapshot`` (``client-<id>.global.npz``): ``client-<id>.reply.json``, what
+    the site's reply to that message sent (:meth:`GlobalSnapshot.save_reply`; the model is not written again)."""
+    snapshot = Path(snapshot)
+    return snapshot.with_name(snapshot.name.removesuffix(".global.npz") + ".reply.json")
+
+
 @dataclass
 class GlobalSnapshot:
     """The last global model a site received, and what it needs to use it alone.
@@ -152,6 +159,15 @@ class GlobalSnapshot:
     offline_budget: int
     run_config: dict = field(default_factory=dict)
     node_config: dict = field(default_factory=dict)
+
+    def save_reply(self, path: str | os.PathLike, sent_ids: np.ndarray) -> Path:
+        """Record that the site replied to this snapshot's message with the labels ``sent_ids``: a small file beside
+        the snapshot at ``path`` (:func:`reply_path`), written atomically; the model, written when the message
+        came (:meth:`save`), is not written again. :meth:`load` reads the two together."""
+        self.sent_ids, self.replied = np.asarray(sent_ids, dtype=np.int64), True
+        record = {"run_id": int(self.run_id), "server_round": int(self.server_round),
+                  "received_at": float(self.received_at), "sent_ids": [int(i) for i in self.sent_ids]}
+        return atomic_write(reply_path(path), json.dumps(record))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the snapshot to ``path`` atomically (``.npz``, no pickle)."""
@@ -232,9 +248,34 @@ class GlobalSnapshot:
                 if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
                     raise bad(f"holds {int((~np.isfinite(value)).sum())} NaN or infinite value(s) in {name!r} (damaged, "
                               "or a server whose model diverged)")
-        return cls(int(meta["run_id"]), int(meta["server_round"]), float(meta["received_at"]), state, stats,
-                   ids["included_ids"], ids["sent_ids"], bool(meta["replied"]), int(meta["offline_budget"]),
-                   meta["run_config"], meta["node_config"])
+        snapshot = cls(int(meta["run_id"]), int(meta["server_round"]), float(meta["received_at"]), state, stats,
+                       ids["included_ids"], ids["sent_ids"], bool(meta["replied"]), int(meta["offline_budget"]),
+                       meta["run_config"], meta["node_config"])
+        snapshot._read_reply(path)
+        return snapshot
+
+    def _read_reply(self, path: Path) -> None:
+        """Take the reply record beside the snapshot at ``path`` (:meth:`save_reply`) if it is this message's: same
+        run, round and arrival time (a record of an earlier message is left over until the next reply)."""
+        reply = reply_path(path)
+        if not reply.is_file():
+            return
+        fix = (f"delete {reply}: the site then counts its last reply as not sent, and its next train message sets "
+               "this right (no label is lost: they are all in the site's database)")
+        try:
+            record = json.loads(reply.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataFileError(f"reply record {reply} cannot be read ({exc}); {fix}") from None
+        keys = ("run_id", "server_round", "received_at", "sent_ids")
+        if not isinstance(record, dict) or any(k not in record for k in keys):
+            raise DataFileError(f"reply record {reply} lacks one of {', '.join(keys)} (not written by fedal, or "
+                                f"damaged); {fix}")
+        ids = record["sent_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise DataFileError(f"reply record {reply} has sent_ids that are not a list of integer sample ids; {fix}")
+        if (record["run_id"], record["server_round"], record["received_at"]) == (
+                self.run_id, self.server_round, self.received_at):
+            self.sent_ids, self.replied = np.asarray(ids, dtype=np.int64), True
 
 
 #: the entries of a stored global model's ``meta``: accepted types and what they are, for the message

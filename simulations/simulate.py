@@ -102,7 +102,8 @@ def _prepare_output(cfg: FederationConfig) -> Path:
             (out / "checkpoint" / name).unlink(missing_ok=True)
     # remove only the previous run's client databases: the state folder may be one the user
     # also keeps other files in (``--output-dir .`` from the repo root has ./clients = the package)
-    for pattern in ("client-*.db*", "client-*.global.npz"):  # a site's ledger, and the global model kept beside it
+    # a site's ledger, and the global model kept beside it with the record of the site's reply to it
+    for pattern in ("client-*.db*", "client-*.global.npz", "client-*.reply.json"):
         for path in cfg.client_state_dir.glob(pattern):
             if path.is_file():
                 path.unlink()

@@ -17,7 +17,7 @@ from clients.node import NodeConfig
 from clients.offline import OfflineSite, ServerContact
 from clients.site import ClientSite
 from fedal.budget import BudgetCoordinator
-from fedal.exceptions import ConfigError, ProtocolError
+from fedal.exceptions import ConfigError, DataFileError, ProtocolError
 from fedal.heads import ClassStatistics
 from fedal.messages import TrainInstruction, TrainReport
 from fedal.models.head_adapter import LABELED_STATS, PSEUDO_STATS, HeadClassifier
@@ -192,6 +192,36 @@ def test_the_global_model_is_kept_beside_the_ledger_with_its_round_and_grant(tmp
     assert not list((tmp_path / "state").glob(".*.tmp"))  # written through a temporary file, replaced whole
     with pytest.raises(ProtocolError, match="older than round 2"):  # a message kept at the SuperLink meanwhile
         fed.round(1, clients=(1,))
+
+
+def test_the_reply_is_recorded_beside_the_model_without_writing_the_model_again(tmp_path):
+    from fedal.offline import reply_path
+
+    fed = Federation(tmp_path)
+    fed.round(1)
+    node = NodeConfig.from_mapping(fed.nodes[1])
+    path = snapshot_path(tmp_path / "state", 1)
+    site = ClientSite(fed.cfg, node)
+    contact = ServerContact(site, fed.cfg, node, run_id=RUN_ID, run_config=fed.cfg.to_run_config(),
+                            node_config=fed.nodes[1], global_state=fed.state, global_stats=fed.stats,
+                            instruction=TrainInstruction(2, 4, offline_budget=5))
+    arrived = GlobalSnapshot.load(path)  # kept as soon as it came: not replied yet, the last reply's record is old
+    assert (arrived.server_round, arrived.replied, len(arrived.sent_ids)) == (2, False, 0)
+    written = path.stat().st_mtime_ns, path.stat().st_ino
+    _, report = site.train(fed.state, TrainInstruction(2, 4, offline_budget=5))
+    contact.report(report)
+    site.close()
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == written  # the model was written once
+    replied = GlobalSnapshot.load(path)
+    assert replied.replied and len(replied.sent_ids) > 0
+    np.testing.assert_array_equal(replied.sent_ids, json.loads(reply_path(path).read_text())["sent_ids"])
+    for key, value in replied.state.items():
+        np.testing.assert_array_equal(value, arrived.state[key])
+    reply_path(path).write_text("{not json")
+    with pytest.raises(DataFileError, match=r"reply record .*cannot be read.*delete .*reply.json"):
+        GlobalSnapshot.load(path, models=False)
+    fed.round(3, clients=(1,))  # a train message takes an unreadable record as no reply, and writes a new one
+    assert GlobalSnapshot.load(path).replied
 
 
 def test_offline_site_asks_within_its_grant_nothing_twice_and_survives_a_restart(tmp_path):
